@@ -1,0 +1,136 @@
+//! Framing for every versioned blob that outlives a process (state handed to a new
+//! version, package manifests, saved tool state):
+//!
+//! ```text
+//! 0  4 magic
+//! 4  4 version
+//! 8  8 length     payload bytes; checked against the caller's cap before anything else
+//! 16 .. payload
+//! end-4 4 crc     CRC-32 of every byte before it
+//! ```
+
+use crate::error::{FormatError, Result};
+
+pub const FRAME_HEADER: usize = 16;
+pub const FRAME_TRAILER: usize = 4;
+
+pub fn encode(magic: u32, version: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + payload.len() + FRAME_TRAILER);
+    out.extend_from_slice(&magic.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A checked frame: its version and payload.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub version: u32,
+    pub payload: &'a [u8],
+}
+
+/// Checks magic, the length against `cap`, then the checksum; only then exposes the payload.
+pub fn decode<'a>(what: &'static str, bytes: &'a [u8], magic: u32, cap: u64) -> Result<Frame<'a>> {
+    if bytes.len() < FRAME_HEADER + FRAME_TRAILER {
+        return Err(FormatError::Truncated {
+            what,
+            len: bytes.len(),
+            need: FRAME_HEADER + FRAME_TRAILER,
+        });
+    }
+    let found = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    if found != magic {
+        return Err(FormatError::BadMagic {
+            what,
+            found: found as u64,
+        });
+    }
+    let version = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if len > cap {
+        return Err(FormatError::TooLarge { what, len, cap });
+    }
+    let need = FRAME_HEADER + len as usize + FRAME_TRAILER;
+    if bytes.len() != need {
+        return Err(FormatError::Truncated {
+            what,
+            len: bytes.len(),
+            need,
+        });
+    }
+    let body = &bytes[..need - FRAME_TRAILER];
+    let stored = u32::from_le_bytes(bytes[need - FRAME_TRAILER..].try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(body);
+    if stored != computed {
+        return Err(FormatError::Checksum {
+            what,
+            stored,
+            computed,
+        });
+    }
+    Ok(Frame {
+        version,
+        payload: &body[FRAME_HEADER..],
+    })
+}
+
+/// Encodes a serde value with bincode 2 (standard config) inside a frame.
+pub fn encode_serde<T: serde::Serialize>(magic: u32, version: u32, value: &T) -> Vec<u8> {
+    let payload = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("serializing to memory");
+    encode(magic, version, &payload)
+}
+
+/// Decodes a bincode payload from a checked frame, refusing trailing bytes.
+pub fn decode_serde<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    payload: &[u8],
+) -> Result<T> {
+    let cfg = bincode::config::standard().with_limit::<{ 64 << 20 }>();
+    let (v, used) = bincode::serde::decode_from_slice(payload, cfg)
+        .map_err(|e| FormatError::corrupted(what, e.to_string()))?;
+    if used != payload.len() {
+        return Err(FormatError::corrupted(
+            what,
+            "trailing bytes after the payload",
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trip(payload in proptest::collection::vec(any::<u8>(), 0..512), version: u32) {
+            let f = encode(0xABCD, version, &payload);
+            let d = decode("t", &f, 0xABCD, 1 << 20).unwrap();
+            prop_assert_eq!(d.version, version);
+            prop_assert_eq!(d.payload, &payload[..]);
+        }
+
+        #[test]
+        fn any_single_flip_is_an_error(payload in proptest::collection::vec(any::<u8>(), 0..64), pos: usize, bit in 0u8..8) {
+            let mut f = encode(0xABCD, 1, &payload);
+            let i = pos % f.len();
+            f[i] ^= 1 << bit;
+            prop_assert!(decode("t", &f, 0xABCD, 1 << 20).is_err());
+        }
+    }
+
+    #[test]
+    fn cap_is_checked_before_length() {
+        let mut f = encode(1, 1, b"x");
+        f[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode("t", &f, 1, 100),
+            Err(FormatError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,144 @@
+//! The metadata journal: a write-ahead log of whole metadata blocks.
+//!
+//! The region is `journal_blocks` blocks from `journal_start`. Its first block is the journal
+//! superblock; transactions are written from journal block 1 onwards, back to back:
+//! a descriptor, the `count` block images it lists, then a commit block.
+//!
+//! Journal superblock (kind MMJS, owner 0):
+//! ```text
+//!  0 4 version   1
+//!  4 4 blocks    size of the journal region
+//!  8 8 sequence  sequence number of the transaction at journal block 1
+//! ```
+//! Descriptor (kind MMJD): `0 sequence u64 | 8 count u32 | 12 zero u32 | 16 targets u64 × count`.
+//! Commit (kind MMJC): `0 sequence u64 | 8 count u32 | 12 data_crc u32`, where `data_crc` is the
+//! CRC-32 of the descriptor block followed by every block image, in order.
+//!
+//! Replay applies complete transactions with consecutive sequence numbers from journal
+//! block 1 and stops at the first block that is not the expected descriptor or whose commit
+//! does not match: a torn transaction is never applied. Resetting the journal (after every
+//! in-place write is flushed) rewrites the superblock with the next sequence number, which
+//! retires everything written before.
+
+use crate::block::{self, BlockAddr, BlockKind, Ino, PAYLOAD_SIZE};
+use crate::bytes::*;
+use crate::error::{FormatError, Result};
+
+pub const JOURNAL_VERSION: u32 = 1;
+pub const JSB_OFF_VERSION: usize = 0;
+pub const JSB_OFF_BLOCKS: usize = JSB_OFF_VERSION + 4;
+pub const JSB_OFF_SEQUENCE: usize = JSB_OFF_BLOCKS + 4;
+pub const JSB_FIELDS_END: usize = JSB_OFF_SEQUENCE + 8;
+
+pub const DESC_OFF_SEQUENCE: usize = 0;
+pub const DESC_OFF_COUNT: usize = DESC_OFF_SEQUENCE + 8;
+pub const DESC_OFF_TARGETS: usize = DESC_OFF_COUNT + 8;
+/// Most blocks one transaction can carry.
+pub const MAX_TX_BLOCKS: usize = (PAYLOAD_SIZE - DESC_OFF_TARGETS) / 8;
+
+pub const COMMIT_OFF_SEQUENCE: usize = 0;
+pub const COMMIT_OFF_COUNT: usize = COMMIT_OFF_SEQUENCE + 8;
+pub const COMMIT_OFF_DATA_CRC: usize = COMMIT_OFF_COUNT + 4;
+pub const COMMIT_FIELDS_END: usize = COMMIT_OFF_DATA_CRC + 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalSuper {
+    pub blocks: u32,
+    pub sequence: u64,
+}
+
+impl JournalSuper {
+    pub fn encode(&self, addr: BlockAddr) -> Box<block::Block> {
+        let mut b = block::zeroed();
+        put_u32(&mut b[..], JSB_OFF_VERSION, JOURNAL_VERSION);
+        put_u32(&mut b[..], JSB_OFF_BLOCKS, self.blocks);
+        put_u64(&mut b[..], JSB_OFF_SEQUENCE, self.sequence);
+        block::seal(&mut b[..], BlockKind::JournalSuper, Ino(0), addr);
+        b
+    }
+
+    pub fn decode(b: &[u8], addr: BlockAddr) -> Result<JournalSuper> {
+        const WHAT: &str = "journal superblock";
+        block::verify(b, BlockKind::JournalSuper, Some(Ino(0)), addr)?;
+        let v = get_u32(b, JSB_OFF_VERSION);
+        if v != JOURNAL_VERSION {
+            return Err(FormatError::UnsupportedVersion {
+                what: WHAT,
+                found: v,
+                supported: JOURNAL_VERSION,
+            });
+        }
+        if b[JSB_FIELDS_END..block::TAIL_KIND].iter().any(|&x| x != 0) {
+            return Err(FormatError::corrupted(WHAT, "reserved bytes are not zero"));
+        }
+        Ok(JournalSuper {
+            blocks: get_u32(b, JSB_OFF_BLOCKS),
+            sequence: get_u64(b, JSB_OFF_SEQUENCE),
+        })
+    }
+}
+
+pub fn encode_descriptor(
+    sequence: u64,
+    targets: &[u64],
+    addr: BlockAddr,
+) -> Result<Box<block::Block>> {
+    if targets.is_empty() || targets.len() > MAX_TX_BLOCKS {
+        return Err(FormatError::Full {
+            what: "journal descriptor",
+        });
+    }
+    let mut b = block::zeroed();
+    put_u64(&mut b[..], DESC_OFF_SEQUENCE, sequence);
+    put_u32(&mut b[..], DESC_OFF_COUNT, targets.len() as u32);
+    for (i, t) in targets.iter().enumerate() {
+        put_u64(&mut b[..], DESC_OFF_TARGETS + 8 * i, *t);
+    }
+    block::seal(&mut b[..], BlockKind::JournalDesc, Ino(0), addr);
+    Ok(b)
+}
+
+/// Decodes a descriptor: `(sequence, targets)`. Any failure means "end of the log".
+pub fn decode_descriptor(b: &[u8], addr: BlockAddr) -> Result<(u64, Vec<u64>)> {
+    block::verify(b, BlockKind::JournalDesc, Some(Ino(0)), addr)?;
+    let seq = get_u64(b, DESC_OFF_SEQUENCE);
+    let count = get_u32(b, DESC_OFF_COUNT) as usize;
+    if count == 0 || count > MAX_TX_BLOCKS {
+        return Err(FormatError::corrupted("journal descriptor", "bad count"));
+    }
+    Ok((
+        seq,
+        (0..count)
+            .map(|i| get_u64(b, DESC_OFF_TARGETS + 8 * i))
+            .collect(),
+    ))
+}
+
+pub fn encode_commit(
+    sequence: u64,
+    count: u32,
+    data_crc: u32,
+    addr: BlockAddr,
+) -> Box<block::Block> {
+    let mut b = block::zeroed();
+    put_u64(&mut b[..], COMMIT_OFF_SEQUENCE, sequence);
+    put_u32(&mut b[..], COMMIT_OFF_COUNT, count);
+    put_u32(&mut b[..], COMMIT_OFF_DATA_CRC, data_crc);
+    block::seal(&mut b[..], BlockKind::JournalCommit, Ino(0), addr);
+    b
+}
+
+/// Decodes a commit block: `(sequence, count, data_crc)`.
+pub fn decode_commit(b: &[u8], addr: BlockAddr) -> Result<(u64, u32, u32)> {
+    block::verify(b, BlockKind::JournalCommit, Some(Ino(0)), addr)?;
+    Ok((
+        get_u64(b, COMMIT_OFF_SEQUENCE),
+        get_u32(b, COMMIT_OFF_COUNT),
+        get_u32(b, COMMIT_OFF_DATA_CRC),
+    ))
+}
+
+/// Journal blocks a transaction of `n` block images occupies.
+pub fn tx_footprint(n: usize) -> u64 {
+    n as u64 + 2
+}

@@ -1,0 +1,20 @@
+//! Molt's byte formats. Pure: no I/O, no unsafe. `docs/format.md` is the normative spec and
+//! `tests/spec.rs` checks the constants here against it.
+#![forbid(unsafe_code)]
+
+pub mod bitmap;
+pub mod block;
+mod bytes;
+pub mod dir;
+pub mod error;
+pub mod extent;
+pub mod frame;
+pub mod inode;
+pub mod journal;
+pub mod superblock;
+pub mod version;
+pub mod xattr;
+
+pub use block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE};
+pub use error::{FormatError, Result};
+pub use version::FormatVersion;

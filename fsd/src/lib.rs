@@ -1,0 +1,1 @@
+//! Molt filesystem daemon library.

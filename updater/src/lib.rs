@@ -1,0 +1,2 @@
+//! Molt live update packages.
+#![forbid(unsafe_code)]
