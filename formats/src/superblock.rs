@@ -78,6 +78,10 @@ pub const MAX_BLOCKS_V1: u64 = 1 << 32;
 pub const BITS_PER_BITMAP_BLOCK: u64 = (PAYLOAD_SIZE * 8) as u64;
 pub const INODES_PER_BLOCK: u64 = (BLOCK_SIZE / INODE_SIZE) as u64;
 pub const ROOT_INO: Ino = Ino(1);
+/// A directory outside the tree that holds unlinked inodes still in use; emptied at mount.
+pub const ORPHAN_INO: Ino = Ino(2);
+/// The first inode number handed to users' files.
+pub const FIRST_FREE_INO: u32 = 3;
 
 /// Filesystem state recorded in the superblock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

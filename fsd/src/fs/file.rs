@@ -1,0 +1,496 @@
+//! Block maps and file data: mapping file blocks, reading, writing, truncating,
+//! preallocating and punching holes.
+
+use formats::block::{Ino, BLOCK_SIZE};
+use formats::extent::Extent;
+
+use super::{FsError, FsResult, Inner, Node};
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// Largest file size: file block numbers are 32-bit in every format version.
+pub const MAX_FILE_SIZE: u64 = (1u64 << 32) * BS;
+/// Extents removed per transaction when shrinking a file, to bound transaction size.
+const FREE_EXTENTS_PER_TX: usize = 128;
+
+/// Index of the extent containing file block `fb`, or where one would be inserted.
+pub(crate) fn find(exts: &[Extent], fb: u64) -> Result<usize, usize> {
+    let i = exts.partition_point(|e| e.logical_end() <= fb);
+    if i < exts.len() && exts[i].logical <= fb {
+        Ok(i)
+    } else {
+        Err(i)
+    }
+}
+
+fn mergeable(a: &Extent, b: &Extent, max_len: u32) -> bool {
+    a.logical_end() == b.logical
+        && a.physical_end() == b.physical
+        && a.unwritten == b.unwritten
+        && a.len as u64 + b.len as u64 <= max_len as u64
+}
+
+/// Inserts an extent over a hole, merging with its neighbours where possible.
+pub(crate) fn insert(exts: &mut Vec<Extent>, e: Extent, max_len: u32) {
+    let i = exts.partition_point(|x| x.logical < e.logical);
+    debug_assert!(i == 0 || exts[i - 1].logical_end() <= e.logical);
+    debug_assert!(i == exts.len() || e.logical_end() <= exts[i].logical);
+    exts.insert(i, e);
+    if i + 1 < exts.len() && mergeable(&exts[i], &exts[i + 1], max_len) {
+        exts[i].len += exts[i + 1].len;
+        exts.remove(i + 1);
+    }
+    if i > 0 && mergeable(&exts[i - 1], &exts[i], max_len) {
+        exts[i - 1].len += exts[i].len;
+        exts.remove(i);
+    }
+}
+
+/// Removes the mapping of file blocks `[start, end)`; returns the physical runs freed.
+pub(crate) fn remove_range(exts: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut freed = Vec::new();
+    let mut out = Vec::with_capacity(exts.len() + 1);
+    for e in exts.drain(..) {
+        if e.logical_end() <= start || e.logical >= end {
+            out.push(e);
+            continue;
+        }
+        let cut_from = e.logical.max(start);
+        let cut_to = e.logical_end().min(end);
+        if e.logical < cut_from {
+            out.push(Extent {
+                len: (cut_from - e.logical) as u32,
+                ..e
+            });
+        }
+        freed.push((e.physical + (cut_from - e.logical), cut_to - cut_from));
+        if cut_to < e.logical_end() {
+            let skip = cut_to - e.logical;
+            out.push(Extent {
+                logical: cut_to,
+                physical: e.physical + skip,
+                len: (e.len as u64 - skip) as u32,
+                unwritten: e.unwritten,
+            });
+        }
+    }
+    *exts = out;
+    freed
+}
+
+/// Marks file blocks `[start, end)` written where they are mapped unwritten.
+pub(crate) fn set_written(exts: &mut Vec<Extent>, start: u64, end: u64, max_len: u32) {
+    let mut out: Vec<Extent> = Vec::with_capacity(exts.len() + 2);
+    for e in exts.drain(..) {
+        if !e.unwritten || e.logical_end() <= start || e.logical >= end {
+            out.push(e);
+            continue;
+        }
+        let a = e.logical.max(start);
+        let b = e.logical_end().min(end);
+        let piece = |from: u64, to: u64, unwritten: bool| Extent {
+            logical: from,
+            physical: e.physical + (from - e.logical),
+            len: (to - from) as u32,
+            unwritten,
+        };
+        if e.logical < a {
+            out.push(piece(e.logical, a, true));
+        }
+        out.push(piece(a, b, false));
+        if b < e.logical_end() {
+            out.push(piece(b, e.logical_end(), true));
+        }
+    }
+    // Re-merge neighbours that became alike.
+    let mut merged: Vec<Extent> = Vec::with_capacity(out.len());
+    for e in out {
+        match merged.last_mut() {
+            Some(last) if mergeable(last, &e, max_len) => last.len += e.len,
+            _ => merged.push(e),
+        }
+    }
+    *exts = merged;
+}
+
+/// Where file block `fb` lives: (physical, unwritten, blocks left in the extent), or the
+/// number of blocks until the next mapped block (None = no more mappings).
+pub(crate) enum Lookup {
+    Mapped {
+        physical: u64,
+        unwritten: bool,
+        run: u64,
+    },
+    Hole {
+        run: Option<u64>,
+    },
+}
+
+pub(crate) fn lookup(node: &Node, fb: u64) -> Lookup {
+    match find(&node.extents, fb) {
+        Ok(i) => {
+            let e = &node.extents[i];
+            Lookup::Mapped {
+                physical: e.physical + (fb - e.logical),
+                unwritten: e.unwritten,
+                run: e.logical_end() - fb,
+            }
+        }
+        Err(i) => Lookup::Hole {
+            run: node.extents.get(i).map(|e| e.logical - fb),
+        },
+    }
+}
+
+impl Inner {
+    fn goal_for(&self, node: &Node, fb: u64) -> u64 {
+        match find(&node.extents, fb) {
+            Ok(i) | Err(i) if i > 0 => {
+                let prev = &node.extents[i - 1];
+                prev.physical_end() + (fb - prev.logical_end().min(fb))
+            }
+            _ => self.geo.data_start + (node.inode.generation as u64 % 64) * 64,
+        }
+    }
+
+    /// Maps a hole at file block `fb` of at most `want` blocks to new blocks, returning
+    /// (physical, len). The new extent is `unwritten` when asked (fallocate).
+    fn map_new(&mut self, ino: Ino, fb: u64, want: u64, unwritten: bool) -> FsResult<(u64, u64)> {
+        let goal = {
+            let node = self.node(ino)?;
+            let node = node.clone();
+            self.goal_for(&node, fb)
+        };
+        let (phys, len) = self.alloc_blocks(goal, want)?;
+        let max_len = self.codec.max_len();
+        let node = self.node(ino)?;
+        insert(
+            &mut node.extents,
+            Extent {
+                logical: fb,
+                physical: phys,
+                len: len as u32,
+                unwritten,
+            },
+            max_len,
+        );
+        self.mark_dirty(ino);
+        Ok((phys, len))
+    }
+
+    /// Physical block of file block `fb`, if mapped.
+    pub(crate) fn fblock_addr(&mut self, ino: Ino, fb: u64) -> FsResult<Option<u64>> {
+        let node = self.node(ino)?;
+        Ok(match lookup(node, fb) {
+            Lookup::Mapped { physical, .. } => Some(physical),
+            Lookup::Hole { .. } => None,
+        })
+    }
+
+    /// Maps file block `fb` (a hole) to a new block, for metadata files (directories).
+    pub(crate) fn fblock_alloc(&mut self, ino: Ino, fb: u64) -> FsResult<u64> {
+        Ok(self.map_new(ino, fb, 1, false)?.0)
+    }
+
+    pub(crate) fn fblock_free(&mut self, ino: Ino, fb: u64) -> FsResult<()> {
+        let node = self.node(ino)?;
+        let freed = remove_range(&mut node.extents, fb, fb + 1);
+        self.mark_dirty(ino);
+        for (s, l) in freed {
+            self.free_blocks_tx(s, l);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn file_read(&mut self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let node = self.node(ino)?.clone();
+        if node.inode.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        let file_size = node.inode.size;
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + size as u64).min(file_size);
+        let fb_start = offset / BS;
+        let fb_end = end.div_ceil(BS);
+        let mut buf = vec![0u8; ((fb_end - fb_start) * BS) as usize];
+        let mut fb = fb_start;
+        while fb < fb_end {
+            match lookup(&node, fb) {
+                Lookup::Mapped {
+                    physical,
+                    unwritten,
+                    run,
+                } => {
+                    let n = run.min(fb_end - fb);
+                    if !unwritten {
+                        let off = ((fb - fb_start) * BS) as usize;
+                        self.store
+                            .read(physical, &mut buf[off..off + (n * BS) as usize])?;
+                    }
+                    fb += n;
+                }
+                Lookup::Hole { run } => fb += run.unwrap_or(fb_end - fb).min(fb_end - fb),
+            }
+        }
+        let skip = (offset - fb_start * BS) as usize;
+        buf.drain(..skip);
+        buf.truncate((end - offset) as usize);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`, allocating as needed. Leaves metadata dirty for commit.
+    pub(crate) fn file_write(&mut self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::TooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let fb_start = offset / BS;
+        let fb_end = end.div_ceil(BS);
+        let max_len = self.codec.max_len();
+        let mut fb = fb_start;
+        while fb < fb_end {
+            let found = {
+                let node = self.node(ino)?;
+                lookup(node, fb)
+            };
+            let (physical, n, was_unwritten, fresh) = match found {
+                Lookup::Mapped {
+                    physical,
+                    unwritten,
+                    run,
+                } => (physical, run.min(fb_end - fb), unwritten, false),
+                Lookup::Hole { run } => {
+                    let want = run.unwrap_or(fb_end - fb).min(fb_end - fb);
+                    let (p, n) = self.map_new(ino, fb, want, false)?;
+                    (p, n, false, true)
+                }
+            };
+            // Build the full blocks of this run: existing contents at partial edges of
+            // written blocks, zeros elsewhere, then the caller's bytes.
+            let mut buf = vec![0u8; (n * BS) as usize];
+            let run_start = fb * BS;
+            let run_end = (fb + n) * BS;
+            let data_from = offset.max(run_start);
+            let data_to = end.min(run_end);
+            let keeps_old = !fresh && !was_unwritten;
+            if keeps_old && data_from > run_start {
+                self.store.read(physical, &mut buf[..BLOCK_SIZE])?;
+            }
+            if keeps_old && data_to < run_end && !(n == 1 && data_from > run_start) {
+                let last = n - 1;
+                let off = (last * BS) as usize;
+                self.store
+                    .read(physical + last, &mut buf[off..off + BLOCK_SIZE])?;
+            }
+            buf[(data_from - run_start) as usize..(data_to - run_start) as usize]
+                .copy_from_slice(&data[(data_from - offset) as usize..(data_to - offset) as usize]);
+            let r = self.store.write(physical, &buf);
+            self.latch(r)?;
+            if was_unwritten {
+                let node = self.node(ino)?;
+                set_written(&mut node.extents, fb, fb + n, max_len);
+                self.mark_dirty(ino);
+            }
+            fb += n;
+        }
+        let now = crate::mkfs::now();
+        let node = self.node(ino)?;
+        node.inode.size = node.inode.size.max(end);
+        node.inode.mtime = now;
+        node.inode.ctime = now;
+        self.mark_dirty(ino);
+        Ok(data.len())
+    }
+
+    /// Zeroes bytes `[from, to)` inside one file block if it holds written data.
+    fn zero_in_block(&mut self, ino: Ino, from: u64, to: u64) -> FsResult<()> {
+        debug_assert!(from / BS == (to - 1) / BS);
+        let found = {
+            let node = self.node(ino)?;
+            lookup(node, from / BS)
+        };
+        if let Lookup::Mapped {
+            physical,
+            unwritten: false,
+            ..
+        } = found
+        {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            self.store.read(physical, &mut b)?;
+            b[(from % BS) as usize..((to - 1) % BS + 1) as usize].fill(0);
+            let r = self.store.write(physical, &b);
+            self.latch(r)?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps whole file blocks `[start, end)`, committing in bounded steps.
+    fn unmap_blocks(&mut self, ino: Ino, start: u64, end: u64) -> FsResult<()> {
+        loop {
+            let node = self.node(ino)?;
+            let first = node.extents.partition_point(|e| e.logical_end() <= start);
+            let last = node.extents.partition_point(|e| e.logical < end);
+            if first >= last {
+                return Ok(());
+            }
+            // Remove from the end backwards, a bounded number of extents per transaction.
+            let from_idx = last.saturating_sub(FREE_EXTENTS_PER_TX).max(first);
+            let cut_start = node.extents[from_idx].logical.max(start);
+            let freed = remove_range(&mut node.extents, cut_start, end);
+            self.mark_dirty(ino);
+            for (s, l) in freed {
+                self.free_blocks_tx(s, l);
+            }
+            if from_idx > first {
+                self.commit()?;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sets the size, freeing blocks past a smaller end and zeroing the tail of the new
+    /// last block so that growing the file again reads zeros.
+    pub(crate) fn truncate(&mut self, ino: Ino, new_size: u64) -> FsResult<()> {
+        if new_size > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let old = self.node(ino)?.inode.size;
+        if new_size < old && new_size % BS != 0 {
+            self.zero_in_block(ino, new_size, (new_size / BS + 1) * BS)?;
+        }
+        // Blocks past the new end are freed even when growing: preallocation past EOF
+        // (fallocate KEEP_SIZE) does not survive a truncate.
+        self.unmap_blocks(ino, new_size.div_ceil(BS), u32::MAX as u64 + 1)?;
+        let now = crate::mkfs::now();
+        let node = self.node(ino)?;
+        node.inode.size = new_size;
+        node.inode.mtime = now;
+        node.inode.ctime = now;
+        self.mark_dirty(ino);
+        Ok(())
+    }
+
+    /// Preallocates `[offset, offset+len)` as unwritten extents.
+    pub(crate) fn preallocate(
+        &mut self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    ) -> FsResult<()> {
+        let end = offset.checked_add(len).ok_or(FsError::TooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        let fb_end = end.div_ceil(BS);
+        let mut fb = offset / BS;
+        while fb < fb_end {
+            let found = {
+                let node = self.node(ino)?;
+                lookup(node, fb)
+            };
+            match found {
+                Lookup::Mapped { run, .. } => fb += run.min(fb_end - fb),
+                Lookup::Hole { run } => {
+                    let want = run.unwrap_or(fb_end - fb).min(fb_end - fb);
+                    let (_, n) = self.map_new(ino, fb, want, true)?;
+                    fb += n;
+                    if self.tx_large() {
+                        self.commit()?;
+                    }
+                }
+            }
+        }
+        let now = crate::mkfs::now();
+        let node = self.node(ino)?;
+        if !keep_size && end > node.inode.size {
+            node.inode.size = end;
+        }
+        node.inode.ctime = now;
+        self.mark_dirty(ino);
+        Ok(())
+    }
+
+    /// Deallocates `[offset, offset+len)`: whole blocks are unmapped, partial edges zeroed.
+    pub(crate) fn punch_hole(&mut self, ino: Ino, offset: u64, len: u64) -> FsResult<()> {
+        let size = self.node(ino)?.inode.size;
+        let end = offset.saturating_add(len).min(size.max(offset));
+        if end <= offset {
+            return Ok(());
+        }
+        let first_full = offset.div_ceil(BS);
+        let last_full = end / BS;
+        if first_full > last_full {
+            self.zero_in_block(ino, offset, end)?;
+        } else {
+            if offset % BS != 0 {
+                self.zero_in_block(ino, offset, first_full * BS)?;
+            }
+            if end % BS != 0 {
+                self.zero_in_block(ino, last_full * BS, end)?;
+            }
+            self.unmap_blocks(ino, first_full, last_full)?;
+        }
+        let now = crate::mkfs::now();
+        let node = self.node(ino)?;
+        node.inode.mtime = now;
+        node.inode.ctime = now;
+        self.mark_dirty(ino);
+        Ok(())
+    }
+
+    fn tx_large(&self) -> bool {
+        self.tx.len() + self.dirty_nodes.len() * 2 > 64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(l: u64, p: u64, n: u32) -> Extent {
+        Extent {
+            logical: l,
+            physical: p,
+            len: n,
+            unwritten: false,
+        }
+    }
+
+    #[test]
+    fn insert_merges_and_remove_splits() {
+        let mut v = vec![];
+        insert(&mut v, e(0, 100, 2), 65535);
+        insert(&mut v, e(2, 102, 3), 65535);
+        assert_eq!(v, vec![e(0, 100, 5)]);
+        insert(&mut v, e(10, 200, 1), 65535);
+        let freed = remove_range(&mut v, 1, 3);
+        assert_eq!(freed, vec![(101, 2)]);
+        assert_eq!(v, vec![e(0, 100, 1), e(3, 103, 2), e(10, 200, 1)]);
+        assert_eq!(find(&v, 3), Ok(1));
+        assert_eq!(find(&v, 5), Err(2));
+    }
+
+    #[test]
+    fn set_written_splits_unwritten() {
+        let mut v = vec![Extent {
+            logical: 0,
+            physical: 50,
+            len: 10,
+            unwritten: true,
+        }];
+        set_written(&mut v, 3, 5, 65535);
+        assert_eq!(v.len(), 3);
+        assert!(v[0].unwritten && !v[1].unwritten && v[2].unwritten);
+        assert_eq!((v[1].logical, v[1].physical, v[1].len), (3, 53, 2));
+        set_written(&mut v, 0, 10, 65535);
+        assert_eq!(v, vec![e(0, 50, 10)]);
+    }
+}

@@ -1,0 +1,557 @@
+//! The filesystem core: POSIX operations on a Molt image over a `BlockStore`.
+//!
+//! Concurrency: one mutex serialises every operation. Each mutating operation stages the
+//! metadata blocks it changes in a transaction and commits it to the journal before it
+//! returns; committed blocks stay pinned in memory until a checkpoint writes them in
+//! place after a flush (see `journal`). File data is written in place, never journaled.
+//! Blocks freed by a transaction become allocatable only after the next checkpoint has
+//! retired every journal transaction that may still name them: otherwise a crash could
+//! leave a file pointing at another file's data, or a replay could overwrite data with
+//! an old metadata image of a reused block.
+
+pub mod alloc;
+mod dirops;
+pub mod error;
+mod file;
+pub mod journal;
+mod ops;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use formats::block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE, PAYLOAD_SIZE};
+use formats::extent::{Extent, ExtentCodec};
+use formats::inode::{InlineArea, Inode, Timespec, INLINE_EXTENTS, INODE_SIZE};
+use formats::superblock::{FsState, Geometry, Superblock, ORPHAN_INO};
+
+pub use error::{FsError, FsResult};
+pub use ops::{Attr, SetAttr, StatFs, TimeSet, XattrFlags};
+
+use crate::store::BlockStore;
+use alloc::Bitmap;
+use journal::JournalWriter;
+
+type Block = [u8; BLOCK_SIZE];
+
+/// Clean metadata blocks kept in memory before the cache is trimmed.
+const CLEAN_CACHE_BLOCKS: usize = 8192;
+/// Seconds between checkpoints while the filesystem is busy.
+const CHECKPOINT_INTERVAL_SECS: u64 = 5;
+
+/// A mounted Molt filesystem.
+pub struct Fs {
+    inner: Mutex<Inner>,
+}
+
+/// An inode with its whole block map decoded.
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    pub inode: Inode,
+    /// The whole block map, sorted (empty for inline symlinks).
+    pub extents: Vec<Extent>,
+    /// Extent blocks currently holding the map past the inline records, in chain order.
+    pub chain: Vec<u64>,
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn BlockStore>,
+    sb: Superblock,
+    geo: Geometry,
+    codec: ExtentCodec,
+    ibitmap: Bitmap,
+    bbitmap: Bitmap,
+    journal: JournalWriter,
+    /// Blocks staged by the operation in progress.
+    tx: BTreeMap<u64, Box<Block>>,
+    /// Committed to the journal, not yet written in place.
+    pinned: HashMap<u64, Arc<Block>>,
+    clean: HashMap<u64, Arc<Block>>,
+    nodes: HashMap<u32, Node>,
+    dirty_nodes: HashSet<u32>,
+    /// Freed by the transaction in progress.
+    tx_free: Vec<(u64, u64)>,
+    last_checkpoint: Instant,
+    next_generation: u32,
+    /// A failed write or flush: every later change is refused until remount.
+    failed: Option<String>,
+}
+
+impl Fs {
+    /// Mounts the image: checks the superblock, replays the journal, frees orphans left by
+    /// a crash, and marks the image mounted.
+    pub fn mount(store: Arc<dyn BlockStore>) -> FsResult<Fs> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        store.read(0, &mut b)?;
+        let mut sb = Superblock::decode(&b).map_err(|e| match e {
+            formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
+            other => FsError::Corrupted(format!("{other}")),
+        })?;
+        if sb.geometry.total_blocks > store.num_blocks() {
+            return Err(FsError::Corrupted(format!(
+                "superblock records {} blocks but the image has {}",
+                sb.geometry.total_blocks,
+                store.num_blocks()
+            )));
+        }
+        if sb.state == FsState::Errors {
+            return Err(FsError::Corrupted(
+                "the image is marked as having errors".into(),
+            ));
+        }
+        let geo = sb.geometry;
+        let (_, next_seq) = journal::replay(store.as_ref(), &geo)?;
+        let ibitmap = load_bitmap(
+            store.as_ref(),
+            BlockKind::InodeBitmap,
+            geo.inode_bitmap_start,
+            geo.inode_bitmap_blocks,
+            geo.inode_count as u64 + 1,
+        )?;
+        let bbitmap = load_bitmap(
+            store.as_ref(),
+            BlockKind::BlockBitmap,
+            geo.block_bitmap_start,
+            geo.block_bitmap_blocks,
+            geo.total_blocks,
+        )?;
+        let codec = formats::inode::codec_for(sb.format_version);
+        let now = crate::mkfs::now();
+        sb.state = FsState::Mounted;
+        sb.mount_count = sb.mount_count.wrapping_add(1);
+        sb.last_mount_sec = now.sec;
+        store.write(0, &sb.encode()[..])?;
+        store.flush()?;
+        let inner = Inner {
+            store,
+            sb,
+            geo,
+            codec,
+            ibitmap,
+            bbitmap,
+            journal: JournalWriter::new(&geo, next_seq),
+            tx: BTreeMap::new(),
+            pinned: HashMap::new(),
+            clean: HashMap::new(),
+            nodes: HashMap::new(),
+            dirty_nodes: HashSet::new(),
+            tx_free: Vec::new(),
+            last_checkpoint: Instant::now(),
+            next_generation: (now.nsec ^ now.sec as u32) | 1,
+            failed: None,
+        };
+        let fs = Fs {
+            inner: Mutex::new(inner),
+        };
+        fs.lock().free_orphans()?;
+        Ok(fs)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves a half-made transaction; refuse to go on.
+        self.inner.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            g.failed
+                .get_or_insert_with(|| "a previous operation panicked".into());
+            g
+        })
+    }
+
+    /// Makes everything durable and marks the image clean.
+    pub fn unmount(self) -> FsResult<()> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        g.checkpoint()?;
+        g.sb.state = FsState::Clean;
+        g.sb.free_blocks = g.bbitmap.free();
+        g.sb.free_inodes = g.ibitmap.free() as u32;
+        let sb = g.sb.encode();
+        g.store.write(0, &sb[..])?;
+        g.store.flush()?;
+        Ok(())
+    }
+
+    /// Makes every completed operation durable (fsync/syncfs).
+    pub fn sync(&self) -> FsResult<()> {
+        self.lock().sync()
+    }
+}
+
+fn load_bitmap(
+    store: &dyn BlockStore,
+    kind: BlockKind,
+    start: u64,
+    blocks: u32,
+    items: u64,
+) -> FsResult<Bitmap> {
+    let mut bits = Vec::with_capacity(blocks as usize * PAYLOAD_SIZE);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for i in 0..blocks as u64 {
+        store.read(start + i, &mut b)?;
+        bits.extend_from_slice(formats::bitmap::decode(kind, &b, BlockAddr(start + i))?);
+    }
+    Ok(Bitmap::new(bits, items))
+}
+
+impl Inner {
+    pub(crate) fn check_writable(&self) -> FsResult<()> {
+        match &self.failed {
+            Some(why) => Err(FsError::ReadOnly(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn latch<T>(&mut self, r: std::io::Result<T>) -> FsResult<T> {
+        r.map_err(|e| {
+            self.failed
+                .get_or_insert_with(|| format!("image write failed: {e}"));
+            FsError::Io(e)
+        })
+    }
+
+    // ---- metadata blocks -------------------------------------------------------------
+
+    /// The current contents of metadata block `addr` (staged, pinned, cached or on disk).
+    pub(crate) fn read_meta(&mut self, addr: u64) -> FsResult<Arc<Block>> {
+        if let Some(b) = self.tx.get(&addr) {
+            return Ok(Arc::new(**b));
+        }
+        if let Some(b) = self.pinned.get(&addr) {
+            return Ok(b.clone());
+        }
+        if let Some(b) = self.clean.get(&addr) {
+            return Ok(b.clone());
+        }
+        let mut b = Box::new([0u8; BLOCK_SIZE]);
+        self.store.read(addr, &mut b[..])?;
+        let b: Arc<Block> = Arc::from(b);
+        if self.clean.len() >= CLEAN_CACHE_BLOCKS {
+            self.clean.clear();
+        }
+        self.clean.insert(addr, b.clone());
+        Ok(b)
+    }
+
+    pub(crate) fn stage(&mut self, addr: u64, block: Box<Block>) {
+        debug_assert!(addr != 0 && addr < self.geo.total_blocks);
+        self.tx.insert(addr, block);
+    }
+
+    // ---- inodes ----------------------------------------------------------------------
+
+    pub(crate) fn node(&mut self, ino: Ino) -> FsResult<&mut Node> {
+        if !self.geo.is_valid_ino(ino) {
+            return Err(FsError::NotFound);
+        }
+        if !self.nodes.contains_key(&ino.0) {
+            let node = self.load_node(ino)?;
+            if self.nodes.len() > 65536 {
+                let dirty = &self.dirty_nodes;
+                self.nodes.retain(|k, _| dirty.contains(k));
+            }
+            self.nodes.insert(ino.0, node);
+        }
+        Ok(self.nodes.get_mut(&ino.0).expect("just inserted"))
+    }
+
+    fn load_node(&mut self, ino: Ino) -> FsResult<Node> {
+        if !self.ibitmap.is_set(ino.0 as u64) {
+            return Err(FsError::NotFound);
+        }
+        let (addr, off) = self.geo.inode_location(ino);
+        let b = self.read_meta(addr.0)?;
+        let inode = Inode::decode(ino, &b[off..off + INODE_SIZE], self.codec)?
+            .filter(|i| i.mode != 0)
+            .ok_or_else(|| FsError::Corrupted(format!("inode {} is allocated but empty", ino.0)))?;
+        let mut extents = inode.inline_extents().to_vec();
+        let mut chain = Vec::new();
+        let mut next = inode.extent_block;
+        while next != 0 {
+            if chain.len() as u64 > self.geo.total_blocks
+                || !self.geo.is_data_block(next)
+                || chain.contains(&next)
+            {
+                return Err(FsError::Corrupted(format!(
+                    "inode {}: bad extent chain",
+                    ino.0
+                )));
+            }
+            let b = self.read_meta(next)?;
+            let (n, list) = self.codec.decode_block(&b[..], ino, BlockAddr(next))?;
+            chain.push(next);
+            extents.extend(list);
+            next = n;
+        }
+        if extents.len() != inode.extent_count as usize {
+            return Err(FsError::Corrupted(format!(
+                "inode {}: extent count mismatch",
+                ino.0
+            )));
+        }
+        Ok(Node {
+            inode,
+            extents,
+            chain,
+        })
+    }
+
+    pub(crate) fn mark_dirty(&mut self, ino: Ino) {
+        self.dirty_nodes.insert(ino.0);
+    }
+
+    /// Writes the block map of a dirty node into its inode and extent chain.
+    fn encode_node(&mut self, ino: Ino) -> FsResult<()> {
+        let per_block = self.codec.records_per_block();
+        let (extents, mut chain, has_map) = {
+            let n = self.nodes.get(&ino.0).expect("dirty node is cached");
+            (n.extents.clone(), n.chain.clone(), n.inode.has_block_map())
+        };
+        if has_map {
+            let overflow = extents.len().saturating_sub(INLINE_EXTENTS);
+            let need = overflow.div_ceil(per_block);
+            while chain.len() > need {
+                let b = chain.pop().expect("non-empty");
+                self.free_blocks_tx(b, 1);
+            }
+            while chain.len() < need {
+                let goal = chain.last().copied().unwrap_or(self.geo.data_start);
+                let (b, _) = self.alloc_blocks(goal, 1)?;
+                chain.push(b);
+            }
+            for (i, addr) in chain.iter().enumerate() {
+                let from = INLINE_EXTENTS + i * per_block;
+                let to = (from + per_block).min(extents.len());
+                let next = chain.get(i + 1).copied().unwrap_or(0);
+                let blk =
+                    self.codec
+                        .encode_block(ino, BlockAddr(*addr), next, &extents[from..to])?;
+                self.stage(*addr, blk);
+            }
+        }
+        let codec = self.codec;
+        let n = self.nodes.get_mut(&ino.0).expect("dirty node is cached");
+        if has_map {
+            n.inode.inline =
+                InlineArea::Extents(extents[..extents.len().min(INLINE_EXTENTS)].to_vec());
+            n.inode.extent_count = extents.len() as u32;
+            n.inode.extent_block = chain.first().copied().unwrap_or(0);
+            let data: u64 = extents.iter().map(|e| e.len as u64).sum();
+            n.inode.blocks = data + chain.len() as u64 + u64::from(n.inode.xattr_block != 0);
+        } else {
+            n.inode.blocks = u64::from(n.inode.xattr_block != 0);
+        }
+        n.chain = chain;
+        let inode = n.inode.clone();
+        let (addr, off) = self.geo.inode_location(ino);
+        let mut blk = Box::new(*self.read_meta(addr.0)?);
+        inode.encode(ino, codec, &mut blk[off..off + INODE_SIZE])?;
+        self.stage(addr.0, blk);
+        Ok(())
+    }
+
+    // ---- allocation ------------------------------------------------------------------
+
+    /// Allocates up to `want` contiguous blocks near `goal`: (start, len).
+    pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u64) -> FsResult<(u64, u64)> {
+        let want = want.min(self.codec.max_len() as u64);
+        let (start, len) = match self.bbitmap.find_run(goal, want) {
+            Some(run) => run,
+            None if self.bbitmap.has_withheld() => {
+                self.checkpoint()?;
+                self.bbitmap.find_run(goal, want).ok_or(FsError::NoSpace)?
+            }
+            None => return Err(FsError::NoSpace),
+        };
+        for b in start..start + len {
+            self.bbitmap.set(b, true);
+        }
+        Ok((start, len))
+    }
+
+    /// Frees blocks as part of the transaction in progress (allocatable after a flush).
+    pub(crate) fn free_blocks_tx(&mut self, start: u64, len: u64) {
+        self.tx_free.push((start, len));
+        // Drop stale cached copies: the block may hold data next time it is used.
+        for b in start..start + len {
+            self.clean.remove(&b);
+        }
+    }
+
+    pub(crate) fn alloc_ino(&mut self) -> FsResult<Ino> {
+        let (i, _) = self
+            .ibitmap
+            .find_run(formats::superblock::FIRST_FREE_INO as u64, 1)
+            .ok_or(FsError::NoInodes)?;
+        self.ibitmap.set(i, true);
+        Ok(Ino(i as u32))
+    }
+
+    pub(crate) fn next_generation(&mut self) -> u32 {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        self.next_generation
+    }
+
+    /// Frees an inode and everything it owns (the caller removed every name of it).
+    pub(crate) fn destroy_node(&mut self, ino: Ino) -> FsResult<()> {
+        let node = self.node(ino)?.clone();
+        for e in &node.extents {
+            self.free_blocks_tx(e.physical, e.len as u64);
+        }
+        for b in &node.chain {
+            self.free_blocks_tx(*b, 1);
+        }
+        if node.inode.xattr_block != 0 {
+            self.free_blocks_tx(node.inode.xattr_block, 1);
+        }
+        let generation = node.inode.generation;
+        let mut freed = Inode::new(0, 0, 0, Timespec::default());
+        freed.generation = generation;
+        let (addr, off) = self.geo.inode_location(ino);
+        let mut blk = Box::new(*self.read_meta(addr.0)?);
+        freed.encode(ino, self.codec, &mut blk[off..off + INODE_SIZE])?;
+        self.stage(addr.0, blk);
+        self.nodes.remove(&ino.0);
+        self.dirty_nodes.remove(&ino.0);
+        self.ibitmap.set(ino.0 as u64, false);
+        Ok(())
+    }
+
+    // ---- transactions ----------------------------------------------------------------
+
+    /// Commits the operation in progress to the journal. On failure the in-memory state
+    /// may be ahead of the image, so the filesystem latches read-only.
+    pub(crate) fn commit(&mut self) -> FsResult<()> {
+        let r = self.commit_inner();
+        if let Err(e) = &r {
+            self.failed
+                .get_or_insert_with(|| format!("commit failed: {e}"));
+        }
+        r
+    }
+
+    fn commit_inner(&mut self) -> FsResult<()> {
+        self.check_writable()?;
+        let dirty: Vec<u32> = self.dirty_nodes.drain().collect();
+        for ino in dirty {
+            if self.nodes.contains_key(&ino) {
+                self.encode_node(Ino(ino))?;
+            }
+        }
+        // Blocks freed in this transaction go back to the bitmap now (so the bitmap blocks
+        // are staged with it) but are withheld from allocation until durable.
+        let freed = std::mem::take(&mut self.tx_free);
+        for &(s, l) in &freed {
+            self.bbitmap.free_withheld(s, l);
+        }
+        self.stage_bitmaps()?;
+        if self.tx.is_empty() {
+            return Ok(());
+        }
+        if self.tx.len() > self.journal.max_tx_blocks() {
+            return Err(FsError::Corrupted(format!(
+                "transaction of {} blocks exceeds the journal",
+                self.tx.len()
+            )));
+        }
+        if !self.journal.fits(self.tx.len()) {
+            self.checkpoint_pinned()?;
+        }
+        let tx = std::mem::take(&mut self.tx);
+        let store = self.store.clone();
+        let r = self.journal.append(store.as_ref(), &tx);
+        self.latch(r)?;
+        for (addr, b) in tx {
+            self.clean.remove(&addr);
+            self.pinned.insert(addr, Arc::from(b));
+        }
+        if self.journal.used_fraction() > 0.5
+            || self.last_checkpoint.elapsed().as_secs() >= CHECKPOINT_INTERVAL_SECS
+        {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn stage_bitmaps(&mut self) -> FsResult<()> {
+        for (kind, start) in [
+            (BlockKind::InodeBitmap, self.geo.inode_bitmap_start),
+            (BlockKind::BlockBitmap, self.geo.block_bitmap_start),
+        ] {
+            let dirty = if kind == BlockKind::InodeBitmap {
+                self.ibitmap.take_dirty()
+            } else {
+                self.bbitmap.take_dirty()
+            };
+            for idx in dirty {
+                let addr = start + idx;
+                let payload = if kind == BlockKind::InodeBitmap {
+                    self.ibitmap.block_payload(idx)
+                } else {
+                    self.bbitmap.block_payload(idx)
+                };
+                let blk = formats::bitmap::encode(kind, payload, BlockAddr(addr));
+                self.stage(addr, blk);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the device: every committed transaction (and every data write before it)
+    /// is durable afterwards, and blocks freed by them become allocatable.
+    pub(crate) fn sync(&mut self) -> FsResult<()> {
+        self.check_writable()?;
+        let store = self.store.clone();
+        let r = store.flush();
+        self.latch(r)?;
+        Ok(())
+    }
+
+    /// Writes every pinned block in place and retires the journal.
+    pub(crate) fn checkpoint(&mut self) -> FsResult<()> {
+        self.checkpoint_pinned()
+    }
+
+    fn checkpoint_pinned(&mut self) -> FsResult<()> {
+        let store = self.store.clone();
+        let r = store.flush();
+        self.latch(r)?;
+        let mut pinned: Vec<(u64, Arc<Block>)> = self.pinned.drain().collect();
+        pinned.sort_by_key(|(a, _)| *a);
+        for (addr, b) in &pinned {
+            let r = store.write(*addr, &b[..]);
+            self.latch(r)?;
+        }
+        let r = store.flush();
+        self.latch(r)?;
+        let geo = self.geo;
+        let r = self.journal.reset(store.as_ref(), &geo);
+        self.latch(r)?;
+        self.bbitmap.release();
+        for (addr, b) in pinned {
+            if self.clean.len() < CLEAN_CACHE_BLOCKS {
+                self.clean.insert(addr, b);
+            }
+        }
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Drops every transaction staged but not committed (after a failed operation).
+    pub(crate) fn abort_tx(&mut self) {
+        self.tx.clear();
+    }
+
+    /// Frees every inode left in the orphan directory by an earlier mount.
+    fn free_orphans(&mut self) -> FsResult<()> {
+        let entries = self.dir_list(ORPHAN_INO)?;
+        for e in entries {
+            self.dir_remove(ORPHAN_INO, &e.name)?;
+            self.destroy_node(e.ino)?;
+            self.commit()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,820 @@
+//! The public operations of `Fs`. Each one validates everything it can before changing
+//! anything, then mutates, then commits one transaction.
+
+use formats::block::{Ino, BLOCK_SIZE};
+use formats::dir::{dtype_of_mode, validate_name, DirEntry, MAX_NAME_LEN};
+use formats::inode::{InlineArea, Inode, Timespec, INLINE_SIZE, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
+use formats::superblock::{ORPHAN_INO, ROOT_INO};
+use formats::xattr::XattrSet;
+
+use super::file::MAX_FILE_SIZE;
+use super::{Fs, FsError, FsResult, Inner, Node};
+
+/// Most hard links one inode may have.
+pub const LINK_MAX: u32 = 65000;
+/// Longest symlink target.
+pub const SYMLINK_MAX: usize = BLOCK_SIZE - 1;
+/// Free blocks an operation that creates a name must see before it starts, so that it
+/// cannot run out of space half-way (directory split, overflow, extent block, xattr).
+const CREATE_RESERVE: u64 = 16;
+
+/// Attributes as `stat` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub size: u64,
+    /// 512-byte units, as `st_blocks`.
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub generation: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(Timespec),
+}
+
+/// A `setattr` request; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Timespec>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct XattrFlags {
+    /// Fail with EEXIST if the attribute exists.
+    pub create: bool,
+    /// Fail with ENODATA if the attribute does not exist.
+    pub replace: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub files: u64,
+    pub free_files: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+fn attr_of(ino: Ino, i: &Inode) -> Attr {
+    Attr {
+        ino,
+        size: i.size,
+        blocks: i.blocks * (BLOCK_SIZE as u64 / 512),
+        atime: i.atime,
+        mtime: i.mtime,
+        ctime: i.ctime,
+        mode: i.mode,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev,
+        generation: i.generation,
+    }
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(FsError::NameTooLong);
+    }
+    validate_name(name).map_err(FsError::Invalid)
+}
+
+fn orphan_name(ino: Ino) -> Vec<u8> {
+    ino.0.to_string().into_bytes()
+}
+
+impl Inner {
+    fn has_pending_changes(&self) -> bool {
+        !self.tx.is_empty()
+            || !self.dirty_nodes.is_empty()
+            || !self.tx_free.is_empty()
+            || self.ibitmap.is_dirty()
+            || self.bbitmap.is_dirty()
+    }
+
+    pub(crate) fn attr(&mut self, ino: Ino) -> FsResult<Attr> {
+        let n = self.node(ino)?;
+        Ok(attr_of(ino, &n.inode))
+    }
+
+    fn dir_node(&mut self, ino: Ino) -> FsResult<&mut Node> {
+        let n = self.node(ino)?;
+        if !n.inode.is_dir() {
+            return Err(FsError::NotDir);
+        }
+        if n.inode.nlink == 0 {
+            // A removed directory accepts no new entries.
+            return Err(FsError::NotFound);
+        }
+        Ok(n)
+    }
+
+    fn touch_dir(&mut self, dir: Ino, now: Timespec) -> FsResult<()> {
+        let n = self.node(dir)?;
+        n.inode.mtime = now;
+        n.inode.ctime = now;
+        self.mark_dirty(dir);
+        Ok(())
+    }
+
+    fn reserve(&self, blocks: u64) -> FsResult<()> {
+        if self.bbitmap.free() < blocks {
+            return Err(FsError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Drops one name of `ino`; at zero links it moves to the orphan directory until
+    /// `release` (the kernel may still hold it open).
+    fn drop_link(&mut self, ino: Ino, now: Timespec) -> FsResult<()> {
+        let n = self.node(ino)?;
+        let is_dir = n.inode.is_dir();
+        n.inode.nlink = if is_dir {
+            0
+        } else {
+            n.inode.nlink.saturating_sub(1)
+        };
+        n.inode.ctime = now;
+        let gone = n.inode.nlink == 0;
+        let dtype = dtype_of_mode(n.inode.mode);
+        self.mark_dirty(ino);
+        if gone {
+            self.dir_insert(
+                ORPHAN_INO,
+                DirEntry {
+                    ino,
+                    dtype,
+                    name: orphan_name(ino),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn is_ancestor(&mut self, ancestor: Ino, mut dir: Ino) -> FsResult<bool> {
+        let mut steps = 0u64;
+        loop {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            steps += 1;
+            if steps > self.geo.inode_count as u64 {
+                return Err(FsError::Corrupted("directory parent chain loops".into()));
+            }
+            dir = self.dir_parent(dir)?;
+        }
+    }
+
+    fn new_node(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Ino> {
+        check_name(name)?;
+        self.dir_node(parent)?;
+        if self.dir_lookup(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let is_dir = mode & S_IFMT == S_IFDIR;
+        if is_dir && self.node(parent)?.inode.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
+        }
+        self.reserve(CREATE_RESERVE)?;
+        if self.ibitmap.free() == 0 {
+            return Err(FsError::NoInodes);
+        }
+        let now = crate::mkfs::now();
+        let ino = self.alloc_ino()?;
+        let mut inode = Inode::new(mode, uid, gid, now);
+        inode.generation = self.next_generation();
+        inode.nlink = if is_dir { 2 } else { 1 };
+        inode.rdev = rdev;
+        self.nodes.insert(
+            ino.0,
+            Node {
+                inode,
+                extents: Vec::new(),
+                chain: Vec::new(),
+            },
+        );
+        self.mark_dirty(ino);
+        if is_dir {
+            self.dir_init(ino, parent)?;
+            let p = self.node(parent)?;
+            p.inode.nlink += 1;
+        }
+        self.dir_insert(
+            parent,
+            DirEntry {
+                ino,
+                dtype: dtype_of_mode(mode),
+                name: name.to_vec(),
+            },
+        )?;
+        self.touch_dir(parent, now)?;
+        Ok(ino)
+    }
+}
+
+impl Fs {
+    /// Runs a mutating operation and commits it. An operation fails before it changes
+    /// anything, or else its changes are committed; if it fails half-way (I/O error,
+    /// space exhausted despite the reserve) the filesystem turns read-only to protect
+    /// the image.
+    fn mutate<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        match f(&mut g) {
+            Ok(v) => {
+                g.commit()?;
+                Ok(v)
+            }
+            Err(e) if !g.has_pending_changes() => Err(e),
+            Err(e) => {
+                g.abort_tx();
+                g.failed
+                    .get_or_insert_with(|| format!("operation failed half-way: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn read_only<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
+        f(&mut self.lock())
+    }
+
+    pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        self.read_only(|g| g.attr(ino))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        self.read_only(|g| {
+            if name.len() > MAX_NAME_LEN {
+                return Err(FsError::NameTooLong);
+            }
+            g.dir_node(parent)?;
+            match g.dir_lookup(parent, name)? {
+                Some(e) => g.attr(e.ino),
+                None => Err(FsError::NotFound),
+            }
+        })
+    }
+
+    /// Creates a regular file, device, FIFO or socket (`mode` carries the type).
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        if mode & S_IFMT == S_IFDIR || mode & S_IFMT == S_IFLNK {
+            return Err(FsError::Invalid("mknod of a directory or symlink"));
+        }
+        let mode = if mode & S_IFMT == 0 {
+            mode | S_IFREG
+        } else {
+            mode
+        };
+        self.mutate(|g| {
+            let ino = g.new_node(parent, name, mode, rdev, uid, gid)?;
+            g.attr(ino)
+        })
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.mutate(|g| {
+            let ino = g.new_node(parent, name, S_IFDIR | (mode & 0o7777), 0, uid, gid)?;
+            g.attr(ino)
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        if target.is_empty() {
+            return Err(FsError::Invalid("empty symlink target"));
+        }
+        if target.len() > SYMLINK_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        self.mutate(|g| {
+            let ino = g.new_node(parent, name, S_IFLNK | 0o777, 0, uid, gid)?;
+            if target.len() <= INLINE_SIZE {
+                let n = g.node(ino)?;
+                n.inode.inline = InlineArea::Symlink(target.to_vec());
+                n.inode.size = target.len() as u64;
+            } else {
+                g.file_write(ino, 0, target)?;
+            }
+            g.mark_dirty(ino);
+            g.attr(ino)
+        })
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        self.read_only(|g| {
+            let n = g.node(ino)?;
+            if !n.inode.is_symlink() {
+                return Err(FsError::Invalid("not a symlink"));
+            }
+            match &n.inode.inline {
+                InlineArea::Symlink(t) => Ok(t.clone()),
+                InlineArea::Extents(_) => {
+                    let size = n.inode.size as u32;
+                    g.file_read(ino, 0, size)
+                }
+            }
+        })
+    }
+
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> FsResult<Attr> {
+        self.mutate(|g| {
+            check_name(newname)?;
+            let n = g.node(ino)?;
+            if n.inode.is_dir() {
+                return Err(FsError::NotPermitted("hard link to a directory"));
+            }
+            if n.inode.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            if n.inode.nlink >= LINK_MAX {
+                return Err(FsError::TooManyLinks);
+            }
+            let dtype = dtype_of_mode(n.inode.mode);
+            g.dir_node(newparent)?;
+            if g.dir_lookup(newparent, newname)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            g.reserve(CREATE_RESERVE)?;
+            let now = crate::mkfs::now();
+            g.dir_insert(
+                newparent,
+                DirEntry {
+                    ino,
+                    dtype,
+                    name: newname.to_vec(),
+                },
+            )?;
+            let n = g.node(ino)?;
+            n.inode.nlink += 1;
+            n.inode.ctime = now;
+            g.mark_dirty(ino);
+            g.touch_dir(newparent, now)?;
+            g.attr(ino)
+        })
+    }
+
+    /// Removes a non-directory name. Returns the inode it named.
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<Ino> {
+        self.mutate(|g| {
+            check_name(name)?;
+            g.dir_node(parent)?;
+            let e = g.dir_lookup(parent, name)?.ok_or(FsError::NotFound)?;
+            if g.node(e.ino)?.inode.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            let now = crate::mkfs::now();
+            g.dir_remove(parent, name)?;
+            g.drop_link(e.ino, now)?;
+            g.touch_dir(parent, now)?;
+            Ok(e.ino)
+        })
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<Ino> {
+        self.mutate(|g| {
+            if name == b"." {
+                return Err(FsError::Invalid("rmdir of ."));
+            }
+            if name == b".." {
+                return Err(FsError::NotEmpty);
+            }
+            check_name(name)?;
+            g.dir_node(parent)?;
+            let e = g.dir_lookup(parent, name)?.ok_or(FsError::NotFound)?;
+            if !g.node(e.ino)?.inode.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if g.dir_entry_count(e.ino)? != 0 {
+                return Err(FsError::NotEmpty);
+            }
+            let now = crate::mkfs::now();
+            g.dir_remove(parent, name)?;
+            g.drop_link(e.ino, now)?;
+            let p = g.node(parent)?;
+            p.inode.nlink -= 1;
+            g.touch_dir(parent, now)?;
+            Ok(e.ino)
+        })
+    }
+
+    /// rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE. Returns the inode that lost
+    /// its last name, if the rename replaced one.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> FsResult<Option<Ino>> {
+        if noreplace && exchange {
+            return Err(FsError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
+        }
+        self.mutate(|g| {
+            check_name(name)?;
+            check_name(newname)?;
+            g.dir_node(parent)?;
+            g.dir_node(newparent)?;
+            let src = g.dir_lookup(parent, name)?.ok_or(FsError::NotFound)?;
+            let dst = g.dir_lookup(newparent, newname)?;
+            let src_is_dir = g.node(src.ino)?.inode.is_dir();
+            let now = crate::mkfs::now();
+            if exchange {
+                let dst = dst.ok_or(FsError::NotFound)?;
+                let dst_is_dir = g.node(dst.ino)?.inode.is_dir();
+                if src.ino == dst.ino {
+                    return Ok(None);
+                }
+                if src_is_dir && parent != newparent && g.is_ancestor(src.ino, newparent)? {
+                    return Err(FsError::Invalid("cannot move a directory into itself"));
+                }
+                if dst_is_dir && parent != newparent && g.is_ancestor(dst.ino, parent)? {
+                    return Err(FsError::Invalid("cannot move a directory into itself"));
+                }
+                g.reserve(CREATE_RESERVE)?;
+                g.dir_remove(parent, name)?;
+                g.dir_remove(newparent, newname)?;
+                g.dir_insert(
+                    parent,
+                    DirEntry {
+                        ino: dst.ino,
+                        dtype: dst.dtype,
+                        name: name.to_vec(),
+                    },
+                )?;
+                g.dir_insert(
+                    newparent,
+                    DirEntry {
+                        ino: src.ino,
+                        dtype: src.dtype,
+                        name: newname.to_vec(),
+                    },
+                )?;
+                if parent != newparent {
+                    if src_is_dir {
+                        g.dir_set_parent(src.ino, newparent)?;
+                        g.node(parent)?.inode.nlink -= 1;
+                        g.node(newparent)?.inode.nlink += 1;
+                    }
+                    if dst_is_dir {
+                        g.dir_set_parent(dst.ino, parent)?;
+                        g.node(newparent)?.inode.nlink -= 1;
+                        g.node(parent)?.inode.nlink += 1;
+                    }
+                }
+                for ino in [src.ino, dst.ino] {
+                    g.node(ino)?.inode.ctime = now;
+                    g.mark_dirty(ino);
+                }
+                g.touch_dir(parent, now)?;
+                g.touch_dir(newparent, now)?;
+                return Ok(None);
+            }
+            if let Some(d) = &dst {
+                if noreplace {
+                    return Err(FsError::Exists);
+                }
+                if d.ino == src.ino {
+                    return Ok(None);
+                }
+                let dst_is_dir = g.node(d.ino)?.inode.is_dir();
+                if src_is_dir && !dst_is_dir {
+                    return Err(FsError::NotDir);
+                }
+                if !src_is_dir && dst_is_dir {
+                    return Err(FsError::IsDir);
+                }
+                if dst_is_dir && g.dir_entry_count(d.ino)? != 0 {
+                    return Err(FsError::NotEmpty);
+                }
+            }
+            if src_is_dir && parent != newparent && g.is_ancestor(src.ino, newparent)? {
+                return Err(FsError::Invalid("cannot move a directory into itself"));
+            }
+            if src_is_dir
+                && parent != newparent
+                && dst.is_none()
+                && g.node(newparent)?.inode.nlink >= LINK_MAX
+            {
+                return Err(FsError::TooManyLinks);
+            }
+            g.reserve(CREATE_RESERVE)?;
+            let mut replaced = None;
+            if let Some(d) = dst {
+                let dst_is_dir = g.node(d.ino)?.inode.is_dir();
+                g.dir_remove(newparent, newname)?;
+                g.drop_link(d.ino, now)?;
+                if dst_is_dir {
+                    g.node(newparent)?.inode.nlink -= 1;
+                }
+                if g.node(d.ino)?.inode.nlink == 0 {
+                    replaced = Some(d.ino);
+                }
+            }
+            g.dir_remove(parent, name)?;
+            g.dir_insert(
+                newparent,
+                DirEntry {
+                    ino: src.ino,
+                    dtype: src.dtype,
+                    name: newname.to_vec(),
+                },
+            )?;
+            if src_is_dir && parent != newparent {
+                g.dir_set_parent(src.ino, newparent)?;
+                g.node(parent)?.inode.nlink -= 1;
+                g.node(newparent)?.inode.nlink += 1;
+            }
+            g.node(src.ino)?.inode.ctime = now;
+            g.mark_dirty(src.ino);
+            g.touch_dir(parent, now)?;
+            g.touch_dir(newparent, now)?;
+            Ok(replaced)
+        })
+    }
+
+    /// Frees an inode with no names left once nothing refers to it any more (the kernel
+    /// forgot it and no handle is open). A no-op for inodes that still have names.
+    pub fn release(&self, ino: Ino) -> FsResult<()> {
+        self.mutate(|g| {
+            let Ok(n) = g.node(ino) else { return Ok(()) };
+            if n.inode.nlink != 0 || ino == ROOT_INO || ino == ORPHAN_INO {
+                return Ok(());
+            }
+            if g.dir_remove(ORPHAN_INO, &orphan_name(ino))?.is_some() {
+                g.destroy_node(ino)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn setattr(&self, ino: Ino, s: SetAttr) -> FsResult<Attr> {
+        self.mutate(|g| {
+            let now = crate::mkfs::now();
+            if let Some(size) = s.size {
+                let n = g.node(ino)?;
+                if n.inode.is_dir() {
+                    return Err(FsError::IsDir);
+                }
+                if !n.inode.is_reg() {
+                    return Err(FsError::Invalid("truncate of a special file"));
+                }
+                if size > MAX_FILE_SIZE {
+                    return Err(FsError::TooBig);
+                }
+                if size != n.inode.size || size == 0 {
+                    g.truncate(ino, size)?;
+                } else {
+                    n.inode.mtime = now;
+                }
+            }
+            let n = g.node(ino)?;
+            if let Some(mode) = s.mode {
+                n.inode.mode = (n.inode.mode & S_IFMT) | (mode & 0o7777);
+            }
+            if let Some(uid) = s.uid {
+                n.inode.uid = uid;
+            }
+            if let Some(gid) = s.gid {
+                n.inode.gid = gid;
+            }
+            match s.atime {
+                Some(TimeSet::Now) => n.inode.atime = now,
+                Some(TimeSet::At(t)) => n.inode.atime = t,
+                None => {}
+            }
+            match s.mtime {
+                Some(TimeSet::Now) => n.inode.mtime = now,
+                Some(TimeSet::At(t)) => n.inode.mtime = t,
+                None => {}
+            }
+            n.inode.ctime = s.ctime.unwrap_or(now);
+            g.mark_dirty(ino);
+            g.attr(ino)
+        })
+    }
+
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.read_only(|g| g.file_read(ino, offset, size))
+    }
+
+    /// Writes and commits; a write cut short by a full image returns the bytes written
+    /// (ENOSPC only if none were).
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        if !g.node(ino)?.inode.is_reg() {
+            return Err(FsError::Invalid("write to a non-regular file"));
+        }
+        let mut done = 0;
+        let mut result = Ok(());
+        // Write in pieces so that a full image still keeps what fitted.
+        for chunk in data.chunks(1 << 20) {
+            match g.file_write(ino, offset + done as u64, chunk) {
+                Ok(n) => done += n,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        match result {
+            Err(FsError::NoSpace) if done > 0 => {}
+            Err(FsError::NoSpace) if !g.has_pending_changes() => return Err(FsError::NoSpace),
+            Err(FsError::NoSpace) => {
+                g.commit()?;
+                return Err(FsError::NoSpace);
+            }
+            Err(e) => {
+                g.abort_tx();
+                g.failed.get_or_insert_with(|| format!("write failed: {e}"));
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        g.commit()?;
+        Ok(done)
+    }
+
+    /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
+    pub fn fallocate(&self, ino: Ino, mode: i32, offset: u64, len: u64) -> FsResult<()> {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        if len == 0 {
+            return Err(FsError::Invalid("fallocate of zero length"));
+        }
+        self.mutate(|g| {
+            if !g.node(ino)?.inode.is_reg() {
+                return Err(FsError::Invalid("fallocate on a non-regular file"));
+            }
+            match mode {
+                0 | KEEP_SIZE => g.preallocate(ino, offset, len, mode & KEEP_SIZE != 0),
+                m if m == PUNCH | KEEP_SIZE => g.punch_hole(ino, offset, len),
+                m if m & !KEEP_SIZE == ZERO => {
+                    g.punch_hole(ino, offset, len)?;
+                    g.preallocate(ino, offset, len, m & KEEP_SIZE != 0)
+                }
+                _ => Err(FsError::Unsupported("fallocate mode")),
+            }
+        })
+    }
+
+    pub fn fsync(&self, _ino: Ino) -> FsResult<()> {
+        self.sync()
+    }
+
+    /// Every entry of a directory, as a snapshot (readdir serves from it).
+    pub fn readdir(&self, dir: Ino) -> FsResult<Vec<DirEntry>> {
+        self.read_only(|g| {
+            if !g.node(dir)?.inode.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            g.dir_list(dir)
+        })
+    }
+
+    /// The parent of a directory (for `..`).
+    pub fn parent_of(&self, dir: Ino) -> FsResult<Ino> {
+        self.read_only(|g| g.dir_parent(dir))
+    }
+
+    fn xattrs(g: &mut Inner, ino: Ino) -> FsResult<XattrSet> {
+        let addr = g.node(ino)?.inode.xattr_block;
+        if addr == 0 {
+            return Ok(XattrSet::default());
+        }
+        let b = g.read_meta(addr)?;
+        Ok(XattrSet::decode(&b[..], ino, formats::BlockAddr(addr))?)
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.read_only(|g| {
+            Self::xattrs(g, ino)?
+                .get(name)
+                .map(|v| v.to_vec())
+                .ok_or(FsError::NoAttr)
+        })
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<Vec<u8>>> {
+        self.read_only(|g| {
+            Ok(Self::xattrs(g, ino)?
+                .entries
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect())
+        })
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: XattrFlags) -> FsResult<()> {
+        if name.is_empty() || name.len() > formats::xattr::XATTR_NAME_MAX {
+            return Err(FsError::Range);
+        }
+        self.mutate(|g| {
+            let mut set = Self::xattrs(g, ino)?;
+            let exists = set.get(name).is_some();
+            if flags.create && exists {
+                return Err(FsError::Exists);
+            }
+            if flags.replace && !exists {
+                return Err(FsError::NoAttr);
+            }
+            set.set(name, value).map_err(|_| FsError::NoSpace)?;
+            g.reserve(2)?;
+            g.store_xattrs(ino, &set)
+        })
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        self.mutate(|g| {
+            let mut set = Self::xattrs(g, ino)?;
+            if !set.remove(name) {
+                return Err(FsError::NoAttr);
+            }
+            g.store_xattrs(ino, &set)
+        })
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        let g = self.lock();
+        StatFs {
+            blocks: g.geo.total_blocks,
+            free_blocks: g.bbitmap.free(),
+            files: g.geo.inode_count as u64,
+            free_files: g.ibitmap.free(),
+            block_size: BLOCK_SIZE as u32,
+            name_max: MAX_NAME_LEN as u32,
+        }
+    }
+}
+
+impl Inner {
+    fn store_xattrs(&mut self, ino: Ino, set: &XattrSet) -> FsResult<()> {
+        let now = crate::mkfs::now();
+        let old = self.node(ino)?.inode.xattr_block;
+        let addr = if set.entries.is_empty() {
+            if old != 0 {
+                self.free_blocks_tx(old, 1);
+            }
+            0
+        } else if old != 0 {
+            old
+        } else {
+            self.alloc_blocks(self.geo.data_start, 1)?.0
+        };
+        if addr != 0 {
+            let blk = set.encode(ino, formats::BlockAddr(addr))?;
+            self.stage(addr, blk);
+        }
+        let n = self.node(ino)?;
+        n.inode.xattr_block = addr;
+        n.inode.ctime = now;
+        self.mark_dirty(ino);
+        Ok(())
+    }
+}

@@ -1,0 +1,435 @@
+//! Filesystem core tests on an in-memory store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use formats::block::Ino;
+use formats::inode::S_IFREG;
+use formats::superblock::ROOT_INO;
+
+use super::*;
+use crate::mkfs::{mkfs, MkfsOptions};
+use crate::store::{BlockStore, MemStore};
+
+pub(crate) fn fresh(blocks: u64) -> Arc<MemStore> {
+    let s = Arc::new(MemStore::new(blocks));
+    mkfs(
+        s.as_ref(),
+        "mem",
+        &MkfsOptions {
+            force: false,
+            uid: 0,
+            gid: 0,
+        },
+    )
+    .unwrap();
+    s
+}
+
+fn remount(fs: Fs, s: &Arc<MemStore>) -> Fs {
+    fs.unmount().unwrap();
+    Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap()
+}
+
+fn mk(fs: &Fs, parent: Ino, name: &str) -> Ino {
+    fs.mknod(parent, name.as_bytes(), S_IFREG | 0o644, 0, 0, 0)
+        .unwrap()
+        .ino
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn files_survive_remount() {
+    let s = fresh(16384);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let d = fs.mkdir(ROOT_INO, b"dir", 0o755, 1, 2).unwrap().ino;
+    let f = mk(&fs, d, "file");
+    let data = pattern(1, 3 * 4096 + 17);
+    assert_eq!(fs.write(f, 100, &data).unwrap(), data.len());
+    fs.symlink(d, b"short", b"file", 0, 0).unwrap();
+    let long = vec![b'x'; 1000];
+    fs.symlink(d, b"long", &long, 0, 0).unwrap();
+    fs.link(f, ROOT_INO, b"hard").unwrap();
+    fs.setxattr(f, b"user.k", b"v", XattrFlags::default())
+        .unwrap();
+    let fs = remount(fs, &s);
+    let d2 = fs.lookup(ROOT_INO, b"dir").unwrap();
+    assert_eq!(d2.nlink, 2);
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    let a = fs.lookup(d, b"file").unwrap();
+    assert_eq!(a.size, 100 + data.len() as u64);
+    assert_eq!(a.nlink, 2);
+    let back = fs.read(f, 0, 1 << 20).unwrap();
+    assert_eq!(&back[..100], &[0u8; 100][..]);
+    assert_eq!(&back[100..], &data[..]);
+    let sl = fs.lookup(d, b"short").unwrap().ino;
+    assert_eq!(fs.readlink(sl).unwrap(), b"file");
+    let ll = fs.lookup(d, b"long").unwrap().ino;
+    assert_eq!(fs.readlink(ll).unwrap(), long);
+    assert_eq!(fs.getxattr(f, b"user.k").unwrap(), b"v");
+    assert!(matches!(fs.getxattr(f, b"user.none"), Err(FsError::NoAttr)));
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn big_directory_lookup_list_and_delete() {
+    let s = fresh(65536);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let d = fs.mkdir(ROOT_INO, b"big", 0o755, 0, 0).unwrap().ino;
+    let n = 5000;
+    for i in 0..n {
+        mk(&fs, d, &format!("entry-with-a-longish-name-{i}"));
+    }
+    let fs = remount(fs, &s);
+    for i in (0..n).step_by(7) {
+        fs.lookup(d, format!("entry-with-a-longish-name-{i}").as_bytes())
+            .unwrap();
+    }
+    let list = fs.readdir(d).unwrap();
+    assert_eq!(list.len(), n);
+    let names: std::collections::HashSet<_> = list.iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names.len(), n);
+    let before = fs.statfs().free_blocks;
+    for i in 0..n {
+        let ino = fs
+            .unlink(d, format!("entry-with-a-longish-name-{i}").as_bytes())
+            .unwrap();
+        fs.release(ino).unwrap();
+    }
+    assert!(fs.readdir(d).unwrap().is_empty());
+    fs.rmdir(ROOT_INO, b"big").unwrap();
+    assert!(fs.statfs().free_blocks >= before);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn rename_rules() {
+    let s = fresh(8192);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0).unwrap().ino;
+    let b = fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0).unwrap().ino;
+    let sub = fs.mkdir(a, b"sub", 0o755, 0, 0).unwrap().ino;
+    let f = mk(&fs, a, "f");
+    let g = mk(&fs, b, "g");
+    // A directory cannot move under itself.
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"a", sub, b"x", false, false),
+        Err(FsError::Invalid(_))
+    ));
+    // Moving a directory updates both parents' link counts and its own parent.
+    fs.rename(a, b"sub", b, b"sub2", false, false).unwrap();
+    assert_eq!(fs.getattr(a).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(b).unwrap().nlink, 3);
+    assert_eq!(fs.parent_of(sub).unwrap(), b);
+    // NOREPLACE refuses an existing target; plain rename replaces it.
+    assert!(matches!(
+        fs.rename(a, b"f", b, b"g", true, false),
+        Err(FsError::Exists)
+    ));
+    assert_eq!(fs.rename(a, b"f", b, b"g", false, false).unwrap(), Some(g));
+    assert_eq!(fs.lookup(b, b"g").unwrap().ino, f);
+    fs.release(g).unwrap();
+    // Exchange swaps a file and a directory across parents.
+    let h = mk(&fs, a, "h");
+    fs.rename(a, b"h", b, b"sub2", false, true).unwrap();
+    assert_eq!(fs.lookup(b, b"sub2").unwrap().ino, h);
+    assert_eq!(fs.lookup(a, b"h").unwrap().ino, sub);
+    assert_eq!(fs.parent_of(sub).unwrap(), a);
+    assert_eq!(fs.getattr(a).unwrap().nlink, 3);
+    assert_eq!(fs.getattr(b).unwrap().nlink, 2);
+    // Replacing a non-empty directory fails.
+    mk(&fs, sub, "inside");
+    let e = fs.mkdir(ROOT_INO, b"e", 0o755, 0, 0).unwrap().ino;
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"e", a, b"h", false, false),
+        Err(FsError::NotEmpty)
+    ));
+    let _ = e;
+    let fs = remount(fs, &s);
+    assert_eq!(fs.lookup(a, b"h").unwrap().ino, sub);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn sparse_files_truncate_fallocate_punch() {
+    let s = fresh(8192);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let f = mk(&fs, ROOT_INO, "sparse");
+    fs.write(f, 10 << 20, b"end").unwrap();
+    let a = fs.getattr(f).unwrap();
+    assert_eq!(a.size, (10 << 20) + 3);
+    assert_eq!(a.blocks, 8);
+    assert_eq!(fs.read(f, 4096, 10).unwrap(), vec![0u8; 10]);
+    fs.setattr(
+        f,
+        SetAttr {
+            size: Some(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(fs.getattr(f).unwrap().blocks, 0);
+    fs.write(f, 0, b"hello world").unwrap();
+    fs.setattr(
+        f,
+        SetAttr {
+            size: Some(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.setattr(
+        f,
+        SetAttr {
+            size: Some(100),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let r = fs.read(f, 0, 100).unwrap();
+    assert_eq!(&r[..5], b"hello");
+    assert!(
+        r[5..].iter().all(|&x| x == 0),
+        "bytes past a truncation read as zeros"
+    );
+    fs.fallocate(f, 0, 0, 1 << 20).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().size, 1 << 20);
+    assert_eq!(&fs.read(f, 0, 5).unwrap(), b"hello");
+    assert!(fs.read(f, 4096, 8192).unwrap().iter().all(|&x| x == 0));
+    fs.write(f, 8192, b"abc").unwrap();
+    assert_eq!(&fs.read(f, 8190, 6).unwrap(), &[0, 0, b'a', b'b', b'c', 0]);
+    fs.fallocate(
+        f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        1,
+        8193,
+    )
+    .unwrap();
+    assert_eq!(&fs.read(f, 0, 2).unwrap(), &[b'h', 0]);
+    assert_eq!(&fs.read(f, 8192, 4).unwrap(), &[0, 0, b'c', 0]);
+    let fs = remount(fs, &s);
+    assert_eq!(&fs.read(f, 8192, 4).unwrap(), &[0, 0, b'c', 0]);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn many_extents_spill_into_extent_blocks() {
+    let s = fresh(16384);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let f = mk(&fs, ROOT_INO, "frag");
+    let other = mk(&fs, ROOT_INO, "other");
+    // Interleave two files so neither gets contiguous blocks.
+    for i in 0..800u64 {
+        fs.write(f, i * 8192, &pattern(i, 4096)).unwrap();
+        fs.write(other, i * 4096, &pattern(i + 10000, 4096))
+            .unwrap();
+    }
+    let fs = remount(fs, &s);
+    for i in (0..800u64).step_by(37) {
+        assert_eq!(fs.read(f, i * 8192, 4096).unwrap(), pattern(i, 4096));
+    }
+    fs.setattr(
+        f,
+        SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let fs = remount(fs, &s);
+    assert_eq!(fs.getattr(f).unwrap().blocks, 0);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn fill_and_delete_cycles_leak_nothing() {
+    let s = fresh(4096);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let start = fs.statfs();
+    let chunk = vec![7u8; 256 * 1024];
+    for cycle in 0..20 {
+        let mut files = Vec::new();
+        'fill: for i in 0.. {
+            let name = format!("f{i}");
+            let ino = match fs.mknod(ROOT_INO, name.as_bytes(), S_IFREG | 0o644, 0, 0, 0) {
+                Ok(a) => a.ino,
+                Err(FsError::NoSpace) => break 'fill,
+                Err(e) => panic!("cycle {cycle}: {e}"),
+            };
+            files.push(name);
+            let mut off = 0;
+            loop {
+                match fs.write(ino, off, &chunk) {
+                    Ok(n) => off += n as u64,
+                    Err(FsError::NoSpace) => break 'fill,
+                    Err(e) => panic!("cycle {cycle}: {e}"),
+                }
+                if off >= 1 << 20 {
+                    break;
+                }
+            }
+        }
+        assert!(
+            files.len() > 5,
+            "cycle {cycle} filled only {} files",
+            files.len()
+        );
+        for name in &files {
+            let ino = fs.unlink(ROOT_INO, name.as_bytes()).unwrap();
+            fs.release(ino).unwrap();
+        }
+        fs.sync().unwrap();
+    }
+    let fs = remount(fs, &s);
+    let end = fs.statfs();
+    assert_eq!(end.free_files, start.free_files);
+    // The root directory may have grown buckets; nothing else may stay allocated.
+    assert!(
+        start.free_blocks - end.free_blocks <= 64,
+        "{} -> {}",
+        start.free_blocks,
+        end.free_blocks
+    );
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn orphans_are_freed_at_mount() {
+    let s = fresh(4096);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let before = fs.statfs();
+    let f = mk(&fs, ROOT_INO, "open-then-unlinked");
+    fs.write(f, 0, &[1u8; 65536]).unwrap();
+    fs.unlink(ROOT_INO, b"open-then-unlinked").unwrap();
+    // Still readable while "open".
+    assert_eq!(fs.read(f, 0, 4).unwrap(), vec![1u8; 4]);
+    let fs = remount(fs, &s);
+    let after = fs.statfs();
+    assert_eq!(after.free_files, before.free_files);
+    assert_eq!(after.free_blocks, before.free_blocks);
+    fs.unmount().unwrap();
+}
+
+/// Random operations against a model; after each step, and after remounts, the
+/// filesystem and the model agree.
+#[test]
+fn random_operations_match_a_model() {
+    let s = fresh(32768);
+    let mut fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let mut model: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut inos: HashMap<String, Ino> = HashMap::new();
+    let mut rng = 12345u64;
+    let mut next = |k: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % k
+    };
+    for step in 0..3000 {
+        let name = format!("n{}", next(40));
+        match next(6) {
+            0 => {
+                let r = fs.mknod(ROOT_INO, name.as_bytes(), S_IFREG | 0o600, 0, 0, 0);
+                if let std::collections::hash_map::Entry::Vacant(e) = model.entry(name.clone()) {
+                    inos.insert(name, r.unwrap().ino);
+                    e.insert(Vec::new());
+                } else {
+                    assert!(matches!(r, Err(FsError::Exists)));
+                }
+            }
+            1 | 2 => {
+                if let Some(content) = model.get_mut(&name) {
+                    let off = next(200_000) as usize;
+                    let len = next(70_000) as usize + 1;
+                    let data = pattern(step, len);
+                    fs.write(inos[&name], off as u64, &data).unwrap();
+                    if content.len() < off + len {
+                        content.resize(off + len, 0);
+                    }
+                    content[off..off + len].copy_from_slice(&data);
+                }
+            }
+            3 => {
+                if let Some(content) = model.get_mut(&name) {
+                    let size = next(300_000) as usize;
+                    fs.setattr(
+                        inos[&name],
+                        SetAttr {
+                            size: Some(size as u64),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                    content.resize(size, 0);
+                }
+            }
+            4 => {
+                let to = format!("n{}", next(40));
+                if model.contains_key(&name) {
+                    let replaced = fs
+                        .rename(
+                            ROOT_INO,
+                            name.as_bytes(),
+                            ROOT_INO,
+                            to.as_bytes(),
+                            false,
+                            false,
+                        )
+                        .unwrap();
+                    if let Some(r) = replaced {
+                        fs.release(r).unwrap();
+                    }
+                    if to != name {
+                        let c = model.remove(&name).unwrap();
+                        let i = inos.remove(&name).unwrap();
+                        model.insert(to.clone(), c);
+                        inos.insert(to, i);
+                    }
+                }
+            }
+            _ => {
+                if model.remove(&name).is_some() {
+                    let ino = fs.unlink(ROOT_INO, name.as_bytes()).unwrap();
+                    inos.remove(&name);
+                    fs.release(ino).unwrap();
+                } else {
+                    assert!(matches!(
+                        fs.unlink(ROOT_INO, name.as_bytes()),
+                        Err(FsError::NotFound)
+                    ));
+                }
+            }
+        }
+        if step % 500 == 499 {
+            fs = remount(fs, &s);
+        }
+    }
+    let listed: std::collections::HashSet<String> = fs
+        .readdir(ROOT_INO)
+        .unwrap()
+        .into_iter()
+        .map(|e| String::from_utf8(e.name).unwrap())
+        .collect();
+    assert_eq!(listed, model.keys().cloned().collect());
+    for (name, content) in &model {
+        let a = fs.lookup(ROOT_INO, name.as_bytes()).unwrap();
+        assert_eq!(a.size, content.len() as u64, "{name}");
+        assert_eq!(
+            &fs.read(a.ino, 0, content.len() as u32 + 10).unwrap(),
+            content,
+            "{name}"
+        );
+    }
+    fs.unmount().unwrap();
+}
