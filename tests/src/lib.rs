@@ -1,1 +1,3 @@
 //! Shared test support for Molt integration tests.
+
+pub mod stress;
