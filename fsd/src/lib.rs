@@ -1,6 +1,12 @@
 //! Molt filesystem daemon library: the filesystem core over a block store, mkfs, fsck,
 //! the FUSE server and the supervisor.
 
+pub mod cli;
 pub mod fs;
+pub mod fsck;
+pub mod fuse;
 pub mod mkfs;
+pub mod runtime;
+pub mod serve;
 pub mod store;
+pub mod supervisor;

@@ -1,1 +1,195 @@
-fn main() {}
+//! `fsd`: the Molt filesystem tool. A thin shell: parse arguments, call the library, map
+//! the outcome to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use fsd::cli;
+use fsd::fsck;
+use fsd::{serve, supervisor};
+
+#[derive(Parser)]
+#[command(name = "fsd", version, about = "Molt filesystem daemon and tools")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make an empty filesystem on IMAGE (a regular file, created sparse, or a block device).
+    Mkfs {
+        image: PathBuf,
+        /// Image size, like 64M, 1G or 1T; a block device's own size must match if given.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Overwrite an existing Molt image.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check IMAGE. Exit codes: 0 clean, 1 errors repaired, 4 errors left, 8 operational error.
+    Fsck {
+        image: PathBuf,
+        /// Replay the journal and fix what is safe to fix.
+        #[arg(long)]
+        repair: bool,
+        /// Print one JSON object instead of the human report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount IMAGE on MOUNTPOINT: starts the supervisor, the block driver and the
+    /// filesystem server, and returns once the mount is usable.
+    Mount {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay attached: run the supervisor in this process, logging to the terminal.
+        #[arg(long)]
+        foreground: bool,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// I/O engine of the block driver: uring or sync.
+        #[arg(long, default_value = "uring")]
+        engine: blockdev::engine::EngineKind,
+        /// Internal: descriptor on which the supervisor reports readiness.
+        #[arg(long, hide = true)]
+        ready_fd: Option<i32>,
+    },
+    /// Unmount MOUNTPOINT and wait until the image is clean and every process has exited.
+    Unmount { mountpoint: PathBuf },
+    /// Internal: the filesystem server process, started by the supervisor.
+    #[command(hide = true)]
+    Serve {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        driver_pid: Option<i32>,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+}
+
+/// Adopts a descriptor this process was started with.
+fn adopt(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        anyhow::bail!("descriptor {fd} was not passed to this process");
+    }
+    // SAFETY: the descriptor is open (checked above) and adopted exactly once.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    cli::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    match Args::parse().command {
+        Command::Mkfs { image, size, force } => match cli::mkfs_image(&image, size, force) {
+            Ok(out) => {
+                let g = out.superblock.geometry;
+                println!(
+                    "made a Molt filesystem on {}: {} bytes, {} blocks, {} inodes",
+                    image.display(),
+                    out.bytes,
+                    g.total_blocks,
+                    g.inode_count
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fsd mkfs: {:#}", anyhow::Error::from(e));
+                ExitCode::from(1)
+            }
+        },
+        Command::Fsck {
+            image,
+            repair,
+            json,
+        } => {
+            let name = image.display().to_string();
+            let code = match cli::fsck_image(&image, repair) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", report.to_json(&name));
+                    } else {
+                        print!("{}", report.render(&name));
+                    }
+                    report.exit_code()
+                }
+                Err(e) => {
+                    if json {
+                        println!("{}", fsck::error_json(&name, &e));
+                    } else {
+                        eprintln!("fsd fsck: {name}: {e}");
+                    }
+                    fsck::EXIT_OPERATIONAL
+                }
+            };
+            ExitCode::from(code as u8)
+        }
+        Command::Mount {
+            image,
+            mountpoint,
+            foreground,
+            threads,
+            engine,
+            ready_fd,
+        } => {
+            let opts = supervisor::MountOptions {
+                image,
+                mountpoint,
+                threads,
+                engine,
+            };
+            let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fsd"));
+            let r = if foreground {
+                match ready_fd.map(adopt).transpose() {
+                    Ok(ready) => supervisor::supervise(&opts, &exe, ready),
+                    Err(e) => Err(supervisor::MountError::Failed(e.to_string())),
+                }
+            } else {
+                supervisor::mount_daemon(&opts, &exe)
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fsd mount: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Unmount { mountpoint } => match supervisor::unmount(&mountpoint) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fsd unmount: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Serve {
+            mountpoint,
+            driver_pid,
+            threads,
+        } => {
+            let fds = (|| -> anyhow::Result<serve::ServerFds> {
+                use supervisor::*;
+                Ok(serve::ServerFds {
+                    ring: adopt(SERVE_RING_FD)?,
+                    sq_eventfd: adopt(SERVE_SQ_FD)?,
+                    cq_eventfd: adopt(SERVE_CQ_FD)?,
+                    fuse: std::fs::File::from(adopt(SERVE_FUSE_FD)?),
+                    ctl: std::os::unix::net::UnixStream::from(adopt(SERVE_CTL_FD)?),
+                })
+            })();
+            match fds.and_then(|fds| serve::run_server(&mountpoint, driver_pid, threads, fds)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fsd serve: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use formats::bitmap;
-use formats::block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE, PAYLOAD_SIZE};
+use formats::block::{BlockAddr, BlockKind, BLOCK_SIZE, PAYLOAD_SIZE};
 use formats::dir::{Bucket, DirHeader};
 use formats::extent::Extent;
 use formats::inode::{InlineArea, Inode, Timespec, INODE_SIZE, S_IFDIR};
@@ -173,7 +173,6 @@ pub fn mkfs(
     store.flush()?;
     store.write(0, &sb.encode()[..])?;
     store.flush()?;
-    let _ = Ino(0);
     Ok(sb)
 }
 

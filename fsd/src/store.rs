@@ -237,3 +237,32 @@ mod tests {
         assert!(s.read(4, &mut [0u8; BLOCK_SIZE]).is_err());
     }
 }
+
+/// The blockdev driver, reached over the shared-memory ring.
+impl BlockStore for blockdev::Client {
+    fn num_blocks(&self) -> u64 {
+        blockdev::Client::num_blocks(self)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        blockdev::Client::read(self, blockdev::Lba(addr), buf).map_err(block_error)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> io::Result<()> {
+        blockdev::Client::write(self, blockdev::Lba(addr), buf).map_err(block_error)
+    }
+    fn flush(&self) -> io::Result<()> {
+        blockdev::Client::flush(self).map_err(block_error)
+    }
+    fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()> {
+        blockdev::Client::discard(self, blockdev::Lba(addr), nblocks).map_err(block_error)
+    }
+}
+
+fn block_error(e: blockdev::BlockError) -> io::Error {
+    use blockdev::BlockError as B;
+    let errno = match &e {
+        B::OutOfRange { .. } | B::Misaligned(_) => libc::EINVAL,
+        B::Io(_) | B::DriverGone(_) | B::Protocol(_) | B::Setup(_) => libc::EIO,
+        B::Os(io) => io.raw_os_error().unwrap_or(libc::EIO),
+    };
+    io::Error::new(io::Error::from_raw_os_error(errno).kind(), e.to_string())
+}

@@ -1,3 +1,4 @@
-//! Shared test support for Molt integration tests.
+//! Shared test support for Molt integration tests: the mount harness and the stress tool.
 
+pub mod harness;
 pub mod stress;

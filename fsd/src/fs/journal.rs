@@ -37,7 +37,7 @@ pub enum JournalError {
     Super(formats::FormatError),
     #[error("journal records {found} blocks, the superblock says {expected}")]
     SizeMismatch { found: u32, expected: u32 },
-    #[error("journal transaction {sequence} targets block {target}, outside the metadata area")]
+    #[error("journal transaction {sequence} targets block {target}: block 0, the journal region or past the end")]
     BadTarget { sequence: u64, target: u64 },
     #[error("I/O error on the journal: {0}")]
     Io(#[from] io::Error),

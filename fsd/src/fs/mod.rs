@@ -157,8 +157,9 @@ impl Fs {
         })
     }
 
-    /// Makes everything durable and marks the image clean.
-    pub fn unmount(self) -> FsResult<()> {
+    /// Makes everything durable and marks the image clean. Every later operation is
+    /// refused: the filesystem is unmounted.
+    pub fn unmount(&self) -> FsResult<()> {
         let mut g = self.lock();
         g.check_writable()?;
         g.checkpoint()?;
@@ -166,8 +167,10 @@ impl Fs {
         g.sb.free_blocks = g.bbitmap.free();
         g.sb.free_inodes = g.ibitmap.free() as u32;
         let sb = g.sb.encode();
-        g.store.write(0, &sb[..])?;
-        g.store.flush()?;
+        let store = g.store.clone();
+        let r = store.write(0, &sb[..]).and_then(|_| store.flush());
+        g.latch(r)?;
+        g.failed = Some("the filesystem is unmounted".into());
         Ok(())
     }
 
@@ -553,5 +556,7 @@ impl Inner {
     }
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;

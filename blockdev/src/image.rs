@@ -1,0 +1,168 @@
+//! The backing image: a regular file or a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::{sys, BLOCK_SIZE};
+
+/// How the image implements discard so that discarded blocks read back as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`.
+    PunchHole,
+    /// The backing cannot punch holes: write zeros instead.
+    WriteZeros,
+}
+
+/// An open image with its geometry.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    num_blocks: u64,
+    direct: bool,
+    discard: DiscardMode,
+}
+
+impl Image {
+    /// Opens `path` read-write, with `O_DIRECT` when the filesystem supports it.
+    pub fn open(path: &Path) -> io::Result<Image> {
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(path);
+        let file = match direct {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)?,
+            Err(e) => return Err(e),
+        };
+        Image::from_file(file)
+    }
+
+    /// Adopts an already open image descriptor (e.g. inherited from the supervisor).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Image> {
+        Image::from_file(File::from(fd))
+    }
+
+    fn from_file(file: File) -> io::Result<Image> {
+        let meta = file.metadata()?;
+        let bytes = if meta.file_type().is_block_device() {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which is a live local.
+            let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+            if ret < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            size
+        } else if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "image must be a regular file or a block device",
+            ));
+        };
+        // SAFETY: F_GETFL only reads the open file description's flags.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
+        let discard = probe_discard(&file, bytes, meta.file_type().is_block_device());
+        Ok(Image {
+            file,
+            num_blocks: bytes / BLOCK_SIZE as u64,
+            direct,
+            discard,
+        })
+    }
+
+    /// Number of whole blocks on the image (a partial tail block is not addressable).
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    /// Whether the image was opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn discard_mode(&self) -> DiscardMode {
+        self.discard
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Decides how to discard without touching data: punching a hole past the end of a
+/// regular file is a no-op where it is supported and `EOPNOTSUPP` where it is not.
+/// Block devices support `PUNCH_HOLE | KEEP_SIZE` (zeroing) in every kernel we target.
+fn probe_discard(file: &File, bytes: u64, is_blockdev: bool) -> DiscardMode {
+    if is_blockdev {
+        return DiscardMode::PunchHole;
+    }
+    let end = bytes.next_multiple_of(BLOCK_SIZE as u64);
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match sys::fallocate(file.as_raw_fd(), mode, end, BLOCK_SIZE as u64) {
+        Ok(()) => DiscardMode::PunchHole,
+        Err(_) => DiscardMode::WriteZeros,
+    }
+}
+
+impl Image {
+    /// Overrides how discards are carried out (tests exercise both ways).
+    pub fn with_discard_mode(mut self, mode: DiscardMode) -> Image {
+        self.discard = mode;
+        self
+    }
+}
+
+/// A temporary image file, deleted on drop (tests and benchmarks).
+#[derive(Debug)]
+pub struct ScratchImage {
+    path: std::path::PathBuf,
+}
+
+impl ScratchImage {
+    /// Creates a zero-filled (sparse) image of `nblocks` blocks in the temp directory.
+    pub fn create(nblocks: u64) -> io::Result<ScratchImage> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "molt-blockdev-{}-{}.img",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        let f = File::create(&path)?;
+        f.set_len(nblocks * BLOCK_SIZE as u64)?;
+        Ok(ScratchImage { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn open(&self) -> io::Result<Image> {
+        Image::open(&self.path)
+    }
+
+    /// The whole file, read with ordinary buffered I/O.
+    pub fn contents(&self) -> io::Result<Vec<u8>> {
+        std::fs::read(&self.path)
+    }
+}
+
+impl Drop for ScratchImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

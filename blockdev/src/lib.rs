@@ -1,0 +1,48 @@
+//! Molt block driver.
+//!
+//! Layers, bottom up:
+//! - [`image`]: the backing image (regular file or block device), opened with `O_DIRECT`
+//!   when the filesystem allows it.
+//! - [`engine`]: the I/O engines behind one enum: io_uring, plain syscalls (the test
+//!   oracle), and a fault-injecting wrapper.
+//! - [`ring`]: protocol v1 between a client and the driver over shared memory (`RING.md`).
+//! - [`server`]: the driver's serve loop; [`client`]: the thread-safe client.
+//! - [`spawn`]: starts the `blockdev` driver process and returns a connected client.
+
+pub mod buffer;
+pub mod client;
+pub mod engine;
+mod error;
+pub mod image;
+pub mod persist;
+pub mod ring;
+pub mod server;
+pub mod spawn;
+mod sys;
+
+pub use client::{Batch, Client, ClientConfig};
+pub use error::BlockError;
+pub use persist::Counters;
+pub use spawn::{spawn_driver, spawn_driver_with_fds, DriverConfig, DriverFds};
+
+/// Size of a block in bytes: the unit of every address and count in this crate.
+pub const BLOCK_SIZE: usize = 4096;
+
+const _: () = assert!(BLOCK_SIZE == formats::block::BLOCK_SIZE);
+
+/// A logical block address on the image, in units of [`BLOCK_SIZE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lba(pub u64);
+
+impl Lba {
+    /// Byte offset of this block on the image.
+    pub fn byte_offset(self) -> u64 {
+        self.0 * BLOCK_SIZE as u64
+    }
+}
+
+impl std::fmt::Display for Lba {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lba {}", self.0)
+    }
+}

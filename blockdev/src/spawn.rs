@@ -1,0 +1,199 @@
+//! Starting the driver process and connecting to it.
+//!
+//! The pieces are public so that a supervisor can create the ring and eventfds itself,
+//! keep duplicates of every fd, and spawn (or replace) the driver: [`RingSetup`] creates
+//! them, [`driver_command`] builds the command that passes them as fds 3–6, and
+//! [`Client::connect`] attaches a client.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use crate::client::{Client, ClientConfig};
+use crate::engine::EngineKind;
+use crate::image::Image;
+use crate::ring::{RingError, RingGeometry, RingRegion};
+use crate::{sys, BlockError};
+
+/// Environment variable naming the `blockdev` binary.
+pub const BIN_ENV: &str = "MOLT_BLOCKDEV_BIN";
+
+/// Fd numbers the driver receives its descriptors on.
+pub const RING_FD: i32 = 3;
+pub const SQ_EVENTFD: i32 = 4;
+pub const CQ_EVENTFD: i32 = 5;
+pub const IMAGE_FD: i32 = 6;
+
+/// How to start a driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub engine: EngineKind,
+    pub geometry: RingGeometry,
+    /// Driver binary; default: `$MOLT_BLOCKDEV_BIN`, else `blockdev` next to the current
+    /// executable (or one directory up, for test binaries in `deps/`).
+    pub binary: Option<PathBuf>,
+    /// The driver's bounded spin before sleeping.
+    pub driver_spin: Duration,
+    /// Make the driver stop cleanly when this process exits.
+    pub exit_with_client: bool,
+    pub client: ClientConfig,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            engine: EngineKind::Uring,
+            geometry: RingGeometry::default(),
+            binary: None,
+            driver_spin: Duration::from_micros(50),
+            exit_with_client: true,
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+/// A ring and its two eventfds, created in one process to be shared with a driver.
+#[derive(Debug)]
+pub struct RingSetup {
+    pub ring: RingRegion,
+    /// Client → driver doorbell.
+    pub sq_eventfd: OwnedFd,
+    /// Driver → client doorbell.
+    pub cq_eventfd: OwnedFd,
+}
+
+impl RingSetup {
+    pub fn new(geometry: RingGeometry) -> Result<RingSetup, RingError> {
+        Ok(RingSetup {
+            ring: RingRegion::create(geometry)?,
+            sq_eventfd: sys::eventfd()?,
+            cq_eventfd: sys::eventfd()?,
+        })
+    }
+
+    /// Duplicates of the three descriptors (e.g. for a driver, or to keep in a supervisor).
+    pub fn try_clone_fds(&self) -> std::io::Result<(OwnedFd, OwnedFd, OwnedFd)> {
+        Ok((
+            self.ring.try_clone_fd()?,
+            self.sq_eventfd.try_clone()?,
+            self.cq_eventfd.try_clone()?,
+        ))
+    }
+}
+
+/// Descriptors handed to a driver process.
+#[derive(Debug, Clone, Copy)]
+pub struct DriverFds<'a> {
+    pub ring: BorrowedFd<'a>,
+    pub sq_eventfd: BorrowedFd<'a>,
+    pub cq_eventfd: BorrowedFd<'a>,
+    pub image: BorrowedFd<'a>,
+}
+
+/// Locates the driver binary.
+pub fn driver_binary(config: &DriverConfig) -> PathBuf {
+    if let Some(b) = &config.binary {
+        return b.clone();
+    }
+    if let Some(b) = std::env::var_os(BIN_ENV) {
+        return PathBuf::from(b);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let here = dir.join("blockdev");
+    if here.is_file() && exe.file_name() != Some("blockdev".as_ref()) {
+        return here;
+    }
+    dir.parent().map(|p| p.join("blockdev")).unwrap_or(here)
+}
+
+/// Builds the driver command: `fds` become fds 3 (ring), 4 (submission eventfd),
+/// 5 (completion eventfd) and 6 (image) in the child. The returned guard holds the
+/// intermediate duplicates and must live until the command is spawned.
+pub fn driver_command(
+    fds: DriverFds<'_>,
+    config: &DriverConfig,
+    client_pid: Option<u32>,
+) -> std::io::Result<(Command, Vec<OwnedFd>)> {
+    // Move the sources above the target numbers so dup2 in the child cannot clobber one
+    // source with another.
+    let sources = vec![
+        sys::dup_at_least(fds.ring, 100)?,
+        sys::dup_at_least(fds.sq_eventfd, 100)?,
+        sys::dup_at_least(fds.cq_eventfd, 100)?,
+        sys::dup_at_least(fds.image, 100)?,
+    ];
+    let raw: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new(driver_binary(config));
+    cmd.arg("serve")
+        .args(["--ring-fd", &RING_FD.to_string()])
+        .args(["--sq-eventfd", &SQ_EVENTFD.to_string()])
+        .args(["--cq-eventfd", &CQ_EVENTFD.to_string()])
+        .args(["--image-fd", &IMAGE_FD.to_string()])
+        .args(["--engine", config.engine.as_str()])
+        .args(["--spin-us", &config.driver_spin.as_micros().to_string()]);
+    if let Some(pid) = client_pid {
+        cmd.args(["--client-pid", &pid.to_string()]);
+    }
+    let targets = [RING_FD, SQ_EVENTFD, CQ_EVENTFD, IMAGE_FD];
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
+    // is async-signal-safe; it captures plain integers (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (src, dst) in raw.iter().zip(targets) {
+                if libc::dup2(*src, dst) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok((cmd, sources))
+}
+
+/// Opens `image` (with `O_DIRECT` when possible), spawns a driver for it and connects.
+pub fn spawn_driver(image: &Path, config: DriverConfig) -> Result<(Client, Child), BlockError> {
+    let image = Image::open(image)?;
+    spawn_driver_with_fds(image.file().as_fd(), config)
+}
+
+/// Like [`spawn_driver`] for an image that is already open.
+pub fn spawn_driver_with_fds(
+    image: BorrowedFd<'_>,
+    config: DriverConfig,
+) -> Result<(Client, Child), BlockError> {
+    let setup = RingSetup::new(config.geometry)?;
+    let fds = DriverFds {
+        ring: setup.ring.fd(),
+        sq_eventfd: setup.sq_eventfd.as_fd(),
+        cq_eventfd: setup.cq_eventfd.as_fd(),
+        image,
+    };
+    let client_pid = config.exit_with_client.then(std::process::id);
+    let (mut cmd, guard) = driver_command(fds, &config, client_pid)?;
+    let mut child = cmd.spawn()?;
+    drop(guard);
+    let pidfd = match sys::pidfd_open(child.id() as i32) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+    };
+    let RingSetup {
+        ring,
+        sq_eventfd,
+        cq_eventfd,
+    } = setup;
+    match Client::connect(ring, sq_eventfd, cq_eventfd, Some(pidfd), config.client) {
+        Ok(client) => Ok((client, child)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}

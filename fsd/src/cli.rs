@@ -1,0 +1,184 @@
+//! What the `fsd` binary does for each subcommand, kept in the library so it is testable;
+//! `main.rs` only parses arguments and maps results to exit codes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use formats::superblock::{Geometry, Superblock};
+use formats::BLOCK_SIZE;
+
+use crate::fsck::{self, FsckOptions, FsckReport};
+use crate::mkfs::{self, MkfsError, MkfsOptions};
+use crate::store::{self, FileStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix (powers of 1024)")]
+    BadSize(String),
+    #[error("size {0} is not a multiple of the {BLOCK_SIZE}-byte block size")]
+    Unaligned(u64),
+    #[error("{path} is a block device of {device} bytes; --size {asked} does not match")]
+    DeviceSizeMismatch {
+        path: String,
+        device: u64,
+        asked: u64,
+    },
+    #[error("{0} does not exist or is empty: give --size")]
+    NeedSize(String),
+    #[error("{path} is neither a regular file nor a block device")]
+    NotAnImageFile { path: String },
+    #[error(transparent)]
+    Mkfs(#[from] MkfsError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+/// Parses sizes like `4096`, `64M`, `1G`, `1T` (binary multiples; a trailing `B` or `iB`
+/// is accepted).
+pub fn parse_size(s: &str) -> Result<u64, CliError> {
+    let bad = || CliError::BadSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// What `fsd mkfs` made.
+pub struct MkfsOutcome {
+    pub superblock: Superblock,
+    pub bytes: u64,
+}
+
+/// `fsd mkfs IMAGE [--size SIZE] [--force]`: a regular file (made sparse, created if
+/// missing) gets `size` bytes; a block device keeps its own size, which `size` must match.
+pub fn mkfs_image(path: &Path, size: Option<u64>, force: bool) -> Result<MkfsOutcome, CliError> {
+    let name = path.display().to_string();
+    let io_err = |source| CliError::Io {
+        path: name.clone(),
+        source,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    let is_device = meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    if meta
+        .as_ref()
+        .is_some_and(|m| !m.is_file() && !m.file_type().is_block_device())
+    {
+        return Err(CliError::NotAnImageFile { path: name });
+    }
+    let file_len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+
+    if is_device {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err)?;
+        let device = store::device_size(&file).map_err(io_err)?;
+        if let Some(asked) = size {
+            if asked != device {
+                return Err(CliError::DeviceSizeMismatch {
+                    path: name,
+                    device,
+                    asked,
+                });
+            }
+        }
+        return format(file, &name, device, force);
+    }
+
+    let bytes = match size {
+        Some(s) => s,
+        None if file_len > 0 => file_len,
+        None => return Err(CliError::NeedSize(name)),
+    };
+    if bytes % BLOCK_SIZE as u64 != 0 {
+        return Err(CliError::Unaligned(bytes));
+    }
+    // Refuse sizes v1 cannot hold before touching the file.
+    Geometry::for_blocks(bytes / BLOCK_SIZE as u64)
+        .map_err(|e| CliError::Mkfs(MkfsError::Size(e)))?;
+    if meta.is_some() && !force {
+        let existing = FileStore::open(path, false).map_err(io_err)?;
+        if mkfs::has_molt_magic(&existing).map_err(io_err)? {
+            return Err(MkfsError::ExistingImage(name).into());
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err)?;
+    file.set_len(bytes).map_err(io_err)?;
+    format(file, &name, bytes, force)
+}
+
+fn format(file: File, name: &str, bytes: u64, force: bool) -> Result<MkfsOutcome, CliError> {
+    let io_err = |source| CliError::Io {
+        path: name.to_string(),
+        source,
+    };
+    // The root directory belongs to whoever owns the image.
+    let m = file.metadata().map_err(io_err)?;
+    let store = FileStore::new(file).map_err(io_err)?;
+    let opts = MkfsOptions {
+        force,
+        uid: m.uid(),
+        gid: m.gid(),
+    };
+    let superblock = mkfs::mkfs(&store, name, &opts)?;
+    Ok(MkfsOutcome { superblock, bytes })
+}
+
+/// `fsd fsck IMAGE [--repair]`: opens the image (writable only to repair) and checks it.
+pub fn fsck_image(path: &Path, repair: bool) -> Result<FsckReport, fsck::FsckError> {
+    let store = FileStore::open(path, repair)?;
+    fsck::check(&store, &FsckOptions { repair })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert_eq!(parse_size("100K").unwrap(), 100 << 10);
+        for bad in ["", "M", "1.5G", "-1", "12X", "99999999999P"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

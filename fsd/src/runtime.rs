@@ -1,0 +1,62 @@
+//! The per-mount runtime directory: `/run/molt/<key>/` (mode 0700), where `key` is derived
+//! from the canonical mountpoint. It holds the supervisor's pid, the image path and the
+//! mountpoint (and, for live update, the control socket).
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+/// Root of every mount's runtime directory; `MOLT_RUN_DIR` overrides it (tests).
+pub fn run_root() -> PathBuf {
+    std::env::var_os("MOLT_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/molt"))
+}
+
+/// FNV-1a of the canonical mountpoint: a stable, short directory name.
+fn key(mountpoint: &Path) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in mountpoint.as_os_str().as_encoded_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn dir_for(mountpoint: &Path) -> PathBuf {
+    run_root().join(key(mountpoint))
+}
+
+/// Creates the directory (0700) and records the supervisor.
+pub fn create(mountpoint: &Path, image: &Path, pid: u32) -> io::Result<PathBuf> {
+    let root = run_root();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)?;
+    let dir = dir_for(mountpoint);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    std::fs::write(dir.join("pid"), pid.to_string())?;
+    std::fs::write(
+        dir.join("mountpoint"),
+        mountpoint.as_os_str().as_encoded_bytes(),
+    )?;
+    std::fs::write(dir.join("image"), image.as_os_str().as_encoded_bytes())?;
+    Ok(dir)
+}
+
+/// The supervisor pid recorded for a mountpoint, if any.
+pub fn supervisor_pid(mountpoint: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir_for(mountpoint).join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+pub fn remove(mountpoint: &Path) {
+    let _ = std::fs::remove_dir_all(dir_for(mountpoint));
+}

@@ -1,0 +1,451 @@
+//! `fsd mount` / `fsd unmount`: the supervisor that starts the stack.
+//!
+//! The supervisor opens the image and `/dev/fuse`, creates the ring, and starts two
+//! components: the block driver (`blockdev serve`) and the filesystem server
+//! (`fsd serve`). It keeps its own duplicate of every descriptor that must outlive a
+//! component. It performs the `mount(2)` once the filesystem server has mounted the image
+//! over the ring, and reports "ready" only after a `stat` of the mountpoint has been
+//! answered through the new mount.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockdev::image::Image;
+use blockdev::spawn::{driver_command, DriverConfig, DriverFds, RingSetup};
+use formats::superblock::{FsState, Superblock};
+use formats::FormatError;
+
+use crate::runtime;
+use crate::serve;
+use crate::store::{BlockStore, FileStore};
+
+/// Fd numbers `fsd serve` receives its descriptors on.
+pub const SERVE_RING_FD: i32 = 3;
+pub const SERVE_SQ_FD: i32 = 4;
+pub const SERVE_CQ_FD: i32 = 5;
+pub const SERVE_FUSE_FD: i32 = 6;
+pub const SERVE_CTL_FD: i32 = 7;
+
+/// Longest wait for a component to start or for a mount to finish unmounting.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("image {0} not found")]
+    ImageNotFound(PathBuf),
+    #[error("{0} is not a Molt image (make one with `fsd mkfs`)")]
+    NotMolt(PathBuf),
+    #[error("image {0} needs fsck: {1}; run `fsd fsck --repair {0}`")]
+    NeedsFsck(PathBuf, String),
+    #[error("mountpoint {0} does not exist or is not a directory")]
+    BadMountpoint(PathBuf),
+    #[error("{0} is already a mount point (busy or already mounted)")]
+    AlreadyMounted(PathBuf),
+    #[error("image {0} is in use by another mount")]
+    ImageInUse(PathBuf),
+    #[error("{0} is not mounted")]
+    NotMounted(PathBuf),
+    #[error("{0} is busy: files are open on it")]
+    Busy(PathBuf),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}: {1}")]
+    Os(&'static str, io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    /// FUSE worker threads in the filesystem server.
+    pub threads: usize,
+    pub engine: blockdev::engine::EngineKind,
+}
+
+/// Whether `path` is the root of a mount (its device differs from its parent's, or it is
+/// listed in the mount table).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let want = path.as_os_str().to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1).map(unescape_mount_path).as_deref() == Some(&*want))
+}
+
+fn unescape_mount_path(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Checks everything that can be checked before starting processes, with clear errors.
+pub fn precheck(opts: &MountOptions) -> Result<PathBuf, MountError> {
+    if !opts.image.exists() {
+        return Err(MountError::ImageNotFound(opts.image.clone()));
+    }
+    let store =
+        FileStore::open(&opts.image, false).map_err(|e| MountError::Os("opening the image", e))?;
+    if store.num_blocks() == 0 {
+        return Err(MountError::NotMolt(opts.image.clone()));
+    }
+    let mut b = vec![0u8; formats::BLOCK_SIZE];
+    store
+        .read(0, &mut b)
+        .map_err(|e| MountError::Os("reading the superblock", e))?;
+    match Superblock::decode(&b) {
+        Err(FormatError::BadMagic { .. }) => return Err(MountError::NotMolt(opts.image.clone())),
+        Err(e) => return Err(MountError::NeedsFsck(opts.image.clone(), e.to_string())),
+        Ok(sb) if sb.state == FsState::Errors => {
+            return Err(MountError::NeedsFsck(
+                opts.image.clone(),
+                "the image is marked as having errors".into(),
+            ))
+        }
+        Ok(sb) if sb.geometry.total_blocks > store.num_blocks() => {
+            return Err(MountError::NeedsFsck(
+                opts.image.clone(),
+                "the image is shorter than its superblock says".into(),
+            ))
+        }
+        Ok(_) => {}
+    }
+    let mnt = opts
+        .mountpoint
+        .canonicalize()
+        .map_err(|_| MountError::BadMountpoint(opts.mountpoint.clone()))?;
+    if !mnt.is_dir() {
+        return Err(MountError::BadMountpoint(mnt));
+    }
+    if is_mountpoint(&mnt) {
+        return Err(MountError::AlreadyMounted(mnt));
+    }
+    Ok(mnt)
+}
+
+/// Runs `fsd mount`: starts a detached supervisor and returns once the mount is usable.
+pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
+    let mnt = precheck(opts)?;
+    let (mut rd, wr) = UnixStream::pair().map_err(|e| MountError::Os("creating a pipe", e))?;
+    let log = log_file(&mnt);
+    let wr_fd = wr.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&opts.image)
+        .arg(&mnt)
+        .arg("--foreground")
+        .args(["--threads", &opts.threads.to_string()])
+        .args(["--engine", opts.engine.as_str()])
+        .args(["--ready-fd", "3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
+    // SAFETY: runs in the forked child before exec: setsid and dup2 are async-signal-safe
+    // and only plain integers are captured.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::dup2(wr_fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| MountError::Os("starting the supervisor", e))?;
+    drop(wr);
+    let mut msg = String::new();
+    let _ = rd.read_to_string(&mut msg);
+    let msg = msg.trim();
+    if msg == "ok" {
+        return Ok(());
+    }
+    let _ = child.wait();
+    Err(MountError::Failed(
+        msg.strip_prefix("error: ")
+            .unwrap_or(if msg.is_empty() {
+                "the supervisor exited before the mount was ready"
+            } else {
+                msg
+            })
+            .to_string(),
+    ))
+}
+
+fn log_file(mnt: &Path) -> io::Result<File> {
+    let root = runtime::run_root();
+    std::fs::create_dir_all(&root)?;
+    let name = format!(
+        "{}.log",
+        runtime::dir_for(mnt)
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+    );
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join(name))
+}
+
+/// Tells the waiting `fsd mount` how the start went (no-op in plain foreground mode).
+struct Ready(Option<File>);
+
+impl Ready {
+    fn send(&mut self, msg: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Runs the supervisor in this process until the filesystem is unmounted.
+/// `ready_fd` is a descriptor on which "ok" or "error: ..." is reported once.
+pub fn supervise(
+    opts: &MountOptions,
+    exe: &Path,
+    ready_fd: Option<OwnedFd>,
+) -> Result<(), MountError> {
+    let mut ready = Ready(ready_fd.map(File::from));
+    match start_and_wait(opts, exe, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            ready.send(&format!("error: {e}"));
+            Err(e)
+        }
+    }
+}
+
+struct Components {
+    driver: Child,
+    server: Child,
+}
+
+impl Components {
+    fn kill(&mut self) {
+        for c in [&mut self.server, &mut self.driver] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<(), MountError> {
+    let mnt = precheck(opts)?;
+    let image = Image::open(&opts.image)
+        .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
+    lock_image(image.file().as_fd(), &opts.image)?;
+
+    let config = DriverConfig {
+        engine: opts.engine,
+        ..DriverConfig::default()
+    };
+    let setup = RingSetup::new(config.geometry)
+        .map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
+    let fds = DriverFds {
+        ring: setup.ring.fd(),
+        sq_eventfd: setup.sq_eventfd.as_fd(),
+        cq_eventfd: setup.cq_eventfd.as_fd(),
+        image: image.file().as_fd(),
+    };
+    let (mut dcmd, guard) = driver_command(fds, &config, Some(std::process::id()))
+        .map_err(|e| MountError::Os("preparing the block driver", e))?;
+    let driver = dcmd
+        .spawn()
+        .map_err(|e| MountError::Os("starting the block driver", e))?;
+    drop(guard);
+
+    let fuse_dev = serve::open_fuse_device().map_err(|e| MountError::Os("opening /dev/fuse", e))?;
+    let (ctl, child_ctl) =
+        UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
+    let server_fds = [
+        setup.ring.fd(),
+        setup.sq_eventfd.as_fd(),
+        setup.cq_eventfd.as_fd(),
+        fuse_dev.as_fd(),
+        child_ctl.as_fd(),
+    ];
+    let mut scmd = Command::new(exe);
+    scmd.arg("serve")
+        .arg(&mnt)
+        .args(["--driver-pid", &driver.id().to_string()])
+        .args(["--threads", &opts.threads.to_string()]);
+    let guard = pass_fds(&mut scmd, &server_fds, SERVE_RING_FD)
+        .map_err(|e| MountError::Os("preparing the server", e))?;
+    let server = match scmd.spawn() {
+        Ok(s) => s,
+        Err(e) => {
+            let mut d = driver;
+            let _ = d.kill();
+            let _ = d.wait();
+            return Err(MountError::Os("starting the filesystem server", e));
+        }
+    };
+    drop(guard);
+    drop(child_ctl);
+    let mut comps = Components { driver, server };
+
+    let mut ctl_reader = BufReader::new(
+        ctl.try_clone()
+            .map_err(|e| MountError::Os("control channel", e))?,
+    );
+    let mut ctl_writer = ctl;
+    let started = (|| {
+        expect_line(&mut ctl_reader, "fs-ready")?;
+        serve::mount_fuse(&fuse_dev, &mnt, &opts.image.to_string_lossy())
+            .map_err(|e| MountError::Os("mounting", e))?;
+        writeln!(ctl_writer, "mounted").map_err(|e| MountError::Os("control channel", e))?;
+        expect_line(&mut ctl_reader, "serving")?;
+        std::fs::metadata(&mnt).map_err(|e| MountError::Os("checking the new mount", e))?;
+        Ok(())
+    })();
+    if let Err(e) = started {
+        comps.kill();
+        if is_mountpoint(&mnt) {
+            let _ = serve::unmount(&mnt, true);
+        }
+        return Err(e);
+    }
+    runtime::create(&mnt, &opts.image, std::process::id())
+        .map_err(|e| MountError::Os("creating the runtime directory", e))?;
+    ready.send("ok");
+
+    // Serve until the filesystem server exits: after an unmount it makes the image clean
+    // and exits 0. Any other end takes the whole stack down so the next mount recovers.
+    let status = comps
+        .server
+        .wait()
+        .map_err(|e| MountError::Os("waiting for the server", e))?;
+    let _ = signal(&comps.driver, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while comps.driver.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = comps.driver.kill();
+    let _ = comps.driver.wait();
+    if !status.success() && is_mountpoint(&mnt) {
+        let _ = serve::unmount(&mnt, true);
+    }
+    drop(fuse_dev);
+    runtime::remove(&mnt);
+    if status.success() {
+        Ok(())
+    } else {
+        Err(MountError::Failed(format!(
+            "the filesystem server ended: {status}"
+        )))
+    }
+}
+
+fn signal(child: &Child, sig: i32) -> io::Result<()> {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    if unsafe { libc::kill(child.id() as i32, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn expect_line(r: &mut impl BufRead, want: &str) -> Result<(), MountError> {
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(0) => Err(MountError::Failed(
+            "the filesystem server exited during start-up".into(),
+        )),
+        Ok(_) if line.trim() == want => Ok(()),
+        Ok(_) => Err(MountError::Failed(
+            line.trim()
+                .strip_prefix("error: ")
+                .unwrap_or(line.trim())
+                .to_string(),
+        )),
+        Err(e) => Err(MountError::Os("control channel", e)),
+    }
+}
+
+/// Takes an exclusive lock on the image so that two mounts never share it; waits a while
+/// for a previous mount that is still finishing its unmount.
+fn lock_image(fd: BorrowedFd<'_>, path: &Path) -> Result<(), MountError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MountError::ImageInUse(path.to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Arranges for `fds` to appear as consecutive descriptors from `first` in the child,
+/// and for the child to die with the supervisor. Returns duplicates that must live until
+/// the command is spawned.
+pub fn pass_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>], first: i32) -> io::Result<Vec<OwnedFd>> {
+    let mut sources = Vec::new();
+    for fd in fds {
+        // Above every target number, so dup2 in the child cannot clobber a source.
+        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
+        let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `n` is a fresh descriptor returned above and owned by nobody else.
+        sources.push(unsafe { OwnedFd::from_raw_fd(n) });
+    }
+    let raw: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: runs in the forked child before exec; dup2 and prctl are async-signal-safe
+    // and the closure captures only a vector allocated before the fork, which it reads.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, src) in raw.iter().enumerate() {
+                if libc::dup2(*src, first + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(sources)
+}
+
+/// `fsd unmount`: unmounts, then waits for the stack to make the image clean and exit.
+pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
+    let mnt = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    if !is_mountpoint(&mnt) {
+        return Err(MountError::NotMounted(mnt));
+    }
+    let pid = runtime::supervisor_pid(&mnt);
+    match serve::unmount(&mnt, false) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(MountError::Busy(mnt)),
+        Err(e) => return Err(MountError::Os("unmounting", e)),
+    }
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let pid_file = runtime::dir_for(&mnt).join("pid");
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        while pid_file.exists() && unsafe { libc::kill(pid, 0) } == 0 {
+            if Instant::now() >= deadline {
+                return Err(MountError::Failed(format!(
+                    "the supervisor (pid {pid}) did not finish within {START_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}

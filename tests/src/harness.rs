@@ -1,0 +1,351 @@
+//! Test harness for real mounts: builds images, mounts them with the `fsd` binary, and
+//! guarantees that every mount is undone and no process is left behind, even when the test
+//! panics. A watchdog aborts the FUSE connection of a mount whose test overruns its
+//! deadline, so a request the server never answers fails the test instead of hanging it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A built workspace binary (`fsd`, `blockdev`, `molt-stress`, `updater`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is not built; run `cargo build --workspace` (or the README's test command) first",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command with a deadline; kills it if it overruns.
+pub fn run(cmd: &mut Command, deadline: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let s = child.wait().expect("wait");
+            panic!("{cmd:?} overran its {deadline:?} deadline ({s})");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: o.join().unwrap_or_default(),
+        stderr: e.join().unwrap_or_default(),
+    }
+}
+
+pub fn fsd(args: &[&str]) -> Output {
+    run(
+        Command::new(bin("fsd"))
+            .args(args)
+            .env("MOLT_BLOCKDEV_BIN", bin("blockdev")),
+        Duration::from_secs(120),
+    )
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let base = std::env::var_os("MOLT_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let p = base.join(format!(
+            "molt-{tag}-{}-{}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh image of `size` (e.g. "256M") in its own temp directory, with a mountpoint.
+pub struct TestImage {
+    pub dir: TempDir,
+    pub image: PathBuf,
+    pub mnt: PathBuf,
+}
+
+impl TestImage {
+    pub fn new(tag: &str, size: &str) -> TestImage {
+        let dir = TempDir::new(tag);
+        let image = dir.path().join("molt.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mountpoint");
+        let out = fsd(&["mkfs", image.to_str().expect("utf-8"), "--size", size]);
+        assert!(
+            out.status.success(),
+            "mkfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestImage { dir, image, mnt }
+    }
+
+    /// Mounts the image; the guard unmounts it.
+    pub fn mount(&self) -> Mount {
+        Mount::new(&self.image, &self.mnt)
+    }
+
+    pub fn fsck(&self) -> Output {
+        fsd(&["fsck", self.image.to_str().expect("utf-8")])
+    }
+
+    /// Asserts the image checks clean.
+    pub fn assert_clean(&self) {
+        let out = self.fsck();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "fsck not clean:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A mounted Molt filesystem. Dropping it unmounts, aborting the connection if the stack
+/// does not answer, and kills any process of the stack still alive.
+pub struct Mount {
+    pub mnt: PathBuf,
+    supervisor: Option<i32>,
+    watchdog: Option<Watchdog>,
+}
+
+impl Mount {
+    pub fn new(image: &Path, mnt: &Path) -> Mount {
+        let out = fsd(&[
+            "mount",
+            image.to_str().expect("utf-8"),
+            mnt.to_str().expect("utf-8"),
+        ]);
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mnt = mnt.canonicalize().expect("mountpoint");
+        let supervisor = supervisor_pid(&mnt);
+        Mount {
+            watchdog: Some(Watchdog::start(&mnt, Duration::from_secs(240))),
+            mnt,
+            supervisor,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// The pids of the stack: (supervisor, fsd server, block driver).
+    pub fn pids(&self) -> (i32, Vec<i32>) {
+        let sup = self.supervisor.expect("supervisor pid");
+        (sup, children_of(sup))
+    }
+
+    /// Unmounts with `fsd unmount` and checks it succeeded.
+    pub fn unmount(mut self) {
+        self.disarm();
+        let out = fsd(&["unmount", self.mnt.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "unmount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.supervisor = None;
+    }
+
+    fn disarm(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.disarm();
+        if is_mounted(&self.mnt) {
+            let ok = std::panic::catch_unwind(|| {
+                fsd(&["unmount", self.mnt.to_str().unwrap_or_default()])
+            })
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+            if !ok {
+                force_unmount(&self.mnt);
+            }
+        }
+        if let Some(pid) = self.supervisor {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for p in children_of(pid).into_iter().chain([pid]) {
+                // SAFETY: kill(2) with a pid we started; no memory is involved.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+pub fn supervisor_pid(mnt: &Path) -> Option<i32> {
+    fsd::runtime::supervisor_pid(mnt)
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie has exited; only count processes that are not.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Direct children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                let after = stat.rsplit(')').next().unwrap_or("");
+                let ppid = after
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|x| x.parse::<i32>().ok());
+                if ppid == Some(pid) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    fsd::supervisor::is_mountpoint(mnt)
+}
+
+/// The FUSE connection number of a mount (the minor of its device).
+fn connection_id(mnt: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mnt).ok()?.dev();
+    // Minor number of a Linux dev_t.
+    Some((dev & 0xff) | ((dev >> 12) & 0xfff00))
+}
+
+/// Aborts the FUSE connection of a mount through the FUSE control filesystem, so every
+/// waiting request fails with ENOTCONN.
+pub fn abort_connection(mnt: &Path) {
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(ctl)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+    {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .output();
+    }
+    if let Some(id) = connection_id(mnt) {
+        let _ = std::fs::write(ctl.join(id.to_string()).join("abort"), "1");
+    }
+}
+
+/// Last resort: abort the connection and detach the mount.
+pub fn force_unmount(mnt: &Path) {
+    abort_connection(mnt);
+    let _ = fsd::serve::unmount(mnt, true);
+}
+
+/// Aborts a mount's connection if the test has not finished by the deadline.
+pub struct Watchdog {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn start(mnt: &Path, deadline: Duration) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let mnt = mnt.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            while !d.load(Ordering::Relaxed) {
+                if start.elapsed() > deadline {
+                    eprintln!(
+                        "watchdog: {} overran {deadline:?}; aborting its FUSE connection",
+                        mnt.display()
+                    );
+                    abort_connection(&mnt);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Watchdog {
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
