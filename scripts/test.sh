@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs Molt's whole test suite: formatting, lints, and every test (unit, property, FUSE
+# integration as root, pjdfstest, fio verification, crash tests). Exits non-zero on any
+# failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --profile ci -- -D warnings
+cargo build --workspace --profile ci
+cargo nextest run --workspace --cargo-profile ci --profile ci "$@"

@@ -1,0 +1,111 @@
+//! Mounting and unmounting the three-process stack, and the errors users see.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use molt_tests::harness::{fsd, is_mounted, TestImage};
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn mount_use_unmount_then_fsck_is_clean() {
+    let img = TestImage::new("basic", "128M");
+    let m = img.mount();
+    let (sup, children) = m.pids();
+    assert_eq!(children.len(), 2, "supervisor {sup} should run the server and the driver: {children:?}");
+    let p = m.path();
+    std::fs::write(p.join("hello"), b"hello molt").unwrap();
+    std::fs::create_dir_all(p.join("a/b/c")).unwrap();
+    std::os::unix::fs::symlink("../../hello", p.join("a/b/link")).unwrap();
+    std::fs::hard_link(p.join("hello"), p.join("a/hard")).unwrap();
+    assert_eq!(std::fs::metadata(p.join("hello")).unwrap().nlink(), 2);
+    assert_eq!(std::fs::read(p.join("a/b/link")).unwrap(), b"hello molt");
+    std::fs::set_permissions(p.join("hello"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(p.join("a/hard"), p.join("a/b/c/moved")).unwrap();
+    assert_eq!(std::fs::read(p.join("a/b/c/moved")).unwrap(), b"hello molt");
+    m.unmount();
+    img.assert_clean();
+    // Everything is there after a remount.
+    let m = img.mount();
+    assert_eq!(std::fs::read(m.path().join("a/b/c/moved")).unwrap(), b"hello molt");
+    assert_eq!(std::fs::metadata(m.path().join("hello")).unwrap().mode() & 0o777, 0o600);
+    m.unmount();
+}
+
+#[test]
+fn plain_umount_stops_the_stack_and_leaves_a_clean_image() {
+    let img = TestImage::new("umount", "64M");
+    let m = img.mount();
+    let (sup, _) = m.pids();
+    std::fs::write(m.path().join("f"), vec![7u8; 300_000]).unwrap();
+    let st = std::process::Command::new("umount").arg(m.path()).status().unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while molt_tests::harness::alive(sup) {
+        assert!(Instant::now() < deadline, "supervisor still running after umount");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    img.assert_clean();
+    drop(m);
+}
+
+#[test]
+fn mount_errors_are_clear() {
+    let img = TestImage::new("errors", "64M");
+    let mnt = img.mnt.to_str().unwrap();
+
+    let o = fsd(&["mount", "/nonexistent/molt.img", mnt]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
+
+    let foreign = img.dir.path().join("foreign.img");
+    std::fs::write(&foreign, vec![0xAAu8; 1 << 20]).unwrap();
+    let o = fsd(&["mount", foreign.to_str().unwrap(), mnt]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a Molt image"), "{}", stderr(&o));
+
+    // A corrupted superblock asks for fsck.
+    let broken = img.dir.path().join("broken.img");
+    std::fs::copy(&img.image, &broken).unwrap();
+    let mut bytes = std::fs::read(&broken).unwrap();
+    bytes[40] ^= 0xFF;
+    std::fs::write(&broken, &bytes).unwrap();
+    let o = fsd(&["mount", broken.to_str().unwrap(), mnt]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fsck"), "{}", stderr(&o));
+
+    // A truncated image is refused the same way, never a hang.
+    let short = img.dir.path().join("short.img");
+    std::fs::copy(&img.image, &short).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&short).unwrap().set_len(1 << 20).unwrap();
+    let o = fsd(&["mount", short.to_str().unwrap(), mnt]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fsck"), "{}", stderr(&o));
+    assert!(!is_mounted(&img.mnt));
+
+    let o = fsd(&["mount", img.image.to_str().unwrap(), "/nonexistent-mountpoint"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("mountpoint"), "{}", stderr(&o));
+
+    // Mounting twice is refused, on the same mountpoint and for the same image.
+    let m = img.mount();
+    let o = fsd(&["mount", img.image.to_str().unwrap(), mnt]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already"), "{}", stderr(&o));
+    let other = img.dir.path().join("mnt2");
+    std::fs::create_dir(&other).unwrap();
+    let o = fsd(&["mount", img.image.to_str().unwrap(), other.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+
+    // A busy mount is not unmounted.
+    let f = std::fs::File::create(m.path().join("held")).unwrap();
+    let o = fsd(&["unmount", mnt]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("busy"), "{}", stderr(&o));
+    drop(f);
+    m.unmount();
+    img.assert_clean();
+}
