@@ -12,11 +12,12 @@
 //! Header:
 //! ```text
 //!  0 4 version         1
-//!  4 4 parent          inode number of the parent directory (the root names itself)
+//!  4 4 parent          inode number of the parent directory (the root names itself); never 0
 //!  8 4 level
 //! 12 4 split
 //! 16 8 entry_count     entries in all buckets
-//! 24 4 overflow_next   next unused overflow index (file block OVERFLOW_BASE + index)
+//! 24 4 overflow_next   next unused overflow index (file block OVERFLOW_BASE + index),
+//!                      at most MAX_OVERFLOW_BLOCKS
 //! 28 .. zero
 //! ```
 //! Bucket / overflow block (kind MMDB, owner = directory):
@@ -33,6 +34,9 @@ use crate::error::{FormatError, Result};
 
 pub const DIR_VERSION: u32 = 1;
 pub const OVERFLOW_BASE: u64 = 1 << 30;
+/// Most overflow indices a directory can hand out: file blocks are u32, so
+/// `OVERFLOW_BASE + overflow_next` stays at or below 2^32.
+pub const MAX_OVERFLOW_BLOCKS: u64 = (1 << 32) - OVERFLOW_BASE;
 pub const MAX_NAME_LEN: usize = 255;
 /// Entries per bucket (on average) above which the next bucket is split.
 pub const SPLIT_LOAD: u64 = 48;
@@ -75,6 +79,14 @@ pub fn dtype_of_mode(mode: u32) -> u8 {
         S_IFSOCK => DT_SOCK,
         _ => DT_UNKNOWN,
     }
+}
+
+/// Whether `dtype` is a code an entry may store (`DT_UNKNOWN` is not).
+pub fn is_stored_dtype(dtype: u8) -> bool {
+    matches!(
+        dtype,
+        DT_FIFO | DT_CHR | DT_DIR | DT_BLK | DT_REG | DT_LNK | DT_SOCK
+    )
 }
 
 /// The name hash: CRC-32 (ISO-HDLC) of the name bytes. Frozen by the format.
@@ -155,10 +167,23 @@ impl DirHeader {
             entry_count: get_u64(b, HDR_OFF_ENTRY_COUNT),
             overflow_next: get_u32(b, HDR_OFF_OVERFLOW_NEXT),
         };
+        if h.parent.0 == 0 {
+            return Err(FormatError::corrupted(WHAT, "parent is inode 0"));
+        }
         if h.level > 29 || h.split as u64 >= (1u64 << h.level) {
             return Err(FormatError::corrupted(
                 WHAT,
                 format!("level {} split {}", h.level, h.split),
+            ));
+        }
+        if h.overflow_next as u64 > MAX_OVERFLOW_BLOCKS {
+            return Err(FormatError::corrupted(
+                WHAT,
+                format!(
+                    "overflow_next {} reaches past file block {}",
+                    h.overflow_next,
+                    u32::MAX
+                ),
             ));
         }
         if b[HDR_FIELDS_END..block::TAIL_KIND].iter().any(|&x| x != 0) {
@@ -216,14 +241,27 @@ impl Bucket {
         self.used() + e.encoded_len() <= BUCKET_CAPACITY
     }
 
+    /// Encodes the block. Refuses what `decode` rejects: a bad name or type, inode 0, a
+    /// `next` link that is neither 0 nor a file block of the overflow area.
     pub fn encode(&self, owner: Ino, addr: BlockAddr) -> Result<Box<block::Block>> {
-        if self.used() > BUCKET_CAPACITY {
-            return Err(FormatError::Full {
-                what: "directory bucket",
-            });
+        const WHAT: &str = "directory bucket";
+        if self.next != 0 && !(OVERFLOW_BASE..=u32::MAX as u64).contains(&self.next) {
+            return Err(FormatError::corrupted(
+                WHAT,
+                format!("overflow link {} outside the overflow area", self.next),
+            ));
         }
-        if self.next > u32::MAX as u64 {
-            return Err(FormatError::corrupted("directory bucket", "next too large"));
+        for e in &self.entries {
+            validate_name(&e.name).map_err(|d| FormatError::corrupted(WHAT, d))?;
+            if e.ino.0 == 0 || !is_stored_dtype(e.dtype) {
+                return Err(FormatError::corrupted(
+                    WHAT,
+                    "entry with inode 0 or unknown type",
+                ));
+            }
+        }
+        if self.used() > BUCKET_CAPACITY {
+            return Err(FormatError::Full { what: WHAT });
         }
         let mut b = block::zeroed();
         put_u32(&mut b[..], BUCKET_OFF_NEXT, self.next as u32);
@@ -280,12 +318,7 @@ impl Bucket {
             }
             let name = area[off + ENTRY_HEADER..off + ENTRY_HEADER + len].to_vec();
             validate_name(&name).map_err(|e| FormatError::corrupted(WHAT, e))?;
-            if ino.0 == 0
-                || !matches!(
-                    dtype,
-                    DT_FIFO | DT_CHR | DT_DIR | DT_BLK | DT_REG | DT_LNK | DT_SOCK
-                )
-            {
+            if ino.0 == 0 || !is_stored_dtype(dtype) {
                 return Err(FormatError::corrupted(
                     WHAT,
                     "entry with inode 0 or unknown type",
@@ -342,6 +375,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn entry(ino: u32, dtype: u8, name: &[u8]) -> DirEntry {
+        DirEntry {
+            ino: Ino(ino),
+            dtype,
+            name: name.to_vec(),
+        }
+    }
+
+    #[test]
+    fn bucket_encode_refuses_what_decode_rejects() {
+        let ok = Bucket {
+            next: 0,
+            entries: vec![entry(3, DT_REG, b"a")],
+        };
+        ok.encode(Ino(5), BlockAddr(40)).unwrap();
+        let bad_entries = [
+            entry(0, DT_REG, b"a"),
+            entry(3, DT_UNKNOWN, b"a"),
+            entry(3, 3, b"a"),
+            entry(3, DT_REG, b""),
+            entry(3, DT_REG, b"."),
+            entry(3, DT_REG, b".."),
+            entry(3, DT_REG, b"a/b"),
+            entry(3, DT_REG, b"a\0b"),
+            entry(3, DT_REG, &[b'x'; 256]),
+        ];
+        for e in bad_entries {
+            let b = Bucket {
+                next: 0,
+                entries: vec![e.clone()],
+            };
+            assert!(b.encode(Ino(5), BlockAddr(40)).is_err(), "{e:?}");
+        }
+        for (next, accepted) in [
+            (0, true),
+            (1, false),
+            (OVERFLOW_BASE - 1, false),
+            (OVERFLOW_BASE, true),
+            (u32::MAX as u64, true),
+            (u32::MAX as u64 + 1, false),
+        ] {
+            let b = Bucket { next, ..ok.clone() };
+            let enc = b.encode(Ino(5), BlockAddr(40));
+            assert_eq!(enc.is_ok(), accepted, "next {next}");
+            if let Ok(blk) = enc {
+                assert_eq!(Bucket::decode(&blk[..], Ino(5), BlockAddr(40)).unwrap(), b);
+            }
+        }
+    }
+
+    #[test]
+    fn header_decode_refuses_parent_0_and_overflow_past_u32() {
+        let decode = |h: DirHeader| {
+            DirHeader::decode(&h.encode(Ino(5), BlockAddr(41))[..], Ino(5), BlockAddr(41))
+        };
+        let h = DirHeader::new(Ino(1));
+        assert!(decode(h).is_ok());
+        assert!(decode(DirHeader {
+            parent: Ino(0),
+            ..h
+        })
+        .is_err());
+        // The last overflow index hands out file block 2^32 - 1; one more would not fit.
+        assert_eq!(OVERFLOW_BASE + MAX_OVERFLOW_BLOCKS - 1, u32::MAX as u64);
+        let at = |n: u64| DirHeader {
+            overflow_next: n as u32,
+            ..h
+        };
+        assert!(decode(at(MAX_OVERFLOW_BLOCKS)).is_ok());
+        assert!(decode(at(MAX_OVERFLOW_BLOCKS + 1)).is_err());
+        assert!(decode(at(u32::MAX as u64)).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 use thiserror::Error;
 
-/// Why a structure could not be decoded. *Corrupted*, *unsupported version* and
-/// *needs conversion* are kept apart so callers can tell "run fsck" from "upgrade".
+/// Why a structure could not be decoded (or, for encoders, why a value cannot be written).
+/// *Corrupted* is kept apart from the *unsupported* cases (version, feature bits, image
+/// size) and from *needs conversion*, so callers can tell "run fsck" from "upgrade".
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FormatError {
     #[error("{what}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
@@ -20,6 +21,12 @@ pub enum FormatError {
         found: u32,
         supported: u32,
     },
+    /// Feature bits this build does not understand (for example unknown `incompat` bits).
+    #[error("{what}: feature bits {bits:#x} are not supported by this build")]
+    UnsupportedFeatures { what: &'static str, bits: u32 },
+    /// An image size this format version or build cannot lay out.
+    #[error("{what}: unsupported size: {detail}")]
+    UnsupportedSize { what: &'static str, detail: String },
     #[error("{what}: image needs conversion from format {from} to {to}")]
     NeedsConversion {
         what: &'static str,

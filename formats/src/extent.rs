@@ -65,16 +65,31 @@ impl ExtentCodec {
         (1u64 << self.version.block_map_address_bits()) - 1
     }
 
+    /// Records the inode's inline area holds: as many whole records as fit in it.
+    pub fn inline_capacity(&self) -> usize {
+        crate::inode::INLINE_SIZE / self.record_size()
+    }
+
     pub fn records_per_block(&self) -> usize {
         (PAYLOAD_SIZE - EXTENT_BLOCK_OFF_RECORDS) / self.record_size()
     }
 
+    /// Whether `e` fits a record: a length in `1 ..= max_len`, the file run ending at or
+    /// below 2^32 (file block numbers are u32) and the image run at or below
+    /// `max_address + 1`.
+    fn fits(&self, e: &Extent) -> bool {
+        e.len != 0
+            && e.len <= self.max_len()
+            && e.logical
+                .checked_add(e.len as u64)
+                .is_some_and(|end| end <= u32::MAX as u64 + 1)
+            && e.physical
+                .checked_add(e.len as u64)
+                .is_some_and(|end| end <= self.max_address() + 1)
+    }
+
     pub fn encode(&self, e: &Extent, out: &mut [u8]) -> Result<()> {
-        if e.len == 0
-            || e.len > self.max_len()
-            || e.logical_end() > u32::MAX as u64 + 1
-            || e.physical_end() > self.max_address() + 1
-        {
+        if !self.fits(e) {
             return Err(FormatError::corrupted(
                 "extent",
                 format!("{e:?} does not fit a v{} record", self.version.0),
@@ -112,6 +127,12 @@ impl ExtentCodec {
         if e.len == 0 {
             return Err(FormatError::corrupted("extent", "zero-length extent"));
         }
+        if !self.fits(&e) {
+            return Err(FormatError::corrupted(
+                "extent",
+                format!("{e:?} runs past the end of the address space"),
+            ));
+        }
         Ok(e)
     }
 
@@ -141,12 +162,23 @@ impl ExtentCodec {
         Ok(out)
     }
 
+    /// Encodes `extents` packed from the start of `b`, zeroing the rest. Refuses what
+    /// `decode_list` rejects: records that do not fit, unsorted or overlapping runs.
     pub fn encode_list(&self, extents: &[Extent], b: &mut [u8]) -> Result<()> {
         let rs = self.record_size();
         if extents.len() * rs > b.len() {
             return Err(FormatError::Full {
                 what: "extent list",
             });
+        }
+        if extents
+            .windows(2)
+            .any(|w| w[1].logical < w[0].logical.saturating_add(w[0].len as u64))
+        {
+            return Err(FormatError::corrupted(
+                "extent list",
+                "extents overlap or are unsorted",
+            ));
         }
         b.fill(0);
         for (i, e) in extents.iter().enumerate() {
@@ -241,6 +273,53 @@ mod tests {
             unwritten: false,
         };
         assert!(c.encode(&e, &mut [0u8; 12]).is_err());
+    }
+
+    #[test]
+    fn decode_refuses_runs_past_the_address_space() {
+        let c = ExtentCodec::for_version(FormatVersion::V1);
+        let rec = |logical: u32, physical: u32, len: u16| {
+            let mut b = [0u8; 12];
+            put_u32(&mut b, 0, logical);
+            put_u32(&mut b, 4, physical);
+            put_u16(&mut b, 8, len);
+            b
+        };
+        // Ending exactly at 2^32 is fine, one block further is not, on either side.
+        let last = u32::MAX - 9;
+        assert_eq!(c.decode(&rec(last, 7, 10)).unwrap().logical_end(), 1 << 32);
+        assert_eq!(c.decode(&rec(7, last, 10)).unwrap().physical_end(), 1 << 32);
+        assert!(c.decode(&rec(last, 7, 11)).is_err());
+        assert!(c.decode(&rec(7, last, 11)).is_err());
+        assert!(c.decode(&rec(u32::MAX, u32::MAX, u16::MAX)).is_err());
+        // encode agrees on the same boundary.
+        let e = Extent {
+            logical: last as u64,
+            physical: 7,
+            len: 11,
+            unwritten: false,
+        };
+        assert!(c.encode(&e, &mut [0u8; 12]).is_err());
+        assert!(c.encode(&Extent { len: 10, ..e }, &mut [0u8; 12]).is_ok());
+    }
+
+    #[test]
+    fn encode_list_refuses_what_decode_list_rejects() {
+        let c = ExtentCodec::for_version(FormatVersion::V1);
+        let e = |logical: u64, len: u32| Extent {
+            logical,
+            physical: 500,
+            len,
+            unwritten: false,
+        };
+        let mut b = [0u8; 48];
+        c.encode_list(&[e(0, 2), e(2, 1)], &mut b).unwrap();
+        assert!(c.encode_list(&[e(0, 3), e(2, 1)], &mut b).is_err());
+        assert!(c.encode_list(&[e(4, 1), e(2, 1)], &mut b).is_err());
+        assert!(c.encode_list(&[e(u64::MAX, 1)], &mut b).is_err());
+        assert!(c
+            .encode_block(Ino(1), BlockAddr(2), 0, &[e(9, 1), e(0, 1)])
+            .is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! ```text
 //! 0  4 magic
 //! 4  4 version
-//! 8  8 length     payload bytes; checked against the caller's cap before anything else
+//! 8  8 length     payload bytes; checked against the caller's cap before it is used
 //! 16 .. payload
 //! end-4 4 crc     CRC-32 of every byte before it
 //! ```
@@ -32,7 +32,11 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
-/// Checks magic, the length against `cap`, then the checksum; only then exposes the payload.
+/// Checks, in this order: that `bytes` holds at least a header and a trailer; the magic
+/// (`BadMagic`); `length` against `cap` (`TooLarge`), before the length is used for
+/// anything; that `bytes` is exactly header + `length` + trailer (`Truncated`); the CRC
+/// (`Checksum`). Only when all pass is the payload exposed. The size arithmetic is
+/// checked, so no `length` (whatever the cap) can overflow it.
 pub fn decode<'a>(what: &'static str, bytes: &'a [u8], magic: u32, cap: u64) -> Result<Frame<'a>> {
     if bytes.len() < FRAME_HEADER + FRAME_TRAILER {
         return Err(FormatError::Truncated {
@@ -53,14 +57,20 @@ pub fn decode<'a>(what: &'static str, bytes: &'a [u8], magic: u32, cap: u64) -> 
     if len > cap {
         return Err(FormatError::TooLarge { what, len, cap });
     }
-    let need = FRAME_HEADER + len as usize + FRAME_TRAILER;
-    if bytes.len() != need {
-        return Err(FormatError::Truncated {
-            what,
-            len: bytes.len(),
-            need,
-        });
-    }
+    // A length that does not fit the address space cannot be present in `bytes`.
+    let need = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(FRAME_HEADER + FRAME_TRAILER));
+    let need = match need {
+        Some(n) if n == bytes.len() => n,
+        _ => {
+            return Err(FormatError::Truncated {
+                what,
+                len: bytes.len(),
+                need: need.unwrap_or(usize::MAX),
+            })
+        }
+    };
     let body = &bytes[..need - FRAME_TRAILER];
     let stored = u32::from_le_bytes(bytes[need - FRAME_TRAILER..].try_into().expect("4 bytes"));
     let computed = crc32fast::hash(body);
@@ -122,6 +132,54 @@ mod tests {
             f[i] ^= 1 << bit;
             prop_assert!(decode("t", &f, 0xABCD, 1 << 20).is_err());
         }
+    }
+
+    #[test]
+    fn no_length_overflows_whatever_the_cap() {
+        let f = encode(1, 1, b"x");
+        let huge = [
+            u64::MAX,
+            u64::MAX - 19,
+            usize::MAX as u64 - 19,
+            usize::MAX as u64 - 20,
+            1 << 63,
+        ];
+        for len in huge {
+            let mut c = f.clone();
+            c[8..16].copy_from_slice(&len.to_le_bytes());
+            assert!(
+                matches!(
+                    decode("t", &c, 1, u64::MAX),
+                    Err(FormatError::Truncated { .. })
+                ),
+                "length {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn checks_run_in_the_documented_order() {
+        let f = encode(1, 1, b"payload");
+        // Magic before the cap, the cap before the size, the size before the CRC.
+        let mut c = f.clone();
+        c[0] ^= 1;
+        c[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode("t", &c, 1, 100),
+            Err(FormatError::BadMagic { .. })
+        ));
+        let mut c = f.clone();
+        c.push(0);
+        assert!(matches!(
+            decode("t", &c, 1, 3),
+            Err(FormatError::TooLarge { .. })
+        ));
+        let last = c.len() - 2;
+        c[last] ^= 1;
+        assert!(matches!(
+            decode("t", &c, 1, 100),
+            Err(FormatError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -59,8 +59,13 @@ pub const OFF_RESERVED1: usize = OFF_INLINE + INLINE_SIZE;
 pub const OFF_CRC: usize = OFF_RESERVED1 + 12;
 
 pub const INODE_FLAG_INLINE: u32 = 1;
-/// Extent records the inline area holds (v1).
+/// Extent records the inline area holds in format v1 (12-byte records). Code that may
+/// meet other versions asks `ExtentCodec::inline_capacity` instead.
 pub const INLINE_EXTENTS: usize = INLINE_SIZE / 12;
+/// Nanoseconds in a second: a stored `nsec` is below this.
+pub const NSEC_PER_SEC: u32 = 1_000_000_000;
+/// Bits of `mode` that may be set: the file type and the permission bits.
+pub const MODE_MASK: u32 = S_IFMT | 0o7777;
 
 pub const S_IFMT: u32 = 0o170000;
 pub const S_IFSOCK: u32 = 0o140000;
@@ -70,6 +75,16 @@ pub const S_IFBLK: u32 = 0o060000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFCHR: u32 = 0o020000;
 pub const S_IFIFO: u32 = 0o010000;
+
+/// Whether `mode` is a storable mode of a live inode: one of the seven POSIX file types,
+/// and no bit outside the type and permission bits. (Mode 0 marks a freed slot.)
+pub fn is_valid_mode(mode: u32) -> bool {
+    mode & !MODE_MASK == 0
+        && matches!(
+            mode & S_IFMT,
+            S_IFSOCK | S_IFLNK | S_IFREG | S_IFBLK | S_IFDIR | S_IFCHR | S_IFIFO
+        )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timespec {
@@ -151,8 +166,96 @@ impl Inode {
         }
     }
 
+    /// Whether this is a freed slot: mode 0 (`encode` and `decode` see to it that nothing
+    /// but `generation` is then set).
+    pub fn is_free(&self) -> bool {
+        self.mode == 0
+    }
+
+    /// Refuses every inode `decode` would reject, so that nothing written can fail to read.
+    fn check(&self, codec: ExtentCodec) -> Result<()> {
+        const WHAT: &str = "inode";
+        if self.mode == 0 {
+            let freed = Inode {
+                generation: self.generation,
+                ..Inode::new(0, 0, 0, Timespec::default())
+            };
+            if *self != freed {
+                return Err(FormatError::corrupted(
+                    WHAT,
+                    "a free inode (mode 0) keeps nothing but its generation",
+                ));
+            }
+            return Ok(());
+        }
+        if !is_valid_mode(self.mode) {
+            return Err(FormatError::corrupted(
+                WHAT,
+                format!("invalid mode {:#o}", self.mode),
+            ));
+        }
+        if [self.atime, self.mtime, self.ctime]
+            .iter()
+            .any(|t| t.nsec >= NSEC_PER_SEC)
+        {
+            return Err(FormatError::corrupted(WHAT, "nanoseconds not below 10^9"));
+        }
+        if self.xattr_block > codec.max_address() || self.extent_block > codec.max_address() {
+            return Err(FormatError::corrupted(WHAT, "block address too wide"));
+        }
+        match &self.inline {
+            InlineArea::Extents(e) => {
+                let cap = codec.inline_capacity();
+                if e.len() > cap {
+                    return Err(FormatError::Full {
+                        what: "inode inline extents",
+                    });
+                }
+                if e.len() != (self.extent_count as usize).min(cap) {
+                    return Err(FormatError::corrupted(
+                        WHAT,
+                        format!(
+                            "{} inline extents for extent_count {} (the inline area holds the first {cap})",
+                            e.len(),
+                            self.extent_count
+                        ),
+                    ));
+                }
+            }
+            InlineArea::Symlink(t) => {
+                if !self.is_symlink() {
+                    return Err(FormatError::corrupted(
+                        WHAT,
+                        "inline symlink target on a non-symlink",
+                    ));
+                }
+                if t.is_empty() || t.len() > INLINE_SIZE {
+                    return Err(FormatError::corrupted(WHAT, "inline symlink length"));
+                }
+                if t.contains(&0) {
+                    return Err(FormatError::corrupted(WHAT, "NUL in a symlink target"));
+                }
+                if self.size != t.len() as u64 {
+                    return Err(FormatError::corrupted(
+                        WHAT,
+                        "inline symlink size differs from its target length",
+                    ));
+                }
+                if self.extent_count != 0 {
+                    return Err(FormatError::corrupted(
+                        WHAT,
+                        "inline symlink with a block map",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the inode for slot `ino`. Refuses an inode `decode` would reject.
     pub fn encode(&self, ino: Ino, codec: ExtentCodec, out: &mut [u8]) -> Result<()> {
         assert_eq!(out.len(), INODE_SIZE);
+        self.check(codec)?;
         out.fill(0);
         put_u32(out, OFF_MODE, self.mode);
         put_u32(out, OFF_UID, self.uid);
@@ -168,26 +271,13 @@ impl Inode {
         put_i64(out, OFF_CTIME_SEC, self.ctime.sec);
         put_u32(out, OFF_CTIME_NSEC, self.ctime.nsec);
         put_u32(out, OFF_EXTENT_COUNT, self.extent_count);
-        if self.xattr_block > codec.max_address() || self.extent_block > codec.max_address() {
-            return Err(FormatError::corrupted("inode", "block address too wide"));
-        }
         put_u32(out, OFF_XATTR_BLOCK, self.xattr_block as u32);
         put_u32(out, OFF_EXTENT_BLOCK, self.extent_block as u32);
         put_u32(out, OFF_RDEV, self.rdev);
         let area = &mut out[OFF_INLINE..OFF_INLINE + INLINE_SIZE];
         match &self.inline {
-            InlineArea::Extents(e) => {
-                if e.len() > INLINE_EXTENTS {
-                    return Err(FormatError::Full {
-                        what: "inode inline extents",
-                    });
-                }
-                codec.encode_list(e, area)?;
-            }
+            InlineArea::Extents(e) => codec.encode_list(e, area)?,
             InlineArea::Symlink(t) => {
-                if t.is_empty() || t.len() > INLINE_SIZE {
-                    return Err(FormatError::corrupted("inode", "inline symlink length"));
-                }
                 put_u32(out, OFF_FLAGS, INODE_FLAG_INLINE);
                 out[OFF_INLINE..OFF_INLINE + t.len()].copy_from_slice(t);
             }
@@ -197,7 +287,9 @@ impl Inode {
         Ok(())
     }
 
-    /// Decodes the inode in slot `ino`. `Ok(None)` for a never-used all-zero slot.
+    /// Decodes the inode in slot `ino`. `Ok(None)` for a never-used all-zero slot. A freed
+    /// slot (checksummed, mode 0, nothing but `generation` set) decodes as `Some` with
+    /// mode 0, so that its generation survives; `is_free` tells it apart.
     pub fn decode(ino: Ino, b: &[u8], codec: ExtentCodec) -> Result<Option<Inode>> {
         const WHAT: &str = "inode";
         if b.len() != INODE_SIZE {
@@ -230,6 +322,29 @@ impl Inode {
             return Err(FormatError::corrupted(WHAT, "reserved bytes are not zero"));
         }
         let mode = get_u32(b, OFF_MODE);
+        if mode == 0 {
+            let generation = OFF_GENERATION..OFF_GENERATION + 4;
+            if b[..OFF_CRC]
+                .iter()
+                .enumerate()
+                .any(|(i, &x)| x != 0 && !generation.contains(&i))
+            {
+                return Err(FormatError::corrupted(
+                    WHAT,
+                    "a free inode (mode 0) holds more than its generation",
+                ));
+            }
+        } else if !is_valid_mode(mode) {
+            return Err(FormatError::corrupted(
+                WHAT,
+                format!("invalid mode {mode:#o}"),
+            ));
+        }
+        for off in [OFF_ATIME_NSEC, OFF_MTIME_NSEC, OFF_CTIME_NSEC] {
+            if get_u32(b, off) >= NSEC_PER_SEC {
+                return Err(FormatError::corrupted(WHAT, "nanoseconds not below 10^9"));
+            }
+        }
         let size = get_u64(b, OFF_SIZE);
         let extent_count = get_u32(b, OFF_EXTENT_COUNT);
         let area = &b[OFF_INLINE..OFF_INLINE + INLINE_SIZE];
@@ -244,6 +359,11 @@ impl Inode {
                     "inline data on a non-symlink or bad size",
                 ));
             }
+            // No NUL inside the target and only zeros after it: `size` is then the one
+            // length the area allows.
+            if area[..size as usize].contains(&0) {
+                return Err(FormatError::corrupted(WHAT, "NUL in a symlink target"));
+            }
             if area[size as usize..].iter().any(|&x| x != 0) {
                 return Err(FormatError::corrupted(
                     WHAT,
@@ -252,7 +372,7 @@ impl Inode {
             }
             InlineArea::Symlink(area[..size as usize].to_vec())
         } else {
-            let n = (extent_count as usize).min(INLINE_EXTENTS);
+            let n = (extent_count as usize).min(codec.inline_capacity());
             let list = codec.decode_list(area, n, WHAT)?;
             if area[n * codec.record_size()..].iter().any(|&x| x != 0) {
                 return Err(FormatError::corrupted(
@@ -304,7 +424,8 @@ pub fn codec_for(version: FormatVersion) -> ExtentCodec {
 }
 
 const _: () = assert!(OFF_CRC + 4 == INODE_SIZE);
-const _: () = assert!(BLOCK_SIZE % INODE_SIZE == 0);
+// Whole inodes per table block.
+const _: () = assert!(BLOCK_SIZE / INODE_SIZE * INODE_SIZE == BLOCK_SIZE);
 
 #[cfg(test)]
 mod tests {
@@ -347,5 +468,156 @@ mod tests {
             c[i] ^= 0x10;
             assert!(Inode::decode(Ino(7), &c, codec).is_err(), "flip at {i}");
         }
+    }
+
+    fn v1() -> ExtentCodec {
+        ExtentCodec::for_version(FormatVersion::V1)
+    }
+
+    fn ext(logical: u64) -> Extent {
+        Extent {
+            logical,
+            physical: 1000 + logical,
+            len: 1,
+            unwritten: false,
+        }
+    }
+
+    /// A regular file in slot 3 edited by `f`, with a valid CRC: what a writer that
+    /// skipped `check` would leave.
+    fn raw(f: impl FnOnce(&mut [u8; INODE_SIZE])) -> [u8; INODE_SIZE] {
+        let mut b = [0u8; INODE_SIZE];
+        let i = Inode::new(S_IFREG | 0o644, 0, 0, Timespec::default());
+        i.encode(Ino(3), v1(), &mut b).unwrap();
+        f(&mut b);
+        let crc = inode_crc(Ino(3), &b);
+        put_u32(&mut b, OFF_CRC, crc);
+        b
+    }
+
+    #[test]
+    fn inline_capacity_comes_from_the_codec() {
+        assert_eq!(v1().inline_capacity(), INLINE_EXTENTS);
+        assert_eq!(INLINE_EXTENTS, 12);
+    }
+
+    #[test]
+    fn encode_refuses_inconsistent_inline_symlinks() {
+        let mut s = Inode::new(S_IFLNK | 0o777, 0, 0, Timespec::default());
+        s.size = 3;
+        s.inline = InlineArea::Symlink(b"abc".to_vec());
+        let mut b = [0u8; INODE_SIZE];
+        s.encode(Ino(7), v1(), &mut b).unwrap();
+        for bad in [
+            Inode {
+                mode: S_IFREG | 0o644,
+                ..s.clone()
+            },
+            Inode {
+                size: 4,
+                ..s.clone()
+            },
+            Inode {
+                extent_count: 1,
+                ..s.clone()
+            },
+            Inode {
+                inline: InlineArea::Symlink(Vec::new()),
+                size: 0,
+                ..s.clone()
+            },
+            Inode {
+                inline: InlineArea::Symlink(b"a\0c".to_vec()),
+                ..s.clone()
+            },
+        ] {
+            assert!(bad.encode(Ino(7), v1(), &mut b).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn encode_refuses_inline_extents_that_disagree_with_extent_count() {
+        let mut f = Inode::new(S_IFREG | 0o644, 0, 0, Timespec::default());
+        let mut b = [0u8; INODE_SIZE];
+        let list = |n: u64| InlineArea::Extents((0..n).map(|k| ext(k * 2)).collect());
+        // (extent_count, inline records, accepted)
+        for (count, n, ok) in [
+            (0, 0, true),
+            (2, 2, true),
+            (12, 12, true),
+            (500, 12, true),
+            (1, 0, false),
+            (0, 1, false),
+            (3, 2, false),
+            (500, 11, false),
+        ] {
+            f.extent_count = count;
+            f.inline = list(n);
+            assert_eq!(f.encode(Ino(3), v1(), &mut b).is_ok(), ok, "{count} {n}");
+        }
+        f.extent_count = 13;
+        f.inline = list(13);
+        assert!(matches!(
+            f.encode(Ino(3), v1(), &mut b),
+            Err(FormatError::Full { .. })
+        ));
+        // Unsorted inline records are refused like decode refuses them.
+        f.extent_count = 2;
+        f.inline = InlineArea::Extents(vec![ext(5), ext(1)]);
+        assert!(f.encode(Ino(3), v1(), &mut b).is_err());
+    }
+
+    #[test]
+    fn modes_must_name_a_posix_type() {
+        let mut b = [0u8; INODE_SIZE];
+        for t in [
+            S_IFSOCK, S_IFLNK, S_IFREG, S_IFBLK, S_IFDIR, S_IFCHR, S_IFIFO,
+        ] {
+            let i = Inode::new(t | 0o7777, 0, 0, Timespec::default());
+            i.encode(Ino(3), v1(), &mut b).unwrap();
+            assert_eq!(Inode::decode(Ino(3), &b, v1()).unwrap(), Some(i));
+        }
+        for mode in [0o644, 0o030000 | 0o644, 0o170000, 0o1_100644] {
+            let i = Inode::new(mode, 0, 0, Timespec::default());
+            assert!(i.encode(Ino(3), v1(), &mut b).is_err(), "{mode:#o}");
+            let b = raw(|b| put_u32(b, OFF_MODE, mode));
+            assert!(Inode::decode(Ino(3), &b, v1()).is_err(), "{mode:#o}");
+        }
+    }
+
+    #[test]
+    fn nanoseconds_stay_below_a_second() {
+        let mut b = [0u8; INODE_SIZE];
+        let mut i = Inode::new(S_IFREG, 0, 0, Timespec::default());
+        i.mtime.nsec = NSEC_PER_SEC - 1;
+        i.encode(Ino(3), v1(), &mut b).unwrap();
+        i.mtime.nsec = NSEC_PER_SEC;
+        assert!(i.encode(Ino(3), v1(), &mut b).is_err());
+        for off in [OFF_ATIME_NSEC, OFF_MTIME_NSEC, OFF_CTIME_NSEC] {
+            let b = raw(|b| put_u32(b, off, NSEC_PER_SEC));
+            assert!(Inode::decode(Ino(3), &b, v1()).is_err(), "offset {off}");
+        }
+    }
+
+    #[test]
+    fn a_freed_slot_keeps_its_generation_and_nothing_else() {
+        let mut b = [0u8; INODE_SIZE];
+        let mut freed = Inode::new(0, 0, 0, Timespec::default());
+        freed.generation = 0xABCD;
+        freed.encode(Ino(3), v1(), &mut b).unwrap();
+        let d = Inode::decode(Ino(3), &b, v1()).unwrap().unwrap();
+        assert!(d.is_free());
+        assert_eq!(d, freed);
+        // Anything besides the generation is refused on both sides.
+        let stale = Inode {
+            nlink: 1,
+            ..freed.clone()
+        };
+        assert!(stale.encode(Ino(3), v1(), &mut b).is_err());
+        let b = raw(|b| {
+            put_u32(b, OFF_MODE, 0);
+            put_u32(b, OFF_UID, 5);
+        });
+        assert!(Inode::decode(Ino(3), &b, v1()).is_err());
     }
 }

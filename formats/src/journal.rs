@@ -10,9 +10,11 @@
 //!  4 4 blocks    size of the journal region
 //!  8 8 sequence  sequence number of the transaction at journal block 1
 //! ```
-//! Descriptor (kind MMJD): `0 sequence u64 | 8 count u32 | 12 zero u32 | 16 targets u64 × count`.
-//! Commit (kind MMJC): `0 sequence u64 | 8 count u32 | 12 data_crc u32`, where `data_crc` is the
-//! CRC-32 of the descriptor block followed by every block image, in order.
+//! Descriptor (kind MMJD): `0 sequence u64 | 8 count u32 | 12 zero u32 | 16 targets u64 × count`,
+//! then zeros; each target listed once.
+//! Commit (kind MMJC): `0 sequence u64 | 8 count u32 | 12 data_crc u32`, then zeros, where
+//! `data_crc` is the CRC-32 of the descriptor block followed by every block image, in order.
+//! Readers reject non-zero reserved bytes in all three blocks.
 //!
 //! Replay applies complete transactions with consecutive sequence numbers from journal
 //! block 1 and stops at the first block that is not the expected descriptor or whose commit
@@ -32,7 +34,9 @@ pub const JSB_FIELDS_END: usize = JSB_OFF_SEQUENCE + 8;
 
 pub const DESC_OFF_SEQUENCE: usize = 0;
 pub const DESC_OFF_COUNT: usize = DESC_OFF_SEQUENCE + 8;
-pub const DESC_OFF_TARGETS: usize = DESC_OFF_COUNT + 8;
+/// A u32 of zeros that aligns the targets.
+pub const DESC_OFF_RESERVED: usize = DESC_OFF_COUNT + 4;
+pub const DESC_OFF_TARGETS: usize = DESC_OFF_RESERVED + 4;
 /// Most blocks one transaction can carry.
 pub const MAX_TX_BLOCKS: usize = (PAYLOAD_SIZE - DESC_OFF_TARGETS) / 8;
 
@@ -88,6 +92,12 @@ pub fn encode_descriptor(
             what: "journal descriptor",
         });
     }
+    if has_duplicates(targets) {
+        return Err(FormatError::corrupted(
+            "journal descriptor",
+            "a target is listed twice",
+        ));
+    }
     let mut b = block::zeroed();
     put_u64(&mut b[..], DESC_OFF_SEQUENCE, sequence);
     put_u32(&mut b[..], DESC_OFF_COUNT, targets.len() as u32);
@@ -98,20 +108,38 @@ pub fn encode_descriptor(
     Ok(b)
 }
 
+fn has_duplicates(targets: &[u64]) -> bool {
+    let mut sorted = targets.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).any(|w| w[0] == w[1])
+}
+
 /// Decodes a descriptor: `(sequence, targets)`. Any failure means "end of the log".
 pub fn decode_descriptor(b: &[u8], addr: BlockAddr) -> Result<(u64, Vec<u64>)> {
+    const WHAT: &str = "journal descriptor";
     block::verify(b, BlockKind::JournalDesc, Some(Ino(0)), addr)?;
     let seq = get_u64(b, DESC_OFF_SEQUENCE);
     let count = get_u32(b, DESC_OFF_COUNT) as usize;
     if count == 0 || count > MAX_TX_BLOCKS {
-        return Err(FormatError::corrupted("journal descriptor", "bad count"));
+        return Err(FormatError::corrupted(WHAT, "bad count"));
     }
-    Ok((
-        seq,
-        (0..count)
-            .map(|i| get_u64(b, DESC_OFF_TARGETS + 8 * i))
-            .collect(),
-    ))
+    if get_u32(b, DESC_OFF_RESERVED) != 0 {
+        return Err(FormatError::corrupted(WHAT, "reserved bytes are not zero"));
+    }
+    let end = DESC_OFF_TARGETS + 8 * count;
+    if b[end..block::TAIL_KIND].iter().any(|&x| x != 0) {
+        return Err(FormatError::corrupted(
+            WHAT,
+            "bytes past the targets are not zero",
+        ));
+    }
+    let targets: Vec<u64> = (0..count)
+        .map(|i| get_u64(b, DESC_OFF_TARGETS + 8 * i))
+        .collect();
+    if has_duplicates(&targets) {
+        return Err(FormatError::corrupted(WHAT, "a target is listed twice"));
+    }
+    Ok((seq, targets))
 }
 
 pub fn encode_commit(
@@ -131,6 +159,15 @@ pub fn encode_commit(
 /// Decodes a commit block: `(sequence, count, data_crc)`.
 pub fn decode_commit(b: &[u8], addr: BlockAddr) -> Result<(u64, u32, u32)> {
     block::verify(b, BlockKind::JournalCommit, Some(Ino(0)), addr)?;
+    if b[COMMIT_FIELDS_END..block::TAIL_KIND]
+        .iter()
+        .any(|&x| x != 0)
+    {
+        return Err(FormatError::corrupted(
+            "journal commit",
+            "reserved bytes are not zero",
+        ));
+    }
     Ok((
         get_u64(b, COMMIT_OFF_SEQUENCE),
         get_u32(b, COMMIT_OFF_COUNT),
@@ -141,4 +178,53 @@ pub fn decode_commit(b: &[u8], addr: BlockAddr) -> Result<(u64, u32, u32)> {
 /// Journal blocks a transaction of `n` block images occupies.
 pub fn tx_footprint(n: usize) -> u64 {
     n as u64 + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `b` after `f`, resealed as a block of `kind` at `addr`.
+    fn edited(
+        b: &block::Block,
+        kind: BlockKind,
+        addr: BlockAddr,
+        f: impl FnOnce(&mut [u8]),
+    ) -> Box<block::Block> {
+        let mut c = Box::new(*b);
+        f(&mut c[..]);
+        block::seal(&mut c[..], kind, Ino(0), addr);
+        c
+    }
+
+    #[test]
+    fn descriptor_is_as_strict_as_the_journal_superblock() {
+        let addr = BlockAddr(5);
+        let d = encode_descriptor(9, &[10, 20, 30], addr).unwrap();
+        assert_eq!(
+            decode_descriptor(&d[..], addr).unwrap(),
+            (9, vec![10, 20, 30])
+        );
+        let desc = |f: &dyn Fn(&mut [u8])| {
+            decode_descriptor(&edited(&d, BlockKind::JournalDesc, addr, f)[..], addr)
+        };
+        // The pad, every byte after the last target, and a repeated target are refused.
+        assert!(desc(&|b| b[DESC_OFF_RESERVED + 3] = 1).is_err());
+        assert!(desc(&|b| b[DESC_OFF_TARGETS + 8 * 3] = 1).is_err());
+        assert!(desc(&|b| b[block::TAIL_KIND - 1] = 1).is_err());
+        assert!(desc(&|b| put_u64(b, DESC_OFF_TARGETS + 16, 10)).is_err());
+        // The encoder refuses a repeated target.
+        assert!(encode_descriptor(9, &[10, 20, 10], addr).is_err());
+    }
+
+    #[test]
+    fn commit_reserved_bytes_are_zero() {
+        let addr = BlockAddr(6);
+        let c = encode_commit(9, 3, 0xDEAD_BEEF, addr);
+        assert_eq!(decode_commit(&c[..], addr).unwrap(), (9, 3, 0xDEAD_BEEF));
+        for off in [COMMIT_FIELDS_END, block::TAIL_KIND - 1] {
+            let bad = edited(&c, BlockKind::JournalCommit, addr, |b| b[off] = 0x80);
+            assert!(decode_commit(&bad[..], addr).is_err(), "offset {off}");
+        }
+    }
 }

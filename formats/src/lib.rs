@@ -2,6 +2,8 @@
 //! `tests/spec.rs` checks the constants here against it.
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod bit_flips;
 pub mod bitmap;
 pub mod block;
 mod bytes;

@@ -119,27 +119,31 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Lays out an image of `total_blocks` blocks. Refuses sizes format v1 cannot hold.
+    /// Lays out an image of `total_blocks` blocks. Refuses sizes format v1 cannot hold
+    /// with `UnsupportedSize`: a size is a choice of the caller, not damage.
     pub fn for_blocks(total_blocks: u64) -> Result<Geometry> {
+        const WHAT: &str = "geometry";
+        // Sizes in bytes for the messages, wide enough for any u64 block count.
+        let bytes_of = |blocks: u64| blocks as u128 * BLOCK_SIZE as u128;
         if total_blocks < MIN_BLOCKS {
-            return Err(FormatError::corrupted(
-                "geometry",
-                format!(
+            return Err(FormatError::UnsupportedSize {
+                what: WHAT,
+                detail: format!(
                     "image of {} bytes is below the minimum of {} bytes",
-                    total_blocks * BLOCK_SIZE as u64,
-                    MIN_BLOCKS * BLOCK_SIZE as u64
+                    bytes_of(total_blocks),
+                    bytes_of(MIN_BLOCKS)
                 ),
-            ));
+            });
         }
         if total_blocks > MAX_BLOCKS_V1 {
-            return Err(FormatError::corrupted(
-                "geometry",
-                format!(
+            return Err(FormatError::UnsupportedSize {
+                what: WHAT,
+                detail: format!(
                     "image of {} bytes exceeds format v1's limit of {} bytes (32-bit block addresses)",
-                    total_blocks * BLOCK_SIZE as u64,
-                    MAX_BLOCKS_V1 * BLOCK_SIZE as u64
+                    bytes_of(total_blocks),
+                    bytes_of(MAX_BLOCKS_V1)
                 ),
-            ));
+            });
         }
         let bytes = total_blocks * BLOCK_SIZE as u64;
         // Inode numbers are u32 and inode 0 is reserved; round up to whole table blocks.
@@ -155,10 +159,10 @@ impl Geometry {
         let inode_table_start = block_bitmap_start + block_bitmap_blocks as u64;
         let data_start = inode_table_start + inode_table_blocks;
         if data_start + 16 > total_blocks {
-            return Err(FormatError::corrupted(
-                "geometry",
-                "image too small for its metadata",
-            ));
+            return Err(FormatError::UnsupportedSize {
+                what: WHAT,
+                detail: "image too small for its metadata".into(),
+            });
         }
         Ok(Geometry {
             total_blocks,
@@ -212,6 +216,17 @@ pub struct Superblock {
 }
 
 impl Superblock {
+    /// `incompat` bits this build does not understand. `decode` refuses an image with any.
+    pub fn unknown_incompat(&self) -> u32 {
+        self.incompat & !crate::version::INCOMPAT_SUPPORTED
+    }
+
+    /// `ro_compat` bits this build does not understand. A mounter must not mount the image
+    /// read-write while this is non-zero; reading it is safe.
+    pub fn unknown_ro_compat(&self) -> u32 {
+        self.ro_compat & !crate::version::RO_COMPAT_SUPPORTED
+    }
+
     pub fn encode(&self) -> Box<crate::block::Block> {
         let mut b = block::zeroed();
         let g = &self.geometry;
@@ -273,11 +288,12 @@ impl Superblock {
             });
         }
         let incompat = get_u32(b, OFF_INCOMPAT);
-        if incompat & !crate::version::INCOMPAT_SUPPORTED != 0 {
-            return Err(FormatError::corrupted(
-                WHAT,
-                format!("unknown incompatible features {incompat:#x}"),
-            ));
+        let unknown = incompat & !crate::version::INCOMPAT_SUPPORTED;
+        if unknown != 0 {
+            return Err(FormatError::UnsupportedFeatures {
+                what: "superblock incompat",
+                bits: unknown,
+            });
         }
         if get_u32(b, OFF_BLOCK_SIZE) != BLOCK_SIZE as u32 {
             return Err(FormatError::corrupted(WHAT, "block size is not 4096"));
@@ -285,6 +301,8 @@ impl Superblock {
         let state = FsState::from_u32(get_u32(b, OFF_STATE))
             .ok_or_else(|| FormatError::corrupted(WHAT, "unknown state"))?;
         let total_blocks = get_u64(b, OFF_TOTAL_BLOCKS);
+        // A checksummed v1 superblock whose size v1 cannot lay out was not written by a v1
+        // writer: that is damage, not an unsupported size.
         let geometry = Geometry::for_blocks(total_blocks)
             .map_err(|e| FormatError::corrupted(WHAT, e.to_string()))?;
         let stored = Geometry {
@@ -371,6 +389,66 @@ mod tests {
         assert!(Geometry::for_blocks(1 << 28).is_ok());
         assert!(Geometry::for_blocks(MAX_BLOCKS_V1).is_ok());
         assert!(Geometry::for_blocks(MAX_BLOCKS_V1 + 1).is_err());
+    }
+
+    /// `sb` encoded, with the u32 at `off` set to `v` and the tail resealed.
+    fn with_u32(sb: &Superblock, off: usize, v: u32) -> Box<crate::block::Block> {
+        let mut b = sb.encode();
+        put_u32(&mut b[..], off, v);
+        block::seal(&mut b[..], BlockKind::Superblock, Ino(0), BlockAddr(0));
+        b
+    }
+
+    #[test]
+    fn unknown_incompat_bits_are_unsupported_not_corrupted() {
+        let b = with_u32(&sample(), OFF_INCOMPAT, 0x8000_0001);
+        assert_eq!(
+            Superblock::decode(&b[..]),
+            Err(FormatError::UnsupportedFeatures {
+                what: "superblock incompat",
+                bits: 0x8000_0001,
+            })
+        );
+        let sb = Superblock {
+            incompat: 0x10,
+            ..sample()
+        };
+        assert_eq!(sb.unknown_incompat(), 0x10);
+        assert_eq!(sample().unknown_incompat(), 0);
+    }
+
+    #[test]
+    fn unknown_ro_compat_bits_decode_and_are_reported() {
+        // ro_compat bits do not stop a read: the mounter refuses read-write instead.
+        let b = with_u32(&sample(), OFF_RO_COMPAT, 0x4);
+        let sb = Superblock::decode(&b[..]).unwrap();
+        assert_eq!(sb.ro_compat, 0x4);
+        assert_eq!(sb.unknown_ro_compat(), 0x4);
+        assert_eq!(sample().unknown_ro_compat(), 0);
+        // Unknown compat bits mean nothing to a reader at all.
+        let b = with_u32(&sample(), OFF_COMPAT, 0xFFFF_FFFF);
+        assert!(Superblock::decode(&b[..]).is_ok());
+    }
+
+    #[test]
+    fn size_refusals_are_unsupported_sizes() {
+        for t in [0, 1, MIN_BLOCKS - 1, MAX_BLOCKS_V1 + 1, u64::MAX] {
+            assert!(
+                matches!(
+                    Geometry::for_blocks(t),
+                    Err(FormatError::UnsupportedSize { .. })
+                ),
+                "{t} blocks"
+            );
+        }
+        // In a checksummed superblock, a size v1 cannot lay out is damage.
+        let mut b = sample().encode();
+        put_u64(&mut b[..], OFF_TOTAL_BLOCKS, MAX_BLOCKS_V1 + 1);
+        block::seal(&mut b[..], BlockKind::Superblock, Ino(0), BlockAddr(0));
+        assert!(matches!(
+            Superblock::decode(&b[..]),
+            Err(FormatError::Corrupted { .. })
+        ));
     }
 
     #[test]

@@ -41,9 +41,7 @@ impl XattrSet {
 
     /// Inserts or replaces; refuses when the block would overflow (the caller says ENOSPC).
     pub fn set(&mut self, name: &[u8], value: &[u8]) -> Result<()> {
-        if name.is_empty() || name.len() > XATTR_NAME_MAX || name.contains(&0) {
-            return Err(FormatError::corrupted("xattr", "bad name"));
-        }
+        check_name(name).map_err(|d| FormatError::corrupted("xattr", d))?;
         let old = self
             .get(name)
             .map(|v| XATTR_ENTRY_HEADER + name.len() + v.len())
@@ -76,7 +74,22 @@ impl XattrSet {
         }
     }
 
+    /// Encodes the block. Refuses what `decode` rejects (bad names, values too long for
+    /// their length field, unsorted or repeated names) instead of truncating anything.
     pub fn encode(&self, owner: Ino, addr: BlockAddr) -> Result<Box<block::Block>> {
+        const WHAT: &str = "xattr block";
+        for (i, (n, v)) in self.entries.iter().enumerate() {
+            check_name(n).map_err(|d| FormatError::corrupted(WHAT, d))?;
+            if v.len() > u16::MAX as usize {
+                return Err(FormatError::corrupted(
+                    WHAT,
+                    format!("value of {} bytes exceeds {}", v.len(), u16::MAX),
+                ));
+            }
+            if i > 0 && self.entries[i - 1].0 >= *n {
+                return Err(FormatError::corrupted(WHAT, "names unsorted or repeated"));
+            }
+        }
         if self.used() > XATTR_CAPACITY {
             return Err(FormatError::Full {
                 what: "xattr block",
@@ -152,6 +165,20 @@ impl XattrSet {
     }
 }
 
+/// Checks a name is storable: 1..=255 bytes, no NUL.
+fn check_name(name: &[u8]) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty name");
+    }
+    if name.len() > XATTR_NAME_MAX {
+        return Err("name longer than 255 bytes");
+    }
+    if name.contains(&0) {
+        return Err("NUL in name");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +194,30 @@ mod tests {
         assert_eq!(XattrSet::decode(&b[..], Ino(3), BlockAddr(9)).unwrap(), s);
         assert!(s.set(b"user.big", &vec![0u8; XATTR_CAPACITY]).is_err());
         assert!(s.remove(b"user.b"));
+    }
+
+    #[test]
+    fn encode_refuses_instead_of_truncating() {
+        let set = |entries: Vec<(&[u8], Vec<u8>)>| XattrSet {
+            entries: entries.into_iter().map(|(n, v)| (n.to_vec(), v)).collect(),
+        };
+        let ok = set(vec![(b"user.a", vec![1]), (b"user.b", vec![2])]);
+        ok.encode(Ino(3), BlockAddr(9)).unwrap();
+        let long_name = vec![b'n'; XATTR_NAME_MAX + 1];
+        for bad in [
+            set(vec![(&long_name, vec![])]),
+            set(vec![(b"", vec![])]),
+            set(vec![(b"user.\0x", vec![])]),
+            set(vec![(b"user.v", vec![0; u16::MAX as usize + 1])]),
+            set(vec![(b"user.b", vec![]), (b"user.a", vec![])]),
+            set(vec![(b"user.a", vec![]), (b"user.a", vec![])]),
+        ] {
+            assert!(bad.encode(Ino(3), BlockAddr(9)).is_err());
+        }
+        // The longest name is accepted and survives whole.
+        let name = vec![b'n'; XATTR_NAME_MAX];
+        let s = set(vec![(&name, b"v".to_vec())]);
+        let b = s.encode(Ino(3), BlockAddr(9)).unwrap();
+        assert_eq!(XattrSet::decode(&b[..], Ino(3), BlockAddr(9)).unwrap(), s);
     }
 }

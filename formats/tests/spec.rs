@@ -449,7 +449,7 @@ fn expected_layouts() -> Vec<Expect> {
             fields: vec![
                 ("sequence", Some(DESC_OFF_SEQUENCE)),
                 ("count", Some(DESC_OFF_COUNT)),
-                ("reserved", Some(DESC_OFF_COUNT + 4)),
+                ("reserved", Some(DESC_OFF_RESERVED)),
                 ("targets", Some(DESC_OFF_TARGETS)),
                 ("tail", Some(DESC_OFF_TARGETS + 8 * MAX_TX_BLOCKS)),
             ],
@@ -696,6 +696,8 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
     put("inode::INLINE_SIZE", INLINE_SIZE as u64);
     put("inode::INLINE_EXTENTS", INLINE_EXTENTS as u64);
     put("inode::INODE_FLAG_INLINE", INODE_FLAG_INLINE as u64);
+    put("inode::MODE_MASK", MODE_MASK as u64);
+    put("inode::NSEC_PER_SEC", NSEC_PER_SEC as u64);
     put("superblock::ROOT_INO", sb::ROOT_INO.0 as u64);
     put("superblock::ORPHAN_INO", sb::ORPHAN_INO.0 as u64);
     put("superblock::FIRST_FREE_INO", sb::FIRST_FREE_INO as u64);
@@ -715,11 +717,16 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
     put("ExtentCodec::max_len", codec.max_len() as u64);
     put("ExtentCodec::max_address", codec.max_address());
     put(
+        "ExtentCodec::inline_capacity",
+        codec.inline_capacity() as u64,
+    );
+    put(
         "ExtentCodec::records_per_block",
         codec.records_per_block() as u64,
     );
     put("dir::DIR_VERSION", DIR_VERSION as u64);
     put("dir::OVERFLOW_BASE", OVERFLOW_BASE);
+    put("dir::MAX_OVERFLOW_BLOCKS", MAX_OVERFLOW_BLOCKS);
     put("dir::SPLIT_LOAD", SPLIT_LOAD);
     put("dir::MAX_NAME_LEN", MAX_NAME_LEN as u64);
     put("dir::BUCKET_CAPACITY", BUCKET_CAPACITY as u64);
@@ -844,8 +851,13 @@ fn geometry_follows_the_documented_formulas() {
         let code = Geometry::for_blocks(t).ok().map(|g| geometry_fields(&g));
         assert_eq!(code, doc_geometry(t), "geometry of {t} blocks");
     }
-    assert!(Geometry::for_blocks(sb::MIN_BLOCKS - 1).is_err());
-    assert!(Geometry::for_blocks(sb::MAX_BLOCKS_V1 + 1).is_err());
+    // Refused sizes are unsupported, not corrupted.
+    for t in [0, sb::MIN_BLOCKS - 1, sb::MAX_BLOCKS_V1 + 1, u64::MAX] {
+        assert!(matches!(
+            Geometry::for_blocks(t),
+            Err(FormatError::UnsupportedSize { .. })
+        ));
+    }
     assert_eq!(sb::MIN_BLOCKS * BLOCK_SIZE as u64, 1 << 20);
     assert_eq!(sb::MAX_BLOCKS_V1 * BLOCK_SIZE as u64, 16 << 40);
 }
@@ -1014,7 +1026,16 @@ fn superblock_bytes() {
         Err(FormatError::UnsupportedVersion { .. })
     ));
     assert!(resealed("format_version", 0).is_err());
-    assert!(resealed("incompat", 1).is_err());
+    // Unknown incompat bits are unsupported, not corrupted; unknown ro_compat bits decode
+    // (the mounter then refuses read-write); compat bits mean nothing to a reader.
+    assert!(matches!(
+        resealed("incompat", 1),
+        Err(FormatError::UnsupportedFeatures { bits: 1, .. })
+    ));
+    let ro = resealed("ro_compat", 0x8000_0000).unwrap();
+    assert_eq!(ro.unknown_ro_compat(), 0x8000_0000);
+    assert_eq!(ro.unknown_incompat(), 0);
+    assert_eq!(s.unknown_ro_compat(), 0);
     assert!(resealed("block_size", 8192).is_err());
     assert!(resealed("state", 0).is_err());
     assert!(resealed("state", 4).is_err());
@@ -1201,6 +1222,172 @@ fn inode_bytes() {
     assert!(s.encode(Ino(9), codec, &mut b).is_err());
 }
 
+/// The inode rules of the doc that a reader enforces, each under a valid checksum, and
+/// the writer refusing the same values.
+#[test]
+fn inode_rules() {
+    let l = layout("Inode");
+    let codec = ExtentCodec::for_version(FormatVersion::V1);
+    let ino = Ino(77);
+    let (co, _) = l.at("crc");
+    let decode_edited = |b: &[u8; INODE_SIZE], field: &str, v: u64| {
+        let mut c = *b;
+        let (o, n) = l.at(field);
+        c[o..o + n].copy_from_slice(&v.to_le_bytes()[..n]);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&ino.0.to_le_bytes());
+        h.update(&c[..co]);
+        c[co..co + 4].copy_from_slice(&h.finalize().to_le_bytes());
+        Inode::decode(ino, &c, codec)
+    };
+    let file = Inode::new(inode::S_IFREG | 0o644, 1, 2, t(3, 4));
+    let mut b = [0u8; INODE_SIZE];
+    file.encode(ino, codec, &mut b).unwrap();
+
+    // `mode`: one of the seven S_IFMT types plus permission bits, or 0 (a freed slot).
+    for ty in [
+        inode::S_IFSOCK,
+        inode::S_IFLNK,
+        inode::S_IFREG,
+        inode::S_IFBLK,
+        inode::S_IFDIR,
+        inode::S_IFCHR,
+        inode::S_IFIFO,
+    ] {
+        let got = decode_edited(&b, "mode", (ty | 0o7777) as u64)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.file_type(), ty);
+    }
+    assert_eq!(inode::MODE_MASK, inode::S_IFMT | 0o7777);
+    for bad in [
+        0o644,
+        0o030644,
+        0o170644,
+        (inode::MODE_MASK + 1) | inode::S_IFREG,
+    ] {
+        assert!(
+            decode_edited(&b, "mode", bad as u64).is_err(),
+            "mode {bad:#o}"
+        );
+        let i = Inode {
+            mode: bad,
+            ..file.clone()
+        };
+        assert!(i.encode(ino, codec, &mut [0u8; INODE_SIZE]).is_err());
+    }
+    // Times: nanoseconds below 10^9.
+    for field in ["atime_nsec", "mtime_nsec", "ctime_nsec"] {
+        assert!(decode_edited(&b, field, 999_999_999).is_ok());
+        assert!(decode_edited(&b, field, inode::NSEC_PER_SEC as u64).is_err());
+    }
+    let late = Inode {
+        ctime: t(0, inode::NSEC_PER_SEC),
+        ..file.clone()
+    };
+    assert!(late.encode(ino, codec, &mut [0u8; INODE_SIZE]).is_err());
+
+    // A freed slot: mode 0, everything 0 but `generation`, checksummed. It decodes as an
+    // inode with mode 0 (not as "no inode"), so that the generation survives.
+    let freed = Inode {
+        generation: 0xA5A5_0001,
+        ..Inode::new(0, 0, 0, Timespec::default())
+    };
+    let mut f = [0u8; INODE_SIZE];
+    freed.encode(ino, codec, &mut f).unwrap();
+    let (go, gs) = l.at("generation");
+    for (k, &x) in f[..co].iter().enumerate() {
+        assert!(
+            x == 0 || (go..go + gs).contains(&k),
+            "byte {k} of a freed slot"
+        );
+    }
+    let got = Inode::decode(ino, &f, codec).unwrap().unwrap();
+    assert!(got.is_free());
+    assert_eq!(got, freed);
+    for field in ["uid", "nlink", "size", "flags", "extent_count", "rdev"] {
+        assert!(
+            decode_edited(&f, field, 1).is_err(),
+            "freed slot with {field}"
+        );
+    }
+    let stale = Inode {
+        size: 1,
+        ..freed.clone()
+    };
+    assert!(stale.encode(ino, codec, &mut f).is_err());
+
+    // Without INLINE: the inline area holds min(extent_count, inline capacity) records.
+    let cap = codec.inline_capacity();
+    assert_eq!(cap, inode::INLINE_EXTENTS);
+    let run = |k: u64| Extent {
+        logical: 2 * k,
+        physical: 900 + k,
+        len: 1,
+        unwritten: false,
+    };
+    for (count, n, ok) in [
+        (0u32, 0u64, true),
+        (5, 5, true),
+        (cap as u32, cap as u64, true),
+        (1000, cap as u64, true),
+        (5, 4, false),
+        (4, 5, false),
+        (1000, cap as u64 - 1, false),
+    ] {
+        let i = Inode {
+            extent_count: count,
+            inline: InlineArea::Extents((0..n).map(run).collect()),
+            ..file.clone()
+        };
+        let mut c = [0u8; INODE_SIZE];
+        let enc = i.encode(ino, codec, &mut c);
+        assert_eq!(
+            enc.is_ok(),
+            ok,
+            "extent_count {count} with {n} inline records"
+        );
+        if ok {
+            assert_eq!(Inode::decode(ino, &c, codec).unwrap(), Some(i));
+        }
+    }
+
+    // With INLINE: a symlink, `size` = target length in 1 ..= 144, `extent_count` 0.
+    let link = Inode {
+        mode: inode::S_IFLNK | 0o777,
+        size: 2,
+        inline: InlineArea::Symlink(b"ab".to_vec()),
+        ..file.clone()
+    };
+    let mut c = [0u8; INODE_SIZE];
+    link.encode(ino, codec, &mut c).unwrap();
+    // The target holds no NUL, so a larger `size` cannot take in the zeros after it.
+    assert!(decode_edited(&c, "size", 3).is_err());
+    assert!(decode_edited(&c, "size", 0).is_err());
+    assert!(decode_edited(&c, "extent_count", 1).is_err());
+    assert!(decode_edited(&c, "mode", (inode::S_IFREG | 0o644) as u64).is_err());
+    for bad in [
+        Inode {
+            size: 3,
+            ..link.clone()
+        },
+        Inode {
+            extent_count: 1,
+            ..link.clone()
+        },
+        Inode {
+            mode: inode::S_IFREG | 0o777,
+            ..link.clone()
+        },
+        Inode {
+            inline: InlineArea::Symlink(b"a\0".to_vec()),
+            ..link.clone()
+        },
+    ] {
+        assert!(bad.encode(ino, codec, &mut c).is_err(), "{bad:?}");
+    }
+}
+
 #[test]
 fn block_map_bytes() {
     let r = layout("Block-map record");
@@ -1241,6 +1428,37 @@ fn block_map_bytes() {
     let (o, n) = r.at("len");
     bad[o..o + n].fill(0);
     assert!(codec.decode(&bad).is_err());
+    // A reader rejects runs past 2^32 on either side, as the writer refuses them.
+    for field in ["logical", "physical"] {
+        let at = |start: u32, len: u16| {
+            let mut c = rec.clone();
+            let (o, n) = r.at(field);
+            c[o..o + n].copy_from_slice(&start.to_le_bytes());
+            let (o, n) = r.at("len");
+            c[o..o + n].copy_from_slice(&len.to_le_bytes());
+            codec.decode(&c)
+        };
+        let end = |e: Extent| {
+            if field == "logical" {
+                e.logical_end()
+            } else {
+                e.physical_end()
+            }
+        };
+        assert_eq!(end(at(u32::MAX - 99, 100).unwrap()), 1 << 32);
+        assert!(at(u32::MAX - 99, 101).is_err(), "{field}");
+        assert!(at(u32::MAX, 0xFFFF).is_err(), "{field}");
+    }
+    assert!(codec
+        .encode(
+            &Extent {
+                logical: u32::MAX as u64,
+                len: 2,
+                ..e
+            },
+            &mut rec
+        )
+        .is_err());
 
     // Extent block.
     let l = layout("Extent block");
@@ -1341,6 +1559,30 @@ fn directory_bytes() {
         DirHeader::decode(&c[..], Ino(33), BlockAddr(0x4455)),
         Err(FormatError::UnsupportedVersion { .. })
     ));
+    // `parent` is never 0; `overflow_next` keeps every overflow block a u32 file block.
+    assert_eq!(
+        dir::OVERFLOW_BASE + dir::MAX_OVERFLOW_BLOCKS,
+        1 << 32,
+        "the last overflow index is file block 2^32 - 1"
+    );
+    for (parent, overflow_next, ok) in [
+        (0, 0, false),
+        (1, dir::MAX_OVERFLOW_BLOCKS as u32, true),
+        (1, dir::MAX_OVERFLOW_BLOCKS as u32 + 1, false),
+        (1, u32::MAX, false),
+    ] {
+        let b = DirHeader {
+            parent: Ino(parent),
+            overflow_next,
+            ..h
+        }
+        .encode(Ino(33), BlockAddr(1));
+        assert_eq!(
+            DirHeader::decode(&b[..], Ino(33), BlockAddr(1)).is_ok(),
+            ok,
+            "parent {parent} overflow_next {overflow_next}"
+        );
+    }
 
     // Bucket and entries.
     let l = layout("Directory bucket");
@@ -1407,6 +1649,34 @@ fn directory_bytes() {
     // `.` and `..` are never stored.
     for bad in [&b"."[..], b"..", b"", b"a/b", b"a\0"] {
         assert!(dir::validate_name(bad).is_err());
+        // The writer refuses what the reader rejects.
+        let e = DirEntry {
+            name: bad.to_vec(),
+            ..entries[0].clone()
+        };
+        let bk = Bucket {
+            next: 0,
+            entries: vec![e],
+        };
+        assert!(bk.encode(Ino(33), BlockAddr(2)).is_err());
+    }
+    for (ino, dtype) in [(0, dir::DT_REG), (5, dir::DT_UNKNOWN), (5, 3), (5, 14)] {
+        let bk = Bucket {
+            next: 0,
+            entries: vec![DirEntry {
+                ino: Ino(ino),
+                dtype,
+                name: b"x".to_vec(),
+            }],
+        };
+        assert!(bk.encode(Ino(33), BlockAddr(2)).is_err(), "{ino} {dtype}");
+    }
+    for next in [1, dir::OVERFLOW_BASE - 1, 1 << 32] {
+        let bk = Bucket {
+            next,
+            entries: vec![],
+        };
+        assert!(bk.encode(Ino(33), BlockAddr(2)).is_err(), "next {next}");
     }
     assert!(dir::validate_name(&[b'x'; 256]).is_err());
 }
@@ -1516,6 +1786,24 @@ fn xattr_bytes() {
     assert!(s.set(b"user.g", b"").is_err());
     let b = s.encode(Ino(1), BlockAddr(2)).unwrap();
     assert_eq!(XattrSet::decode(&b[..], Ino(1), BlockAddr(2)).unwrap(), s);
+    // The writer refuses, never truncates, what the reader would reject.
+    let long = vec![b'n'; xattr::XATTR_NAME_MAX + 1];
+    let set = |entries: &[(&[u8], usize)]| XattrSet {
+        entries: entries
+            .iter()
+            .map(|(n, v)| (n.to_vec(), vec![7; *v]))
+            .collect(),
+    };
+    for bad in [
+        set(&[(&long, 0)]),
+        set(&[(b"", 0)]),
+        set(&[(b"user.\0", 0)]),
+        set(&[(b"user.v", u16::MAX as usize + 1)]),
+        set(&[(b"user.b", 0), (b"user.a", 0)]),
+        set(&[(b"user.a", 0), (b"user.a", 1)]),
+    ] {
+        assert!(bad.encode(Ino(1), BlockAddr(2)).is_err());
+    }
 }
 
 #[test]
@@ -1596,6 +1884,24 @@ fn journal_bytes() {
             (0x5566_7788_99AA, targets[..n].to_vec())
         );
     }
+    // The pad, the bytes after the last target and repeated targets are rejected.
+    let b = journal::encode_descriptor(7, &targets[..3], BlockAddr(0x21)).unwrap();
+    let (to, ts) = l.at("targets");
+    let (ro, rs) = l.at("reserved");
+    for at in [ro, ro + rs - 1, to + 8 * 3, to + ts - 1] {
+        let mut c = b.clone();
+        c[at] = 1;
+        block::seal(&mut c[..], BlockKind::JournalDesc, Ino(0), BlockAddr(0x21));
+        assert!(
+            journal::decode_descriptor(&c[..], BlockAddr(0x21)).is_err(),
+            "byte {at}"
+        );
+    }
+    let mut c = b.clone();
+    c[to + 8..to + 16].copy_from_slice(&targets[0].to_le_bytes());
+    block::seal(&mut c[..], BlockKind::JournalDesc, Ino(0), BlockAddr(0x21));
+    assert!(journal::decode_descriptor(&c[..], BlockAddr(0x21)).is_err());
+    assert!(journal::encode_descriptor(1, &[5, 6, 5], BlockAddr(1)).is_err());
     assert!(journal::encode_descriptor(1, &[], BlockAddr(1)).is_err());
     assert!(
         journal::encode_descriptor(1, &[targets.clone(), vec![7]].concat(), BlockAddr(1)).is_err()
@@ -1615,6 +1921,18 @@ fn journal_bytes() {
         journal::decode_commit(&b[..], BlockAddr(0x22)).unwrap(),
         (0x5566_7788_99AA, 0x0123, 0xDEAD_BEEF)
     );
+    let (ro, rs) = l.at("reserved");
+    for at in [ro, ro + rs - 1] {
+        let mut c = b.clone();
+        c[at] = 1;
+        block::seal(
+            &mut c[..],
+            BlockKind::JournalCommit,
+            Ino(0),
+            BlockAddr(0x22),
+        );
+        assert!(journal::decode_commit(&c[..], BlockAddr(0x22)).is_err());
+    }
     // n images occupy n + 2 journal blocks.
     assert_eq!(journal::tx_footprint(1), 3);
     assert_eq!(
@@ -1645,6 +1963,35 @@ fn frame_bytes() {
     assert!(matches!(
         frame::decode("spec", &b, 0x4D4F_4C54, 999),
         Err(FormatError::TooLarge { .. })
+    ));
+    // In the documented order: fewer than 20 bytes, the magic, the cap, the exact size,
+    // the CRC. Each blob below fails several checks and must report the first.
+    assert!(matches!(
+        frame::decode("spec", &b[..19], 0x4D4F_4C55, 0),
+        Err(FormatError::Truncated { need: 20, .. })
+    ));
+    let (lo, ln) = l.at("length");
+    let mut c = b.clone();
+    c[lo..lo + ln].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(
+        frame::decode("spec", &c, 0x4D4F_4C55, 0),
+        Err(FormatError::BadMagic { .. })
+    ));
+    assert!(matches!(
+        frame::decode("spec", &c, 0x4D4F_4C54, 1 << 20),
+        Err(FormatError::TooLarge { .. })
+    ));
+    // Whatever the cap, no length overflows the size arithmetic.
+    assert!(matches!(
+        frame::decode("spec", &c, 0x4D4F_4C54, u64::MAX),
+        Err(FormatError::Truncated { .. })
+    ));
+    let mut c = b.clone();
+    c.push(0);
+    c[po] ^= 1;
+    assert!(matches!(
+        frame::decode("spec", &c, 0x4D4F_4C54, 1 << 20),
+        Err(FormatError::Truncated { .. })
     ));
     assert!(matches!(
         frame::decode("spec", &b, 0x4D4F_4C55, 1 << 20),
