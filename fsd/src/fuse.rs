@@ -264,6 +264,15 @@ impl FileSystem for MoltFuse {
                 })
             }
         };
+        for (set, nsec) in [
+            (valid.contains(SetattrValid::ATIME) && !valid.contains(SetattrValid::ATIME_NOW), attr.st_atime_nsec),
+            (valid.contains(SetattrValid::MTIME) && !valid.contains(SetattrValid::MTIME_NOW), attr.st_mtime_nsec),
+            (valid.contains(SetattrValid::CTIME), attr.st_ctime_nsec),
+        ] {
+            if set && !(0..1_000_000_000).contains(&nsec) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+        }
         let mut s = SetAttr::default();
         if valid.contains(SetattrValid::MODE) {
             s.mode = Some(attr.st_mode);

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -88,24 +89,27 @@ pub enum StopReason {
     Disconnected,
 }
 
-/// Serves requests with `threads` workers until they are woken or the connection ends.
-/// Workers return only between requests, never holding one unanswered.
+/// Asks the workers of `serve` to return between requests.
+pub fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<()> {
+    stopping.store(true, Ordering::SeqCst);
+    session.wake().map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Serves requests with `threads` workers until `stop_serving` wakes them or the
+/// connection ends. Workers return only between requests, never holding one unanswered.
 pub fn serve(
     server: Arc<Server<Arc<MoltFuse>>>,
     session: &FuseSession,
     threads: usize,
+    stopping: Arc<AtomicBool>,
 ) -> io::Result<StopReason> {
     let mut workers = Vec::new();
     for i in 0..threads.max(1) {
-        let ch = session
-            .new_channel()
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let ch = session.new_channel().map_err(|e| io::Error::other(e.to_string()))?;
         let server = server.clone();
-        workers.push(
-            thread::Builder::new()
-                .name(format!("fuse-{i}"))
-                .spawn(move || worker(server, ch))?,
-        );
+        let stopping = stopping.clone();
+        let name = format!("fuse-{i}");
+        workers.push(thread::Builder::new().name(name).spawn(move || worker(server, ch, &stopping))?);
     }
     let mut reason = StopReason::Woken;
     for w in workers {
@@ -116,7 +120,7 @@ pub fn serve(
     Ok(reason)
 }
 
-fn worker(server: Arc<Server<Arc<MoltFuse>>>, mut ch: FuseChannel) -> StopReason {
+fn worker(server: Arc<Server<Arc<MoltFuse>>>, mut ch: FuseChannel, stopping: &AtomicBool) -> StopReason {
     loop {
         match ch.get_request() {
             Ok(Some((reader, writer))) => {
@@ -131,7 +135,9 @@ fn worker(server: Arc<Server<Arc<MoltFuse>>>, mut ch: FuseChannel) -> StopReason
                     eprintln!("fsd: request failed: {e}");
                 }
             }
-            Ok(None) => return StopReason::Woken,
+            // The library reports both a wake-up and an unmount (ENODEV) as `None`.
+            Ok(None) if stopping.load(Ordering::SeqCst) => return StopReason::Woken,
+            Ok(None) => return StopReason::Disconnected,
             Err(_) => return StopReason::Disconnected,
         }
     }
@@ -190,7 +196,8 @@ pub fn run_server(
     let server = Arc::new(Server::new(Arc::new(MoltFuse::new(fs.clone()))));
     let session = Arc::new(session);
     let worker_session = session.clone();
-    let serving = thread::spawn(move || serve(server, &worker_session, threads));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let serving = thread::spawn(move || serve(server, &worker_session, threads, stopping));
     writeln!(ctl, "serving")?;
     let reason = serving
         .join()

@@ -1,7 +1,7 @@
 //! Directory operations on the linear-hashing layout of `formats::dir`.
 
 use formats::block::{BlockAddr, Ino, BLOCK_SIZE};
-use formats::dir::{name_hash, Bucket, DirEntry, DirHeader, OVERFLOW_BASE};
+use formats::dir::{name_hash, Bucket, DirEntry, DirHeader, MAX_OVERFLOW_BLOCKS, OVERFLOW_BASE};
 
 use super::{FsError, FsResult, Inner};
 
@@ -32,6 +32,16 @@ impl Inner {
         let blk = b.encode(dir, BlockAddr(addr))?;
         self.stage(addr, blk);
         Ok(())
+    }
+
+    /// Hands out the next overflow file block of a directory.
+    fn next_overflow(h: &mut DirHeader) -> FsResult<u64> {
+        if h.overflow_next as u64 >= MAX_OVERFLOW_BLOCKS {
+            return Err(FsError::NoSpace);
+        }
+        let fb = OVERFLOW_BASE + h.overflow_next as u64;
+        h.overflow_next += 1;
+        Ok(fb)
     }
 
     fn bucket_chain(&mut self, dir: Ino, h: &DirHeader, bucket: u64) -> FsResult<Vec<ChainBlock>> {
@@ -109,8 +119,7 @@ impl Inner {
             let (addr, b) = (*addr, b.clone());
             self.put_bucket(dir, addr, &b)?;
         } else {
-            let fb = OVERFLOW_BASE + h.overflow_next as u64;
-            h.overflow_next += 1;
+            let fb = Self::next_overflow(&mut h)?;
             let addr = self.fblock_alloc(dir, fb)?;
             self.put_bucket(
                 dir,
@@ -181,8 +190,7 @@ impl Inner {
             match reuse.next() {
                 Some(fb) => fbs.push(fb),
                 None => {
-                    let fb = OVERFLOW_BASE + h.overflow_next as u64;
-                    h.overflow_next += 1;
+                    let fb = Self::next_overflow(h)?;
                     self.fblock_alloc(dir, fb)?;
                     fbs.push(fb);
                 }

@@ -85,6 +85,9 @@ impl Fs {
         store.read(0, &mut b)?;
         let mut sb = Superblock::decode(&b).map_err(|e| match e {
             formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
+            formats::FormatError::UnsupportedVersion { .. } | formats::FormatError::UnsupportedFeatures { .. } => {
+                FsError::Unsupported("the image needs a newer version of Molt")
+            }
             other => FsError::Corrupted(format!("{other}")),
         })?;
         if sb.geometry.total_blocks > store.num_blocks() {
@@ -93,6 +96,11 @@ impl Fs {
                 sb.geometry.total_blocks,
                 store.num_blocks()
             )));
+        }
+        if sb.unknown_ro_compat() != 0 {
+            return Err(FsError::Unsupported(
+                "the image uses read-only-compatible features this version does not know; it cannot be mounted read-write",
+            ));
         }
         if sb.state == FsState::Errors {
             return Err(FsError::Corrupted(
