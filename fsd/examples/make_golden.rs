@@ -83,7 +83,11 @@ fn populate(fs: &Fs) -> Result<()> {
     // Last block first: each block lands after the previous one on the image, so no two
     // file blocks merge into one extent.
     for fb in (0..16).rev() {
-        put(frag, fb * BS, &content[(fb * BS) as usize..((fb + 1) * BS) as usize])?;
+        put(
+            frag,
+            fb * BS,
+            &content[(fb * BS) as usize..((fb + 1) * BS) as usize],
+        )?;
     }
     let sparse = file(data, "sparse.bin", 0o644)?;
     put(sparse, 0, b"head")?;
@@ -115,8 +119,12 @@ fn inode_of(store: &dyn BlockStore, sb: &Superblock, ino: Ino) -> Result<Inode> 
     let (addr, off) = sb.geometry.inode_location(ino);
     let mut b = vec![0u8; BLOCK_SIZE];
     store.read(addr.0, &mut b)?;
-    Inode::decode(ino, &b[off..off + INODE_SIZE], inode::codec_for(sb.format_version))?
-        .context("inode slot is empty")
+    Inode::decode(
+        ino,
+        &b[off..off + INODE_SIZE],
+        inode::codec_for(sb.format_version),
+    )?
+    .context("inode slot is empty")
 }
 
 /// Confirms the image holds what it is made for.

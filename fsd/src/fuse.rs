@@ -20,6 +20,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 
 use crate::fs::{Attr, Fs, FsError, SetAttr, TimeSet, XattrFlags};
+use crate::persist::{FsdStateV1, HandleV1};
 
 /// How long the kernel may cache attributes and names. Every change made through this
 /// mount passes through the kernel, which updates or invalidates its caches itself.
@@ -41,6 +42,7 @@ pub fn wanted_init_flags() -> FsOptions {
         | FsOptions::HANDLE_KILLPRIV
         | FsOptions::CACHE_SYMLINKS
         | FsOptions::EXPORT_SUPPORT
+        | FsOptions::ASYNC_DIO
 }
 
 fn to_io(e: FsError) -> io::Error {
@@ -57,6 +59,9 @@ pub enum Handle {
     File {
         ino: Ino,
         flags: u32,
+        touched: bool,
+        reads: u64,
+        writes: u64,
     },
     /// A directory listing taken at opendir: offsets index it, so entries that exist
     /// for the whole listing are returned exactly once whatever changes meanwhile.
@@ -72,7 +77,15 @@ pub struct MoltFuse {
     lookups: Mutex<HashMap<u64, u64>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    /// Per-file usage counters, readable as `user.molt.usage`. This version counts
+    /// opens; the `usage-on-touch` variant counts the first read or write after an open.
+    usage: Mutex<HashMap<u64, u64>>,
+    /// Requests served since the mount, across versions.
+    pub requests: AtomicU64,
 }
+
+/// The virtual, read-only extended attribute holding a file's usage counter.
+pub const USAGE_XATTR: &[u8] = b"user.molt.usage";
 
 fn stat_of(a: &Attr) -> stat64 {
     // SAFETY: stat64 is a plain C struct of integers; all-zero is a valid value.
@@ -113,6 +126,103 @@ impl MoltFuse {
             lookups: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            usage: Mutex::new(HashMap::new()),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Rebuilds the kernel-facing state a predecessor exported.
+    pub fn import(fs: Arc<Fs>, state: &FsdStateV1) -> MoltFuse {
+        let handles = state
+            .handles
+            .iter()
+            .map(|(id, h)| {
+                let h = match h {
+                    HandleV1::File { ino, flags, touched, reads, writes } => Handle::File {
+                        ino: Ino(*ino as u32),
+                        flags: *flags,
+                        touched: *touched,
+                        reads: *reads,
+                        writes: *writes,
+                    },
+                    HandleV1::Dir { ino, entries } => Handle::Dir {
+                        ino: Ino(*ino as u32),
+                        entries: Arc::new(entries.iter().map(|(n, i, t)| (n.clone(), Ino(*i as u32), *t)).collect()),
+                    },
+                };
+                (*id, h)
+            })
+            .collect();
+        MoltFuse {
+            fs,
+            lookups: Mutex::new(state.lookups.iter().copied().collect()),
+            handles: Mutex::new(handles),
+            next_handle: AtomicU64::new(state.next_handle),
+            usage: Mutex::new(state.usage.iter().copied().collect()),
+            requests: AtomicU64::new(state.requests),
+        }
+    }
+
+    /// The state a successor needs. Call only when no request is being served.
+    pub fn export(&self) -> FsdStateV1 {
+        let mut lookups: Vec<(u64, u64)> = self.lookups.lock().expect("lookups").iter().map(|(k, v)| (*k, *v)).collect();
+        lookups.sort_unstable();
+        let mut handles: Vec<(u64, HandleV1)> = self
+            .handles
+            .lock()
+            .expect("handles")
+            .iter()
+            .map(|(id, h)| {
+                let h = match h {
+                    Handle::File { ino, flags, touched, reads, writes } => HandleV1::File {
+                        ino: ino.0 as u64,
+                        flags: *flags,
+                        touched: *touched,
+                        reads: *reads,
+                        writes: *writes,
+                    },
+                    Handle::Dir { ino, entries } => HandleV1::Dir {
+                        ino: ino.0 as u64,
+                        entries: entries.iter().map(|(n, i, t)| (n.clone(), i.0 as u64, *t)).collect(),
+                    },
+                };
+                (*id, h)
+            })
+            .collect();
+        handles.sort_by_key(|(id, _)| *id);
+        let mut usage: Vec<(u64, u64)> = self.usage.lock().expect("usage").iter().map(|(k, v)| (*k, *v)).collect();
+        usage.sort_unstable();
+        FsdStateV1 {
+            version: crate::persist::component_version(),
+            init_flags: wanted_init_flags().bits(),
+            lookups,
+            handles,
+            next_handle: self.next_handle.load(Ordering::SeqCst),
+            usage,
+            requests: self.requests.load(Ordering::SeqCst),
+        }
+    }
+
+    fn count_usage(&self, ino: u64) {
+        *self.usage.lock().expect("usage").entry(ino).or_insert(0) += 1;
+    }
+
+    /// Records a read or write through handle `h`: its first one counts as a use in the
+    /// `usage-on-touch` variant.
+    fn touch(&self, h: u64, is_write: bool) {
+        let first = match self.handles.lock().expect("handles").get_mut(&h) {
+            Some(Handle::File { ino, touched, reads, writes, .. }) => {
+                if is_write {
+                    *writes += 1;
+                } else {
+                    *reads += 1;
+                }
+                (!std::mem::replace(touched, true)).then_some(ino.0 as u64)
+            }
+            _ => None,
+        };
+        if let (Some(ino), true) = (first, cfg!(feature = "usage-on-touch")) {
+            self.count_usage(ino);
         }
     }
 
@@ -445,7 +555,13 @@ impl FileSystem for MoltFuse {
         let h = self.add_handle(Handle::File {
             ino: Ino(inode as u32),
             flags,
+            touched: false,
+            reads: 0,
+            writes: 0,
         });
+        if !cfg!(feature = "usage-on-touch") {
+            self.count_usage(inode);
+        }
         let mut opts = OpenOptions::empty();
         if flags & libc::O_DIRECT as u32 != 0 {
             opts |= OpenOptions::DIRECT_IO;
@@ -473,7 +589,13 @@ impl FileSystem for MoltFuse {
         let h = self.add_handle(Handle::File {
             ino: a.ino,
             flags: args.flags,
+            touched: false,
+            reads: 0,
+            writes: 0,
         });
+        if !cfg!(feature = "usage-on-touch") {
+            self.count_usage(a.ino.0 as u64);
+        }
         let mut opts = OpenOptions::empty();
         if args.flags & libc::O_DIRECT as u32 != 0 {
             opts |= OpenOptions::DIRECT_IO;
@@ -492,6 +614,7 @@ impl FileSystem for MoltFuse {
         _lock: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
+        self.touch(_h, false);
         let data = self
             .fs
             .read(Ino(inode as u32), offset, size)
@@ -513,6 +636,7 @@ impl FileSystem for MoltFuse {
         _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        self.touch(_h, true);
         let mut data = vec![0u8; size as usize];
         r.read_exact(&mut data)?;
         if fuse_flags & WRITE_KILL_PRIV != 0 {
@@ -583,6 +707,9 @@ impl FileSystem for MoltFuse {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        if cname(name) == USAGE_XATTR {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         let f = XattrFlags {
             create: flags & libc::XATTR_CREATE as u32 != 0,
             replace: flags & libc::XATTR_REPLACE as u32 != 0,
@@ -599,10 +726,13 @@ impl FileSystem for MoltFuse {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        let v = self
-            .fs
-            .getxattr(Ino(inode as u32), cname(name))
-            .map_err(to_io)?;
+        let v = if cname(name) == USAGE_XATTR {
+            self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
+            let n = self.usage.lock().expect("usage").get(&inode).copied().unwrap_or(0);
+            n.to_string().into_bytes()
+        } else {
+            self.fs.getxattr(Ino(inode as u32), cname(name)).map_err(to_io)?
+        };
         if size == 0 {
             Ok(GetxattrReply::Count(v.len() as u32))
         } else if v.len() > size as usize {

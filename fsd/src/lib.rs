@@ -2,11 +2,15 @@
 //! the FUSE server and the supervisor.
 
 pub mod cli;
+pub mod component;
+pub mod control;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
 pub mod mkfs;
+pub mod persist;
 pub mod runtime;
 pub mod serve;
 pub mod store;
 pub mod supervisor;
+pub mod update;

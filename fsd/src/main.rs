@@ -59,19 +59,23 @@ enum Command {
     },
     /// Unmount MOUNTPOINT and wait until the image is clean and every process has exited.
     Unmount { mountpoint: PathBuf },
+    /// Print this build's component version (packages name it).
+    #[command(hide = true)]
+    ComponentVersion,
     /// Internal: the filesystem server process, started by the supervisor.
     #[command(hide = true)]
     Serve {
         mountpoint: PathBuf,
-        #[arg(long)]
-        driver_pid: Option<i32>,
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Take over from a running predecessor (live update).
+        #[arg(long)]
+        adopt: bool,
     },
 }
 
 /// Adopts a descriptor this process was started with.
-fn adopt(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
+fn inherited_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: F_GETFD only inspects the descriptor table.
     if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -146,7 +150,7 @@ fn main() -> ExitCode {
             };
             let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fsd"));
             let r = if foreground {
-                match ready_fd.map(adopt).transpose() {
+                match ready_fd.map(inherited_fd).transpose() {
                     Ok(ready) => supervisor::supervise(&opts, &exe, ready),
                     Err(e) => Err(supervisor::MountError::Failed(e.to_string())),
                 }
@@ -161,6 +165,10 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::ComponentVersion => {
+            println!("{}", fsd::persist::component_version());
+            ExitCode::SUCCESS
+        }
         Command::Unmount { mountpoint } => match supervisor::unmount(&mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -170,20 +178,21 @@ fn main() -> ExitCode {
         },
         Command::Serve {
             mountpoint,
-            driver_pid,
             threads,
+            adopt,
         } => {
+            let args = serve::ServerArgs { mountpoint, threads, adopt };
             let fds = (|| -> anyhow::Result<serve::ServerFds> {
                 use supervisor::*;
                 Ok(serve::ServerFds {
-                    ring: adopt(SERVE_RING_FD)?,
-                    sq_eventfd: adopt(SERVE_SQ_FD)?,
-                    cq_eventfd: adopt(SERVE_CQ_FD)?,
-                    fuse: std::fs::File::from(adopt(SERVE_FUSE_FD)?),
-                    ctl: std::os::unix::net::UnixStream::from(adopt(SERVE_CTL_FD)?),
+                    ring: inherited_fd(SERVE_RING_FD)?,
+                    sq_eventfd: inherited_fd(SERVE_SQ_FD)?,
+                    cq_eventfd: inherited_fd(SERVE_CQ_FD)?,
+                    fuse: std::fs::File::from(inherited_fd(SERVE_FUSE_FD)?),
+                    ctl: std::os::unix::net::UnixStream::from(inherited_fd(SERVE_CTL_FD)?),
                 })
             })();
-            match fds.and_then(|fds| serve::run_server(&mountpoint, driver_pid, threads, fds)) {
+            match fds.and_then(|fds| serve::run_server(&args, fds)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fsd serve: {e:#}");

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
@@ -98,18 +99,20 @@ pub fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<
 /// Serves requests with `threads` workers until `stop_serving` wakes them or the
 /// connection ends. Workers return only between requests, never holding one unanswered.
 pub fn serve(
-    server: Arc<Server<Arc<MoltFuse>>>,
+    molt: Arc<MoltFuse>,
     session: &FuseSession,
     threads: usize,
     stopping: Arc<AtomicBool>,
 ) -> io::Result<StopReason> {
+    let server = Arc::new(Server::new(molt.clone()));
     let mut workers = Vec::new();
     for i in 0..threads.max(1) {
         let ch = session.new_channel().map_err(|e| io::Error::other(e.to_string()))?;
         let server = server.clone();
         let stopping = stopping.clone();
+        let molt = molt.clone();
         let name = format!("fuse-{i}");
-        workers.push(thread::Builder::new().name(name).spawn(move || worker(server, ch, &stopping))?);
+        workers.push(thread::Builder::new().name(name).spawn(move || worker(server, ch, &stopping, &molt))?);
     }
     let mut reason = StopReason::Woken;
     for w in workers {
@@ -120,10 +123,11 @@ pub fn serve(
     Ok(reason)
 }
 
-fn worker(server: Arc<Server<Arc<MoltFuse>>>, mut ch: FuseChannel, stopping: &AtomicBool) -> StopReason {
+fn worker(server: Arc<Server<Arc<MoltFuse>>>, mut ch: FuseChannel, stopping: &AtomicBool, molt: &MoltFuse) -> StopReason {
     loop {
         match ch.get_request() {
             Ok(Some((reader, writer))) => {
+                molt.requests.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
                     if let fuse_backend_rs::Error::EncodeMessage(io_err) = &e {
                         if io_err.raw_os_error() == Some(libc::ENODEV)
@@ -152,72 +156,247 @@ pub struct ServerFds {
     pub ctl: std::os::unix::net::UnixStream,
 }
 
-/// The filesystem server process: mounts the image over the ring, tells the supervisor
-/// (line protocol on `ctl`: "fs-ready", then waits for "mounted", then "serving"), serves
-/// until the kernel ends the connection, then makes the image clean.
-pub fn run_server(
-    mountpoint: &Path,
-    driver_pid: Option<i32>,
-    threads: usize,
-    fds: ServerFds,
-) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut ctl = fds.ctl;
-    let mut reader = BufReader::new(ctl.try_clone()?);
-    let setup = || -> anyhow::Result<(Arc<crate::fs::Fs>, FuseSession)> {
-        let ring = blockdev::ring::RingRegion::open(fds.ring)?;
-        let pidfd = driver_pid.map(pidfd_open).transpose()?;
-        let client = blockdev::Client::connect(
-            ring,
-            fds.sq_eventfd,
-            fds.cq_eventfd,
-            pidfd,
-            Default::default(),
-        )?;
-        let fs = Arc::new(crate::fs::Fs::mount(Arc::new(client))?);
-        let mut session = FuseSession::new(mountpoint, "molt", "molt", false)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        session.set_fuse_file(fds.fuse);
-        Ok((fs, session))
-    };
-    let (fs, session) = match setup() {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = writeln!(ctl, "error: {e:#}");
-            return Err(e);
+/// How `fsd serve` starts.
+#[derive(Debug, Clone)]
+pub struct ServerArgs {
+    pub mountpoint: std::path::PathBuf,
+    pub threads: usize,
+    /// Take over from a running predecessor (live update) instead of mounting.
+    pub adopt: bool,
+}
+
+/// Connects a ring client on duplicates of the ring descriptors (the originals stay, so
+/// the process can reconnect after a rolled-back update).
+fn connect(ring: &ServerRing) -> anyhow::Result<Arc<blockdev::Client>> {
+    let region = blockdev::ring::RingRegion::open(ring.ring.try_clone()?)?;
+    // No pidfd: the driver may be replaced by a live update; liveness is the heartbeat's.
+    let client = blockdev::Client::connect(
+        region,
+        ring.sq_eventfd.try_clone()?,
+        ring.cq_eventfd.try_clone()?,
+        None,
+        Default::default(),
+    )?;
+    Ok(Arc::new(client))
+}
+
+struct ServerRing {
+    ring: std::os::fd::OwnedFd,
+    sq_eventfd: std::os::fd::OwnedFd,
+    cq_eventfd: std::os::fd::OwnedFd,
+}
+
+/// A required state a live update asks the server to reach before it drains.
+fn required_state_reached(molt: &MoltFuse, states: &[String]) -> Result<(), String> {
+    for s in states {
+        match s.as_str() {
+            "quiescent" | "no-reads-in-flight" | "no-writes-in-flight" | "" => {}
+            "no-open-files" => {
+                let n = molt.open_handles().len();
+                if n > 0 {
+                    return Err(format!("{n} files or directories are open"));
+                }
+            }
+            "every-open-file-touched" => {
+                let n = molt.export().untouched_files();
+                if n > 0 {
+                    return Err(format!("{n} open files have not been read or written since they were opened"));
+                }
+            }
+            other => return Err(format!("unknown required state {other}")),
         }
-    };
-    writeln!(ctl, "fs-ready")?;
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    if line.trim() != "mounted" {
-        anyhow::bail!("supervisor did not mount: {line:?}");
-    }
-    let server = Arc::new(Server::new(Arc::new(MoltFuse::new(fs.clone()))));
-    let session = Arc::new(session);
-    let worker_session = session.clone();
-    let stopping = Arc::new(AtomicBool::new(false));
-    let serving = thread::spawn(move || serve(server, &worker_session, threads, stopping));
-    writeln!(ctl, "serving")?;
-    let reason = serving
-        .join()
-        .map_err(|_| anyhow::anyhow!("serve loop panicked"))??;
-    // Dropping a session unmounts by path; the mount is gone or handed over already.
-    std::mem::forget(session);
-    if reason == StopReason::Disconnected {
-        fs.unmount()?;
     }
     Ok(())
 }
 
-/// A pidfd for `pid` (the block driver), so ring waits notice its death at once.
-fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+/// The filesystem server process. Start-up (line protocol on `ctl`):
+/// - mount: "fs-ready" once the image is mounted over the ring; waits for "mounted"
+///   (the supervisor made the FUSE mount); then serves and says "serving".
+/// - adopt: "spawned" once its FUSE session exists; receives the "state" blob; imports it
+///   (no writes) and says "imported"; waits for "commit" (or "abort"); serves, "serving".
+///
+/// While serving it answers "status", and "prepare <deadline_ms> [states]": it converges
+/// to the required states (or answers "error: ..." and keeps serving), stops its workers
+/// between requests, makes the image consistent, and sends the "ready" state blob. It then
+/// holds: "resume" serves again, "exit" ends the process without touching the mount.
+/// When the kernel ends the connection (unmount) it makes the image clean and exits.
+pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
+    use crate::control::{ControlLink, Msg};
+    use crate::persist::{FsdStateV1, STATE_CAP};
+    let mut ctl = ControlLink::new(fds.ctl, STATE_CAP)?;
+    let ring = ServerRing { ring: fds.ring, sq_eventfd: fds.sq_eventfd, cq_eventfd: fds.cq_eventfd };
+    let fail = |ctl: &mut ControlLink, e: anyhow::Error| -> anyhow::Error {
+        let _ = ctl.send(&format!("error: {e:#}"));
+        e
+    };
+    let mut session = match FuseSession::new(&args.mountpoint, "molt", "molt", false) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&mut ctl, anyhow::anyhow!("{e}"))),
+    };
+    session.set_fuse_file(fds.fuse);
+    let session = Arc::new(session);
+
+    let (fs, molt) = if args.adopt {
+        ctl.send("spawned")?;
+        let blob = match ctl.recv()? {
+            Msg::Blob(tag, b) if tag == "state" => b,
+            other => anyhow::bail!("expected the state blob, got {other:?}"),
+        };
+        let adopted = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
+            let state = FsdStateV1::decode(&blob)?;
+            if state.init_flags != crate::fuse::wanted_init_flags().bits() {
+                anyhow::bail!("the connection was negotiated with INIT flags {:#x}, this version needs {:#x}", state.init_flags, crate::fuse::wanted_init_flags().bits());
+            }
+            let fs = Arc::new(crate::fs::Fs::adopt(connect(&ring)?)?);
+            let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
+            Ok((fs, molt))
+        })();
+        let (fs, molt) = match adopted {
+            Ok(v) => v,
+            Err(e) => return Err(fail(&mut ctl, e)),
+        };
+        ctl.send("imported")?;
+        match ctl.recv()? {
+            Msg::Line(l) if l == "commit" => {}
+            _ => {
+                // Aborted: leave without touching the mount or the image.
+                std::mem::forget(session);
+                std::process::exit(0);
+            }
+        }
+        (fs, molt)
+    } else {
+        let mounted = (|| -> anyhow::Result<Arc<crate::fs::Fs>> { Ok(Arc::new(crate::fs::Fs::mount(connect(&ring)?)?)) })();
+        let fs = match mounted {
+            Ok(fs) => fs,
+            Err(e) => return Err(fail(&mut ctl, e)),
+        };
+        ctl.send("fs-ready")?;
+        ctl.expect("mounted")?;
+        let molt = Arc::new(MoltFuse::new(fs.clone()));
+        (fs, molt)
+    };
+
+    // Commands arrive on their own thread so that the main loop also notices an unmount.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = ctl.try_clone()?;
+    thread::spawn(move || loop {
+        let m = reader.recv();
+        let end = m.is_err();
+        if tx.send(m).is_err() || end {
+            return;
+        }
+    });
+
+    loop {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let serving = {
+            let (molt, session, stopping) = (molt.clone(), session.clone(), stopping.clone());
+            let threads = args.threads;
+            thread::spawn(move || serve(molt, &session, threads, stopping))
+        };
+        // Commits times left in memory by overwrites within about a second.
+        let mut flusher = Some({
+            let (fs, stopping) = (fs.clone(), stopping.clone());
+            thread::spawn(move || {
+                while !stopping.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(100));
+                    if !stopping.load(Ordering::SeqCst) {
+                        let _ = fs.commit_older_than(Duration::from_secs(1));
+                    }
+                }
+            })
+        });
+        ctl.send("serving")?;
+        let mut prepared = false;
+        'commands: loop {
+            if serving.is_finished() && !prepared {
+                break 'commands;
+            }
+            let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(m) => m,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                // The supervisor is gone; keep serving (it kills us if it means to).
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    if serving.is_finished() {
+                        break 'commands;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            let line = match msg {
+                Ok(Msg::Line(l)) => l,
+                Ok(Msg::Blob(..)) => continue,
+                Err(_) => continue,
+            };
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("status") => {
+                    let st = molt.export();
+                    ctl.send(&format!(
+                        "status version={} schema={} lookups={} handles={} requests={}",
+                        st.version,
+                        crate::persist::STATE_SCHEMA,
+                        st.lookups.len(),
+                        st.handles.len(),
+                        st.requests
+                    ))?;
+                }
+                Some("prepare") if !prepared => {
+                    let deadline_ms: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(5000);
+                    let states: Vec<String> = words.next().map(|w| w.split(',').map(str::to_string).collect()).unwrap_or_default();
+                    let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+                    // Preparation: keep serving while converging to the required state.
+                    let reached = loop {
+                        match required_state_reached(&molt, &states) {
+                            Ok(()) => break Ok(()),
+                            Err(why) if Instant::now() >= deadline => break Err(why),
+                            Err(_) => thread::sleep(Duration::from_millis(5)),
+                        }
+                    };
+                    if let Err(why) = reached {
+                        ctl.send(&format!("error: required state not reached by the deadline: {why}"))?;
+                        continue;
+                    }
+                    stop_serving(&session, &stopping)?;
+                    while !serving.is_finished() {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                    if let Some(f) = flusher.take() {
+                        let _ = f.join();
+                    }
+                    prepared = true;
+                    // Re-check: a request served during the drain may have changed it.
+                    let state_ok = required_state_reached(&molt, &states).map_err(anyhow::Error::msg).and_then(|()| fs.quiesce().map_err(anyhow::Error::from));
+                    if let Err(e) = state_ok {
+                        ctl.send(&format!("error: {e:#}"))?;
+                        break 'commands;
+                    }
+                    ctl.send_blob("ready", &molt.export().encode())?;
+                }
+                Some("resume") if prepared => {
+                    // A successor may have used the ring: reconnect from its current positions.
+                    fs.replace_store(connect(&ring)?);
+                    break 'commands;
+                }
+                Some("exit") if prepared => {
+                    std::mem::forget(session);
+                    std::process::exit(0);
+                }
+                _ => ctl.send(&format!("error: unexpected command {line:?}"))?,
+            }
+        }
+        stopping.store(true, Ordering::SeqCst);
+        if let Some(f) = flusher.take() {
+            let _ = f.join();
+        }
+        let reason = serving.join().map_err(|_| anyhow::anyhow!("serve loop panicked"))??;
+        if reason == StopReason::Disconnected && !prepared {
+            // Unmounted: the session is gone with the mount; make the image clean.
+            std::mem::forget(session);
+            fs.unmount()?;
+            return Ok(());
+        }
     }
-    // SAFETY: `fd` is a fresh descriptor returned by the kernel and owned by nobody else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

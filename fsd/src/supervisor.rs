@@ -8,12 +8,14 @@
 //! answered through the new mount.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockdev::image::Image;
@@ -21,6 +23,7 @@ use blockdev::spawn::{driver_command, DriverConfig, DriverFds, RingSetup};
 use formats::superblock::{FsState, Superblock};
 use formats::FormatError;
 
+use crate::component::Component;
 use crate::runtime;
 use crate::serve;
 use crate::store::{BlockStore, FileStore};
@@ -224,124 +227,191 @@ pub fn supervise(
     }
 }
 
-struct Components {
-    driver: Child,
-    server: Child,
+/// Everything the supervisor holds for a mount: its own duplicates of every descriptor
+/// that must outlive a component (image, ring, FUSE connection) and the components.
+pub struct Stack {
+    pub mnt: PathBuf,
+    pub opts: MountOptions,
+    /// Keeps the image open and locked for the life of the mount.
+    pub image: Image,
+    pub ring: RingSetup,
+    pub fuse_dev: File,
+    pub server: Component,
+    pub driver: Child,
+    pub driver_version: String,
+    /// Live updates applied or attempted, in order.
+    pub history: Vec<crate::update::UpdateRecord>,
+    pub last_sequence: u64,
 }
 
-impl Components {
-    fn kill(&mut self) {
-        for c in [&mut self.server, &mut self.driver] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+impl Stack {
+    /// Starts a filesystem server from `binary` on this stack's descriptors.
+    pub fn spawn_server(&self, binary: &Path, adopt: bool) -> Result<Component, MountError> {
+        spawn_server(&self.mnt, &self.opts, &self.ring, &self.fuse_dev, binary, adopt)
+    }
+
+    fn kill_all(&mut self) {
+        self.server.kill();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }
 
-fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<(), MountError> {
-    let mnt = precheck(opts)?;
-    let image = Image::open(&opts.image)
-        .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
-    lock_image(image.file().as_fd(), &opts.image)?;
-
-    let config = DriverConfig {
-        engine: opts.engine,
-        ..DriverConfig::default()
-    };
-    let setup = RingSetup::new(config.geometry)
-        .map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
-    let fds = DriverFds {
-        ring: setup.ring.fd(),
-        sq_eventfd: setup.sq_eventfd.as_fd(),
-        cq_eventfd: setup.cq_eventfd.as_fd(),
-        image: image.file().as_fd(),
-    };
-    let (mut dcmd, guard) = driver_command(fds, &config, Some(std::process::id()))
-        .map_err(|e| MountError::Os("preparing the block driver", e))?;
-    let driver = dcmd
-        .spawn()
-        .map_err(|e| MountError::Os("starting the block driver", e))?;
-    drop(guard);
-
-    let fuse_dev = serve::open_fuse_device().map_err(|e| MountError::Os("opening /dev/fuse", e))?;
-    let (ctl, child_ctl) =
-        UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
-    let server_fds = [
-        setup.ring.fd(),
-        setup.sq_eventfd.as_fd(),
-        setup.cq_eventfd.as_fd(),
-        fuse_dev.as_fd(),
-        child_ctl.as_fd(),
-    ];
-    let mut scmd = Command::new(exe);
-    scmd.arg("serve")
-        .arg(&mnt)
-        .args(["--driver-pid", &driver.id().to_string()])
-        .args(["--threads", &opts.threads.to_string()]);
-    let guard = pass_fds(&mut scmd, &server_fds, SERVE_RING_FD)
-        .map_err(|e| MountError::Os("preparing the server", e))?;
-    let server = match scmd.spawn() {
-        Ok(s) => s,
-        Err(e) => {
-            let mut d = driver;
-            let _ = d.kill();
-            let _ = d.wait();
-            return Err(MountError::Os("starting the filesystem server", e));
-        }
-    };
+fn spawn_server(
+    mnt: &Path,
+    opts: &MountOptions,
+    ring: &RingSetup,
+    fuse_dev: &File,
+    binary: &Path,
+    adopt: bool,
+) -> Result<Component, MountError> {
+    let (ctl, child_ctl) = UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
+    let fds = [ring.ring.fd(), ring.sq_eventfd.as_fd(), ring.cq_eventfd.as_fd(), fuse_dev.as_fd(), child_ctl.as_fd()];
+    let mut cmd = Command::new(binary);
+    cmd.arg("serve").arg(mnt).args(["--threads", &opts.threads.to_string()]);
+    if adopt {
+        cmd.arg("--adopt");
+    }
+    let guard = pass_fds(&mut cmd, &fds, SERVE_RING_FD).map_err(|e| MountError::Os("preparing the server", e))?;
+    let child = cmd.spawn().map_err(|e| MountError::Os("starting the filesystem server", e))?;
     drop(guard);
     drop(child_ctl);
-    let mut comps = Components { driver, server };
+    let version = component_version_of(binary).unwrap_or_else(|| "unknown".into());
+    Component::new(child, binary.to_path_buf(), version, ctl, crate::persist::STATE_CAP)
+        .map_err(|e| MountError::Os("control channel", e))
+}
 
-    let mut ctl_reader = BufReader::new(
-        ctl.try_clone()
-            .map_err(|e| MountError::Os("control channel", e))?,
-    );
-    let mut ctl_writer = ctl;
+/// Asks a binary for its component version (`fsd version`).
+pub fn component_version_of(binary: &Path) -> Option<String> {
+    let out = Command::new(binary).arg("component-version").output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<(), MountError> {
+    let stack = start(opts, exe)?;
+    let mnt = stack.mnt.clone();
+    if let Err(e) = runtime::create(&mnt, &opts.image, std::process::id()) {
+        let mut stack = stack;
+        stack.kill_all();
+        let _ = serve::unmount(&mnt, true);
+        return Err(MountError::Os("creating the runtime directory", e));
+    }
+    let stack = Arc::new(Mutex::new(stack));
+    crate::update::start_control_socket(&stack, &mnt).map_err(|e| MountError::Os("creating the control socket", e))?;
+    ready.send("ok");
+    run(&stack)
+}
+
+/// Starts the driver and the server and makes the mount.
+fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
+    let mnt = precheck(opts)?;
+    let image = Image::open(&opts.image).map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
+    lock_image(image.file().as_fd(), &opts.image)?;
+
+    let config = DriverConfig { engine: opts.engine, ..DriverConfig::default() };
+    let ring = RingSetup::new(config.geometry).map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
+    let fds = DriverFds {
+        ring: ring.ring.fd(),
+        sq_eventfd: ring.sq_eventfd.as_fd(),
+        cq_eventfd: ring.cq_eventfd.as_fd(),
+        image: image.file().as_fd(),
+    };
+    let (mut dcmd, guard) =
+        driver_command(fds, &config, Some(std::process::id())).map_err(|e| MountError::Os("preparing the block driver", e))?;
+    let driver_binary = blockdev::spawn::driver_binary(&config);
+    let mut driver = dcmd.spawn().map_err(|e| MountError::Os("starting the block driver", e))?;
+    drop(guard);
+    let fuse_dev = match serve::open_fuse_device() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = driver.kill();
+            let _ = driver.wait();
+            return Err(MountError::Os("opening /dev/fuse", e));
+        }
+    };
+    let server = match spawn_server(&mnt, opts, &ring, &fuse_dev, exe, false) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = driver.kill();
+            let _ = driver.wait();
+            return Err(e);
+        }
+    };
+    let mut stack = Stack {
+        mnt: mnt.clone(),
+        opts: opts.clone(),
+        image,
+        ring,
+        fuse_dev,
+        server,
+        driver,
+        driver_version: driver_version_of(&driver_binary),
+        history: Vec::new(),
+        last_sequence: 0,
+    };
+    let never = AtomicBool::new(false);
+    let deadline = Instant::now() + START_TIMEOUT;
     let started = (|| {
-        expect_line(&mut ctl_reader, "fs-ready")?;
-        serve::mount_fuse(&fuse_dev, &mnt, &opts.image.to_string_lossy())
-            .map_err(|e| MountError::Os("mounting", e))?;
-        writeln!(ctl_writer, "mounted").map_err(|e| MountError::Os("control channel", e))?;
-        expect_line(&mut ctl_reader, "serving")?;
+        stack.server.expect("fs-ready", deadline, &never).map_err(|e| MountError::Failed(e.to_string()))?;
+        serve::mount_fuse(&stack.fuse_dev, &mnt, &opts.image.to_string_lossy()).map_err(|e| MountError::Os("mounting", e))?;
+        stack.server.send("mounted").map_err(|e| MountError::Os("control channel", e))?;
+        stack.server.expect("serving", deadline, &never).map_err(|e| MountError::Failed(e.to_string()))?;
         std::fs::metadata(&mnt).map_err(|e| MountError::Os("checking the new mount", e))?;
         Ok(())
     })();
     if let Err(e) = started {
-        comps.kill();
+        stack.kill_all();
         if is_mountpoint(&mnt) {
             let _ = serve::unmount(&mnt, true);
         }
         return Err(e);
     }
-    runtime::create(&mnt, &opts.image, std::process::id())
-        .map_err(|e| MountError::Os("creating the runtime directory", e))?;
-    ready.send("ok");
+    Ok(stack)
+}
 
-    // Serve until the filesystem server exits: after an unmount it makes the image clean
-    // and exits 0. Any other end takes the whole stack down so the next mount recovers.
-    let status = comps
-        .server
-        .wait()
-        .map_err(|e| MountError::Os("waiting for the server", e))?;
-    let _ = signal(&comps.driver, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while comps.driver.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = comps.driver.kill();
-    let _ = comps.driver.wait();
-    if !status.success() && is_mountpoint(&mnt) {
-        let _ = serve::unmount(&mnt, true);
-    }
-    drop(fuse_dev);
-    runtime::remove(&mnt);
-    if status.success() {
-        Ok(())
-    } else {
-        Err(MountError::Failed(format!(
-            "the filesystem server ended: {status}"
-        )))
+fn driver_version_of(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Watches the components until the filesystem server exits: after an unmount it makes
+/// the image clean and exits 0. Any other end takes the whole stack down so that the next
+/// mount recovers from the journal.
+fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        let server_end = s.server.child.try_wait().ok().flatten();
+        let driver_end = s.driver.try_wait().ok().flatten();
+        if server_end.is_none() && driver_end.is_none() {
+            continue;
+        }
+        let clean = server_end.map(|st| st.success()).unwrap_or(false) && driver_end.is_none();
+        if server_end.is_none() {
+            s.server.kill();
+        }
+        let _ = signal(&s.driver, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.driver.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = s.driver.kill();
+        let _ = s.driver.wait();
+        let mnt = s.mnt.clone();
+        if !clean && is_mountpoint(&mnt) {
+            let _ = serve::unmount(&mnt, true);
+        }
+        runtime::remove(&mnt);
+        return if clean {
+            Ok(())
+        } else {
+            Err(MountError::Failed(format!("a component ended: server {server_end:?}, driver {driver_end:?}")))
+        };
     }
 }
 
@@ -353,22 +423,6 @@ fn signal(child: &Child, sig: i32) -> io::Result<()> {
     Ok(())
 }
 
-fn expect_line(r: &mut impl BufRead, want: &str) -> Result<(), MountError> {
-    let mut line = String::new();
-    match r.read_line(&mut line) {
-        Ok(0) => Err(MountError::Failed(
-            "the filesystem server exited during start-up".into(),
-        )),
-        Ok(_) if line.trim() == want => Ok(()),
-        Ok(_) => Err(MountError::Failed(
-            line.trim()
-                .strip_prefix("error: ")
-                .unwrap_or(line.trim())
-                .to_string(),
-        )),
-        Err(e) => Err(MountError::Os("control channel", e)),
-    }
-}
 
 /// Takes an exclusive lock on the image so that two mounts never share it; waits a while
 /// for a previous mount that is still finishing its unmount.

@@ -112,6 +112,32 @@ pub(crate) fn set_written(exts: &mut Vec<Extent>, start: u64, end: u64, max_len:
     *exts = merged;
 }
 
+/// The device reads that serve one file read.
+#[derive(Debug, Default)]
+pub(crate) struct ReadPlan {
+    /// (offset in the block-aligned buffer, physical block, blocks)
+    pub runs: Vec<(usize, u64, u64)>,
+    pub buf_len: usize,
+    /// Bytes to drop at the front (the read's offset within its first block).
+    pub skip: usize,
+    pub len: usize,
+}
+
+impl ReadPlan {
+    pub(crate) fn execute(&self, store: &dyn crate::store::BlockStore) -> std::io::Result<Vec<u8>> {
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; self.buf_len];
+        for &(off, physical, n) in &self.runs {
+            store.read(physical, &mut buf[off..off + (n * BS) as usize])?;
+        }
+        buf.drain(..self.skip);
+        buf.truncate(self.len);
+        Ok(buf)
+    }
+}
+
 /// Where file block `fb` lives: (physical, unwritten, blocks left in the extent), or the
 /// number of blocks until the next mapped block (None = no more mappings).
 pub(crate) enum Lookup {
@@ -201,42 +227,45 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) fn file_read(&mut self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let node = self.node(ino)?.clone();
+    /// Plans a read from the in-memory block map: which device runs fill which part of
+    /// the buffer. Holes and unwritten extents stay zero.
+    pub(crate) fn read_plan(&mut self, ino: Ino, offset: u64, size: u32) -> FsResult<ReadPlan> {
+        let node = self.node(ino)?;
         if node.inode.is_dir() {
             return Err(FsError::IsDir);
         }
         let file_size = node.inode.size;
         if offset >= file_size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadPlan::default());
         }
         let end = (offset + size as u64).min(file_size);
         let fb_start = offset / BS;
         let fb_end = end.div_ceil(BS);
-        let mut buf = vec![0u8; ((fb_end - fb_start) * BS) as usize];
+        let mut runs = Vec::new();
         let mut fb = fb_start;
         while fb < fb_end {
-            match lookup(&node, fb) {
-                Lookup::Mapped {
-                    physical,
-                    unwritten,
-                    run,
-                } => {
+            match lookup(node, fb) {
+                Lookup::Mapped { physical, unwritten, run } => {
                     let n = run.min(fb_end - fb);
                     if !unwritten {
-                        let off = ((fb - fb_start) * BS) as usize;
-                        self.store
-                            .read(physical, &mut buf[off..off + (n * BS) as usize])?;
+                        runs.push((((fb - fb_start) * BS) as usize, physical, n));
                     }
                     fb += n;
                 }
                 Lookup::Hole { run } => fb += run.unwrap_or(fb_end - fb).min(fb_end - fb),
             }
         }
-        let skip = (offset - fb_start * BS) as usize;
-        buf.drain(..skip);
-        buf.truncate((end - offset) as usize);
-        Ok(buf)
+        Ok(ReadPlan {
+            runs,
+            buf_len: ((fb_end - fb_start) * BS) as usize,
+            skip: (offset - fb_start * BS) as usize,
+            len: (end - offset) as usize,
+        })
+    }
+
+    pub(crate) fn file_read(&mut self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let plan = self.read_plan(ino, offset, size)?;
+        Ok(plan.execute(self.store.as_ref())?)
     }
 
     /// Writes `data` at `offset`, allocating as needed. Leaves metadata dirty for commit.

@@ -72,6 +72,10 @@ pub(crate) struct Inner {
     /// Freed by the transaction in progress.
     tx_free: Vec<(u64, u64)>,
     last_checkpoint: Instant,
+    last_commit: Instant,
+    /// Held (shared) by reads that run outside the lock; freed blocks are released for
+    /// reuse only when it can be taken exclusively.
+    reuse: Arc<std::sync::RwLock<()>>,
     next_generation: u32,
     /// A failed write or flush: every later change is refused until remount.
     failed: Option<String>,
@@ -145,6 +149,8 @@ impl Fs {
             dirty_nodes: HashSet::new(),
             tx_free: Vec::new(),
             last_checkpoint: Instant::now(),
+            last_commit: Instant::now(),
+            reuse: Arc::new(std::sync::RwLock::new(())),
             next_generation: (now.nsec ^ now.sec as u32) | 1,
             failed: None,
         };
@@ -153,6 +159,73 @@ impl Fs {
         };
         fs.lock().free_orphans()?;
         Ok(fs)
+    }
+
+    /// Takes over an image that a predecessor quiesced (live update): reads everything it
+    /// needs and writes nothing, so that the predecessor can still resume if the update
+    /// is rolled back. Orphans stay: the kernel may still hold them.
+    pub fn adopt(store: Arc<dyn BlockStore>) -> FsResult<Fs> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        store.read(0, &mut b)?;
+        let sb = Superblock::decode(&b)?;
+        let geo = sb.geometry;
+        let log = journal::scan(store.as_ref(), &geo)?;
+        if !log.transactions.is_empty() {
+            return Err(FsError::Corrupted(format!(
+                "the predecessor left {} journal transactions unapplied",
+                log.transactions.len()
+            )));
+        }
+        let ibitmap = load_bitmap(
+            store.as_ref(),
+            BlockKind::InodeBitmap,
+            geo.inode_bitmap_start,
+            geo.inode_bitmap_blocks,
+            geo.inode_count as u64 + 1,
+        )?;
+        let bbitmap = load_bitmap(
+            store.as_ref(),
+            BlockKind::BlockBitmap,
+            geo.block_bitmap_start,
+            geo.block_bitmap_blocks,
+            geo.total_blocks,
+        )?;
+        let now = crate::mkfs::now();
+        let codec = formats::inode::codec_for(sb.format_version);
+        let inner = Inner {
+            store,
+            sb,
+            geo,
+            codec,
+            ibitmap,
+            bbitmap,
+            journal: JournalWriter::new(&geo, log.next_sequence),
+            tx: BTreeMap::new(),
+            pinned: HashMap::new(),
+            clean: HashMap::new(),
+            nodes: HashMap::new(),
+            dirty_nodes: HashSet::new(),
+            tx_free: Vec::new(),
+            last_checkpoint: Instant::now(),
+            last_commit: Instant::now(),
+            reuse: Arc::new(std::sync::RwLock::new(())),
+            next_generation: (now.nsec ^ now.sec as u32) | 1,
+            failed: None,
+        };
+        Ok(Fs { inner: Mutex::new(inner) })
+    }
+
+    /// Makes the image fully consistent on its own (every committed change written in
+    /// place, journal empty) so that a successor can adopt it. The filesystem stays usable.
+    pub fn quiesce(&self) -> FsResult<()> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        g.checkpoint()
+    }
+
+    /// Replaces the block store (reconnecting to the driver after a rolled-back update).
+    pub fn replace_store(&self, store: Arc<dyn BlockStore>) {
+        self.lock().store = store;
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -182,10 +255,32 @@ impl Fs {
         Ok(())
     }
 
+    /// Commits changes left in memory (times of overwritten files) once they are older
+    /// than `age`. The server calls it periodically.
+    pub fn commit_older_than(&self, age: std::time::Duration) -> FsResult<()> {
+        let mut g = self.lock();
+        if g.failed.is_none() && g.has_pending_changes() && g.last_commit.elapsed() >= age {
+            g.commit()?;
+        }
+        Ok(())
+    }
+
     /// Makes every completed operation durable (fsync/syncfs).
     pub fn sync(&self) -> FsResult<()> {
         self.lock().sync()
     }
+}
+
+/// Blocks a node owns: data, the extent blocks its map needs, and its xattr block.
+/// Derived from the map, so it is right before the node is encoded too.
+pub(crate) fn block_count(n: &Node, records_per_block: usize) -> u64 {
+    let xattr = u64::from(n.inode.xattr_block != 0);
+    if !n.inode.has_block_map() {
+        return xattr;
+    }
+    let data: u64 = n.extents.iter().map(|e| e.len as u64).sum();
+    let chain = n.extents.len().saturating_sub(INLINE_EXTENTS).div_ceil(records_per_block) as u64;
+    data + chain + xattr
 }
 
 fn load_bitmap(
@@ -346,12 +441,9 @@ impl Inner {
                 InlineArea::Extents(extents[..extents.len().min(INLINE_EXTENTS)].to_vec());
             n.inode.extent_count = extents.len() as u32;
             n.inode.extent_block = chain.first().copied().unwrap_or(0);
-            let data: u64 = extents.iter().map(|e| e.len as u64).sum();
-            n.inode.blocks = data + chain.len() as u64 + u64::from(n.inode.xattr_block != 0);
-        } else {
-            n.inode.blocks = u64::from(n.inode.xattr_block != 0);
         }
         n.chain = chain;
+        n.inode.blocks = block_count(n, per_block);
         let inode = n.inode.clone();
         let (addr, off) = self.geo.inode_location(ino);
         let mut blk = Box::new(*self.read_meta(addr.0)?);
@@ -369,6 +461,10 @@ impl Inner {
             Some(run) => run,
             None if self.bbitmap.has_withheld() => {
                 self.checkpoint()?;
+                // Reads outside the lock never wait for it, so this wait is bounded.
+                let reuse = self.reuse.clone();
+                let _quiet = reuse.write().unwrap_or_else(|p| p.into_inner());
+                self.bbitmap.release();
                 self.bbitmap.find_run(goal, want).ok_or(FsError::NoSpace)?
             }
             None => return Err(FsError::NoSpace),
@@ -475,6 +571,7 @@ impl Inner {
             self.clean.remove(&addr);
             self.pinned.insert(addr, Arc::from(b));
         }
+        self.last_commit = Instant::now();
         if self.journal.used_fraction() > 0.5
             || self.last_checkpoint.elapsed().as_secs() >= CHECKPOINT_INTERVAL_SECS
         {
@@ -511,6 +608,9 @@ impl Inner {
     /// is durable afterwards, and blocks freed by them become allocatable.
     pub(crate) fn sync(&mut self) -> FsResult<()> {
         self.check_writable()?;
+        if self.has_pending_changes() {
+            self.commit()?;
+        }
         let store = self.store.clone();
         let r = store.flush();
         self.latch(r)?;
@@ -519,6 +619,9 @@ impl Inner {
 
     /// Writes every pinned block in place and retires the journal.
     pub(crate) fn checkpoint(&mut self) -> FsResult<()> {
+        if self.has_pending_changes() {
+            self.commit()?;
+        }
         self.checkpoint_pinned()
     }
 
@@ -537,7 +640,11 @@ impl Inner {
         let geo = self.geo;
         let r = self.journal.reset(store.as_ref(), &geo);
         self.latch(r)?;
-        self.bbitmap.release();
+        // Freed blocks become reusable only when no read started before now is running.
+        let reuse = self.reuse.clone();
+        if let Ok(_quiet) = reuse.try_write() {
+            self.bbitmap.release();
+        }
         for (addr, b) in pinned {
             if self.clean.len() < CLEAN_CACHE_BLOCKS {
                 self.clean.insert(addr, b);

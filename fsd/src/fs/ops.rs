@@ -101,7 +101,7 @@ fn orphan_name(ino: Ino) -> Vec<u8> {
 }
 
 impl Inner {
-    fn has_pending_changes(&self) -> bool {
+    pub(crate) fn has_pending_changes(&self) -> bool {
         !self.tx.is_empty()
             || !self.dirty_nodes.is_empty()
             || !self.tx_free.is_empty()
@@ -110,8 +110,11 @@ impl Inner {
     }
 
     pub(crate) fn attr(&mut self, ino: Ino) -> FsResult<Attr> {
+        let per_block = self.codec.records_per_block();
         let n = self.node(ino)?;
-        Ok(attr_of(ino, &n.inode))
+        let mut a = attr_of(ino, &n.inode);
+        a.blocks = super::block_count(n, per_block) * (BLOCK_SIZE as u64 / 512);
+        Ok(a)
     }
 
     fn dir_node(&mut self, ino: Ino) -> FsResult<&mut Node> {
@@ -248,6 +251,11 @@ impl Fs {
     fn mutate<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
         let mut g = self.lock();
         g.check_writable()?;
+        // Changes left in memory by earlier writes go first, so that below "pending
+        // changes" means changes made by this operation.
+        if g.has_pending_changes() {
+            g.commit()?;
+        }
         match f(&mut g) {
             Ok(v) => {
                 g.commit()?;
@@ -638,8 +646,16 @@ impl Fs {
         })
     }
 
+    /// Reads file data. The block map is consulted under the lock; the device reads run
+    /// outside it, so reads proceed in parallel. Blocks freed meanwhile cannot be reused
+    /// while a read holds the reuse guard (see `Inner::checkpoint`).
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        self.read_only(|g| g.file_read(ino, offset, size))
+        let (plan, store, reuse) = {
+            let mut g = self.lock();
+            (g.read_plan(ino, offset, size)?, g.store.clone(), g.reuse.clone())
+        };
+        let _guard = reuse.read().unwrap_or_else(|p| p.into_inner());
+        Ok(plan.execute(store.as_ref())?)
     }
 
     /// Writes and commits; a write cut short by a full image returns the bytes written
@@ -649,6 +665,9 @@ impl Fs {
         g.check_writable()?;
         if !g.node(ino)?.inode.is_reg() {
             return Err(FsError::Invalid("write to a non-regular file"));
+        }
+        if g.has_pending_changes() && g.dirty_nodes.len() > 64 {
+            g.commit()?;
         }
         let mut done = 0;
         let mut result = Ok(());
@@ -676,7 +695,12 @@ impl Fs {
             }
             Ok(()) => {}
         }
-        g.commit()?;
+        // A write that allocated commits now, so that the bitmap and the block map travel
+        // in one transaction; an overwrite only changed times and stays dirty in memory
+        // until the next commit (any metadata change, fsync, or the periodic flush).
+        if g.bbitmap.is_dirty() || !g.tx_free.is_empty() || !g.tx.is_empty() {
+            g.commit()?;
+        }
         Ok(done)
     }
 

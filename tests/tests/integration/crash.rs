@@ -1,0 +1,755 @@
+//! Crash tests: a metadata-heavy workload runs on a real mount while one process of the
+//! stack (the supervisor, the filesystem server or the block driver) is killed with
+//! SIGKILL at a random moment. Afterwards every syscall of the workload has failed instead
+//! of hanging, no process of the stack is left, the mountpoint is detached, the image
+//! checks clean, and after a remount every write that the workload saw acknowledged by
+//! fsync is there with exactly its contents.
+//!
+//! Environment:
+//! - `MOLT_CRASH_KILLS`: kills per test (default 50). Raise it for a stress run, e.g.
+//!   `MOLT_CRASH_KILLS=1000 cargo nextest run --cargo-profile ci -E 'test(crash::)'`
+//!   (nextest's deadline still applies: pass `--no-capture` and a larger
+//!   `slow-timeout`, or run with `cargo test --profile ci -- crash::`).
+//! - `MOLT_CRASH_SEED`: replays a run; every run prints its seed.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use molt_tests::harness::{
+    abort_connection, alive, comm, force_unmount, is_mounted, kill9, poll_until,
+    seed_from_env, Mount, TestImage, TestRng,
+};
+
+/// Worker threads running the workload.
+const WORKERS: usize = 3;
+/// Cycles a durable entry lives before its owner retires (unlinks) it.
+const RETIRE_AFTER: u32 = 3;
+/// Most names one retire step removes.
+const RETIRE_BATCH: usize = 16;
+/// Longest time from the kill until every workload syscall has returned.
+const WORKLOAD_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest time from the kill until no process of the stack is left.
+const STACK_DEADLINE: Duration = Duration::from_secs(20);
+
+fn kills() -> u32 {
+    match std::env::var("MOLT_CRASH_KILLS") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("MOLT_CRASH_KILLS={s:?} is not a number")),
+        Err(_) => 50,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Victim {
+    Supervisor,
+    Server,
+    Driver,
+}
+
+/// What a durable name must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Entry {
+    /// A regular file holding `content(seed, len)`.
+    File { seed: u64, len: usize },
+    Symlink(String),
+    Dir,
+}
+
+#[derive(Clone, Debug)]
+enum State {
+    /// Acknowledged by fsync: must exist exactly so.
+    Durable(Entry),
+    /// Its removal was started and not acknowledged: absent, or exactly so.
+    Retiring(Entry),
+    /// Its removal was acknowledged by fsync of the directory: must be absent.
+    Gone,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    cycle: u32,
+    owner: usize,
+    state: State,
+}
+
+/// Every name under `keep/` whose state a crash must not change, keyed by its path
+/// relative to `keep/`.
+type Ledger = Arc<Mutex<BTreeMap<String, Record>>>;
+
+/// Contents of a durable file: unique per seed, so a block of another file is noticed.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = TestRng::new(seed).bytes(len);
+    let tag = seed.to_le_bytes();
+    let n = tag.len().min(len);
+    v[..n].copy_from_slice(&tag[..n]);
+    v
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// One workload thread: churn in its own directory, and durable steps under `keep/`.
+struct Worker {
+    id: usize,
+    cycle: u32,
+    rng: TestRng,
+    churn: PathBuf,
+    keep: PathBuf,
+    /// This cycle's durable directory, `keep/c{cycle}w{id}`, once created.
+    durable_dir: Option<String>,
+    /// Churn names that exist (files and symlinks), relative to `churn`.
+    files: Vec<String>,
+    /// Churn subdirectories that exist, relative to `churn`.
+    dirs: Vec<String>,
+    next: u64,
+    ledger: Ledger,
+}
+
+impl Worker {
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}{}", self.next)
+    }
+
+    fn pick(&mut self, n: usize) -> usize {
+        self.rng.below(n as u64) as usize
+    }
+
+    fn size(&mut self) -> usize {
+        match self.rng.below(10) {
+            0 => 64 * 1024 + self.rng.below(256 * 1024) as usize,
+            1 => 0,
+            _ => self.rng.below(16 * 1024) as usize,
+        }
+    }
+
+    fn record(&self, key: String, entry: Entry) {
+        self.ledger.lock().expect("ledger").insert(
+            key,
+            Record {
+                cycle: self.cycle,
+                owner: self.id,
+                state: State::Durable(entry),
+            },
+        );
+    }
+
+    /// Runs steps until one fails; returns the failing step and its error.
+    fn run(mut self, stop: &AtomicBool) -> (&'static str, io::Error) {
+        if let Err(e) = std::fs::create_dir(&self.churn) {
+            return ("mkdir churn", e);
+        }
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return ("stopped", io::Error::from_raw_os_error(libc::ECANCELED));
+            }
+            let (op, r) = match self.rng.below(100) {
+                0..=17 => ("durable file", self.durable_file()),
+                18..=21 => ("durable link", self.durable_link()),
+                22..=24 => ("durable symlink", self.durable_symlink()),
+                25..=29 => ("retire", self.retire()),
+                _ => self.churn_step(),
+            };
+            if let Err(e) = r {
+                return (op, e);
+            }
+        }
+    }
+
+    fn durable_parent(&mut self) -> io::Result<String> {
+        if let Some(d) = &self.durable_dir {
+            return Ok(d.clone());
+        }
+        let d = format!("c{}w{}", self.cycle, self.id);
+        std::fs::create_dir(self.keep.join(&d))?;
+        fsync_dir(&self.keep)?;
+        self.record(d.clone(), Entry::Dir);
+        self.durable_dir = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Writes a file with unique contents and makes it durable, either in place or by the
+    /// write-to-temporary, fsync, rename, fsync-the-directory pattern.
+    fn durable_file(&mut self) -> io::Result<()> {
+        let dir = self.durable_parent()?;
+        let key = format!("{dir}/{}", self.fresh("n"));
+        let len = self.size();
+        let seed = self.rng.next_u64();
+        let data = content(seed, len);
+        let dst = self.keep.join(&key);
+        if self.rng.below(2) == 0 {
+            let mut f = File::create(&dst)?;
+            f.write_all(&data)?;
+            if self.rng.below(2) == 0 {
+                f.sync_data()?;
+            } else {
+                f.sync_all()?;
+            }
+        } else {
+            let tmp_name = self.fresh("tmp");
+            let tmp = self.churn.join(tmp_name);
+            let f = File::create(&tmp)?;
+            // Written out of order: the tail first, then the head.
+            let mid = len / 2;
+            f.write_all_at(&data[mid..], mid as u64)?;
+            f.write_all_at(&data[..mid], 0)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &dst)?;
+        }
+        fsync_dir(&self.keep.join(&dir))?;
+        self.record(key, Entry::File { seed, len });
+        Ok(())
+    }
+
+    /// Hard-links one of this cycle's durable files to a new durable name.
+    fn durable_link(&mut self) -> io::Result<()> {
+        let Some(dir) = self.durable_dir.clone() else {
+            return self.durable_file();
+        };
+        let prefix = format!("{dir}/");
+        let candidates: Vec<(String, Entry)> = self
+            .ledger
+            .lock()
+            .expect("ledger")
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(k, r)| match &r.state {
+                State::Durable(e @ Entry::File { .. }) => Some((k.clone(), e.clone())),
+                _ => None,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return self.durable_file();
+        }
+        let (src, entry) = candidates[self.pick(candidates.len())].clone();
+        let key = format!("{dir}/{}", self.fresh("l"));
+        std::fs::hard_link(self.keep.join(&src), self.keep.join(&key))?;
+        fsync_dir(&self.keep.join(&dir))?;
+        self.record(key, entry);
+        Ok(())
+    }
+
+    fn durable_symlink(&mut self) -> io::Result<()> {
+        let dir = self.durable_parent()?;
+        let key = format!("{dir}/{}", self.fresh("s"));
+        // Short targets stay inline in the inode; long ones take a data block.
+        let reps = if self.rng.below(3) == 0 { 200 } else { 1 };
+        let target = format!("target-{}-{}", self.rng.next_u64(), "x".repeat(reps));
+        std::os::unix::fs::symlink(&target, self.keep.join(&key))?;
+        fsync_dir(&self.keep.join(&dir))?;
+        self.record(key, Entry::Symlink(target));
+        Ok(())
+    }
+
+    /// Removes up to `RETIRE_BATCH` of this worker's durable names from old enough cycles,
+    /// then fsyncs their directories.
+    fn retire(&mut self) -> io::Result<()> {
+        let batch: Vec<(String, Entry)> = {
+            let ledger = self.ledger.lock().expect("ledger");
+            ledger
+                .iter()
+                .filter(|(k, r)| {
+                    r.owner == self.id
+                        && r.cycle + RETIRE_AFTER <= self.cycle
+                        && matches!(r.state, State::Durable(_))
+                        // A directory goes only once nothing under it is left.
+                        && (!matches!(r.state, State::Durable(Entry::Dir))
+                            || !ledger.keys().any(|o| o.starts_with(&format!("{k}/"))))
+                })
+                .take(RETIRE_BATCH)
+                .filter_map(|(k, r)| match &r.state {
+                    State::Durable(e) => Some((k.clone(), e.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let set = |key: &str, s: State| {
+            if let Some(r) = self.ledger.lock().expect("ledger").get_mut(key) {
+                r.state = s;
+            }
+        };
+        let mut parents = Vec::new();
+        for (key, entry) in &batch {
+            set(key, State::Retiring(entry.clone()));
+            let path = self.keep.join(key);
+            if *entry == Entry::Dir {
+                std::fs::remove_dir(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            let parent = path.parent().expect("under keep").to_path_buf();
+            if !parents.contains(&parent) {
+                parents.push(parent);
+            }
+        }
+        for p in &parents {
+            fsync_dir(p)?;
+        }
+        for (key, _) in &batch {
+            set(key, State::Gone);
+        }
+        Ok(())
+    }
+
+    /// One unacknowledged metadata or data operation in the worker's own directory.
+    fn churn_step(&mut self) -> (&'static str, io::Result<()>) {
+        let c = self.churn.clone();
+        let k = self.rng.below(100);
+        if self.files.is_empty() || k < 20 {
+            let parent = self.some_dir();
+            let name = format!("{parent}{}", self.fresh("f"));
+            let len = self.size();
+            let data = self.rng.bytes(len);
+            let r = std::fs::write(c.join(&name), &data);
+            if r.is_ok() {
+                self.files.push(name);
+            }
+            return ("create+write", r);
+        }
+        let fi = self.pick(self.files.len());
+        let f = self.files[fi].clone();
+        match k {
+            20..=34 => {
+                let len = self.rng.below(64 * 1024) as usize;
+                let off = self.rng.below(256 * 1024);
+                let data = self.rng.bytes(len);
+                let r = OpenOptions::new()
+                    .write(true)
+                    .open(c.join(&f))
+                    .and_then(|h| h.write_all_at(&data, off));
+                // Dangling symlinks are in the list too.
+                ("write", ignore(r))
+            }
+            35..=39 => {
+                let r = OpenOptions::new()
+                    .write(true)
+                    .open(c.join(&f))
+                    .and_then(|h| h.set_len(self.rng.below(200 * 1024)));
+                ("truncate", ignore(r))
+            }
+            40..=52 => {
+                // Rename, possibly over another file, possibly into a subdirectory.
+                let to = if self.rng.below(3) == 0 && self.files.len() > 1 {
+                    let i = self.pick(self.files.len());
+                    self.files[i].clone()
+                } else {
+                    let parent = self.some_dir();
+                    format!("{parent}{}", self.fresh("r"))
+                };
+                let r = std::fs::rename(c.join(&f), c.join(&to));
+                if r.is_ok() && to != f {
+                    self.files.retain(|x| *x != f && *x != to);
+                    self.files.push(to);
+                }
+                ("rename", r)
+            }
+            53..=65 => {
+                let r = std::fs::remove_file(c.join(&f));
+                if r.is_ok() {
+                    self.files.swap_remove(fi);
+                }
+                ("unlink", r)
+            }
+            66..=72 => {
+                let name = self.fresh("d");
+                let r = std::fs::create_dir(c.join(&name));
+                if r.is_ok() {
+                    self.dirs.push(name);
+                }
+                ("mkdir", r)
+            }
+            73..=77 => {
+                let Some(di) = (!self.dirs.is_empty()).then(|| self.pick(self.dirs.len())) else {
+                    return ("rmdir", Ok(()));
+                };
+                let d = self.dirs[di].clone();
+                let prefix = format!("{d}/");
+                // Unlinks its entries, then the directory itself.
+                let r = std::fs::remove_dir_all(c.join(&d));
+                if r.is_ok() {
+                    self.files.retain(|x| !x.starts_with(&prefix));
+                    self.dirs.swap_remove(di);
+                }
+                ("rmdir", r)
+            }
+            78..=85 => {
+                let parent = self.some_dir();
+                let name = format!("{parent}{}", self.fresh("h"));
+                let r = std::fs::hard_link(c.join(&f), c.join(&name));
+                if r.is_ok() {
+                    self.files.push(name);
+                }
+                ("link", ignore(r))
+            }
+            86..=91 => {
+                let parent = self.some_dir();
+                let name = format!("{parent}{}", self.fresh("s"));
+                let r = std::os::unix::fs::symlink(&f, c.join(&name));
+                if r.is_ok() {
+                    self.files.push(name);
+                }
+                ("symlink", r)
+            }
+            92..=95 => {
+                let r = std::fs::read(c.join(&f)).map(|_| ());
+                ("read", ignore(r))
+            }
+            _ => {
+                let r = File::open(c.join(&f)).and_then(|h| h.sync_all());
+                ("fsync", ignore(r))
+            }
+        }
+    }
+
+    /// "" or "dK/": where a new churn name goes.
+    fn some_dir(&mut self) -> String {
+        if self.dirs.is_empty() || self.rng.below(2) == 0 {
+            String::new()
+        } else {
+            let i = self.pick(self.dirs.len());
+            format!("{}/", self.dirs[i])
+        }
+    }
+}
+
+/// Treats the errors of a churn name that is a dangling or looping symlink as success:
+/// the operation legitimately cannot apply.
+fn ignore(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ELOOP)) => Ok(()),
+        other => other,
+    }
+}
+
+/// Checks every ledger entry against the mount and settles the uncertain ones.
+fn verify_ledger(keep: &Path, ledger: &Ledger, ctx: &str) {
+    let mut ledger = ledger.lock().expect("ledger");
+    let mut settled = Vec::new();
+    for (key, rec) in ledger.iter_mut() {
+        let path = keep.join(key);
+        let exists = std::fs::symlink_metadata(&path).is_ok();
+        match rec.state.clone() {
+            State::Durable(e) => {
+                check_entry(&path, &e, &format!("{ctx}: fsynced {key} (cycle {})", rec.cycle))
+            }
+            State::Retiring(e) if exists => {
+                check_entry(&path, &e, &format!("{ctx}: half-removed {key}"));
+                rec.state = State::Durable(e);
+            }
+            State::Retiring(_) => settled.push(key.clone()),
+            State::Gone => {
+                assert!(
+                    !exists,
+                    "{ctx}: {key} was removed and its directory fsynced, yet it is back"
+                );
+                settled.push(key.clone());
+            }
+        }
+    }
+    for k in settled {
+        ledger.remove(&k);
+    }
+}
+
+fn check_entry(path: &Path, e: &Entry, what: &str) {
+    let meta = std::fs::symlink_metadata(path)
+        .unwrap_or_else(|err| panic!("{what}: lost ({err})"));
+    match e {
+        Entry::File { seed, len } => {
+            assert!(meta.is_file(), "{what}: not a regular file: {meta:?}");
+            let got = std::fs::read(path).unwrap_or_else(|err| panic!("{what}: read: {err}"));
+            assert_eq!(got.len(), *len, "{what}: wrong size");
+            if got != content(*seed, *len) {
+                let want = content(*seed, *len);
+                let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+                panic!("{what}: contents differ from byte {at} (block {})", at / 4096);
+            }
+        }
+        Entry::Symlink(t) => {
+            assert!(meta.file_type().is_symlink(), "{what}: not a symlink");
+            let got = std::fs::read_link(path).unwrap_or_else(|err| panic!("{what}: {err}"));
+            assert_eq!(got, Path::new(t), "{what}: wrong target");
+        }
+        Entry::Dir => assert!(meta.is_dir(), "{what}: not a directory"),
+    }
+}
+
+/// Removes everything under `keep/` that the ledger does not name (steps a crash cut
+/// short before their fsync), so the image does not fill up over many cycles.
+fn prune_keep(keep: &Path, ledger: &Ledger) {
+    let ledger = ledger.lock().expect("ledger");
+    for top in std::fs::read_dir(keep).expect("readdir keep").flatten() {
+        let name = top.file_name().to_string_lossy().into_owned();
+        let path = top.path();
+        if !ledger.contains_key(&name) {
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path).expect("remove stray durable dir");
+            } else {
+                std::fs::remove_file(&path).expect("remove stray durable file");
+            }
+            continue;
+        }
+        if !path.is_dir() {
+            continue;
+        }
+        for e in std::fs::read_dir(&path).expect("readdir").flatten() {
+            let key = format!("{name}/{}", e.file_name().to_string_lossy());
+            if !ledger.contains_key(&key) {
+                std::fs::remove_file(e.path()).expect("remove stray durable file");
+            }
+        }
+    }
+}
+
+/// Reads every file of a directory tree (nothing may fail), then removes the tree.
+fn read_and_remove_tree(dir: &Path) {
+    fn walk(p: &Path) {
+        for e in std::fs::read_dir(p).unwrap_or_else(|e| panic!("readdir {p:?}: {e}")) {
+            let e = e.expect("dir entry");
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                walk(&e.path());
+            } else if ft.is_file() {
+                std::fs::read(e.path()).unwrap_or_else(|err| panic!("read {:?}: {err}", e.path()));
+            }
+        }
+    }
+    if dir.exists() {
+        walk(dir);
+        std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("rm -r {dir:?}: {e}"));
+    }
+}
+
+/// The stack's processes, found by name among the supervisor's children.
+fn stack(m: &Mount) -> (i32, i32, i32) {
+    let (sup, children) = m.pids();
+    let mut server = None;
+    let mut driver = None;
+    for c in children {
+        match comm(c).as_deref() {
+            Some("fsd") => server = Some(c),
+            Some("blockdev") => driver = Some(c),
+            _ => {}
+        }
+    }
+    (
+        sup,
+        server.expect("fsd serve is running"),
+        driver.expect("blockdev serve is running"),
+    )
+}
+
+/// Errors a workload syscall may end with once the stack is killed.
+fn expected_after_kill(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        // ENOTCONN: the connection is gone. EIO / EROFS: the server outlived its driver
+        // and refuses. ENOENT: the mount was detached under a path-based call.
+        Some(libc::ENOTCONN) | Some(libc::EIO) | Some(libc::EROFS) | Some(libc::ENOENT)
+            | Some(libc::ECONNABORTED) | Some(libc::ECANCELED)
+    )
+}
+
+/// Runs `kills` crash cycles on one image, killing one of `victims` each time.
+fn campaign(tag: &str, victims: &[Victim], kills: u32) {
+    let seed = seed_from_env("MOLT_CRASH_SEED");
+    eprintln!("crash::{tag}: seed {seed} (replay with MOLT_CRASH_SEED={seed}), {kills} kills");
+    let mut rng = TestRng::new(seed);
+    let img = TestImage::new(tag, "128M");
+    let keep_rel = Path::new("keep");
+    let ledger: Ledger = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut m = img.mount();
+    std::fs::create_dir(m.path().join(keep_rel)).expect("mkdir keep");
+    fsync_dir(m.path()).expect("fsync root");
+    let started = Instant::now();
+    for cycle in 1..=kills {
+        let mnt = m.path().to_path_buf();
+        let keep = mnt.join(keep_rel);
+        let (sup, server, driver) = stack(&m);
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        for id in 0..WORKERS {
+            let w = Worker {
+                id,
+                cycle,
+                rng: TestRng::new(seed ^ (u64::from(cycle) << 32) ^ id as u64),
+                churn: mnt.join(format!("c{cycle}w{id}")),
+                keep: keep.clone(),
+                durable_dir: None,
+                files: Vec::new(),
+                dirs: Vec::new(),
+                next: 0,
+                ledger: ledger.clone(),
+            };
+            let (tx, stop, killed) = (tx.clone(), stop.clone(), killed.clone());
+            std::thread::spawn(move || {
+                let (op, e) = w.run(&stop);
+                let _ = tx.send((id, op, e, killed.load(Ordering::SeqCst)));
+            });
+        }
+        drop(tx);
+        let victim = victims[rng.below(victims.len() as u64) as usize];
+        let delay = Duration::from_millis(30 + rng.below(700));
+        let ctx = format!("crash::{tag} seed {seed} cycle {cycle}: kill -9 {victim:?}");
+        // Nothing may fail before the kill.
+        if let Ok((id, op, e, _)) = rx.recv_timeout(delay) {
+            stop.store(true, Ordering::SeqCst);
+            panic!("{ctx}: worker {id} failed before the kill: {op}: {e}");
+        }
+        killed.store(true, Ordering::SeqCst);
+        let pid = match victim {
+            Victim::Supervisor => sup,
+            Victim::Server => server,
+            Victim::Driver => driver,
+        };
+        kill9(pid);
+        let kill_at = Instant::now();
+
+        // Every worker must come back with an error, never hang.
+        let mut errors = Vec::new();
+        for _ in 0..WORKERS {
+            let left = WORKLOAD_DEADLINE.saturating_sub(kill_at.elapsed());
+            match rx.recv_timeout(left) {
+                Ok((id, op, e, was_killed)) => {
+                    assert!(
+                        was_killed,
+                        "{ctx}: worker {id} failed before the kill: {op}: {e}"
+                    );
+                    assert!(
+                        expected_after_kill(&e),
+                        "{ctx}: worker {id}: {op} failed with an unexpected error: {e}"
+                    );
+                    errors.push(format!("{op}: {e}"));
+                }
+                Err(_) => {
+                    stop.store(true, Ordering::SeqCst);
+                    abort_connection(&mnt);
+                    panic!(
+                        "{ctx}: workload syscalls still blocked {WORKLOAD_DEADLINE:?} after the kill"
+                    );
+                }
+            }
+        }
+        let workload_done = kill_at.elapsed();
+
+        // The rest of the stack goes down by itself.
+        let gone = poll_until(STACK_DEADLINE, || ![sup, server, driver].into_iter().any(alive));
+        if !gone {
+            let left: Vec<(i32, Option<String>)> = [sup, server, driver]
+                .into_iter()
+                .filter(|p| alive(*p))
+                .map(|p| (p, comm(p)))
+                .collect();
+            panic!(
+                "{ctx} (pid {pid}): {left:?} still running {STACK_DEADLINE:?} later; \
+                 the workload ended with {errors:?}"
+            );
+        }
+        if victim == Victim::Supervisor {
+            // Nobody is left to detach the dead mount.
+            if is_mounted(&mnt) {
+                force_unmount(&mnt);
+            }
+        }
+        assert!(
+            poll_until(Duration::from_secs(10), || !is_mounted(&mnt)),
+            "{ctx}: the mountpoint is still mounted after the stack went down"
+        );
+        drop(m);
+
+        let out = img.fsck();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{ctx}: fsck after the crash is not clean:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        m = img.mount();
+        let keep = m.path().join(keep_rel);
+        verify_ledger(&keep, &ledger, &ctx);
+        for id in 0..WORKERS {
+            read_and_remove_tree(&m.path().join(format!("c{cycle}w{id}")));
+        }
+        prune_keep(&keep, &ledger);
+        eprintln!(
+            "{ctx}: ok; workload stopped {:?} after the kill ({}); ledger {} entries; {:?} so far",
+            workload_done,
+            errors.join(", "),
+            ledger.lock().expect("ledger").len(),
+            started.elapsed()
+        );
+    }
+    // A clean unmount after all that, and everything is still there.
+    m.unmount();
+    img.assert_clean();
+    let m = img.mount();
+    verify_ledger(&m.path().join(keep_rel), &ledger, &format!("crash::{tag} final"));
+    let st = std::fs::metadata(m.path().join(keep_rel)).expect("keep");
+    assert!(st.nlink() >= 2);
+    m.unmount();
+    img.assert_clean();
+}
+
+/// SIGKILL of the supervisor or of the filesystem server at random moments loses no
+/// fsync-acknowledged write, never hangs a syscall, and leaves no process behind.
+#[test]
+fn kill9_supervisor_or_server_loses_no_fsynced_write() {
+    campaign(
+        "kill-sup-srv",
+        &[Victim::Supervisor, Victim::Server],
+        kills(),
+    );
+}
+
+/// The same with the block driver among the victims: its death must take the whole
+/// stack down too.
+#[test]
+#[ignore = "fsd bug: the supervisor waits only for the server, so a dead block driver \
+            leaves the server answering EIO/EROFS on a mounted filesystem"]
+fn kill9_any_component_loses_no_fsynced_write() {
+    campaign(
+        "kill-any",
+        &[Victim::Supervisor, Victim::Server, Victim::Driver],
+        kills(),
+    );
+}
+
+/// The shortest reproduction of the block driver's case: kill it on an idle mount.
+#[test]
+#[ignore = "fsd bug: the supervisor waits only for the server, so a dead block driver \
+            leaves the server answering EIO/EROFS on a mounted filesystem"]
+fn kill9_of_the_block_driver_takes_the_stack_down() {
+    let img = TestImage::new("kill-driver", "64M");
+    let m = img.mount();
+    std::fs::write(m.path().join("f"), b"durable").expect("write");
+    File::open(m.path().join("f")).and_then(|f| f.sync_all()).expect("fsync");
+    let (sup, server, driver) = stack(&m);
+    kill9(driver);
+    let err = std::fs::write(m.path().join("g"), b"x").expect_err("a write with no driver");
+    assert!(expected_after_kill(&err), "{err}");
+    assert!(
+        poll_until(STACK_DEADLINE, || !alive(sup) && !alive(server)),
+        "the supervisor ({sup}) and the server ({server}) outlive the block driver"
+    );
+    assert!(poll_until(Duration::from_secs(10), || !is_mounted(m.path())));
+    let mnt = m.path().to_path_buf();
+    drop(m);
+    img.assert_clean();
+    let m = Mount::new(&img.image, &mnt);
+    assert_eq!(std::fs::read(m.path().join("f")).expect("read"), b"durable");
+    m.unmount();
+}
