@@ -69,6 +69,13 @@ struct State {
     failed: Option<Failure>,
     heartbeat: u64,
     heartbeat_moved: Instant,
+    /// When liveness was last checked: a heartbeat that did not move while nobody was
+    /// waiting (an idle client, a driver holding for a live update) proves nothing.
+    last_check: Instant,
+    /// A pidfd of the driver, and the pid it refers to. Only the poller uses or replaces
+    /// it (one thread at a time, see `wait`).
+    driver_pidfd: Option<OwnedFd>,
+    driver_pid: u32,
 }
 
 /// A connection to a block driver over a ring. `Send + Sync`: share it with `Arc`.
@@ -77,7 +84,6 @@ pub struct Client {
     ring: RingRegion,
     sq_eventfd: OwnedFd,
     cq_eventfd: OwnedFd,
-    driver_pidfd: Option<OwnedFd>,
     config: ClientConfig,
     geometry: RingGeometry,
     num_blocks: u64,
@@ -155,7 +161,12 @@ struct Chunk {
 
 impl Client {
     /// Connects over a ring whose driver is (or is about to be) attached. Waits until the
-    /// driver publishes the device, at most `config.driver_timeout`.
+    /// driver publishes the device, at most `config.driver_timeout`. Refuses a ring whose
+    /// protocol version or status code table this build does not use.
+    ///
+    /// With `driver_pidfd`, a driver exit fails waiting calls at once, except when the
+    /// driver was replaced by a live update: the successor publishes its pid in the header
+    /// before its predecessor exits, and the client then watches the successor.
     pub fn connect(
         ring: RingRegion,
         sq_eventfd: OwnedFd,
@@ -163,6 +174,7 @@ impl Client {
         driver_pidfd: Option<OwnedFd>,
         config: ClientConfig,
     ) -> Result<Client, BlockError> {
+        ring.check_speaks()?;
         let deadline = Instant::now() + config.driver_timeout;
         loop {
             match ring.driver_phase() {
@@ -209,6 +221,9 @@ impl Client {
             failed: None,
             heartbeat: ring.heartbeat().load(Ordering::Relaxed),
             heartbeat_moved: Instant::now(),
+            last_check: Instant::now(),
+            driver_pidfd,
+            driver_pid: ring.driver_pid(),
         };
         Ok(Client {
             num_blocks: ring.num_blocks(),
@@ -216,7 +231,6 @@ impl Client {
             ring,
             sq_eventfd,
             cq_eventfd,
-            driver_pidfd,
             config,
             state: Mutex::new(state),
             cond: Condvar::new(),
@@ -569,8 +583,10 @@ impl Client {
             }
             st.polling = true;
             let head = st.cq_head;
+            // Stays open while we sleep: only the poller replaces it, after waking.
+            let pidfd = st.driver_pidfd.as_ref().map(|p| p.as_raw_fd());
             drop(st);
-            let exited = self.sleep(head);
+            let exited = self.sleep(head, pidfd);
             st = self.lock();
             st.polling = false;
             self.check_liveness(&mut st, exited);
@@ -580,7 +596,7 @@ impl Client {
 
     /// Spins, then sleeps until the completion tail moves past `head` or a poll interval
     /// passes. Returns whether the driver process has exited.
-    fn sleep(&self, head: u32) -> bool {
+    fn sleep(&self, head: u32, pidfd: Option<std::os::fd::RawFd>) -> bool {
         let moved = || self.ring.cq_tail().load(Ordering::Acquire) != head;
         let spin_until = Instant::now() + self.config.spin;
         while Instant::now() < spin_until {
@@ -595,7 +611,7 @@ impl Client {
             return false;
         }
         let mut fds = vec![self.cq_eventfd.as_raw_fd()];
-        fds.extend(self.driver_pidfd.as_ref().map(|p| p.as_raw_fd()));
+        fds.extend(pidfd);
         let ready = sys::poll_readable(&fds, self.config.poll_interval).unwrap_or_default();
         if ready.first() == Some(&true) {
             sys::eventfd_drain(self.cq_eventfd.as_fd());
@@ -610,6 +626,9 @@ impl Client {
         if exited {
             // Completions posted before the exit are still valid.
             self.reap(st);
+            if self.follow_successor(st) {
+                return;
+            }
             st.failed = Some(Failure::Gone("driver process exited".into()));
             return;
         }
@@ -619,15 +638,35 @@ impl Client {
             ));
             return;
         }
+        let now = Instant::now();
+        let unobserved = now.duration_since(st.last_check) > self.config.poll_interval * 3;
+        st.last_check = now;
         let hb = self.ring.heartbeat().load(Ordering::Relaxed);
-        if hb != st.heartbeat {
+        if hb != st.heartbeat || unobserved {
             st.heartbeat = hb;
-            st.heartbeat_moved = Instant::now();
-        } else if st.heartbeat_moved.elapsed() >= self.config.driver_timeout {
+            st.heartbeat_moved = now;
+        } else if now.duration_since(st.heartbeat_moved) >= self.config.driver_timeout {
             st.failed = Some(Failure::Gone(format!(
                 "driver heartbeat has not moved for {:?}",
                 self.config.driver_timeout
             )));
+        }
+    }
+
+    /// After the watched driver exited: if another live process has published itself as
+    /// the driver (a live update committed), watch it instead. Caller is the poller.
+    fn follow_successor(&self, st: &mut State) -> bool {
+        let pid = self.ring.driver_pid();
+        if pid == 0 || pid == st.driver_pid || st.driver_pidfd.is_none() {
+            return false;
+        }
+        match sys::pidfd_open(pid as i32) {
+            Ok(fd) if !sys::pidfd_exited(fd.as_fd()) => {
+                st.driver_pidfd = Some(fd);
+                st.driver_pid = pid;
+                true
+            }
+            _ => false,
         }
     }
 }

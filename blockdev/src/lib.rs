@@ -5,14 +5,17 @@
 //!   when the filesystem allows it.
 //! - [`engine`]: the I/O engines behind one enum: io_uring, plain syscalls (the test
 //!   oracle), and a fault-injecting wrapper.
-//! - [`ring`]: protocol v1 between a client and the driver over shared memory (`RING.md`).
+//! - [`ring`]: the protocol between a client and the driver over shared memory (`RING.md`).
 //! - [`server`]: the driver's serve loop; [`client`]: the thread-safe client.
 //! - [`spawn`]: starts the `blockdev` driver process and returns a connected client.
+//! - [`persist`]: the driver's exported state and its versioned schemas;
+//!   [`handover`]: the live update control protocol, both ends.
 
 pub mod buffer;
 pub mod client;
 pub mod engine;
 mod error;
+pub mod handover;
 pub mod image;
 pub mod persist;
 pub mod ring;

@@ -1,24 +1,43 @@
 //! `blockdev`: the Molt block driver process. Thin: parses arguments and calls the library.
 //!
-//! Exit codes: 0 stopped cleanly (stop signal or client exit), 1 operational error,
-//! 3 the client broke the ring protocol.
+//! Exit codes: 0 stopped cleanly (stop signal, client exit, `exit` or `abort` on the
+//! control socket), 1 operational error (including a refused state import, or a
+//! supervisor lost during a handover), 3 the client broke the ring protocol.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use blockdev::engine::{Engine, EngineKind};
+use blockdev::handover::driver::{adopt_controlled, serve_controlled, DriverExit};
 use blockdev::image::Image;
-use blockdev::persist::StopReason;
-use blockdev::ring::RingRegion;
+use blockdev::persist::{StateVersion, StopReason, COMPONENT_VERSION};
+use blockdev::ring::{ProtocolVersion, RingRegion, StatusTable};
 use blockdev::server::{Server, ServerConfig};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+fn long_version() -> String {
+    format!(
+        "{COMPONENT_VERSION} (state schema {}, ring protocol {}, status codes {})",
+        StateVersion::CURRENT.0,
+        ProtocolVersion::CURRENT.0,
+        StatusTable::CURRENT.0
+    )
+}
 
 #[derive(Parser)]
-#[command(name = "blockdev", about = "Molt userspace block driver")]
+#[command(
+    name = "blockdev",
+    about = "Molt userspace block driver",
+    version = COMPONENT_VERSION
+)]
 struct Cli {
+    /// Print "<component version> schema <n> ring <v> errcodes <t>" and exit.
+    #[arg(long)]
+    print_version: bool,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +60,13 @@ enum Cmd {
         /// Stop cleanly when this process exits.
         #[arg(long)]
         client_pid: Option<i32>,
+        /// Control socket of the supervisor (live update line protocol, RING.md).
+        #[arg(long)]
+        ctl_fd: Option<i32>,
+        /// Take over a ring another driver serves: import its state from the control
+        /// socket and touch the ring only after `commit`.
+        #[arg(long, requires = "ctl_fd")]
+        adopt: bool,
     },
 }
 
@@ -59,7 +85,20 @@ fn adopt(fd: i32, what: &str) -> Result<OwnedFd> {
 }
 
 fn main() -> Result<()> {
-    let Cmd::Serve {
+    // `--version` shows the component version; `blockdev --version` with the long form
+    // (`--help` lists it) adds the schema and protocol versions.
+    let long: &'static str = Box::leak(long_version().into_boxed_str());
+    let cli = Cli::from_arg_matches(&Cli::command().long_version(long).get_matches())?;
+    if cli.print_version {
+        println!(
+            "{COMPONENT_VERSION} schema {} ring {} errcodes {}",
+            StateVersion::CURRENT.0,
+            ProtocolVersion::CURRENT.0,
+            StatusTable::CURRENT.0
+        );
+        return Ok(());
+    }
+    let Some(Cmd::Serve {
         ring_fd,
         sq_eventfd,
         cq_eventfd,
@@ -67,12 +106,21 @@ fn main() -> Result<()> {
         engine,
         spin_us,
         client_pid,
-    } = Cli::parse().cmd;
-    let mut nums = [ring_fd, sq_eventfd, cq_eventfd, image_fd];
+        ctl_fd,
+        adopt: adopting,
+    }) = cli.cmd
+    else {
+        bail!("nothing to do: use `blockdev serve …` or `--print-version`");
+    };
+    let mut nums = vec![ring_fd, sq_eventfd, cq_eventfd, image_fd];
+    nums.extend(ctl_fd);
     nums.sort_unstable();
     if nums.windows(2).any(|w| w[0] == w[1]) {
-        bail!("the four fds must be distinct");
+        bail!("the fds must be distinct");
     }
+    let ctl = ctl_fd
+        .map(|fd| adopt(fd, "control socket").map(UnixStream::from))
+        .transpose()?;
     let ring = RingRegion::open(adopt(ring_fd, "ring")?).context("opening the ring")?;
     let image = Image::from_fd(adopt(image_fd, "image")?).context("opening the image")?;
     let sq = adopt(sq_eventfd, "submission eventfd")?;
@@ -84,14 +132,36 @@ fn main() -> Result<()> {
         client_pid,
         ..ServerConfig::default()
     };
-    let mut server = Server::new(ring, engine, sq, cq, config).context("attaching to the ring")?;
+    let server = if adopting {
+        Server::adopt(ring, engine, sq, cq, config).context("preparing to adopt the ring")?
+    } else {
+        Server::new(ring, engine, sq, cq, config).context("attaching to the ring")?
+    };
     let stop = server.stop_handle().flag();
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop)?;
-    let state = server.run().context("serving")?;
-    eprintln!("blockdev: stopped: {state:?}");
-    if let StopReason::ProtocolViolation(_) = state.reason {
-        std::process::exit(3);
+    let Some(ctl) = ctl else {
+        let mut server = server;
+        let state = server.run().context("serving")?;
+        eprintln!("blockdev: stopped: {state:?}");
+        if let StopReason::ProtocolViolation(_) = state.reason {
+            std::process::exit(3);
+        }
+        return Ok(());
+    };
+    let exit = if adopting {
+        adopt_controlled(server, ctl)
+    } else {
+        serve_controlled(server, ctl)
     }
-    Ok(())
+    .context("serving")?;
+    match &exit {
+        DriverExit::Stopped(s) | DriverExit::Violation(s) => eprintln!("blockdev: stopped: {s:?}"),
+        DriverExit::ImportFailed(e) => eprintln!("blockdev: state import refused: {e}"),
+        DriverExit::SupervisorGone => {
+            eprintln!("blockdev: supervisor gone during a handover; leaving the ring alone")
+        }
+        DriverExit::HandedOver | DriverExit::Aborted => {}
+    }
+    std::process::exit(exit.code());
 }

@@ -9,16 +9,22 @@
 //!
 //! The loop stops between requests: once a stop is requested it takes no new entries,
 //! reaps everything in flight, and returns its exportable state; `resume` serves again.
+//! A *prepare* (for a live update) is a stop that can be cancelled until the drain is
+//! done: a supervisor whose deadline passes cancels it and the loop serves on.
+//!
+//! A successor driver is built with [`Server::adopt`], which writes nothing to the ring:
+//! it imports its predecessor's state, and only [`Server::attach`] (at commit) publishes
+//! the device, the counters and the phase.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, IoBuf, IoCompletion, IoOp, IoRequest};
-use crate::persist::{Counters, DriverState, StopReason};
+use crate::persist::{Counters, DriverState, IoCounters, StateError, StopReason};
 use crate::ring::codec::{self, NO_SLOT};
 use crate::ring::{Completion, DriverPhase, Op, Request, RingError, RingRegion, Status};
 use crate::{sys, Lba, BLOCK_SIZE};
@@ -32,6 +38,8 @@ pub enum DriverError {
     Engine(#[from] io::Error),
     #[error("engine holds {capacity} requests but the ring needs {depth}")]
     EngineTooSmall { capacity: usize, depth: u32 },
+    #[error("state: {0}")]
+    State(#[from] StateError),
 }
 
 /// Tunables of the serve loop.
@@ -55,10 +63,17 @@ impl Default for ServerConfig {
     }
 }
 
+// States of a prepare request, shared by the loop and the thread that asked for it.
+const PREPARE_IDLE: u32 = 0;
+const PREPARE_REQUESTED: u32 = 1;
+/// The loop drained and returned: the prepare can no longer be cancelled.
+const PREPARE_DRAINED: u32 = 2;
+
 /// Asks a running server to stop between requests; usable from any thread.
 #[derive(Debug, Clone)]
 pub struct StopHandle {
     flag: Arc<AtomicBool>,
+    prepare: Arc<AtomicU32>,
     wake: Arc<OwnedFd>,
 }
 
@@ -66,6 +81,29 @@ impl StopHandle {
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
         let _ = sys::eventfd_signal(self.wake.as_fd());
+    }
+
+    /// Asks the loop to take no new entries, reap everything in flight and return with
+    /// [`StopReason::Prepare`]. Cancellable with [`StopHandle::cancel_prepare`].
+    pub fn prepare(&self) {
+        self.prepare.store(PREPARE_REQUESTED, Ordering::SeqCst);
+        let _ = sys::eventfd_signal(self.wake.as_fd());
+    }
+
+    /// Cancels a prepare that has not drained yet; the loop then takes entries again.
+    /// Returns false if the loop already drained (it returns, or has returned, its state).
+    pub fn cancel_prepare(&self) -> bool {
+        let cancelled = !matches!(
+            self.prepare.compare_exchange(
+                PREPARE_REQUESTED,
+                PREPARE_IDLE,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ),
+            Err(PREPARE_DRAINED)
+        );
+        let _ = sys::eventfd_signal(self.wake.as_fd());
+        cancelled
     }
 
     /// The flag itself (e.g. for a signal handler); the loop notices it within one tick.
@@ -94,6 +132,11 @@ pub struct Server {
     client_pidfd: Option<OwnedFd>,
     config: ServerConfig,
     stop: Arc<AtomicBool>,
+    prepare: Arc<AtomicU32>,
+    /// Whether this server has published itself in the ring header.
+    attached: bool,
+    /// Whether queue positions came from an imported state (checked again at attach).
+    imported: bool,
     depth: u32,
     max_blocks: u32,
     num_blocks: u64,
@@ -103,7 +146,7 @@ pub struct Server {
     free_ids: Vec<u32>,
     slot_busy: Vec<bool>,
     backlog: VecDeque<Completion>,
-    counters: Counters,
+    io: IoCounters,
     latched: Option<Status>,
     reason: Option<StopReason>,
     client_gone: bool,
@@ -117,11 +160,27 @@ impl Server {
     /// continues where its predecessor stopped.
     pub fn new(
         ring: RingRegion,
+        engine: Engine,
+        sq_eventfd: OwnedFd,
+        cq_eventfd: OwnedFd,
+        config: ServerConfig,
+    ) -> Result<Server, DriverError> {
+        let mut server = Server::adopt(ring, engine, sq_eventfd, cq_eventfd, config)?;
+        server.attach()?;
+        Ok(server)
+    }
+
+    /// Prepares to take over a ring that another driver serves or holds, without writing
+    /// anything to it: registers the data slots with the engine and checks that this build
+    /// speaks the ring's protocol. [`Server::attach`] (or the first `run`) publishes.
+    pub fn adopt(
+        ring: RingRegion,
         mut engine: Engine,
         sq_eventfd: OwnedFd,
         cq_eventfd: OwnedFd,
         config: ServerConfig,
     ) -> Result<Server, DriverError> {
+        ring.check_speaks()?;
         let g = ring.geometry();
         if engine.capacity() < g.queue_depth as usize {
             return Err(DriverError::EngineTooSmall {
@@ -146,9 +205,8 @@ impl Server {
             },
             None => None,
         };
-        ring.publish_device(num_blocks, std::process::id());
         let depth = g.queue_depth;
-        let server = Server {
+        Ok(Server {
             sq_head: ring.sq_head().load(Ordering::Acquire),
             cq_tail: ring.cq_tail().load(Ordering::Acquire),
             engine,
@@ -158,6 +216,9 @@ impl Server {
             client_pidfd,
             config,
             stop: Arc::new(AtomicBool::new(false)),
+            prepare: Arc::new(AtomicU32::new(PREPARE_IDLE)),
+            attached: false,
+            imported: false,
             depth,
             max_blocks: g.max_blocks_per_request(),
             num_blocks,
@@ -165,49 +226,185 @@ impl Server {
             free_ids: (0..depth).rev().collect(),
             slot_busy: vec![false; depth as usize],
             backlog: VecDeque::new(),
-            counters: Counters::default(),
+            io: IoCounters::default(),
             latched: None,
             reason: None,
             client_gone,
             scratch: Vec::new(),
             heartbeat: 0,
-        };
-        server.ring.publish_counters(&server.counters);
-        server.ring.publish_latched(0);
-        Ok(server)
+        })
+    }
+
+    /// Publishes this driver in the ring header (device, pid, counters, latched error):
+    /// the commit point of a handover. Takes the queue positions from the ring; after an
+    /// import they must still be the exported ones. The heartbeat continues from the value
+    /// in the header, so a client never sees it go back to a value it already saw.
+    /// Idempotent.
+    pub fn attach(&mut self) -> Result<(), DriverError> {
+        if self.attached {
+            return Ok(());
+        }
+        self.ring.check_speaks()?;
+        let sq_head = self.ring.sq_head().load(Ordering::Acquire);
+        let cq_tail = self.ring.cq_tail().load(Ordering::Acquire);
+        if self.imported && (sq_head, cq_tail) != (self.sq_head, self.cq_tail) {
+            return Err(StateError::Mismatch(format!(
+                "ring positions moved after the state was exported (sq_head {} → {sq_head}, \
+                 cq_tail {} → {cq_tail})",
+                self.sq_head, self.cq_tail
+            ))
+            .into());
+        }
+        self.sq_head = sq_head;
+        self.cq_tail = cq_tail;
+        self.heartbeat = self.ring.heartbeat().load(Ordering::Relaxed);
+        self.ring
+            .publish_device(self.num_blocks, std::process::id());
+        self.ring.publish_counters(&self.counters());
+        self.ring
+            .publish_latched(self.latched.map_or(0, Status::code));
+        self.attached = true;
+        Ok(())
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.attached
     }
 
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             flag: self.stop.clone(),
+            prepare: self.prepare.clone(),
             wake: self.sq_eventfd.clone(),
         }
     }
 
     pub fn counters(&self) -> Counters {
-        self.counters
+        self.io.view(self.outstanding() as u64)
     }
 
-    /// Carries counters and a latched error over from a predecessor's exported state.
-    pub fn import_state(&mut self, state: &DriverState) {
-        self.counters = Counters {
-            in_flight: 0,
-            ..state.counters
+    /// Carries counters, a latched error and the queue positions over from a
+    /// predecessor's exported state, after checking that it describes this ring and this
+    /// image. Before [`Server::attach`] nothing is written to the ring.
+    pub fn import_state(&mut self, state: &DriverState) -> Result<(), StateError> {
+        state.check()?;
+        let mismatch = |m: String| Err(StateError::Mismatch(m));
+        if state.geometry != self.ring.geometry() {
+            return mismatch(format!(
+                "geometry {:?} is not the ring's {:?}",
+                state.geometry,
+                self.ring.geometry()
+            ));
+        }
+        if state.ring_version != self.ring.version() {
+            return mismatch(format!(
+                "state from protocol v{} but the ring speaks v{}",
+                state.ring_version.0,
+                self.ring.version().0
+            ));
+        }
+        if state.num_blocks != self.num_blocks {
+            return mismatch(format!(
+                "device of {} blocks, but this image has {}",
+                state.num_blocks, self.num_blocks
+            ));
+        }
+        if self.outstanding() != 0 {
+            return mismatch("this driver has requests in flight".into());
+        }
+        let (sq_head, cq_tail) = if self.attached {
+            (self.sq_head, self.cq_tail)
+        } else {
+            (
+                self.ring.sq_head().load(Ordering::Acquire),
+                self.ring.cq_tail().load(Ordering::Acquire),
+            )
         };
-        self.latched = state.latched.and_then(Status::from_code);
-        self.ring.publish_counters(&self.counters);
-        self.ring.publish_latched(state.latched.unwrap_or(0));
+        if (sq_head, cq_tail) != (state.sq_head, state.cq_tail) {
+            return mismatch(format!(
+                "state positions sq_head {} cq_tail {} but the ring has {sq_head} and {cq_tail}",
+                state.sq_head, state.cq_tail
+            ));
+        }
+        self.io = IoCounters::from_view(&state.counters)?;
+        self.latched = state.latched;
+        self.sq_head = state.sq_head;
+        self.cq_tail = state.cq_tail;
+        self.imported = true;
+        if self.attached {
+            self.ring.publish_counters(&self.counters());
+            self.ring
+                .publish_latched(self.latched.map_or(0, Status::code));
+        }
+        Ok(())
     }
 
-    /// Clears a previous stop request and serves again.
+    /// The state to hand over, checked against the ring: nothing in flight, and the
+    /// positions in the header are the driver's own. Only meaningful after `run` returned.
+    pub fn export_state(&self) -> Result<Vec<u8>, StateError> {
+        let state = self.state(StopReason::Prepare);
+        let ring = (
+            self.ring.sq_head().load(Ordering::Acquire),
+            self.ring.cq_tail().load(Ordering::Acquire),
+        );
+        if ring != (self.sq_head, self.cq_tail) {
+            return Err(StateError::Inconsistent(format!(
+                "ring positions {ring:?} are not the driver's ({}, {})",
+                self.sq_head, self.cq_tail
+            )));
+        }
+        state.export()
+    }
+
+    /// The driver's state now.
+    pub fn state(&self, reason: StopReason) -> DriverState {
+        DriverState {
+            counters: self.counters(),
+            geometry: self.ring.geometry(),
+            num_blocks: self.num_blocks,
+            engine: self.engine.kind(),
+            latched: self.latched,
+            sq_head: self.sq_head,
+            cq_tail: self.cq_tail,
+            ring_version: self.ring.version(),
+            reason,
+        }
+    }
+
+    /// Clears a previous stop or prepare request and serves again.
     pub fn resume(&mut self) -> Result<DriverState, DriverError> {
         self.stop.store(false, Ordering::SeqCst);
+        self.prepare.store(PREPARE_IDLE, Ordering::SeqCst);
         self.run()
+    }
+
+    /// Forgets a finished prepare, so that the next one can be requested; a stop requested
+    /// meanwhile (e.g. by a signal) is kept. Call before telling anyone that the driver
+    /// serves again, then `run`.
+    pub fn clear_prepare(&mut self) {
+        self.prepare.store(PREPARE_IDLE, Ordering::SeqCst);
+    }
+
+    /// Whether `run` would accept the ring now (after a hold, the supervisor may have
+    /// relabelled it for an update that was then rolled back).
+    pub fn check_can_resume(&self) -> Result<(), DriverError> {
+        self.ring.check_speaks()?;
+        Ok(())
+    }
+
+    /// A second, read-only by convention, mapping of the ring (e.g. to report status from
+    /// another thread).
+    pub fn ring_view(&self) -> Result<RingRegion, DriverError> {
+        Ok(self.ring.try_clone()?)
     }
 
     /// Serves until a stop is requested, the client exits, or it breaks the protocol.
     /// Returns with nothing in flight.
     pub fn run(&mut self) -> Result<DriverState, DriverError> {
+        self.attach()?;
+        // A ring relabelled while the driver held (an update that was rolled back without
+        // restoring the label) must not be served with the wrong entry layout.
+        self.ring.check_speaks()?;
         self.reason = self.client_gone.then_some(StopReason::ClientGone);
         self.ring.set_driver_phase(DriverPhase::Serving);
         // Wake a client waiting for the driver to attach.
@@ -219,8 +416,16 @@ impl Server {
             self.ring
                 .heartbeat()
                 .store(self.heartbeat, Ordering::Relaxed);
-            if self.reason.is_none() && self.stop.load(Ordering::Acquire) {
+            if matches!(self.reason, None | Some(StopReason::Prepare))
+                && self.stop.load(Ordering::Acquire)
+            {
                 self.reason = Some(StopReason::Requested);
+            }
+            match (&self.reason, self.prepare.load(Ordering::Acquire)) {
+                (None, PREPARE_REQUESTED) => self.reason = Some(StopReason::Prepare),
+                // Cancelled before the drain finished: serve on.
+                (Some(StopReason::Prepare), PREPARE_IDLE) => self.reason = None,
+                _ => {}
             }
             let stopping = self.reason.is_some();
             let mut progressed = false;
@@ -229,7 +434,29 @@ impl Server {
             }
             self.engine.submit()?;
             progressed |= self.reap_and_post();
-            if stopping && self.outstanding() == self.backlog.len() {
+            // A prepare also waits until every completion is posted (the client has room
+            // for them unless it stopped reaping; the deadline covers that).
+            let drained = if self.reason == Some(StopReason::Prepare) {
+                self.outstanding() == 0
+            } else {
+                self.outstanding() == self.backlog.len()
+            };
+            if stopping && drained {
+                if self.reason == Some(StopReason::Prepare)
+                    && self
+                        .prepare
+                        .compare_exchange(
+                            PREPARE_REQUESTED,
+                            PREPARE_DRAINED,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_err()
+                {
+                    // Cancelled at the last moment: serve on.
+                    self.reason = None;
+                    continue;
+                }
                 break;
             }
             if progressed {
@@ -282,19 +509,10 @@ impl Server {
             StopReason::ProtocolViolation(_) => DriverPhase::Rejected,
             _ => DriverPhase::Quiesced,
         };
-        self.ring.publish_counters(&self.counters);
+        self.ring.publish_counters(&self.counters());
         self.ring.set_driver_phase(phase);
         let _ = sys::eventfd_signal(self.cq_eventfd.as_fd());
-        Ok(DriverState {
-            counters: self.counters,
-            geometry: self.ring.geometry(),
-            num_blocks: self.num_blocks,
-            engine: self.engine.kind(),
-            latched: self.latched.map(Status::code),
-            sq_head: self.sq_head,
-            cq_tail: self.cq_tail,
-            reason,
-        })
+        Ok(self.state(reason))
     }
 
     /// Requests taken from the ring and not yet published as completions.
@@ -428,7 +646,7 @@ impl Server {
     }
 
     fn reject(&mut self, tag: u64, status: Status) {
-        self.counters.errors += 1;
+        IoCounters::bump(&mut self.io.errors, 1);
         self.backlog.push_back(Completion {
             tag,
             result: status.code(),
@@ -445,23 +663,23 @@ impl Server {
         }
         let code = match result {
             Ok(()) => {
-                let c = &mut self.counters;
+                let c = &mut self.io;
                 match p.op {
                     Op::Read => {
-                        c.reads += 1;
-                        c.bytes_read += p.bytes;
+                        IoCounters::bump(&mut c.reads, 1);
+                        IoCounters::bump(&mut c.bytes_read, p.bytes);
                     }
                     Op::Write => {
-                        c.writes += 1;
-                        c.bytes_written += p.bytes;
+                        IoCounters::bump(&mut c.writes, 1);
+                        IoCounters::bump(&mut c.bytes_written, p.bytes);
                     }
-                    Op::Flush => c.flushes += 1,
-                    Op::Discard => c.discards += 1,
+                    Op::Flush => IoCounters::bump(&mut c.flushes, 1),
+                    Op::Discard => IoCounters::bump(&mut c.discards, 1),
                 }
                 0
             }
             Err(status) => {
-                self.counters.errors += 1;
+                IoCounters::bump(&mut self.io.errors, 1);
                 if matches!(p.op, Op::Write | Op::Flush) && self.latched.is_none() {
                     // Never retried: the data the failed request carried may be lost, and
                     // a later success would hide that.
@@ -513,9 +731,7 @@ impl Server {
                 .write_cqe(self.cq_tail, &codec::encode_completion(&c));
             self.cq_tail = self.cq_tail.wrapping_add(1);
         }
-        self.counters.in_flight =
-            (self.depth as usize - self.free_ids.len() + self.backlog.len()) as u64;
-        self.ring.publish_counters(&self.counters);
+        self.ring.publish_counters(&self.counters());
         if n > 0 {
             self.ring.cq_tail().store(self.cq_tail, Ordering::Release);
             fence(Ordering::SeqCst);

@@ -25,6 +25,18 @@ pub const RING_FD: i32 = 3;
 pub const SQ_EVENTFD: i32 = 4;
 pub const CQ_EVENTFD: i32 = 5;
 pub const IMAGE_FD: i32 = 6;
+/// Fd of the control socket (live update), when there is one.
+pub const CTL_FD: i32 = 7;
+
+/// How a driver started with a control socket begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Attaches to the ring and serves at once; can later be prepared for an update.
+    Fresh,
+    /// A successor (`--adopt`): writes nothing to the ring until it has imported its
+    /// predecessor's state and been told to commit.
+    Adopt,
+}
 
 /// How to start a driver.
 #[derive(Debug, Clone)]
@@ -117,15 +129,37 @@ pub fn driver_command(
     config: &DriverConfig,
     client_pid: Option<u32>,
 ) -> std::io::Result<(Command, Vec<OwnedFd>)> {
+    build_command(fds, config, client_pid, None)
+}
+
+/// Like [`driver_command`], with a control socket (one end of an `AF_UNIX` stream pair;
+/// the supervisor wraps the other in [`crate::handover::DriverControl`]) passed as fd 7
+/// (`--ctl-fd 7`), and `--adopt` for [`StartMode::Adopt`].
+pub fn driver_command_with_control(
+    fds: DriverFds<'_>,
+    config: &DriverConfig,
+    client_pid: Option<u32>,
+    ctl: BorrowedFd<'_>,
+    mode: StartMode,
+) -> std::io::Result<(Command, Vec<OwnedFd>)> {
+    build_command(fds, config, client_pid, Some((ctl, mode)))
+}
+
+fn build_command(
+    fds: DriverFds<'_>,
+    config: &DriverConfig,
+    client_pid: Option<u32>,
+    ctl: Option<(BorrowedFd<'_>, StartMode)>,
+) -> std::io::Result<(Command, Vec<OwnedFd>)> {
     // Move the sources above the target numbers so dup2 in the child cannot clobber one
     // source with another.
-    let sources = vec![
+    let mut sources = vec![
         sys::dup_at_least(fds.ring, 100)?,
         sys::dup_at_least(fds.sq_eventfd, 100)?,
         sys::dup_at_least(fds.cq_eventfd, 100)?,
         sys::dup_at_least(fds.image, 100)?,
     ];
-    let raw: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
+    let mut targets = vec![RING_FD, SQ_EVENTFD, CQ_EVENTFD, IMAGE_FD];
     let mut cmd = Command::new(driver_binary(config));
     cmd.arg("serve")
         .args(["--ring-fd", &RING_FD.to_string()])
@@ -137,13 +171,22 @@ pub fn driver_command(
     if let Some(pid) = client_pid {
         cmd.args(["--client-pid", &pid.to_string()]);
     }
-    let targets = [RING_FD, SQ_EVENTFD, CQ_EVENTFD, IMAGE_FD];
+    if let Some((ctl, mode)) = ctl {
+        sources.push(sys::dup_at_least(ctl, 100)?);
+        targets.push(CTL_FD);
+        cmd.args(["--ctl-fd", &CTL_FD.to_string()]);
+        if mode == StartMode::Adopt {
+            cmd.arg("--adopt");
+        }
+    }
+    let raw: Vec<(i32, i32)> = sources.iter().map(|f| f.as_raw_fd()).zip(targets).collect();
     // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
-    // is async-signal-safe; it captures plain integers (no allocation, no locks).
+    // is async-signal-safe; it captures a vector allocated before the fork and only reads
+    // it (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
-            for (src, dst) in raw.iter().zip(targets) {
-                if libc::dup2(*src, dst) < 0 {
+            for &(src, dst) in &raw {
+                if libc::dup2(src, dst) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use blockdev::engine::{Engine, EngineKind, FaultPlan};
 use blockdev::image::ScratchImage;
 use blockdev::persist::{DriverState, StopReason};
-use blockdev::ring::codec::{self, raw_v1_entry, NO_SLOT};
-use blockdev::ring::{ring_doorbell, DriverPhase, RingGeometry, Status};
+use blockdev::ring::codec::{self, NO_SLOT};
+use blockdev::ring::{ring_doorbell, DriverPhase, ProtocolVersion, RingGeometry, Status};
 use blockdev::server::{Server, ServerConfig, StopHandle};
 use blockdev::spawn::{driver_command, DriverFds, RingSetup};
 use blockdev::{spawn_driver, BlockError, Client, ClientConfig, DriverConfig, Lba, BLOCK_SIZE};
@@ -87,6 +87,11 @@ impl InProcess {
             .recv_timeout(DEADLINE)
             .expect("server stops within the deadline")
     }
+}
+
+/// A raw entry in the protocol version this build speaks, with a valid crc.
+fn raw_entry(op: u8, tag: u64, lba: u32, nblocks: u32, slot: u32) -> [u8; codec::SQE_SIZE] {
+    codec::raw_entry(ProtocolVersion::CURRENT, op, tag, lba as u64, nblocks, slot)
 }
 
 /// Polls `cond` until it holds; fails the test after `DEADLINE`.
@@ -281,21 +286,21 @@ fn malformed_entries_get_error_completions_and_touch_nothing() {
     assert_eq!(p.client.num_blocks(), 64);
     let ring = &p.setup.ring;
     const WRITE: u8 = 2;
-    let mut corrupt = raw_v1_entry(WRITE, 1, 0, 1, 0);
+    let mut corrupt = raw_entry(WRITE, 1, 0, 1, 0);
     corrupt[16] ^= 0x40; // flip a bit of the block address after the crc was computed
     let cases: Vec<([u8; codec::SQE_SIZE], Status)> = vec![
         (corrupt, Status::Corrupt),
-        (raw_v1_entry(9, 2, 0, 1, 0), Status::Unsupported),
-        (raw_v1_entry(WRITE, 3, 64, 1, 0), Status::OutOfRange),
-        (raw_v1_entry(WRITE, 4, 63, 2, 0), Status::OutOfRange),
-        (raw_v1_entry(WRITE, 5, u32::MAX, 2, 0), Status::OutOfRange),
-        (raw_v1_entry(WRITE, 6, 0, 1, 8), Status::BadSlot),
-        (raw_v1_entry(WRITE, 7, 0, 1, NO_SLOT), Status::BadSlot),
-        (raw_v1_entry(WRITE, 8, 0, 5, 0), Status::Invalid), // 5 blocks > 16 KiB slot
-        (raw_v1_entry(WRITE, 9, 0, 0, 0), Status::Invalid),
-        (raw_v1_entry(3, 10, 1, 0, NO_SLOT), Status::Invalid), // flush with an address
-        (raw_v1_entry(4, 11, 60, 10, NO_SLOT), Status::OutOfRange),
-        (raw_v1_entry(4, 12, 0, 1, 0), Status::Invalid), // discard with a slot
+        (raw_entry(9, 2, 0, 1, 0), Status::Unsupported),
+        (raw_entry(WRITE, 3, 64, 1, 0), Status::OutOfRange),
+        (raw_entry(WRITE, 4, 63, 2, 0), Status::OutOfRange),
+        (raw_entry(WRITE, 5, u32::MAX, 2, 0), Status::OutOfRange),
+        (raw_entry(WRITE, 6, 0, 1, 8), Status::BadSlot),
+        (raw_entry(WRITE, 7, 0, 1, NO_SLOT), Status::BadSlot),
+        (raw_entry(WRITE, 8, 0, 5, 0), Status::Invalid), // 5 blocks > 16 KiB slot
+        (raw_entry(WRITE, 9, 0, 0, 0), Status::Invalid),
+        (raw_entry(3, 10, 1, 0, NO_SLOT), Status::Invalid), // flush with an address
+        (raw_entry(4, 11, 60, 10, NO_SLOT), Status::OutOfRange),
+        (raw_entry(4, 12, 0, 1, 0), Status::Invalid), // discard with a slot
     ];
     // Fill the slot the bad writes name, so a write that slipped through would show.
     ring.copy_to_slot(0, 0, &[0xEE; 16 * 1024]);
@@ -310,7 +315,7 @@ fn malformed_entries_get_error_completions_and_touch_nothing() {
     }
     // The driver still serves well-formed requests (raw too: the queues are now past
     // where the `Client` of this ring believes they are, so it is not used here).
-    let got = raw_submit(&p.setup, &[raw_v1_entry(1, 100, 63, 1, 1)]);
+    let got = raw_submit(&p.setup, &[raw_entry(1, 100, 63, 1, 1)]);
     assert_eq!((got[0].tag, got[0].result), (100, 0));
     let mut b = vec![0u8; BLOCK_SIZE];
     ring.copy_from_slot(1, 0, &mut b);
@@ -389,7 +394,7 @@ fn write_errors_latch_until_reopen() {
     c.read(Lba(2), &mut b).unwrap();
     assert!(b == pattern(2, 1));
     let state = p.stop();
-    assert_eq!(state.latched, Some(Status::Io.code()));
+    assert_eq!(state.latched, Some(Status::Io));
     assert_eq!(state.counters.errors, 4);
     assert_eq!(state.counters.writes, 2);
     // Reopening the image (a new driver) clears the latch.
@@ -550,7 +555,7 @@ fn driver_stops_cleanly_when_its_client_vanishes() {
     // Prepare everything the vanishing client does before forking: it may only touch
     // shared memory and make async-signal-safe syscalls.
     setup.ring.copy_to_slot(0, 0, &pattern(5, 1));
-    let entry = raw_v1_entry(2, 1, 5, 1, 0);
+    let entry = raw_entry(2, 1, 5, 1, 0);
     let ring_ptr = &setup.ring;
     let sq_fd = setup.sq_eventfd.as_raw_fd();
     let mut gate = [0i32; 2];
@@ -611,3 +616,5 @@ fn driver_stops_cleanly_when_its_client_vanishes() {
         .chain(&file[6 * BLOCK_SIZE..])
         .all(|&b| b == 0));
 }
+
+mod handover;

@@ -17,6 +17,8 @@ pub struct Component {
     pub version: String,
     link: ControlLink,
     inbox: Receiver<io::Result<Msg>>,
+    /// A `status` exchange is in progress (its reply is wanted).
+    pub want_status: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +49,7 @@ impl Component {
                 return;
             }
         });
-        Ok(Component { child, binary, version, link, inbox })
+        Ok(Component { child, binary, version, link, inbox, want_status: false })
     }
 
     pub fn pid(&self) -> u32 {
@@ -62,7 +64,13 @@ impl Component {
         self.link.send_blob(tag, bytes)
     }
 
-    /// The next message, by `deadline`, unless `abort` is raised first.
+    /// Discards messages that arrived unasked or too late for an earlier exchange.
+    pub fn drain_inbox(&mut self) {
+        while let Ok(Ok(_)) = self.inbox.try_recv() {}
+    }
+
+    /// The next message, by `deadline`, unless `abort` is raised first. Status lines
+    /// answering an earlier, timed-out `status` are skipped.
     pub fn recv(&mut self, deadline: Instant, abort: &AtomicBool) -> Result<Msg, LinkError> {
         loop {
             if abort.load(Ordering::SeqCst) {
@@ -73,6 +81,7 @@ impl Component {
                 return Err(LinkError::Deadline);
             }
             match self.inbox.recv_timeout((deadline - now).min(Duration::from_millis(20))) {
+                Ok(Ok(Msg::Line(l))) if l.starts_with("status ") && !self.want_status => continue,
                 Ok(Ok(m)) => return Ok(m),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(LinkError::Gone),
                 Ok(Err(e)) => return Err(LinkError::Io(e)),

@@ -53,6 +53,12 @@ enum Command {
         /// I/O engine of the block driver: uring or sync.
         #[arg(long, default_value = "uring")]
         engine: blockdev::engine::EngineKind,
+        /// Directory of trusted live-update signing keys (root-owned, `*.pub`).
+        #[arg(long, default_value = fsd::supervisor::DEFAULT_KEYRING)]
+        keyring: PathBuf,
+        /// Let this user (besides root) use the control socket; repeatable.
+        #[arg(long = "allow-uid")]
+        allowed_uids: Vec<u32>,
         /// Internal: descriptor on which the supervisor reports readiness.
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
@@ -140,6 +146,8 @@ fn main() -> ExitCode {
             foreground,
             threads,
             engine,
+            keyring,
+            allowed_uids,
             ready_fd,
         } => {
             let opts = supervisor::MountOptions {
@@ -147,6 +155,8 @@ fn main() -> ExitCode {
                 mountpoint,
                 threads,
                 engine,
+                keyring,
+                allowed_uids,
             };
             let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fsd"));
             let r = if foreground {

@@ -234,7 +234,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         Err(e) => return Err(fail(&mut ctl, anyhow::anyhow!("{e}"))),
     };
     session.set_fuse_file(fds.fuse);
-    let session = Arc::new(session);
+    // A session unmounts by path when dropped. The mount outlives every server process
+    // (a successor or the kernel ends it), so the session is never dropped.
+    let session = Arc::new(std::mem::ManuallyDrop::new(session));
 
     let (fs, molt) = if args.adopt {
         ctl.send("spawned")?;
@@ -242,11 +244,28 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             Msg::Blob(tag, b) if tag == "state" => b,
             other => anyhow::bail!("expected the state blob, got {other:?}"),
         };
-        let adopted = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
-            let state = FsdStateV1::decode(&blob)?;
+        // Import: decode and check the state; nothing touches the ring or the image until
+        // the commit, so the predecessor (or a predecessor driver) can still resume.
+        let state = match FsdStateV1::decode(&blob).map_err(anyhow::Error::from).and_then(|state| {
             if state.init_flags != crate::fuse::wanted_init_flags().bits() {
-                anyhow::bail!("the connection was negotiated with INIT flags {:#x}, this version needs {:#x}", state.init_flags, crate::fuse::wanted_init_flags().bits());
+                anyhow::bail!(
+                    "the connection was negotiated with INIT flags {:#x}, this version needs {:#x}",
+                    state.init_flags,
+                    crate::fuse::wanted_init_flags().bits()
+                );
             }
+            Ok(state)
+        }) {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&mut ctl, e)),
+        };
+        ctl.send("imported")?;
+        match ctl.recv()? {
+            Msg::Line(l) if l == "commit" => {}
+            // Aborted: leave without touching the mount or the image.
+            _ => std::process::exit(0),
+        }
+        let adopted = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
             let fs = Arc::new(crate::fs::Fs::adopt(connect(&ring)?)?);
             let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
             Ok((fs, molt))
@@ -255,15 +274,6 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             Ok(v) => v,
             Err(e) => return Err(fail(&mut ctl, e)),
         };
-        ctl.send("imported")?;
-        match ctl.recv()? {
-            Msg::Line(l) if l == "commit" => {}
-            _ => {
-                // Aborted: leave without touching the mount or the image.
-                std::mem::forget(session);
-                std::process::exit(0);
-            }
-        }
         (fs, molt)
     } else {
         let mounted = (|| -> anyhow::Result<Arc<crate::fs::Fs>> { Ok(Arc::new(crate::fs::Fs::mount(connect(&ring)?)?)) })();
@@ -359,6 +369,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                         ctl.send(&format!("error: required state not reached by the deadline: {why}"))?;
                         continue;
                     }
+                    eprintln!("fsd serve: prepare: state reached, draining");
                     stop_serving(&session, &stopping)?;
                     while !serving.is_finished() {
                         thread::sleep(Duration::from_micros(200));
@@ -367,6 +378,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                         let _ = f.join();
                     }
                     prepared = true;
+                    eprintln!("fsd serve: prepare: drained");
                     // Re-check: a request served during the drain may have changed it.
                     let state_ok = required_state_reached(&molt, &states).map_err(anyhow::Error::msg).and_then(|()| fs.quiesce().map_err(anyhow::Error::from));
                     if let Err(e) = state_ok {
@@ -380,10 +392,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     fs.replace_store(connect(&ring)?);
                     break 'commands;
                 }
-                Some("exit") if prepared => {
-                    std::mem::forget(session);
-                    std::process::exit(0);
-                }
+                Some("exit") if prepared => std::process::exit(0),
                 _ => ctl.send(&format!("error: unexpected command {line:?}"))?,
             }
         }
@@ -393,8 +402,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         }
         let reason = serving.join().map_err(|_| anyhow::anyhow!("serve loop panicked"))??;
         if reason == StopReason::Disconnected && !prepared {
-            // Unmounted: the session is gone with the mount; make the image clean.
-            std::mem::forget(session);
+            // Unmounted: make the image clean.
             fs.unmount()?;
             return Ok(());
         }

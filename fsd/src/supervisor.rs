@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockdev::image::Image;
-use blockdev::spawn::{driver_command, DriverConfig, DriverFds, RingSetup};
+use blockdev::spawn::{DriverConfig, DriverFds, RingSetup};
 use formats::superblock::{FsState, Superblock};
 use formats::FormatError;
 
@@ -69,7 +69,14 @@ pub struct MountOptions {
     /// FUSE worker threads in the filesystem server.
     pub threads: usize,
     pub engine: blockdev::engine::EngineKind,
+    /// Directory of trusted package signing keys (root-owned).
+    pub keyring: PathBuf,
+    /// Users besides root allowed on the control socket.
+    pub allowed_uids: Vec<u32>,
 }
+
+/// Where trusted package keys live unless `fsd mount --keyring` says otherwise.
+pub const DEFAULT_KEYRING: &str = "/etc/molt/keyring";
 
 /// Whether `path` is the root of a mount (its device differs from its parent's, or it is
 /// listed in the mount table).
@@ -147,6 +154,8 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
         .arg("--foreground")
         .args(["--threads", &opts.threads.to_string()])
         .args(["--engine", opts.engine.as_str()])
+        .arg("--keyring")
+        .arg(&opts.keyring)
         .args(["--ready-fd", "3"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -237,8 +246,9 @@ pub struct Stack {
     pub ring: RingSetup,
     pub fuse_dev: File,
     pub server: Component,
-    pub driver: Child,
-    pub driver_version: String,
+    pub driver: DriverProc,
+    /// On-disk format version of the image.
+    pub format_version: u32,
     /// Live updates applied or attempted, in order.
     pub history: Vec<crate::update::UpdateRecord>,
     pub last_sequence: u64,
@@ -252,8 +262,7 @@ impl Stack {
 
     fn kill_all(&mut self) {
         self.server.kill();
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        self.driver.kill();
     }
 }
 
@@ -273,12 +282,100 @@ fn spawn_server(
         cmd.arg("--adopt");
     }
     let guard = pass_fds(&mut cmd, &fds, SERVE_RING_FD).map_err(|e| MountError::Os("preparing the server", e))?;
-    let child = cmd.spawn().map_err(|e| MountError::Os("starting the filesystem server", e))?;
+    let child = spawn_component(cmd).map_err(|e| MountError::Os("starting the filesystem server", e))?;
     drop(guard);
     drop(child_ctl);
     let version = component_version_of(binary).unwrap_or_else(|| "unknown".into());
     Component::new(child, binary.to_path_buf(), version, ctl, crate::persist::STATE_CAP)
         .map_err(|e| MountError::Os("control channel", e))
+}
+
+type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
+
+/// Starts a component process from one long-lived thread. Components die with their
+/// parent (PR_SET_PDEATHSIG), and the kernel means the parent *thread*: a component
+/// started by a short-lived thread (a control connection) would be killed when that
+/// thread ends.
+pub fn spawn_component(cmd: Command) -> io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnJob>>> = std::sync::OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply, result) = std::sync::mpsc::channel();
+    tx.lock().unwrap_or_else(|p| p.into_inner()).send((cmd, reply)).map_err(|_| io::Error::other("spawner thread gone"))?;
+    result.recv().map_err(|_| io::Error::other("spawner thread gone"))?
+}
+
+/// The block driver process and its control link.
+pub struct DriverProc {
+    pub child: Child,
+    pub ctl: blockdev::handover::DriverControl,
+    pub binary: PathBuf,
+    pub info: DriverInfo,
+}
+
+/// What a driver binary says of itself (`blockdev --print-version`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverInfo {
+    pub version: String,
+    pub schema: u32,
+    pub ring: u32,
+    pub errcodes: u32,
+}
+
+impl DriverInfo {
+    pub fn of(binary: &Path) -> Option<DriverInfo> {
+        let out = Command::new(binary).arg("--print-version").output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let field = |name: &str| words.iter().position(|w| *w == name).and_then(|i| words.get(i + 1)).and_then(|v| v.parse().ok());
+        Some(DriverInfo { version: words.first()?.to_string(), schema: field("schema")?, ring: field("ring")?, errcodes: field("errcodes")? })
+    }
+}
+
+impl DriverProc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a block driver from `binary` on a stack's descriptors.
+pub fn spawn_driver(
+    ring: &RingSetup,
+    image: &Image,
+    engine: blockdev::engine::EngineKind,
+    binary: &Path,
+    mode: blockdev::spawn::StartMode,
+) -> Result<DriverProc, MountError> {
+    let config = DriverConfig { engine, binary: Some(binary.to_path_buf()), ..DriverConfig::default() };
+    let (ctl, child_ctl) = UnixStream::pair().map_err(|e| MountError::Os("creating the driver control channel", e))?;
+    let fds = DriverFds {
+        ring: ring.ring.fd(),
+        sq_eventfd: ring.sq_eventfd.as_fd(),
+        cq_eventfd: ring.cq_eventfd.as_fd(),
+        image: image.file().as_fd(),
+    };
+    let (cmd, guard) = blockdev::spawn::driver_command_with_control(fds, &config, Some(std::process::id()), child_ctl.as_fd(), mode)
+        .map_err(|e| MountError::Os("preparing the block driver", e))?;
+    let child = spawn_component(cmd).map_err(|e| MountError::Os("starting the block driver", e))?;
+    drop(guard);
+    drop(child_ctl);
+    let info = DriverInfo::of(binary).ok_or_else(|| MountError::Failed(format!("{} does not say what it is (--print-version)", binary.display())))?;
+    let ctl = blockdev::handover::DriverControl::new(ctl).map_err(|e| MountError::Os("driver control channel", e))?;
+    Ok(DriverProc { child, ctl, binary: binary.to_path_buf(), info })
 }
 
 /// Asks a binary for its component version (`fsd version`).
@@ -297,7 +394,19 @@ fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<
         return Err(MountError::Os("creating the runtime directory", e));
     }
     let stack = Arc::new(Mutex::new(stack));
-    crate::update::start_control_socket(&stack, &mnt).map_err(|e| MountError::Os("creating the control socket", e))?;
+    let control = Arc::new(crate::manager::Control {
+        abort: AtomicBool::new(false),
+        in_progress: Mutex::new(None),
+        keyring_dir: opts.keyring.clone(),
+        allowed_uids: opts.allowed_uids.clone(),
+    });
+    if let Err(e) = crate::manager::start(&stack, control) {
+        let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        s.kill_all();
+        let _ = serve::unmount(&mnt, true);
+        runtime::remove(&mnt);
+        return Err(MountError::Os("creating the control socket", e));
+    }
     ready.send("ok");
     run(&stack)
 }
@@ -310,30 +419,19 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
 
     let config = DriverConfig { engine: opts.engine, ..DriverConfig::default() };
     let ring = RingSetup::new(config.geometry).map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
-    let fds = DriverFds {
-        ring: ring.ring.fd(),
-        sq_eventfd: ring.sq_eventfd.as_fd(),
-        cq_eventfd: ring.cq_eventfd.as_fd(),
-        image: image.file().as_fd(),
-    };
-    let (mut dcmd, guard) =
-        driver_command(fds, &config, Some(std::process::id())).map_err(|e| MountError::Os("preparing the block driver", e))?;
     let driver_binary = blockdev::spawn::driver_binary(&config);
-    let mut driver = dcmd.spawn().map_err(|e| MountError::Os("starting the block driver", e))?;
-    drop(guard);
+    let mut driver = spawn_driver(&ring, &image, opts.engine, &driver_binary, blockdev::spawn::StartMode::Fresh)?;
     let fuse_dev = match serve::open_fuse_device() {
         Ok(f) => f,
         Err(e) => {
-            let _ = driver.kill();
-            let _ = driver.wait();
+            driver.kill();
             return Err(MountError::Os("opening /dev/fuse", e));
         }
     };
     let server = match spawn_server(&mnt, opts, &ring, &fuse_dev, exe, false) {
         Ok(c) => c,
         Err(e) => {
-            let _ = driver.kill();
-            let _ = driver.wait();
+            driver.kill();
             return Err(e);
         }
     };
@@ -345,7 +443,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         fuse_dev,
         server,
         driver,
-        driver_version: driver_version_of(&driver_binary),
+        format_version: format_version_of(&opts.image),
         history: Vec::new(),
         last_sequence: 0,
     };
@@ -369,15 +467,16 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     Ok(stack)
 }
 
-fn driver_version_of(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .output()
+fn format_version_of(image: &Path) -> u32 {
+    let mut b = vec![0u8; formats::BLOCK_SIZE];
+    FileStore::open(image, false)
+        .and_then(|s| s.read(0, &mut b))
         .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+        .and_then(|()| Superblock::decode(&b).ok())
+        .map(|sb| sb.format_version.0)
+        .unwrap_or(0)
 }
+
 
 /// Watches the components until the filesystem server exits: after an unmount it makes
 /// the image clean and exits 0. Any other end takes the whole stack down so that the next
@@ -387,7 +486,7 @@ fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
         std::thread::sleep(Duration::from_millis(20));
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
         let server_end = s.server.child.try_wait().ok().flatten();
-        let driver_end = s.driver.try_wait().ok().flatten();
+        let driver_end = s.driver.child.try_wait().ok().flatten();
         if server_end.is_none() && driver_end.is_none() {
             continue;
         }
@@ -395,13 +494,12 @@ fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
         if server_end.is_none() {
             s.server.kill();
         }
-        let _ = signal(&s.driver, libc::SIGTERM);
+        let _ = signal(&s.driver.child, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while s.driver.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        while s.driver.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = s.driver.kill();
-        let _ = s.driver.wait();
+        s.driver.kill();
         let mnt = s.mnt.clone();
         if !clean && is_mountpoint(&mnt) {
             let _ = serve::unmount(&mnt, true);

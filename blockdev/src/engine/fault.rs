@@ -1,9 +1,10 @@
 //! A fault-injecting engine wrapper: fails the n-th write or flush with a chosen errno
-//! instead of passing it on. Used to test error latching above the engine.
+//! instead of passing it on, or holds the n-th write's completion back for a while (a slow
+//! disk). Used to test error latching and drain deadlines above the engine.
 
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Engine, Errno, IoCompletion, IoOp, IoRequest, WaitOutcome};
 
@@ -14,6 +15,9 @@ pub struct FaultPlan {
     pub fail_nth_flush: Option<u64>,
     /// The errno reported; `EIO` if zero.
     pub errno: i32,
+    /// Holds the completion of this write (it runs normally) for `delay`.
+    pub delay_nth_write: Option<u64>,
+    pub delay: Duration,
 }
 
 #[derive(Debug)]
@@ -23,6 +27,10 @@ pub struct FaultyEngine {
     writes: u64,
     flushes: u64,
     injected: Vec<IoCompletion>,
+    /// `user_data` of the delayed write while it is in the inner engine.
+    delayed: Option<u64>,
+    /// Its completion, and when to hand it out.
+    held: Option<(IoCompletion, Instant)>,
 }
 
 impl FaultyEngine {
@@ -33,6 +41,8 @@ impl FaultyEngine {
             writes: 0,
             flushes: 0,
             injected: Vec::new(),
+            delayed: None,
+            held: None,
         }
     }
 
@@ -45,7 +55,7 @@ impl FaultyEngine {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.injected.len()
+        self.inner.in_flight() + self.injected.len() + usize::from(self.held.is_some())
     }
 
     pub fn push(&mut self, req: IoRequest) -> Result<(), IoRequest> {
@@ -55,6 +65,9 @@ impl FaultyEngine {
         let fail = match req.op {
             IoOp::Write { .. } => {
                 self.writes += 1;
+                if self.plan.delay_nth_write == Some(self.writes) {
+                    self.delayed = Some(req.user_data);
+                }
                 self.plan.fail_nth_write == Some(self.writes)
             }
             IoOp::Flush => {
@@ -81,7 +94,18 @@ impl FaultyEngine {
 
     pub fn reap(&mut self, out: &mut Vec<IoCompletion>) {
         out.append(&mut self.injected);
+        let from = out.len();
         self.inner.reap(out);
+        if let Some(id) = self.delayed {
+            if let Some(pos) = out[from..].iter().position(|c| c.user_data == id) {
+                let c = out.remove(from + pos);
+                self.delayed = None;
+                self.held = Some((c, Instant::now() + self.plan.delay));
+            }
+        }
+        if matches!(&self.held, Some((_, at)) if Instant::now() >= *at) {
+            out.push(self.held.take().expect("checked").0);
+        }
     }
 
     pub fn wait(
@@ -92,6 +116,10 @@ impl FaultyEngine {
         if !self.injected.is_empty() {
             return Ok(WaitOutcome::default());
         }
+        let timeout = match &self.held {
+            Some((_, at)) => timeout.min(at.saturating_duration_since(Instant::now())),
+            None => timeout,
+        };
         self.inner.wait(doorbell, timeout)
     }
 }

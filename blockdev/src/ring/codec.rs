@@ -1,8 +1,9 @@
 //! Encoding of submission and completion entries, per protocol version.
 //!
-//! All entry layout knowledge lives here: a later version that widens the block address
-//! adds its own `encode`/`decode` arm and a capability on [`ProtocolVersion`], and the rest
-//! of the crate keeps speaking [`Request`] with a 64-bit [`Lba`].
+//! All entry layout knowledge lives here: v2 (48-bit block address) is its own
+//! `encode`/`decode` arm and a capability on [`ProtocolVersion`]; the rest of the crate
+//! speaks [`Request`] with a 64-bit [`Lba`]. Both arms are compiled in every build; which one
+//! a build *speaks* is [`ProtocolVersion::CURRENT`] (feature `ring48`).
 
 use super::{RingError, Status};
 use crate::Lba;
@@ -26,6 +27,13 @@ const SQE_RESERVED1: usize = SQE_NBLOCKS + 4; // u32, zero
 const SQE_CRC: usize = SQE_RESERVED1 + 4; // u32: crc32 of bytes 0..28
 const _: () = assert!(SQE_CRC + 4 == SQE_SIZE);
 
+// v2 submission entry layout: as v1 up to the tag, then a 64-bit block address field whose
+// top 16 bits must be zero (48-bit addresses), then the count; no second reserved word.
+const SQE2_LBA: usize = SQE_TAG + 8; // u64, bits 48..64 zero
+const SQE2_NBLOCKS: usize = SQE2_LBA + 8; // u32
+const SQE2_CRC: usize = SQE2_NBLOCKS + 4; // u32: crc32 of bytes 0..28
+const _: () = assert!(SQE2_CRC == SQE_CRC);
+
 // Completion entry layout (unchanged across versions so far).
 const CQE_TAG: usize = 0; // u64
 const CQE_RESULT: usize = CQE_TAG + 8; // i32
@@ -37,17 +45,34 @@ const _: () = assert!(CQE_RESERVED + 4 == CQE_SIZE);
 pub struct ProtocolVersion(pub u32);
 
 impl ProtocolVersion {
+    /// 32-bit block address.
     pub const V1: ProtocolVersion = ProtocolVersion(1);
-    /// The version this build speaks.
+    /// 48-bit block address.
+    pub const V2: ProtocolVersion = ProtocolVersion(2);
+    /// The version this build speaks (drivers and clients refuse any other).
+    #[cfg(not(feature = "ring48"))]
     pub const CURRENT: ProtocolVersion = ProtocolVersion::V1;
+    #[cfg(feature = "ring48")]
+    pub const CURRENT: ProtocolVersion = ProtocolVersion::V2;
 
+    /// Versions whose entries this code can encode and decode. The region layout is the
+    /// same for all of them, so a supervisor can relabel a quiet ring between them.
+    pub fn is_known(self) -> bool {
+        self == ProtocolVersion::V1 || self == ProtocolVersion::V2
+    }
+
+    /// Whether this build speaks this version.
     pub fn is_supported(self) -> bool {
-        self == ProtocolVersion::V1
+        self == ProtocolVersion::CURRENT
     }
 
     /// Width of the block address in a submission entry.
     pub fn lba_bits(self) -> u32 {
-        32
+        if self == ProtocolVersion::V2 {
+            48
+        } else {
+            32
+        }
     }
 
     /// Largest block count a device can expose under this version.
@@ -117,16 +142,25 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 pub fn encode_request(v: ProtocolVersion, r: &Request) -> Result<[u8; SQE_SIZE], RingError> {
-    if !v.is_supported() {
+    if !v.is_known() {
         return Err(RingError::UnsupportedVersion(v.0));
     }
-    let lba = u32::try_from(r.lba.0).map_err(|_| RingError::LbaTooWide(r.lba.0, v.0))?;
+    if r.lba.0 >= v.max_blocks() {
+        return Err(RingError::LbaTooWide(r.lba.0, v.0));
+    }
     let mut b = [0u8; SQE_SIZE];
     b[SQE_OP] = r.op as u8;
     b[SQE_SLOT..SQE_SLOT + 4].copy_from_slice(&r.slot.to_le_bytes());
     b[SQE_TAG..SQE_TAG + 8].copy_from_slice(&r.tag.to_le_bytes());
-    b[SQE_LBA..SQE_LBA + 4].copy_from_slice(&lba.to_le_bytes());
-    b[SQE_NBLOCKS..SQE_NBLOCKS + 4].copy_from_slice(&r.nblocks.to_le_bytes());
+    if v == ProtocolVersion::V2 {
+        b[SQE2_LBA..SQE2_LBA + 8].copy_from_slice(&r.lba.0.to_le_bytes());
+        b[SQE2_NBLOCKS..SQE2_NBLOCKS + 4].copy_from_slice(&r.nblocks.to_le_bytes());
+    } else {
+        // Fits: checked against max_blocks above.
+        let lba = r.lba.0 as u32;
+        b[SQE_LBA..SQE_LBA + 4].copy_from_slice(&lba.to_le_bytes());
+        b[SQE_NBLOCKS..SQE_NBLOCKS + 4].copy_from_slice(&r.nblocks.to_le_bytes());
+    }
     let c = crc(&b[..SQE_CRC]);
     b[SQE_CRC..].copy_from_slice(&c.to_le_bytes());
     Ok(b)
@@ -137,21 +171,33 @@ pub fn encode_request(v: ProtocolVersion, r: &Request) -> Result<[u8; SQE_SIZE],
 pub fn decode_request(v: ProtocolVersion, b: &[u8; SQE_SIZE]) -> Result<Request, DecodeError> {
     let tag = u64_at(b, SQE_TAG);
     let fail = |status| DecodeError { tag, status };
-    if !v.is_supported() {
+    if !v.is_known() {
         return Err(fail(Status::Unsupported));
     }
     if crc(&b[..SQE_CRC]) != u32_at(b, SQE_CRC) {
         return Err(fail(Status::Corrupt));
     }
     let op = Op::from_code(b[SQE_OP]).ok_or(fail(Status::Unsupported))?;
-    if b[SQE_FLAGS] != 0 || b[SQE_RESERVED0..SQE_SLOT] != [0, 0] || u32_at(b, SQE_RESERVED1) != 0 {
+    if b[SQE_FLAGS] != 0 || b[SQE_RESERVED0..SQE_SLOT] != [0, 0] {
         return Err(fail(Status::Invalid));
     }
+    let (lba, nblocks) = if v == ProtocolVersion::V2 {
+        let lba = u64_at(b, SQE2_LBA);
+        if lba >= v.max_blocks() {
+            return Err(fail(Status::Invalid));
+        }
+        (lba, u32_at(b, SQE2_NBLOCKS))
+    } else {
+        if u32_at(b, SQE_RESERVED1) != 0 {
+            return Err(fail(Status::Invalid));
+        }
+        (u32_at(b, SQE_LBA) as u64, u32_at(b, SQE_NBLOCKS))
+    };
     Ok(Request {
         op,
         tag,
-        lba: Lba(u32_at(b, SQE_LBA) as u64),
-        nblocks: u32_at(b, SQE_NBLOCKS),
+        lba: Lba(lba),
+        nblocks,
         slot: u32_at(b, SQE_SLOT),
     })
 }
@@ -173,12 +219,30 @@ pub fn decode_completion(b: &[u8; CQE_SIZE]) -> Completion {
 /// Builds a raw v1 entry with arbitrary field values and a valid crc (tests craft bad
 /// requests with it).
 pub fn raw_v1_entry(op: u8, tag: u64, lba: u32, nblocks: u32, slot: u32) -> [u8; SQE_SIZE] {
+    raw_entry(ProtocolVersion::V1, op, tag, lba as u64, nblocks, slot)
+}
+
+/// Builds a raw entry of version `v` (v2 layout for V2, else v1) with arbitrary field values
+/// and a valid crc; the address is truncated to the field's width.
+pub fn raw_entry(
+    v: ProtocolVersion,
+    op: u8,
+    tag: u64,
+    lba: u64,
+    nblocks: u32,
+    slot: u32,
+) -> [u8; SQE_SIZE] {
     let mut b = [0u8; SQE_SIZE];
     b[SQE_OP] = op;
     b[SQE_SLOT..SQE_SLOT + 4].copy_from_slice(&slot.to_le_bytes());
     b[SQE_TAG..SQE_TAG + 8].copy_from_slice(&tag.to_le_bytes());
-    b[SQE_LBA..SQE_LBA + 4].copy_from_slice(&lba.to_le_bytes());
-    b[SQE_NBLOCKS..SQE_NBLOCKS + 4].copy_from_slice(&nblocks.to_le_bytes());
+    if v == ProtocolVersion::V2 {
+        b[SQE2_LBA..SQE2_LBA + 8].copy_from_slice(&lba.to_le_bytes());
+        b[SQE2_NBLOCKS..SQE2_NBLOCKS + 4].copy_from_slice(&nblocks.to_le_bytes());
+    } else {
+        b[SQE_LBA..SQE_LBA + 4].copy_from_slice(&(lba as u32).to_le_bytes());
+        b[SQE_NBLOCKS..SQE_NBLOCKS + 4].copy_from_slice(&nblocks.to_le_bytes());
+    }
     let c = crc(&b[..SQE_CRC]);
     b[SQE_CRC..].copy_from_slice(&c.to_le_bytes());
     b
@@ -220,6 +284,69 @@ mod tests {
             let c = Completion { tag, result };
             prop_assert_eq!(decode_completion(&encode_completion(&c)), c);
         }
+    }
+
+    fn versions() -> impl Strategy<Value = ProtocolVersion> {
+        prop_oneof![Just(ProtocolVersion::V1), Just(ProtocolVersion::V2)]
+    }
+
+    proptest! {
+        #[test]
+        fn v2_round_trip(op in op_strategy(), tag: u64, lba in 0u64..(1 << 48), nblocks: u32, slot: u32) {
+            let r = Request { op, tag, lba: Lba(lba), nblocks, slot };
+            let b = encode_request(ProtocolVersion::V2, &r).unwrap();
+            prop_assert_eq!(decode_request(ProtocolVersion::V2, &b), Ok(r));
+        }
+
+        #[test]
+        fn one_flipped_bit_is_an_error_in_every_version(v in versions(), op in op_strategy(), tag: u64, lba in 0u64..(1 << 32), nblocks: u32, slot: u32, bit in 0usize..SQE_SIZE * 8) {
+            let r = Request { op, tag, lba: Lba(lba), nblocks, slot };
+            let mut b = encode_request(v, &r).unwrap();
+            b[bit / 8] ^= 1 << (bit % 8);
+            prop_assert_eq!(decode_request(v, &b).unwrap_err().status, Status::Corrupt);
+        }
+    }
+
+    #[test]
+    fn v2_limits_and_spec_bytes() {
+        let wide = Request {
+            op: Op::Write,
+            tag: 0x0102030405060708,
+            lba: Lba(0x0000_AABB_1122_3344),
+            nblocks: 2,
+            slot: 3,
+        };
+        let b = encode_request(ProtocolVersion::V2, &wide).unwrap();
+        assert_eq!(
+            b[..28],
+            [
+                2, 0, 0, 0, 3, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1, 0x44, 0x33, 0x22, 0x11, 0xBB, 0xAA,
+                0, 0, 2, 0, 0, 0
+            ]
+        );
+        assert!(matches!(
+            encode_request(ProtocolVersion::V1, &wide),
+            Err(RingError::LbaTooWide(..))
+        ));
+        let too_wide = Request {
+            lba: Lba(1 << 48),
+            ..wide
+        };
+        assert!(matches!(
+            encode_request(ProtocolVersion::V2, &too_wide),
+            Err(RingError::LbaTooWide(..))
+        ));
+        // Bits 48..64 of the address field must be zero.
+        let b = raw_entry(ProtocolVersion::V2, 1, 7, 1 << 48, 1, 0);
+        assert_eq!(
+            decode_request(ProtocolVersion::V2, &b).unwrap_err().status,
+            Status::Invalid
+        );
+        assert_eq!(ProtocolVersion::V2.max_blocks(), 1 << 48);
+        // A v2 entry read as v1 is rejected, not misdirected, when its address is wide.
+        let b = encode_request(ProtocolVersion::V2, &wide).unwrap();
+        assert!(decode_request(ProtocolVersion::V1, &b).is_err());
+        assert!(!ProtocolVersion(3).is_known());
     }
 
     #[test]

@@ -22,7 +22,9 @@ pub const OFF_SQ_OFFSET: usize = OFF_CQE_SIZE + 2; // u32
 pub const OFF_CQ_OFFSET: usize = OFF_SQ_OFFSET + 4; // u32
 pub const OFF_DATA_OFFSET: usize = OFF_CQ_OFFSET + 4; // u64
 pub const OFF_TOTAL_SIZE: usize = OFF_DATA_OFFSET + 8; // u64
-pub const GEOMETRY_END: usize = OFF_TOTAL_SIZE + 8; // 48; 48..64 reserved (zero)
+                                                       // Status code table version (0 in rings from builds before the field: table 1).
+pub const OFF_STATUS_TABLE: usize = OFF_TOTAL_SIZE + 8; // u32
+pub const GEOMETRY_END: usize = OFF_STATUS_TABLE + 4; // 52; 52..64 reserved (zero)
 
 // Line 1: driver information, written by the driver.
 pub const OFF_DRIVER_PHASE: usize = CACHE_LINE; // u32
@@ -149,7 +151,7 @@ mod tests {
             ],
             [24, 28, 32, 40]
         );
-        assert_eq!(GEOMETRY_END, 48);
+        assert_eq!((OFF_STATUS_TABLE, GEOMETRY_END), (48, 52));
         assert_eq!(
             [
                 OFF_DRIVER_PHASE,

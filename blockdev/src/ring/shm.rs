@@ -14,7 +14,7 @@ use memmap2::{MmapOptions, MmapRaw};
 
 use super::codec::{CQE_SIZE, SQE_SIZE};
 use super::layout::*;
-use super::{ProtocolVersion, RingError};
+use super::{ProtocolVersion, RingError, StatusTable};
 use crate::persist::Counters;
 use crate::BLOCK_SIZE;
 
@@ -57,8 +57,28 @@ const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEA
 
 impl RingRegion {
     /// Creates a new region (client side / supervisor): a sealed memfd with an
-    /// initialised header and empty queues.
+    /// initialised header and empty queues, speaking this build's protocol version and
+    /// status code table.
     pub fn create(geometry: RingGeometry) -> Result<RingRegion, RingError> {
+        RingRegion::create_versioned(geometry, ProtocolVersion::CURRENT, StatusTable::CURRENT)
+    }
+
+    /// Creates a region labelled with a given protocol version and status code table (a
+    /// supervisor that starts components of another build than its own).
+    pub fn create_versioned(
+        geometry: RingGeometry,
+        version: ProtocolVersion,
+        table: StatusTable,
+    ) -> Result<RingRegion, RingError> {
+        if !version.is_known() {
+            return Err(RingError::UnsupportedVersion(version.0));
+        }
+        if !table.is_known() {
+            return Err(RingError::StatusTableMismatch {
+                ring: table.0,
+                uses: StatusTable::CURRENT.0,
+            });
+        }
         geometry.validate()?;
         let total = geometry.total_size();
         let name = std::ffi::CString::new("molt-ring").expect("no NUL");
@@ -76,11 +96,14 @@ impl RingRegion {
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
             return Err(std::io::Error::last_os_error().into());
         }
-        let region = RingRegion::map(fd, geometry, ProtocolVersion::CURRENT)?;
+        let region = RingRegion::map(fd, geometry, version)?;
         region.u64_at(OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
         region
             .u32_at(OFF_VERSION)
-            .store(ProtocolVersion::CURRENT.0, Ordering::Relaxed);
+            .store(version.0, Ordering::Relaxed);
+        region
+            .u32_at(OFF_STATUS_TABLE)
+            .store(table.0, Ordering::Relaxed);
         region
             .u32_at(OFF_QUEUE_DEPTH)
             .store(geometry.queue_depth, Ordering::Relaxed);
@@ -107,7 +130,9 @@ impl RingRegion {
     }
 
     /// Maps an existing region received as an fd (driver side) and validates its header.
-    /// The geometry is read once here; later changes to the header are ignored.
+    /// The geometry is read once here; later changes to the header are ignored. Any known
+    /// protocol version is accepted here (the layout is the same); a driver or client then
+    /// checks that it speaks it with [`RingRegion::check_speaks`].
     pub fn open(fd: OwnedFd) -> Result<RingRegion, RingError> {
         // SAFETY: F_GET_SEALS only reads the seals of the file.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
@@ -131,7 +156,7 @@ impl RingRegion {
             return Err(RingError::BadMagic(magic));
         }
         let version = ProtocolVersion(probe.u32_at(OFF_VERSION).load(Ordering::Relaxed));
-        if !version.is_supported() {
+        if !version.is_known() {
             return Err(RingError::UnsupportedVersion(version.0));
         }
         let geometry = RingGeometry {
@@ -189,8 +214,114 @@ impl RingRegion {
         self.geometry
     }
 
+    /// The protocol version read when this mapping was made (entries are encoded with it).
     pub fn version(&self) -> ProtocolVersion {
         self.version
+    }
+
+    /// The protocol version the header says now.
+    pub fn header_version(&self) -> ProtocolVersion {
+        ProtocolVersion(self.u32_at(OFF_VERSION).load(Ordering::Acquire))
+    }
+
+    /// The status code table the header records (0, from builds before the field: v1).
+    pub fn status_table(&self) -> StatusTable {
+        match self.u32_at(OFF_STATUS_TABLE).load(Ordering::Acquire) {
+            0 => StatusTable::V1,
+            t => StatusTable(t),
+        }
+    }
+
+    /// Checks that this build speaks the ring's protocol version and status code table, as
+    /// the header says now. Drivers check before they attach and before they resume,
+    /// clients before they connect.
+    pub fn check_speaks(&self) -> Result<(), RingError> {
+        let v = self.header_version();
+        for seen in [v, self.version] {
+            if !seen.is_supported() {
+                return Err(RingError::ProtocolMismatch {
+                    ring: seen.0,
+                    speaks: ProtocolVersion::CURRENT.0,
+                });
+            }
+        }
+        let t = self.status_table();
+        if t != StatusTable::CURRENT {
+            return Err(RingError::StatusTableMismatch {
+                ring: t.0,
+                uses: StatusTable::CURRENT.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the ring is quiet: no driver serving, no entry waiting in either queue,
+    /// nothing in flight. Only then may the supervisor relabel it.
+    pub fn check_quiet(&self) -> Result<(), RingError> {
+        if self.driver_phase() == Some(DriverPhase::Serving) {
+            return Err(RingError::NotQuiet("a driver is serving it".into()));
+        }
+        let (sh, st) = (
+            self.sq_head().load(Ordering::Acquire),
+            self.sq_tail().load(Ordering::Acquire),
+        );
+        if sh != st {
+            return Err(RingError::NotQuiet(format!(
+                "{} submissions wait",
+                st.wrapping_sub(sh)
+            )));
+        }
+        let (ch, ct) = (
+            self.cq_head().load(Ordering::Acquire),
+            self.cq_tail().load(Ordering::Acquire),
+        );
+        if ch != ct {
+            return Err(RingError::NotQuiet(format!(
+                "{} completions are unclaimed",
+                ct.wrapping_sub(ch)
+            )));
+        }
+        let in_flight = self.counters().in_flight;
+        if in_flight != 0 {
+            return Err(RingError::NotQuiet(format!(
+                "{in_flight} requests in flight"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Relabels a quiet ring with another protocol version, for an update that replaces
+    /// the driver and every client together (the region layout is the same for every known
+    /// version; only entries change). Refused unless [`RingRegion::check_quiet`] passes.
+    /// Other mappings keep the version they read; their owners must be replaced.
+    pub fn set_protocol_version(&mut self, v: ProtocolVersion) -> Result<(), RingError> {
+        if !v.is_known() {
+            return Err(RingError::UnsupportedVersion(v.0));
+        }
+        self.check_quiet()?;
+        self.u32_at(OFF_VERSION).store(v.0, Ordering::Release);
+        self.version = v;
+        Ok(())
+    }
+
+    /// Relabels a quiet ring with another status code table (an update of the driver and
+    /// every client together). A latched error code in the header is translated.
+    pub fn set_status_table(&mut self, t: StatusTable) -> Result<(), RingError> {
+        if !t.is_known() {
+            return Err(RingError::StatusTableMismatch {
+                ring: t.0,
+                uses: StatusTable::CURRENT.0,
+            });
+        }
+        self.check_quiet()?;
+        let old = self.status_table();
+        let latched = self.latched();
+        if latched != 0 {
+            let s = old.status(latched).unwrap_or(super::Status::Io);
+            self.publish_latched(t.code(s));
+        }
+        self.u32_at(OFF_STATUS_TABLE).store(t.0, Ordering::Release);
+        Ok(())
     }
 
     /// The memfd, to pass to the other process.

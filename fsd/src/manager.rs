@@ -1,0 +1,347 @@
+//! The update manager's front door: the control socket of a mount. It checks the peer's
+//! credentials before reading a byte, verifies packages (signature and hashes before
+//! anything else is parsed), runs the compatibility and requirement checks, applies one
+//! update at a time, and answers status and abort requests.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use updater::manifest::{ComponentName, Manifest, Nature};
+use updater::protocol::{self, ComponentStatus, Event, Outcome, Request, StatusReport, UpdateRecord};
+use updater::{check_compatibility, check_requirements, CheckItem, Keyring, MachineContext, Package, VerifiedPackage};
+
+use crate::supervisor::Stack;
+use crate::update::{FsdUpdate, PhaseEvent, Phases};
+
+/// What the control socket shares with the running update.
+pub struct Control {
+    /// Raised by `updater abort`; the running update checks it between and during phases.
+    pub abort: AtomicBool,
+    /// Name of the package being applied.
+    pub in_progress: Mutex<Option<String>>,
+    pub keyring_dir: PathBuf,
+    /// Users besides root allowed on the socket.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// Binds `control.sock` (mode 0600) in the mount's runtime directory (mode 0700) and serves
+/// it on a thread.
+pub fn start(stack: &Arc<Mutex<Stack>>, control: Arc<Control>) -> io::Result<PathBuf> {
+    let mnt = stack.lock().unwrap_or_else(|p| p.into_inner()).mnt.clone();
+    let path = crate::runtime::dir_for(&mnt).join(updater::control::SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let stack = stack.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (stack, control) = (stack.clone(), control.clone());
+            std::thread::spawn(move || {
+                let _ = serve_connection(conn, &stack, &control);
+            });
+        }
+    });
+    Ok(path)
+}
+
+/// The uid of the process at the other end of a Unix socket.
+fn peer_uid(conn: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and describe a buffer of exactly
+    // `size_of::<ucred>()` bytes, as SO_PEERCRED requires.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn serve_connection(mut conn: UnixStream, stack: &Arc<Mutex<Stack>>, control: &Arc<Control>) -> io::Result<()> {
+    // Credentials first: a refused peer never gets a byte of ours parsed.
+    let uid = peer_uid(&conn)?;
+    if uid != 0 && !control.allowed_uids.contains(&uid) {
+        let _ = send(&mut conn, &Event::Done { outcome: Outcome::Refused, message: format!("uid {uid} may not control this mount") });
+        return Ok(());
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let request: Request = match protocol::read_msg(&mut conn, &protocol::REQUESTS) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send(&mut conn, &Event::Done { outcome: Outcome::Refused, message: format!("bad request: {e}") });
+            return Ok(());
+        }
+    };
+    let mut out = |ev: Event| {
+        let _ = send(&mut conn, &ev);
+    };
+    match request {
+        Request::Status => out(Event::Status(status(stack, control))),
+        Request::Abort => {
+            let running = control.in_progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match running {
+                Some(name) => {
+                    control.abort.store(true, Ordering::SeqCst);
+                    out(Event::Done { outcome: Outcome::Aborted, message: format!("abort requested for {name}") });
+                }
+                None => out(Event::Done { outcome: Outcome::Refused, message: "no update is in progress".into() }),
+            }
+        }
+        Request::Check { package } => {
+            let (outcome, message) = match initialize(stack, control, package, &mut out) {
+                Ok(_) => (Outcome::Passed, "every check passed; nothing was changed".to_string()),
+                Err(why) => (Outcome::Refused, why),
+            };
+            out(Event::Done { outcome, message });
+        }
+        Request::Apply { package, deadline_ms, no_wait: _ } => {
+            let (outcome, message) = apply(stack, control, package, deadline_ms, &mut out);
+            out(Event::Done { outcome, message });
+        }
+    }
+    Ok(())
+}
+
+fn send(conn: &mut UnixStream, ev: &Event) -> Result<(), protocol::ProtocolError> {
+    protocol::write_msg(conn, &protocol::EVENTS, ev)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The initialization phase: verify, then check compatibility and requirements. Every
+/// check is reported; any failure refuses the package with nothing changed.
+fn initialize(
+    stack: &Arc<Mutex<Stack>>,
+    control: &Control,
+    package: Vec<u8>,
+    out: &mut dyn FnMut(Event),
+) -> Result<VerifiedPackage, String> {
+    let keyring = Keyring::load(&control.keyring_dir).map_err(|e| format!("keyring {}: {e}", control.keyring_dir.display()))?;
+    let verified = Package::verify(package, &keyring).map_err(|e| format!("package refused: {e}"))?;
+    out(Event::Check(CheckItem::new("signature", true, format!("signed by a trusted key; {} files match their hashes", verified.manifest.files.len()))));
+    let m = &verified.manifest;
+    if let Some(reason) = verified.not_live_reason() {
+        out(Event::Check(CheckItem::new("live", false, reason.to_string())));
+        return Err(format!("{} cannot be applied live: {reason}", m.package.name));
+    }
+    let (running, image) = {
+        let s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        (running_system(&s), s.opts.image.clone())
+    };
+    let mut ctx = MachineContext::probe(&image);
+    ctx.fuse_abi = "7.40".into();
+    ctx.io_uring_ops = Some(crate::sysinfo::io_uring_ops());
+    let mut items = check_compatibility(m, &running);
+    items.extend(check_requirements(&m.requirements, &ctx));
+    let mut failed = Vec::new();
+    for item in items {
+        if !item.passed {
+            failed.push(format!("{}: {}", item.name, item.detail));
+        }
+        out(Event::Check(item));
+    }
+    if !failed.is_empty() {
+        return Err(format!("refused: {}", failed.join("; ")));
+    }
+    Ok(verified)
+}
+
+fn running_system(s: &Stack) -> updater::RunningSystem {
+    updater::RunningSystem {
+        components: vec![
+            updater::RunningComponent {
+                name: ComponentName::Fsd,
+                version: s.server.version.clone(),
+                state_schema: crate::persist::STATE_SCHEMA,
+                ring_protocol: Some(s.driver.info.ring),
+            },
+            updater::RunningComponent {
+                name: ComponentName::Blockdev,
+                version: s.driver.info.version.clone(),
+                state_schema: s.driver.info.schema,
+                ring_protocol: Some(s.driver.info.ring),
+            },
+        ],
+        format_version: s.format_version,
+        last_sequence: (s.last_sequence > 0).then_some(s.last_sequence),
+    }
+}
+
+/// Writes a component binary from a package into the runtime directory (mode 0700).
+fn install_binary(mnt: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    let dir = crate::runtime::dir_for(mnt).join("bin");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let path = dir.join(format!("{name}-{}", &updater::package::sha256_hex(bytes)[..16]));
+    if !path.exists() {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
+}
+
+struct InProgress<'a>(&'a Control);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        *self.0.in_progress.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.0.abort.store(false, Ordering::SeqCst);
+    }
+}
+
+fn apply(
+    stack: &Arc<Mutex<Stack>>,
+    control: &Control,
+    package: Vec<u8>,
+    deadline_ms: Option<u64>,
+    out: &mut dyn FnMut(Event),
+) -> (Outcome, String) {
+    // One update at a time.
+    {
+        let mut running = control.in_progress.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = running.as_ref() {
+            return (Outcome::Refused, format!("an update is already in progress: {name}"));
+        }
+        *running = Some("(being verified)".into());
+    }
+    let _guard = InProgress(control);
+    control.abort.store(false, Ordering::SeqCst);
+    let started_unix = now_unix();
+    let t0 = Instant::now();
+    out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Started, elapsed_ms: 0, detail: "verifying the package".into() });
+    let verified = match initialize(stack, control, package, out) {
+        Ok(v) => v,
+        Err(why) => {
+            out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Failed, elapsed_ms: t0.elapsed().as_millis() as u64, detail: why.clone() });
+            return (Outcome::Refused, why);
+        }
+    };
+    out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Finished, elapsed_ms: t0.elapsed().as_millis() as u64, detail: "package verified; every check passed".into() });
+    let m: Manifest = verified.manifest.clone();
+    *control.in_progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.package.name.clone());
+
+    let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+    let deadline = Duration::from_millis(deadline_ms.unwrap_or(m.package.deadline_ms));
+    let mut report = |e: PhaseEvent| {
+        out(Event::Phase { phase: e.phase, state: e.state, elapsed_ms: e.elapsed.as_millis() as u64, detail: e.detail });
+    };
+    let mut phases = Phases::new(&mut report);
+    let mnt = s.mnt.clone();
+    let (outcome, message) = match components_of(&m) {
+        (Some(fsd), None) => match verified.binary(ComponentName::Fsd).map(|b| install_binary(&mnt, "fsd", b)) {
+            Some(Ok(binary)) => {
+                let u = FsdUpdate {
+                    binary,
+                    deadline,
+                    required_states: fsd.required_state.iter().map(|r| r.as_str().to_string()).collect(),
+                };
+                crate::update::update_fsd(&mut s, &u, &control.abort, &mut phases)
+            }
+            Some(Err(e)) => (Outcome::Failed, format!("installing the fsd binary: {e}")),
+            None => (Outcome::Refused, "the package carries no fsd binary".into()),
+        },
+        (None, Some(_)) => match verified.binary(ComponentName::Blockdev).map(|b| install_binary(&mnt, "blockdev", b)) {
+            Some(Ok(binary)) => crate::update::update_driver(&mut s, &binary, deadline, &control.abort, &mut phases),
+            Some(Err(e)) => (Outcome::Failed, format!("installing the blockdev binary: {e}")),
+            None => (Outcome::Refused, "the package carries no blockdev binary".into()),
+        },
+        (Some(fsd), Some(_)) => {
+            let bins = (
+                verified.binary(ComponentName::Fsd).map(|b| install_binary(&mnt, "fsd", b)),
+                verified.binary(ComponentName::Blockdev).map(|b| install_binary(&mnt, "blockdev", b)),
+            );
+            match bins {
+                (Some(Ok(f)), Some(Ok(d))) => {
+                    let u = FsdUpdate {
+                        binary: f,
+                        deadline,
+                        required_states: fsd.required_state.iter().map(|r| r.as_str().to_string()).collect(),
+                    };
+                    crate::update::update_both(&mut s, &u, &d, m.package.nature == Nature::Interaction, &control.abort, &mut phases)
+                }
+                _ => (Outcome::Failed, "the package must carry both binaries".into()),
+            }
+        }
+        (None, None) => (Outcome::Refused, "the package names no component".into()),
+    };
+    let record = phases.into_record();
+    if outcome == Outcome::Committed {
+        s.last_sequence = m.package.sequence;
+    }
+    s.history.push(UpdateRecord {
+        package: m.package.name.clone(),
+        sequence: m.package.sequence,
+        nature: m.package.nature.as_str().to_string(),
+        started_unix,
+        phases: record.iter().map(|(p, d, st)| (*p, d.as_millis() as u64, *st)).collect(),
+        outcome,
+        message: message.clone(),
+    });
+    (outcome, message)
+}
+
+fn components_of(m: &Manifest) -> (Option<&updater::manifest::Component>, Option<&updater::manifest::Component>) {
+    (
+        m.components.iter().find(|c| c.name == ComponentName::Fsd),
+        m.components.iter().find(|c| c.name == ComponentName::Blockdev),
+    )
+}
+
+fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
+    let in_progress = control.in_progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // During an update the stack is busy; answer with what is known without waiting.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let guard = loop {
+        match stack.try_lock() {
+            Ok(g) => break Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => break None,
+        }
+    };
+    let Some(mut s) = guard else {
+        return StatusReport { components: Vec::new(), format_version: 0, history: Vec::new(), update_in_progress: in_progress, conversion: None };
+    };
+    let server_counters = crate::update::server_status(&mut s);
+    let driver_counters = crate::update::driver_status(&mut s);
+    StatusReport {
+        components: vec![
+            ComponentStatus {
+                name: "fsd".into(),
+                version: s.server.version.clone(),
+                pid: s.server.pid(),
+                state_schema: crate::persist::STATE_SCHEMA,
+                counters: server_counters,
+            },
+            ComponentStatus {
+                name: "blockdev".into(),
+                version: s.driver.info.version.clone(),
+                pid: s.driver.child.id(),
+                state_schema: s.driver.info.schema,
+                counters: driver_counters,
+            },
+        ],
+        format_version: s.format_version,
+        history: s.history.clone(),
+        update_in_progress: in_progress,
+        conversion: None,
+    }
+}
