@@ -200,6 +200,7 @@ impl MoltFuse {
             next_handle: self.next_handle.load(Ordering::SeqCst),
             usage,
             requests: self.requests.load(Ordering::SeqCst),
+            withheld: Vec::new(),
         }
     }
 

@@ -59,6 +59,8 @@ pub struct FsdStateV1 {
     pub usage: Vec<(u64, u64)>,
     /// Requests served since the mount, across versions.
     pub requests: u64,
+    /// Blocks freed by journal transactions not yet checkpointed: not reusable yet.
+    pub withheld: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,7 @@ mod tests {
             next_handle: 3,
             usage: vec![(5, 1)],
             requests: 99,
+            withheld: vec![(100, 4)],
         }
     }
 

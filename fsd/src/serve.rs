@@ -266,7 +266,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             _ => std::process::exit(0),
         }
         let adopted = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
-            let fs = Arc::new(crate::fs::Fs::adopt(connect(&ring)?)?);
+            let fs = Arc::new(crate::fs::Fs::adopt(connect(&ring)?, &state.withheld)?);
             let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
             Ok((fs, molt))
         })();
@@ -380,12 +380,21 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     prepared = true;
                     eprintln!("fsd serve: prepare: drained");
                     // Re-check: a request served during the drain may have changed it.
-                    let state_ok = required_state_reached(&molt, &states).map_err(anyhow::Error::msg).and_then(|()| fs.quiesce().map_err(anyhow::Error::from));
-                    if let Err(e) = state_ok {
-                        ctl.send(&format!("error: {e:#}"))?;
-                        break 'commands;
+                    let state = required_state_reached(&molt, &states)
+                        .map_err(anyhow::Error::msg)
+                        .and_then(|()| fs.quiesce().map_err(anyhow::Error::from))
+                        .map(|withheld| {
+                            let mut st = molt.export();
+                            st.withheld = withheld;
+                            st
+                        });
+                    match state {
+                        Ok(st) => ctl.send_blob("ready", &st.encode())?,
+                        Err(e) => {
+                            ctl.send(&format!("error: {e:#}"))?;
+                            break 'commands;
+                        }
                     }
-                    ctl.send_blob("ready", &molt.export().encode())?;
                 }
                 Some("resume") if prepared => {
                     // A successor may have used the ring: reconnect from its current positions.

@@ -135,6 +135,17 @@ impl Bitmap {
         !self.withheld.is_empty()
     }
 
+    /// Ranges freed but not yet allocatable.
+    pub fn withheld(&self) -> &[(u64, u64)] {
+        &self.withheld
+    }
+
+    /// Keeps an already-free range from being allocated until `release` (adopting a
+    /// predecessor's withheld blocks).
+    pub fn withhold(&mut self, start: u64, len: u64) {
+        self.withheld.push((start, len));
+    }
+
     /// Makes every withheld range allocatable (its freeing is now durable).
     pub fn release(&mut self) {
         self.withheld.clear();

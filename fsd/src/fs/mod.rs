@@ -161,35 +161,47 @@ impl Fs {
         Ok(fs)
     }
 
-    /// Takes over an image that a predecessor quiesced (live update): reads everything it
-    /// needs and writes nothing, so that the predecessor can still resume if the update
-    /// is rolled back. Orphans stay: the kernel may still hold them.
-    pub fn adopt(store: Arc<dyn BlockStore>) -> FsResult<Fs> {
+    /// Takes over an image from a predecessor that stopped (live update). Nothing is
+    /// written: the journal is continued where the predecessor left it, its transactions
+    /// not yet checkpointed become this filesystem's pinned blocks, and the blocks it had
+    /// freed but not yet released stay withheld. Orphans stay: the kernel may hold them.
+    pub fn adopt(store: Arc<dyn BlockStore>, withheld: &[(u64, u64)]) -> FsResult<Fs> {
         let mut b = vec![0u8; BLOCK_SIZE];
         store.read(0, &mut b)?;
         let sb = Superblock::decode(&b)?;
         let geo = sb.geometry;
         let log = journal::scan(store.as_ref(), &geo)?;
-        if !log.transactions.is_empty() {
-            return Err(FsError::Corrupted(format!(
-                "the predecessor left {} journal transactions unapplied",
-                log.transactions.len()
-            )));
+        let mut pinned: HashMap<u64, Arc<Block>> = HashMap::new();
+        for tx in log.transactions {
+            for (addr, bytes) in tx.blocks {
+                let block: Box<Block> = bytes
+                    .into_boxed_slice()
+                    .try_into()
+                    .map_err(|_| FsError::Corrupted("journal block of the wrong size".into()))?;
+                pinned.insert(addr, Arc::from(block));
+            }
         }
+        let overlay = PinnedOverlay { store: store.as_ref(), pinned: &pinned };
         let ibitmap = load_bitmap(
-            store.as_ref(),
+            &overlay,
             BlockKind::InodeBitmap,
             geo.inode_bitmap_start,
             geo.inode_bitmap_blocks,
             geo.inode_count as u64 + 1,
         )?;
-        let bbitmap = load_bitmap(
-            store.as_ref(),
+        let mut bbitmap = load_bitmap(
+            &overlay,
             BlockKind::BlockBitmap,
             geo.block_bitmap_start,
             geo.block_bitmap_blocks,
             geo.total_blocks,
         )?;
+        for &(start, len) in withheld {
+            if start.checked_add(len).is_none_or(|end| end > geo.total_blocks) {
+                return Err(FsError::Corrupted(format!("withheld blocks {start}+{len} out of range")));
+            }
+            bbitmap.withhold(start, len);
+        }
         let now = crate::mkfs::now();
         let codec = formats::inode::codec_for(sb.format_version);
         let inner = Inner {
@@ -199,9 +211,9 @@ impl Fs {
             codec,
             ibitmap,
             bbitmap,
-            journal: JournalWriter::new(&geo, log.next_sequence),
+            journal: JournalWriter::continuing(&geo, log.head, log.next_sequence),
             tx: BTreeMap::new(),
-            pinned: HashMap::new(),
+            pinned,
             clean: HashMap::new(),
             nodes: HashMap::new(),
             dirty_nodes: HashSet::new(),
@@ -215,12 +227,16 @@ impl Fs {
         Ok(Fs { inner: Mutex::new(inner) })
     }
 
-    /// Makes the image fully consistent on its own (every committed change written in
-    /// place, journal empty) so that a successor can adopt it. The filesystem stays usable.
-    pub fn quiesce(&self) -> FsResult<()> {
+    /// Stops changing the image for a successor: every change is committed to the journal
+    /// (written, not flushed: the successor reads through the same driver). Returns the
+    /// blocks freed but not yet reusable, which the successor must keep withheld.
+    pub fn quiesce(&self) -> FsResult<Vec<(u64, u64)>> {
         let mut g = self.lock();
         g.check_writable()?;
-        g.checkpoint()
+        if g.has_pending_changes() {
+            g.commit()?;
+        }
+        Ok(g.bbitmap.withheld().to_vec())
     }
 
     /// Replaces the block store (reconnecting to the driver after a rolled-back update).
@@ -281,6 +297,36 @@ pub(crate) fn block_count(n: &Node, records_per_block: usize) -> u64 {
     let data: u64 = n.extents.iter().map(|e| e.len as u64).sum();
     let chain = n.extents.len().saturating_sub(INLINE_EXTENTS).div_ceil(records_per_block) as u64;
     data + chain + xattr
+}
+
+/// Reads blocks through a predecessor's uncheckpointed journal transactions.
+struct PinnedOverlay<'a> {
+    store: &'a dyn BlockStore,
+    pinned: &'a HashMap<u64, Arc<Block>>,
+}
+
+impl BlockStore for PinnedOverlay<'_> {
+    fn num_blocks(&self) -> u64 {
+        self.store.num_blocks()
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self.pinned.get(&addr) {
+            Some(b) if buf.len() == BLOCK_SIZE => {
+                buf.copy_from_slice(&b[..]);
+                Ok(())
+            }
+            _ => self.store.read(addr, buf),
+        }
+    }
+    fn write(&self, _addr: u64, _buf: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("read-only overlay"))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _addr: u64, _nblocks: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("read-only overlay"))
+    }
 }
 
 fn load_bitmap(
