@@ -385,11 +385,13 @@ pub fn seed_from_env(var: &str) -> u64 {
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("{var}={s:?} is not an unsigned integer")),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ u64::from(std::process::id()),
+        Err(_) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ u64::from(std::process::id())
+        }
     }
 }
 
@@ -423,5 +425,110 @@ impl TestRng {
         }
         v.truncate(len);
         v
+    }
+}
+
+/// Runs `updater` with `args` (deadline two minutes).
+pub fn updater(args: &[&str]) -> Output {
+    run(
+        Command::new(bin("updater")).args(args),
+        Duration::from_secs(120),
+    )
+}
+
+/// A signing key and a keyring that trusts it, for live-update tests: a root-owned
+/// directory (mode 0755) holding the public half of a fresh key made by `updater keygen`.
+/// The secret key lives next to the keyring, outside it.
+pub struct Keyring {
+    pub dir: TempDir,
+    /// The keyring directory to pass to `fsd mount --keyring`.
+    pub keyring: PathBuf,
+    /// The secret key for `updater pack --key`.
+    pub key: PathBuf,
+}
+
+impl Keyring {
+    pub fn new(tag: &str) -> Keyring {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new(tag);
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
+        };
+        mode(dir.path(), 0o755);
+        let keyring = dir.path().join("keyring");
+        std::fs::create_dir(&keyring).expect("keyring dir");
+        mode(&keyring, 0o755);
+        let key = dir.path().join("signing.key");
+        let out = updater(&["keygen", "--out", key.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "updater keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let public = keyring.join("test.pub");
+        std::fs::copy(dir.path().join("signing.key.pub"), &public).expect("installing the key");
+        mode(&public, 0o644);
+        Keyring { dir, keyring, key }
+    }
+
+    /// Packs `manifest` (binaries relative to it) into `out`, signed with this key;
+    /// panics if `updater pack` fails.
+    pub fn pack(&self, manifest: &Path, out: &Path) {
+        let o = updater(&[
+            "pack",
+            "--manifest",
+            manifest.to_str().expect("utf-8"),
+            "--key",
+            self.key.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ]);
+        assert!(
+            o.status.success(),
+            "updater pack {} failed: {}{}",
+            manifest.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl TestImage {
+    /// Mounts the image with extra `fsd mount` arguments (e.g. `--keyring DIR`) and extra
+    /// environment (e.g. `MOLT_BLOCKDEV_BIN` naming another driver build); the guard
+    /// unmounts it.
+    pub fn mount_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Mount {
+        Mount::new_with(&self.image, &self.mnt, args, env)
+    }
+}
+
+impl Mount {
+    /// Like [`Mount::new`], with extra `fsd mount` arguments and environment.
+    pub fn new_with(image: &Path, mnt: &Path, args: &[&str], env: &[(&str, &Path)]) -> Mount {
+        let mut cmd = Command::new(bin("fsd"));
+        cmd.args([
+            "mount",
+            image.to_str().expect("utf-8"),
+            mnt.to_str().expect("utf-8"),
+        ])
+        .args(args)
+        .env("MOLT_BLOCKDEV_BIN", bin("blockdev"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run(&mut cmd, Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mnt = mnt.canonicalize().expect("mountpoint");
+        let supervisor = supervisor_pid(&mnt);
+        Mount {
+            watchdog: Some(Watchdog::start(&mnt, Duration::from_secs(420))),
+            mnt,
+            supervisor,
+        }
     }
 }

@@ -131,6 +131,11 @@ impl Bitmap {
         !self.dirty.is_empty()
     }
 
+    /// Free items that may be allocated now.
+    pub fn allocatable(&self) -> u64 {
+        self.free - self.withheld_count()
+    }
+
     pub fn has_withheld(&self) -> bool {
         !self.withheld.is_empty()
     }

@@ -296,8 +296,18 @@ impl Inner {
                 } => (physical, run.min(fb_end - fb), unwritten, false),
                 Lookup::Hole { run } => {
                     let want = run.unwrap_or(fb_end - fb).min(fb_end - fb);
-                    let (p, n) = self.map_new(ino, fb, want, false)?;
-                    (p, n, false, true)
+                    match self.map_new(ino, fb, want, false) {
+                        Ok((p, n)) => (p, n, false, true),
+                        // Out of space after some runs were written: the size covers
+                        // what was written (no block is held past the end of the file)
+                        // and the caller still gets the error. A short count would be
+                        // taken as success by the kernel's writeback.
+                        Err(FsError::NoSpace) if fb > fb_start => {
+                            self.finish_write(ino, (fb * BS).min(end));
+                            return Err(FsError::NoSpace);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
             // Build the full blocks of this run: existing contents at partial edges of
@@ -328,13 +338,39 @@ impl Inner {
             }
             fb += n;
         }
-        let now = crate::mkfs::now();
-        let node = self.node(ino)?;
-        node.inode.size = node.inode.size.max(end);
-        node.inode.mtime = now;
-        node.inode.ctime = now;
-        self.mark_dirty(ino);
+        self.finish_write(ino, end);
         Ok(data.len())
+    }
+
+    /// Blocks a write of `[offset, offset+len)` must allocate (the holes it covers).
+    pub(crate) fn blocks_to_allocate(&mut self, ino: Ino, offset: u64, len: u64) -> FsResult<u64> {
+        let end = offset.saturating_add(len);
+        let fb_end = end.div_ceil(BS);
+        let mut fb = offset / BS;
+        let mut holes = 0;
+        let node = self.node(ino)?;
+        while fb < fb_end {
+            match lookup(node, fb) {
+                Lookup::Mapped { run, .. } => fb += run.min(fb_end - fb),
+                Lookup::Hole { run } => {
+                    let n = run.unwrap_or(fb_end - fb).min(fb_end - fb);
+                    holes += n;
+                    fb += n;
+                }
+            }
+        }
+        Ok(holes)
+    }
+
+    /// Size and times after a write that reached byte `end`.
+    fn finish_write(&mut self, ino: Ino, end: u64) {
+        let now = crate::mkfs::now();
+        if let Some(node) = self.nodes.get_mut(&ino.0) {
+            node.inode.size = node.inode.size.max(end);
+            node.inode.mtime = now;
+            node.inode.ctime = now;
+        }
+        self.mark_dirty(ino);
     }
 
     /// Zeroes bytes `[from, to)` inside one file block if it holds written data.

@@ -521,6 +521,20 @@ impl Inner {
         Ok((start, len))
     }
 
+    /// Whether `n` blocks can be allocated now, releasing withheld blocks if that helps.
+    pub(crate) fn can_allocate(&mut self, n: u64) -> FsResult<bool> {
+        if self.bbitmap.allocatable() >= n {
+            return Ok(true);
+        }
+        if self.bbitmap.has_withheld() {
+            self.checkpoint()?;
+            let reuse = self.reuse.clone();
+            let _quiet = reuse.write().unwrap_or_else(|p| p.into_inner());
+            self.bbitmap.release();
+        }
+        Ok(self.bbitmap.allocatable() >= n)
+    }
+
     /// Frees blocks as part of the transaction in progress (allocatable after a flush).
     pub(crate) fn free_blocks_tx(&mut self, start: u64, len: u64) {
         self.tx_free.push((start, len));

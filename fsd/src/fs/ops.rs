@@ -17,6 +17,8 @@ pub const SYMLINK_MAX: usize = BLOCK_SIZE - 1;
 /// Free blocks an operation that creates a name must see before it starts, so that it
 /// cannot run out of space half-way (directory split, overflow, extent block, xattr).
 const CREATE_RESERVE: u64 = 16;
+/// Free blocks a write keeps beyond its data, for extent blocks.
+const WRITE_RESERVE: u64 = 4;
 
 /// Attributes as `stat` reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -668,6 +670,12 @@ impl Fs {
         }
         if g.has_pending_changes() && g.dirty_nodes.len() > 64 {
             g.commit()?;
+        }
+        // Refuse up front a write the free space cannot hold (with room for the extent
+        // blocks it may need), rather than fail half-way.
+        let needed = g.blocks_to_allocate(ino, offset, data.len() as u64)?;
+        if needed > 0 && !g.can_allocate(needed + WRITE_RESERVE)? {
+            return Err(FsError::NoSpace);
         }
         let mut done = 0;
         let mut result = Ok(());

@@ -1,8 +1,10 @@
 //! Molt's integration tests: one binary, one module per area. Tests that mount FUSE need
 //! root; every mount is undone by a guard, and every test has a deadline.
 
+
 mod crash;
 mod fio;
+mod live;
 mod mount;
 mod pjdfstest;
 mod posix;
