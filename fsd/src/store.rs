@@ -22,7 +22,7 @@ pub trait BlockStore: Send + Sync {
 }
 
 fn check_range(num_blocks: u64, addr: u64, len: usize) -> io::Result<()> {
-    if len % BLOCK_SIZE != 0 {
+    if !len.is_multiple_of(BLOCK_SIZE) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "buffer is not whole blocks",
@@ -219,25 +219,6 @@ impl BlockStore for MemStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unflushed_writes_may_vanish_flushed_ones_never() {
-        let s = MemStore::new(4);
-        s.write(0, &[1u8; BLOCK_SIZE]).unwrap();
-        s.flush().unwrap();
-        s.write(1, &[2u8; BLOCK_SIZE]).unwrap();
-        let img = s.crash_image(&mut |_| 0);
-        assert_eq!(img[0], 1);
-        assert_eq!(img[BLOCK_SIZE], 0);
-        let img = s.crash_image(&mut |_| 1);
-        assert_eq!(img[BLOCK_SIZE], 2);
-        assert!(s.read(4, &mut [0u8; BLOCK_SIZE]).is_err());
-    }
-}
-
 /// The blockdev driver, reached over the shared-memory ring.
 impl BlockStore for blockdev::Client {
     fn num_blocks(&self) -> u64 {
@@ -265,4 +246,23 @@ fn block_error(e: blockdev::BlockError) -> io::Error {
         B::Os(io) => io.raw_os_error().unwrap_or(libc::EIO),
     };
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unflushed_writes_may_vanish_flushed_ones_never() {
+        let s = MemStore::new(4);
+        s.write(0, &[1u8; BLOCK_SIZE]).unwrap();
+        s.flush().unwrap();
+        s.write(1, &[2u8; BLOCK_SIZE]).unwrap();
+        let img = s.crash_image(&mut |_| 0);
+        assert_eq!(img[0], 1);
+        assert_eq!(img[BLOCK_SIZE], 0);
+        let img = s.crash_image(&mut |_| 1);
+        assert_eq!(img[BLOCK_SIZE], 2);
+        assert!(s.read(4, &mut [0u8; BLOCK_SIZE]).is_err());
+    }
 }

@@ -282,7 +282,7 @@ impl Manifest {
             return Err("package.deadline_ms must be above 0".into());
         }
         let not_live = !p.live || p.nature == Nature::NotLive;
-        if not_live && p.reason.as_deref().map_or(true, |r| r.trim().is_empty()) {
+        if not_live && p.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
             return Err(
                 "a package that is not live-updatable (live = false or nature = \"not-live\") \
                  must say why in package.reason"
@@ -423,7 +423,7 @@ impl Requirements {
             }
         }
         if let Some(a) = &self.fuse_abi_min {
-            if parse_release(a).map_or(true, |v| v.len() != 2) {
+            if parse_release(a).is_none_or(|v| v.len() != 2) {
                 return Err(format!(
                     "requirements.fuse_abi_min {a:?}: expected major.minor such as \"7.31\""
                 ));

@@ -273,10 +273,10 @@ pub fn check_requirements(req: &Requirements, ctx: &MachineContext) -> Vec<Check
             Some(size) => {
                 let lo_ok = req
                     .image_size_min_mib
-                    .map_or(true, |lo| size >= lo.saturating_mul(MIB));
+                    .is_none_or(|lo| size >= lo.saturating_mul(MIB));
                 let hi_ok = req
                     .image_size_max_mib
-                    .map_or(true, |hi| size <= hi.saturating_mul(MIB));
+                    .is_none_or(|hi| size <= hi.saturating_mul(MIB));
                 CheckItem::new(
                     "image size",
                     lo_ok && hi_ok,

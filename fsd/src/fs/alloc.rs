@@ -21,7 +21,7 @@ pub struct Bitmap {
 
 impl Bitmap {
     pub fn new(bits: Vec<u8>, items: u64) -> Bitmap {
-        assert!(bits.len() as u64 * 8 >= items && bits.len() % PAYLOAD_SIZE == 0);
+        assert!(bits.len() as u64 * 8 >= items && bits.len().is_multiple_of(PAYLOAD_SIZE));
         let mut free = 0;
         for i in 0..items {
             if !bitmap::get_bit(&bits, i as usize) {
@@ -89,7 +89,7 @@ impl Bitmap {
         let mut i = from;
         while i < self.items {
             let byte = self.bits[(i / 8) as usize];
-            if byte == 0xFF && i % 8 == 0 {
+            if byte == 0xFF && i.is_multiple_of(8) {
                 i += 8;
                 continue;
             }

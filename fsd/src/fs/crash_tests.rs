@@ -123,7 +123,7 @@ fn power_cuts_lose_nothing_fsynced() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
     for run in 0..runs {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (run + 1) * 0x1234_5678);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((run + 1) * 0x1234_5678));
         let store = fresh(8192);
         let mut ledger = HashMap::new();
         let mut serial = 0;

@@ -427,7 +427,7 @@ impl Inner {
             return Err(FsError::TooBig);
         }
         let old = self.node(ino)?.inode.size;
-        if new_size < old && new_size % BS != 0 {
+        if new_size < old && !new_size.is_multiple_of(BS) {
             self.zero_in_block(ino, new_size, (new_size / BS + 1) * BS)?;
         }
         // Blocks past the new end are freed even when growing: preallocation past EOF
@@ -495,7 +495,7 @@ impl Inner {
         if first_full > last_full {
             self.zero_in_block(ino, offset, end)?;
         } else {
-            if offset % BS != 0 {
+            if !offset.is_multiple_of(BS) {
                 self.zero_in_block(ino, offset, first_full * BS)?;
             }
             if end % BS != 0 {
