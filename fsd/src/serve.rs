@@ -96,18 +96,18 @@ pub fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<
     session.wake().map_err(|e| io::Error::other(e.to_string()))
 }
 
-/// Serves requests with `threads` workers until `stop_serving` wakes them or the
+/// Opens one channel per worker. Done before the serve loop starts, so that a
+/// `stop_serving` issued as soon as serving is announced reaches every worker.
+pub fn open_channels(session: &FuseSession, threads: usize) -> io::Result<Vec<FuseChannel>> {
+    (0..threads.max(1)).map(|_| session.new_channel().map_err(|e| io::Error::other(e.to_string()))).collect()
+}
+
+/// Serves requests on `channels`, one worker each, until `stop_serving` wakes them or the
 /// connection ends. Workers return only between requests, never holding one unanswered.
-pub fn serve(
-    molt: Arc<MoltFuse>,
-    session: &FuseSession,
-    threads: usize,
-    stopping: Arc<AtomicBool>,
-) -> io::Result<StopReason> {
+pub fn serve(molt: Arc<MoltFuse>, channels: Vec<FuseChannel>, stopping: Arc<AtomicBool>) -> io::Result<StopReason> {
     let server = Arc::new(Server::new(molt.clone()));
     let mut workers = Vec::new();
-    for i in 0..threads.max(1) {
-        let ch = session.new_channel().map_err(|e| io::Error::other(e.to_string()))?;
+    for (i, ch) in channels.into_iter().enumerate() {
         let server = server.clone();
         let stopping = stopping.clone();
         let molt = molt.clone();
@@ -300,10 +300,10 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
 
     loop {
         let stopping = Arc::new(AtomicBool::new(false));
+        let channels = open_channels(&session, args.threads)?;
         let serving = {
-            let (molt, session, stopping) = (molt.clone(), session.clone(), stopping.clone());
-            let threads = args.threads;
-            thread::spawn(move || serve(molt, &session, threads, stopping))
+            let (molt, stopping) = (molt.clone(), stopping.clone());
+            thread::spawn(move || serve(molt, channels, stopping))
         };
         // Commits times left in memory by overwrites within about a second.
         let mut flusher = Some({

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Measures what a live update costs a running workload: the longest I/O stall seen by
+# molt-stress and the update's total time, with 1, 1,000 and 10,000 files held open.
+# Usage: scripts/update-stall.sh [UPDATES_PER_CASE]   (root; builds release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+cargo build --release --workspace --quiet
+BIN="$PWD/target/release"
+export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
+UPDATES="${1:-5}"
+ulimit -n 65536
+
+WORK="$(mktemp -d /var/tmp/molt-stall.XXXXXX)"
+MNT="$WORK/mnt"
+mkdir -p "$MNT" "$WORK/keyring" "$WORK/pkg/bin"
+cleanup() {
+    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+"$BIN/updater" keygen --out "$WORK/key" >/dev/null
+cp "$WORK/key.pub" "$WORK/keyring/" && chmod 755 "$WORK/keyring"
+cp "$BIN/fsd" "$WORK/pkg/bin/fsd"
+VERSION="$("$BIN/fsd" component-version)"
+seq=1
+pack() {
+    cat > "$WORK/pkg/manifest.toml" <<TOML
+[package]
+name = "fsd-stall-$seq"
+sequence = $seq
+expires_unix = $(( $(date +%s) + 86400 ))
+nature = "one-component"
+description = "stall measurement"
+live = true
+deadline_ms = 10000
+
+[[component]]
+name = "fsd"
+applies_to = ["$VERSION"]
+new_version = "$VERSION"
+binary = "bin/fsd"
+state_schema_reads = [1]
+state_schema_writes = 1
+required_state = ["quiescent"]
+
+[[file]]
+path = "bin/fsd"
+TOML
+    "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
+    seq=$((seq + 1))
+}
+
+printf '| files held open | updates | longest stall (ms) | median update total (ms) | median drain (ms) | workload errors |\n|---:|---:|---:|---:|---:|---:|\n'
+for open in 1 1000 10000; do
+    IMG="$WORK/img-$open"
+    "$BIN/fsd" mkfs "$IMG" --size 2G >/dev/null
+    "$BIN/fsd" mount "$IMG" "$MNT" --keyring "$WORK/keyring"
+    size=$(( open >= 1000 ? 64 * 1024 : 16 * 1024 * 1024 ))
+    common=(--dir "$MNT" --threads 4 --files "$open" --hold-open "$open" --file-size "$size" --state "$WORK/state-$open")
+    # Lay the files out first, then run the workload the updates are measured against.
+    "$BIN/molt-stress" "${common[@]}" --prepare --ops 1 --quiet > /dev/null
+    "$BIN/molt-stress" "${common[@]}" --mix read=45,write=45,meta=10 --time $(( 8 + UPDATES * 3 ))s \
+        --quiet --json "$WORK/stress.json" > "$WORK/stress.out" 2>&1 &
+    stress=$!
+    sleep 4
+    totals=(); drains=()
+    for _ in $(seq 1 "$UPDATES"); do
+        pack
+        start=$(date +%s%N)
+        "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
+        end=$(date +%s%N)
+        totals+=($(( (end - start) / 1000000 )))
+        drains+=($(grep -oE 'preparation finished in [0-9]+' "$WORK/apply.out" | grep -oE '[0-9]+$'))
+        sleep 2
+    done
+    wait $stress || true
+    read -r stall errors < <(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['longest_stall']['duration_ms'],1), r['errors_total'])" "$WORK/stress.json")
+    med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$stall" "$(med "${totals[@]}")" "$(med "${drains[@]}")" "$errors"
+    "$BIN/fsd" unmount "$MNT"
+    "$BIN/fsd" fsck "$IMG" >/dev/null
+done
