@@ -9,4 +9,8 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --profile ci -- -D warnings
 cargo build --workspace --profile ci
+# The neighbouring versions the live-update tests replace components with.
+variants="$(mktemp -d)"
+scripts/build-examples.sh --profile ci --default-bins target/ci --bins-only "$variants"
+rm -rf "$variants"
 cargo nextest run --workspace --cargo-profile ci --profile ci "$@"

@@ -9,7 +9,7 @@ cargo build --release --workspace --quiet
 BIN="$PWD/target/release"
 export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
 UPDATES="${1:-5}"
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"
 
 WORK="$(mktemp -d /var/tmp/molt-stall.XXXXXX)"
 MNT="$WORK/mnt"

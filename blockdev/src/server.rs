@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, IoBuf, IoCompletion, IoOp, IoRequest};
 use crate::persist::{Counters, DriverState, IoCounters, StateError, StopReason};
+use crate::ring::ProtocolVersion;
 use crate::ring::codec::{self, NO_SLOT};
 use crate::ring::{Completion, DriverPhase, Op, Request, RingError, RingRegion, Status};
 use crate::{sys, Lba, BLOCK_SIZE};
@@ -180,7 +181,8 @@ impl Server {
         cq_eventfd: OwnedFd,
         config: ServerConfig,
     ) -> Result<Server, DriverError> {
-        ring.check_speaks()?;
+        // The ring's protocol label is checked at `attach`: during a two-component update
+        // the supervisor relabels the quiet ring after this successor has started.
         let g = ring.geometry();
         if engine.capacity() < g.queue_depth as usize {
             return Err(DriverError::EngineTooSmall {
@@ -191,7 +193,7 @@ impl Server {
         // SAFETY: the slot regions lie inside `ring`'s mapping, which this server owns and
         // drops after the engine (field order above), so they stay mapped while registered.
         unsafe { engine.register_buffers(&ring.slot_regions())? };
-        let num_blocks = engine.num_blocks().min(ring.version().max_blocks());
+        let num_blocks = engine.num_blocks().min(ProtocolVersion::CURRENT.max_blocks());
         // A client that exited before we started is treated like one that exits later.
         let mut client_gone = false;
         let client_pidfd = match config.client_pid {
@@ -244,6 +246,7 @@ impl Server {
         if self.attached {
             return Ok(());
         }
+        self.ring.reload_version();
         self.ring.check_speaks()?;
         let sq_head = self.ring.sq_head().load(Ordering::Acquire);
         let cq_tail = self.ring.cq_tail().load(Ordering::Acquire);

@@ -104,7 +104,7 @@ fn serve_connection(mut conn: UnixStream, stack: &Arc<Mutex<Stack>>, control: &A
         Request::Check { package } => {
             let (outcome, message) = match initialize(stack, control, package, &mut out) {
                 Ok(_) => (Outcome::Passed, "every check passed; nothing was changed".to_string()),
-                Err(why) => (Outcome::Refused, why),
+                Err(r) => (Outcome::Refused, r.why),
             };
             out(Event::Done { outcome, message });
         }
@@ -126,14 +126,35 @@ fn now_unix() -> u64 {
 
 /// The initialization phase: verify, then check compatibility and requirements. Every
 /// check is reported; any failure refuses the package with nothing changed.
+/// Why a package was refused, and what it claimed to be when its signature held.
+struct Refusal {
+    why: String,
+    package: Option<(String, u64, String)>,
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Refusal {
+        Refusal { why, package: None }
+    }
+}
+
 fn initialize(
     stack: &Arc<Mutex<Stack>>,
     control: &Control,
     package: Vec<u8>,
     out: &mut dyn FnMut(Event),
-) -> Result<VerifiedPackage, String> {
+) -> Result<VerifiedPackage, Refusal> {
     let keyring = Keyring::load(&control.keyring_dir).map_err(|e| format!("keyring {}: {e}", control.keyring_dir.display()))?;
     let verified = Package::verify(package, &keyring).map_err(|e| format!("package refused: {e}"))?;
+    let identity = {
+        let p = &verified.manifest.package;
+        Some((p.name.clone(), p.sequence, p.nature.as_str().to_string()))
+    };
+    check_package(stack, &verified, out).map_err(|why| Refusal { why, package: identity })?;
+    Ok(verified)
+}
+
+fn check_package(stack: &Arc<Mutex<Stack>>, verified: &VerifiedPackage, out: &mut dyn FnMut(Event)) -> Result<(), String> {
     out(Event::Check(CheckItem::new("signature", true, format!("signed by a trusted key; {} files match their hashes", verified.manifest.files.len()))));
     let m = &verified.manifest;
     if let Some(reason) = verified.not_live_reason() {
@@ -157,9 +178,9 @@ fn initialize(
         out(Event::Check(item));
     }
     if !failed.is_empty() {
-        return Err(format!("refused: {}", failed.join("; ")));
+        return Err(failed.join("; "));
     }
-    Ok(verified)
+    Ok(())
 }
 
 fn running_system(s: &Stack) -> updater::RunningSystem {
@@ -229,9 +250,21 @@ fn apply(
     out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Started, elapsed_ms: 0, detail: "verifying the package".into() });
     let verified = match initialize(stack, control, package, out) {
         Ok(v) => v,
-        Err(why) => {
-            out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Failed, elapsed_ms: t0.elapsed().as_millis() as u64, detail: why.clone() });
-            return (Outcome::Refused, why);
+        Err(r) => {
+            let elapsed_ms = t0.elapsed().as_millis() as u64;
+            out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Failed, elapsed_ms, detail: r.why.clone() });
+            let (package, sequence, nature) = r.package.unwrap_or_else(|| ("(unverified package)".into(), 0, String::new()));
+            let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+            s.history.push(UpdateRecord {
+                package,
+                sequence,
+                nature,
+                started_unix,
+                phases: vec![(protocol::Phase::Initialization, elapsed_ms, protocol::PhaseState::Failed)],
+                outcome: Outcome::Refused,
+                message: r.why.clone(),
+            });
+            return (Outcome::Refused, r.why);
         }
     };
     out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Finished, elapsed_ms: t0.elapsed().as_millis() as u64, detail: "package verified; every check passed".into() });

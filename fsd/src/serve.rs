@@ -298,6 +298,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         }
     });
 
+    // A prepare whose required state was lost during the drain is retried (serving again
+    // meanwhile) until its deadline; the supervisor keeps waiting for "ready".
+    let mut retry: Option<(Instant, Vec<String>)> = None;
     loop {
         let stopping = Arc::new(AtomicBool::new(false));
         let channels = open_channels(&session, args.threads)?;
@@ -317,13 +320,20 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                 }
             })
         });
-        ctl.send("serving")?;
+        if retry.is_none() {
+            ctl.send("serving")?;
+        }
         let mut prepared = false;
         'commands: loop {
             if serving.is_finished() && !prepared {
                 break 'commands;
             }
-            let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+            let msg = match retry.take() {
+                Some((deadline, states)) => {
+                    let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+                    Ok(Msg::Line(format!("prepare {left} {}", states.join(","))))
+                }
+                None => match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(m) => m,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 // The supervisor is gone; keep serving (it kills us if it means to).
@@ -334,6 +344,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     thread::sleep(Duration::from_millis(20));
                     continue;
                 }
+                },
             };
             let line = match msg {
                 Ok(Msg::Line(l)) => l,
@@ -379,7 +390,13 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     }
                     prepared = true;
                     eprintln!("fsd serve: prepare: drained");
-                    // Re-check: a request served during the drain may have changed it.
+                    // Re-check: a request served during the drain may have changed it
+                    // (a file opened and not yet read). Serve again and retry.
+                    if required_state_reached(&molt, &states).is_err() && Instant::now() < deadline {
+                        retry = Some((deadline, states));
+                        prepared = false;
+                        break 'commands;
+                    }
                     let state = required_state_reached(&molt, &states)
                         .map_err(anyhow::Error::msg)
                         .and_then(|()| fs.quiesce().map_err(anyhow::Error::from))

@@ -219,6 +219,12 @@ impl RingRegion {
         self.version
     }
 
+    /// Takes the header's current protocol version as this mapping's (a successor adopting
+    /// a ring the supervisor relabelled while it was quiet).
+    pub fn reload_version(&mut self) {
+        self.version = self.header_version();
+    }
+
     /// The protocol version the header says now.
     pub fn header_version(&self) -> ProtocolVersion {
         ProtocolVersion(self.u32_at(OFF_VERSION).load(Ordering::Acquire))
