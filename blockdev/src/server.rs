@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, IoBuf, IoCompletion, IoOp, IoRequest};
 use crate::persist::{Counters, DriverState, IoCounters, StateError, StopReason};
-use crate::ring::ProtocolVersion;
 use crate::ring::codec::{self, NO_SLOT};
+use crate::ring::ProtocolVersion;
 use crate::ring::{Completion, DriverPhase, Op, Request, RingError, RingRegion, Status};
 use crate::{sys, Lba, BLOCK_SIZE};
 
@@ -193,7 +193,9 @@ impl Server {
         // SAFETY: the slot regions lie inside `ring`'s mapping, which this server owns and
         // drops after the engine (field order above), so they stay mapped while registered.
         unsafe { engine.register_buffers(&ring.slot_regions())? };
-        let num_blocks = engine.num_blocks().min(ProtocolVersion::CURRENT.max_blocks());
+        let num_blocks = engine
+            .num_blocks()
+            .min(ProtocolVersion::CURRENT.max_blocks());
         // A client that exited before we started is treated like one that exits later.
         let mut client_gone = false;
         let client_pidfd = match config.client_pid {

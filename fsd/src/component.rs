@@ -38,7 +38,13 @@ pub enum LinkError {
 }
 
 impl Component {
-    pub fn new(child: Child, binary: PathBuf, version: String, stream: UnixStream, blob_cap: u64) -> io::Result<Component> {
+    pub fn new(
+        child: Child,
+        binary: PathBuf,
+        version: String,
+        stream: UnixStream,
+        blob_cap: u64,
+    ) -> io::Result<Component> {
         let link = ControlLink::new(stream, blob_cap)?;
         let mut reader = link.try_clone()?;
         let (tx, inbox) = mpsc::channel();
@@ -49,7 +55,14 @@ impl Component {
                 return;
             }
         });
-        Ok(Component { child, binary, version, link, inbox, want_status: false })
+        Ok(Component {
+            child,
+            binary,
+            version,
+            link,
+            inbox,
+            want_status: false,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -80,10 +93,15 @@ impl Component {
             if now >= deadline {
                 return Err(LinkError::Deadline);
             }
-            match self.inbox.recv_timeout((deadline - now).min(Duration::from_millis(20))) {
+            match self
+                .inbox
+                .recv_timeout((deadline - now).min(Duration::from_millis(20)))
+            {
                 Ok(Ok(Msg::Line(l))) if l.starts_with("status ") && !self.want_status => continue,
                 Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(LinkError::Gone),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(LinkError::Gone)
+                }
                 Ok(Err(e)) => return Err(LinkError::Io(e)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(LinkError::Gone),
@@ -92,7 +110,12 @@ impl Component {
     }
 
     /// Waits for the line `want`.
-    pub fn expect(&mut self, want: &str, deadline: Instant, abort: &AtomicBool) -> Result<(), LinkError> {
+    pub fn expect(
+        &mut self,
+        want: &str,
+        deadline: Instant,
+        abort: &AtomicBool,
+    ) -> Result<(), LinkError> {
         match self.recv(deadline, abort)? {
             Msg::Line(l) if l == want => Ok(()),
             Msg::Line(l) => match l.strip_prefix("error: ") {
@@ -104,7 +127,12 @@ impl Component {
     }
 
     /// Waits for a blob tagged `want`.
-    pub fn expect_blob(&mut self, want: &str, deadline: Instant, abort: &AtomicBool) -> Result<Vec<u8>, LinkError> {
+    pub fn expect_blob(
+        &mut self,
+        want: &str,
+        deadline: Instant,
+        abort: &AtomicBool,
+    ) -> Result<Vec<u8>, LinkError> {
         match self.recv(deadline, abort)? {
             Msg::Blob(t, b) if t == want => Ok(b),
             Msg::Line(l) => match l.strip_prefix("error: ") {

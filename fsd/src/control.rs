@@ -26,7 +26,11 @@ const BLOB_TAGS: &[&str] = &["state", "ready"];
 
 impl ControlLink {
     pub fn new(stream: UnixStream, blob_cap: u64) -> io::Result<ControlLink> {
-        Ok(ControlLink { reader: BufReader::new(stream.try_clone()?), writer: stream, blob_cap })
+        Ok(ControlLink {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            blob_cap,
+        })
     }
 
     pub fn try_clone(&self) -> io::Result<ControlLink> {
@@ -52,24 +56,35 @@ impl ControlLink {
     /// The next message; `UnexpectedEof` when the peer closed the link.
     pub fn recv(&mut self) -> io::Result<Msg> {
         let mut line = Vec::new();
-        let n = (&mut self.reader).take(LINE_CAP as u64 + 1).read_until(b'\n', &mut line)?;
+        let n = (&mut self.reader)
+            .take(LINE_CAP as u64 + 1)
+            .read_until(b'\n', &mut line)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "control link closed"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "control link closed",
+            ));
         }
         if line.last() != Some(&b'\n') {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "control line too long or cut"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "control line too long or cut",
+            ));
         }
-        let line = String::from_utf8(line).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "control line is not UTF-8"))?;
+        let line = String::from_utf8(line)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "control line is not UTF-8"))?;
         let line = line.trim_end().to_string();
         let mut parts = line.splitn(2, ' ');
         let tag = parts.next().unwrap_or_default();
         if BLOB_TAGS.contains(&tag) {
-            let len: u64 = parts
-                .next()
-                .and_then(|l| l.parse().ok())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "blob without a length"))?;
+            let len: u64 = parts.next().and_then(|l| l.parse().ok()).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "blob without a length")
+            })?;
             if len > self.blob_cap {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("blob of {len} bytes exceeds the cap")));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("blob of {len} bytes exceeds the cap"),
+                ));
             }
             let mut bytes = vec![0u8; len as usize];
             self.reader.read_exact(&mut bytes)?;
@@ -82,7 +97,9 @@ impl ControlLink {
     pub fn expect(&mut self, want: &str) -> io::Result<()> {
         match self.recv()? {
             Msg::Line(l) if l == want => Ok(()),
-            Msg::Line(l) => Err(io::Error::other(l.strip_prefix("error: ").unwrap_or(&l).to_string())),
+            Msg::Line(l) => Err(io::Error::other(
+                l.strip_prefix("error: ").unwrap_or(&l).to_string(),
+            )),
             Msg::Blob(t, _) => Err(io::Error::other(format!("expected {want}, got a {t} blob"))),
         }
     }
@@ -101,7 +118,13 @@ mod tests {
         a.send_blob("state", b"\n\x00binary").unwrap();
         a.send_blob("ready", &[7u8; 101]).unwrap();
         assert_eq!(b.recv().unwrap(), Msg::Line("prepare 500".into()));
-        assert_eq!(b.recv().unwrap(), Msg::Blob("state".into(), b"\n\x00binary".to_vec()));
-        assert!(b.recv().is_err(), "a blob over the cap is refused before it is read");
+        assert_eq!(
+            b.recv().unwrap(),
+            Msg::Blob("state".into(), b"\n\x00binary".to_vec())
+        );
+        assert!(
+            b.recv().is_err(),
+            "a blob over the cap is refused before it is read"
+        );
     }
 }

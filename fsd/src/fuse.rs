@@ -138,7 +138,13 @@ impl MoltFuse {
             .iter()
             .map(|(id, h)| {
                 let h = match h {
-                    HandleV1::File { ino, flags, touched, reads, writes } => Handle::File {
+                    HandleV1::File {
+                        ino,
+                        flags,
+                        touched,
+                        reads,
+                        writes,
+                    } => Handle::File {
                         ino: Ino(*ino as u32),
                         flags: *flags,
                         touched: *touched,
@@ -147,7 +153,12 @@ impl MoltFuse {
                     },
                     HandleV1::Dir { ino, entries } => Handle::Dir {
                         ino: Ino(*ino as u32),
-                        entries: Arc::new(entries.iter().map(|(n, i, t)| (n.clone(), Ino(*i as u32), *t)).collect()),
+                        entries: Arc::new(
+                            entries
+                                .iter()
+                                .map(|(n, i, t)| (n.clone(), Ino(*i as u32), *t))
+                                .collect(),
+                        ),
                     },
                 };
                 (*id, h)
@@ -165,7 +176,13 @@ impl MoltFuse {
 
     /// The state a successor needs. Call only when no request is being served.
     pub fn export(&self) -> FsdStateV1 {
-        let mut lookups: Vec<(u64, u64)> = self.lookups.lock().expect("lookups").iter().map(|(k, v)| (*k, *v)).collect();
+        let mut lookups: Vec<(u64, u64)> = self
+            .lookups
+            .lock()
+            .expect("lookups")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         lookups.sort_unstable();
         let mut handles: Vec<(u64, HandleV1)> = self
             .handles
@@ -174,7 +191,13 @@ impl MoltFuse {
             .iter()
             .map(|(id, h)| {
                 let h = match h {
-                    Handle::File { ino, flags, touched, reads, writes } => HandleV1::File {
+                    Handle::File {
+                        ino,
+                        flags,
+                        touched,
+                        reads,
+                        writes,
+                    } => HandleV1::File {
                         ino: ino.0 as u64,
                         flags: *flags,
                         touched: *touched,
@@ -183,14 +206,23 @@ impl MoltFuse {
                     },
                     Handle::Dir { ino, entries } => HandleV1::Dir {
                         ino: ino.0 as u64,
-                        entries: entries.iter().map(|(n, i, t)| (n.clone(), i.0 as u64, *t)).collect(),
+                        entries: entries
+                            .iter()
+                            .map(|(n, i, t)| (n.clone(), i.0 as u64, *t))
+                            .collect(),
                     },
                 };
                 (*id, h)
             })
             .collect();
         handles.sort_by_key(|(id, _)| *id);
-        let mut usage: Vec<(u64, u64)> = self.usage.lock().expect("usage").iter().map(|(k, v)| (*k, *v)).collect();
+        let mut usage: Vec<(u64, u64)> = self
+            .usage
+            .lock()
+            .expect("usage")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         usage.sort_unstable();
         FsdStateV1 {
             version: crate::persist::component_version(),
@@ -212,7 +244,13 @@ impl MoltFuse {
     /// `usage-on-touch` variant.
     fn touch(&self, h: u64, is_write: bool) {
         let first = match self.handles.lock().expect("handles").get_mut(&h) {
-            Some(Handle::File { ino, touched, reads, writes, .. }) => {
+            Some(Handle::File {
+                ino,
+                touched,
+                reads,
+                writes,
+                ..
+            }) => {
                 if is_write {
                     *writes += 1;
                 } else {
@@ -376,8 +414,14 @@ impl FileSystem for MoltFuse {
             }
         };
         for (set, nsec) in [
-            (valid.contains(SetattrValid::ATIME) && !valid.contains(SetattrValid::ATIME_NOW), attr.st_atime_nsec),
-            (valid.contains(SetattrValid::MTIME) && !valid.contains(SetattrValid::MTIME_NOW), attr.st_mtime_nsec),
+            (
+                valid.contains(SetattrValid::ATIME) && !valid.contains(SetattrValid::ATIME_NOW),
+                attr.st_atime_nsec,
+            ),
+            (
+                valid.contains(SetattrValid::MTIME) && !valid.contains(SetattrValid::MTIME_NOW),
+                attr.st_mtime_nsec,
+            ),
             (valid.contains(SetattrValid::CTIME), attr.st_ctime_nsec),
         ] {
             if set && !(0..1_000_000_000).contains(&nsec) {
@@ -729,10 +773,18 @@ impl FileSystem for MoltFuse {
     ) -> io::Result<GetxattrReply> {
         let v = if cname(name) == USAGE_XATTR {
             self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
-            let n = self.usage.lock().expect("usage").get(&inode).copied().unwrap_or(0);
+            let n = self
+                .usage
+                .lock()
+                .expect("usage")
+                .get(&inode)
+                .copied()
+                .unwrap_or(0);
             n.to_string().into_bytes()
         } else {
-            self.fs.getxattr(Ino(inode as u32), cname(name)).map_err(to_io)?
+            self.fs
+                .getxattr(Ino(inode as u32), cname(name))
+                .map_err(to_io)?
         };
         if size == 0 {
             Ok(GetxattrReply::Count(v.len() as u32))

@@ -191,7 +191,11 @@ fn main() -> ExitCode {
             threads,
             adopt,
         } => {
-            let args = serve::ServerArgs { mountpoint, threads, adopt };
+            let args = serve::ServerArgs {
+                mountpoint,
+                threads,
+                adopt,
+            };
             let fds = (|| -> anyhow::Result<serve::ServerFds> {
                 use supervisor::*;
                 Ok(serve::ServerFds {

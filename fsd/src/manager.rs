@@ -13,8 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use updater::manifest::{ComponentName, Manifest, Nature};
-use updater::protocol::{self, ComponentStatus, Event, Outcome, Request, StatusReport, UpdateRecord};
-use updater::{check_compatibility, check_requirements, CheckItem, Keyring, MachineContext, Package, VerifiedPackage};
+use updater::protocol::{
+    self, ComponentStatus, Event, Outcome, Request, StatusReport, UpdateRecord,
+};
+use updater::{
+    check_compatibility, check_requirements, CheckItem, Keyring, MachineContext, Package,
+    VerifiedPackage,
+};
 
 use crate::supervisor::Stack;
 use crate::update::{FsdUpdate, PhaseEvent, Phases};
@@ -52,7 +57,11 @@ pub fn start(stack: &Arc<Mutex<Stack>>, control: Arc<Control>) -> io::Result<Pat
 
 /// The uid of the process at the other end of a Unix socket.
 fn peer_uid(conn: &UnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `cred` and `len` are valid for writes and describe a buffer of exactly
     // `size_of::<ucred>()` bytes, as SO_PEERCRED requires.
@@ -71,18 +80,34 @@ fn peer_uid(conn: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-fn serve_connection(mut conn: UnixStream, stack: &Arc<Mutex<Stack>>, control: &Arc<Control>) -> io::Result<()> {
+fn serve_connection(
+    mut conn: UnixStream,
+    stack: &Arc<Mutex<Stack>>,
+    control: &Arc<Control>,
+) -> io::Result<()> {
     // Credentials first: a refused peer never gets a byte of ours parsed.
     let uid = peer_uid(&conn)?;
     if uid != 0 && !control.allowed_uids.contains(&uid) {
-        let _ = send(&mut conn, &Event::Done { outcome: Outcome::Refused, message: format!("uid {uid} may not control this mount") });
+        let _ = send(
+            &mut conn,
+            &Event::Done {
+                outcome: Outcome::Refused,
+                message: format!("uid {uid} may not control this mount"),
+            },
+        );
         return Ok(());
     }
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
     let request: Request = match protocol::read_msg(&mut conn, &protocol::REQUESTS) {
         Ok(r) => r,
         Err(e) => {
-            let _ = send(&mut conn, &Event::Done { outcome: Outcome::Refused, message: format!("bad request: {e}") });
+            let _ = send(
+                &mut conn,
+                &Event::Done {
+                    outcome: Outcome::Refused,
+                    message: format!("bad request: {e}"),
+                },
+            );
             return Ok(());
         }
     };
@@ -92,23 +117,40 @@ fn serve_connection(mut conn: UnixStream, stack: &Arc<Mutex<Stack>>, control: &A
     match request {
         Request::Status => out(Event::Status(status(stack, control))),
         Request::Abort => {
-            let running = control.in_progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let running = control
+                .in_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             match running {
                 Some(name) => {
                     control.abort.store(true, Ordering::SeqCst);
-                    out(Event::Done { outcome: Outcome::Aborted, message: format!("abort requested for {name}") });
+                    out(Event::Done {
+                        outcome: Outcome::Aborted,
+                        message: format!("abort requested for {name}"),
+                    });
                 }
-                None => out(Event::Done { outcome: Outcome::Refused, message: "no update is in progress".into() }),
+                None => out(Event::Done {
+                    outcome: Outcome::Refused,
+                    message: "no update is in progress".into(),
+                }),
             }
         }
         Request::Check { package } => {
             let (outcome, message) = match initialize(stack, control, package, &mut out) {
-                Ok(_) => (Outcome::Passed, "every check passed; nothing was changed".to_string()),
+                Ok(_) => (
+                    Outcome::Passed,
+                    "every check passed; nothing was changed".to_string(),
+                ),
                 Err(r) => (Outcome::Refused, r.why),
             };
             out(Event::Done { outcome, message });
         }
-        Request::Apply { package, deadline_ms, no_wait: _ } => {
+        Request::Apply {
+            package,
+            deadline_ms,
+            no_wait: _,
+        } => {
             let (outcome, message) = apply(stack, control, package, deadline_ms, &mut out);
             out(Event::Done { outcome, message });
         }
@@ -121,7 +163,10 @@ fn send(conn: &mut UnixStream, ev: &Event) -> Result<(), protocol::ProtocolError
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The initialization phase: verify, then check compatibility and requirements. Every
@@ -144,22 +189,45 @@ fn initialize(
     package: Vec<u8>,
     out: &mut dyn FnMut(Event),
 ) -> Result<VerifiedPackage, Refusal> {
-    let keyring = Keyring::load(&control.keyring_dir).map_err(|e| format!("keyring {}: {e}", control.keyring_dir.display()))?;
-    let verified = Package::verify(package, &keyring).map_err(|e| format!("package refused: {e}"))?;
+    let keyring = Keyring::load(&control.keyring_dir)
+        .map_err(|e| format!("keyring {}: {e}", control.keyring_dir.display()))?;
+    let verified =
+        Package::verify(package, &keyring).map_err(|e| format!("package refused: {e}"))?;
     let identity = {
         let p = &verified.manifest.package;
         Some((p.name.clone(), p.sequence, p.nature.as_str().to_string()))
     };
-    check_package(stack, &verified, out).map_err(|why| Refusal { why, package: identity })?;
+    check_package(stack, &verified, out).map_err(|why| Refusal {
+        why,
+        package: identity,
+    })?;
     Ok(verified)
 }
 
-fn check_package(stack: &Arc<Mutex<Stack>>, verified: &VerifiedPackage, out: &mut dyn FnMut(Event)) -> Result<(), String> {
-    out(Event::Check(CheckItem::new("signature", true, format!("signed by a trusted key; {} files match their hashes", verified.manifest.files.len()))));
+fn check_package(
+    stack: &Arc<Mutex<Stack>>,
+    verified: &VerifiedPackage,
+    out: &mut dyn FnMut(Event),
+) -> Result<(), String> {
+    out(Event::Check(CheckItem::new(
+        "signature",
+        true,
+        format!(
+            "signed by a trusted key; {} files match their hashes",
+            verified.manifest.files.len()
+        ),
+    )));
     let m = &verified.manifest;
     if let Some(reason) = verified.not_live_reason() {
-        out(Event::Check(CheckItem::new("live", false, reason.to_string())));
-        return Err(format!("{} cannot be applied live: {reason}", m.package.name));
+        out(Event::Check(CheckItem::new(
+            "live",
+            false,
+            reason.to_string(),
+        )));
+        return Err(format!(
+            "{} cannot be applied live: {reason}",
+            m.package.name
+        ));
     }
     let (running, image) = {
         let s = stack.lock().unwrap_or_else(|p| p.into_inner());
@@ -209,7 +277,10 @@ fn install_binary(mnt: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
     let dir = crate::runtime::dir_for(mnt).join("bin");
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    let path = dir.join(format!("{name}-{}", &updater::package::sha256_hex(bytes)[..16]));
+    let path = dir.join(format!(
+        "{name}-{}",
+        &updater::package::sha256_hex(bytes)[..16]
+    ));
     if !path.exists() {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, bytes)?;
@@ -237,9 +308,15 @@ fn apply(
 ) -> (Outcome, String) {
     // One update at a time.
     {
-        let mut running = control.in_progress.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = control
+            .in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(name) = running.as_ref() {
-            return (Outcome::Refused, format!("an update is already in progress: {name}"));
+            return (
+                Outcome::Refused,
+                format!("an update is already in progress: {name}"),
+            );
         }
         *running = Some("(being verified)".into());
     }
@@ -247,70 +324,135 @@ fn apply(
     control.abort.store(false, Ordering::SeqCst);
     let started_unix = now_unix();
     let t0 = Instant::now();
-    out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Started, elapsed_ms: 0, detail: "verifying the package".into() });
+    out(Event::Phase {
+        phase: protocol::Phase::Initialization,
+        state: protocol::PhaseState::Started,
+        elapsed_ms: 0,
+        detail: "verifying the package".into(),
+    });
     let verified = match initialize(stack, control, package, out) {
         Ok(v) => v,
         Err(r) => {
             let elapsed_ms = t0.elapsed().as_millis() as u64;
-            out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Failed, elapsed_ms, detail: r.why.clone() });
-            let (package, sequence, nature) = r.package.unwrap_or_else(|| ("(unverified package)".into(), 0, String::new()));
+            out(Event::Phase {
+                phase: protocol::Phase::Initialization,
+                state: protocol::PhaseState::Failed,
+                elapsed_ms,
+                detail: r.why.clone(),
+            });
+            let (package, sequence, nature) = r
+                .package
+                .unwrap_or_else(|| ("(unverified package)".into(), 0, String::new()));
             let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
             s.history.push(UpdateRecord {
                 package,
                 sequence,
                 nature,
                 started_unix,
-                phases: vec![(protocol::Phase::Initialization, elapsed_ms, protocol::PhaseState::Failed)],
+                phases: vec![(
+                    protocol::Phase::Initialization,
+                    elapsed_ms,
+                    protocol::PhaseState::Failed,
+                )],
                 outcome: Outcome::Refused,
                 message: r.why.clone(),
             });
             return (Outcome::Refused, r.why);
         }
     };
-    out(Event::Phase { phase: protocol::Phase::Initialization, state: protocol::PhaseState::Finished, elapsed_ms: t0.elapsed().as_millis() as u64, detail: "package verified; every check passed".into() });
+    out(Event::Phase {
+        phase: protocol::Phase::Initialization,
+        state: protocol::PhaseState::Finished,
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+        detail: "package verified; every check passed".into(),
+    });
     let m: Manifest = verified.manifest.clone();
-    *control.in_progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.package.name.clone());
+    *control
+        .in_progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(m.package.name.clone());
 
     let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
     let deadline = Duration::from_millis(deadline_ms.unwrap_or(m.package.deadline_ms));
     let mut report = |e: PhaseEvent| {
-        out(Event::Phase { phase: e.phase, state: e.state, elapsed_ms: e.elapsed.as_millis() as u64, detail: e.detail });
+        out(Event::Phase {
+            phase: e.phase,
+            state: e.state,
+            elapsed_ms: e.elapsed.as_millis() as u64,
+            detail: e.detail,
+        });
     };
     let mut phases = Phases::new(&mut report);
     let mnt = s.mnt.clone();
     let (outcome, message) = match components_of(&m) {
-        (Some(fsd), None) => match verified.binary(ComponentName::Fsd).map(|b| install_binary(&mnt, "fsd", b)) {
+        (Some(fsd), None) => match verified
+            .binary(ComponentName::Fsd)
+            .map(|b| install_binary(&mnt, "fsd", b))
+        {
             Some(Ok(binary)) => {
                 let u = FsdUpdate {
                     binary,
                     deadline,
-                    required_states: fsd.required_state.iter().map(|r| r.as_str().to_string()).collect(),
+                    required_states: fsd
+                        .required_state
+                        .iter()
+                        .map(|r| r.as_str().to_string())
+                        .collect(),
                 };
                 crate::update::update_fsd(&mut s, &u, &control.abort, &mut phases)
             }
             Some(Err(e)) => (Outcome::Failed, format!("installing the fsd binary: {e}")),
             None => (Outcome::Refused, "the package carries no fsd binary".into()),
         },
-        (None, Some(_)) => match verified.binary(ComponentName::Blockdev).map(|b| install_binary(&mnt, "blockdev", b)) {
-            Some(Ok(binary)) => crate::update::update_driver(&mut s, &binary, deadline, &control.abort, &mut phases),
-            Some(Err(e)) => (Outcome::Failed, format!("installing the blockdev binary: {e}")),
-            None => (Outcome::Refused, "the package carries no blockdev binary".into()),
+        (None, Some(_)) => match verified
+            .binary(ComponentName::Blockdev)
+            .map(|b| install_binary(&mnt, "blockdev", b))
+        {
+            Some(Ok(binary)) => {
+                crate::update::update_driver(&mut s, &binary, deadline, &control.abort, &mut phases)
+            }
+            Some(Err(e)) => (
+                Outcome::Failed,
+                format!("installing the blockdev binary: {e}"),
+            ),
+            None => (
+                Outcome::Refused,
+                "the package carries no blockdev binary".into(),
+            ),
         },
         (Some(fsd), Some(_)) => {
             let bins = (
-                verified.binary(ComponentName::Fsd).map(|b| install_binary(&mnt, "fsd", b)),
-                verified.binary(ComponentName::Blockdev).map(|b| install_binary(&mnt, "blockdev", b)),
+                verified
+                    .binary(ComponentName::Fsd)
+                    .map(|b| install_binary(&mnt, "fsd", b)),
+                verified
+                    .binary(ComponentName::Blockdev)
+                    .map(|b| install_binary(&mnt, "blockdev", b)),
             );
             match bins {
                 (Some(Ok(f)), Some(Ok(d))) => {
                     let u = FsdUpdate {
                         binary: f,
                         deadline,
-                        required_states: fsd.required_state.iter().map(|r| r.as_str().to_string()).collect(),
+                        required_states: fsd
+                            .required_state
+                            .iter()
+                            .map(|r| r.as_str().to_string())
+                            .collect(),
                     };
-                    crate::update::update_both(&mut s, &u, &d, m.package.nature == Nature::Interaction, &control.abort, &mut phases)
+                    crate::update::update_both(
+                        &mut s,
+                        &u,
+                        &d,
+                        m.package.nature == Nature::Interaction,
+                        &control.abort,
+                        &mut phases,
+                    )
                 }
-                _ => (Outcome::Failed, "the package must carry both binaries".into()),
+                _ => (
+                    Outcome::Failed,
+                    "the package must carry both binaries".into(),
+                ),
             }
         }
         (None, None) => (Outcome::Refused, "the package names no component".into()),
@@ -324,34 +466,56 @@ fn apply(
         sequence: m.package.sequence,
         nature: m.package.nature.as_str().to_string(),
         started_unix,
-        phases: record.iter().map(|(p, d, st)| (*p, d.as_millis() as u64, *st)).collect(),
+        phases: record
+            .iter()
+            .map(|(p, d, st)| (*p, d.as_millis() as u64, *st))
+            .collect(),
         outcome,
         message: message.clone(),
     });
     (outcome, message)
 }
 
-fn components_of(m: &Manifest) -> (Option<&updater::manifest::Component>, Option<&updater::manifest::Component>) {
+fn components_of(
+    m: &Manifest,
+) -> (
+    Option<&updater::manifest::Component>,
+    Option<&updater::manifest::Component>,
+) {
     (
         m.components.iter().find(|c| c.name == ComponentName::Fsd),
-        m.components.iter().find(|c| c.name == ComponentName::Blockdev),
+        m.components
+            .iter()
+            .find(|c| c.name == ComponentName::Blockdev),
     )
 }
 
 fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
-    let in_progress = control.in_progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let in_progress = control
+        .in_progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     // During an update the stack is busy; answer with what is known without waiting.
     let deadline = Instant::now() + Duration::from_millis(200);
     let guard = loop {
         match stack.try_lock() {
             Ok(g) => break Some(g),
             Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(_) => break None,
         }
     };
     let Some(mut s) = guard else {
-        return StatusReport { components: Vec::new(), format_version: 0, history: Vec::new(), update_in_progress: in_progress, conversion: None };
+        return StatusReport {
+            components: Vec::new(),
+            format_version: 0,
+            history: Vec::new(),
+            update_in_progress: in_progress,
+            conversion: None,
+        };
     };
     let server_counters = crate::update::server_status(&mut s);
     let driver_counters = crate::update::driver_status(&mut s);

@@ -41,7 +41,10 @@ pub enum HandleV1 {
         writes: u64,
     },
     /// A directory with the listing taken when it was opened (readdir offsets index it).
-    Dir { ino: u64, entries: Vec<(Vec<u8>, u64, u8)> },
+    Dir {
+        ino: u64,
+        entries: Vec<(Vec<u8>, u64, u8)>,
+    },
 }
 
 /// Schema 1 of the fsd state.
@@ -95,23 +98,31 @@ impl FsdStateV1 {
         let mut held = HashMap::new();
         for (ino, n) in &self.lookups {
             if *n == 0 {
-                return Err(StateError::Invalid(format!("inode {ino} has lookup count 0")));
+                return Err(StateError::Invalid(format!(
+                    "inode {ino} has lookup count 0"
+                )));
             }
             if *ino == 0 || held.insert(*ino, *n).is_some() {
-                return Err(StateError::Invalid(format!("inode {ino} listed twice or invalid")));
+                return Err(StateError::Invalid(format!(
+                    "inode {ino} listed twice or invalid"
+                )));
             }
         }
         let mut ids = HashSet::new();
         for (id, h) in &self.handles {
             if *id == 0 || *id >= self.next_handle || !ids.insert(*id) {
-                return Err(StateError::Invalid(format!("handle {id} is invalid or repeated")));
+                return Err(StateError::Invalid(format!(
+                    "handle {id} is invalid or repeated"
+                )));
             }
             let ino = match h {
                 HandleV1::File { ino, .. } | HandleV1::Dir { ino, .. } => *ino,
             };
             // The root is always held by the kernel, without a lookup.
             if ino != 1 && !held.contains_key(&ino) {
-                return Err(StateError::Invalid(format!("handle {id} names inode {ino}, which the kernel does not hold")));
+                return Err(StateError::Invalid(format!(
+                    "handle {id} names inode {ino}, which the kernel does not hold"
+                )));
             }
         }
         Ok(())
@@ -119,7 +130,10 @@ impl FsdStateV1 {
 
     /// Whether every open file has done a read or write since it was opened.
     pub fn untouched_files(&self) -> usize {
-        self.handles.iter().filter(|(_, h)| matches!(h, HandleV1::File { touched: false, .. })).count()
+        self.handles
+            .iter()
+            .filter(|(_, h)| matches!(h, HandleV1::File { touched: false, .. }))
+            .count()
     }
 }
 
@@ -133,8 +147,23 @@ mod tests {
             init_flags: 0x1234,
             lookups: vec![(5, 2), (7, 1)],
             handles: vec![
-                (1, HandleV1::File { ino: 5, flags: 2, touched: true, reads: 3, writes: 4 }),
-                (2, HandleV1::Dir { ino: 7, entries: vec![(b"a".to_vec(), 9, 8)] }),
+                (
+                    1,
+                    HandleV1::File {
+                        ino: 5,
+                        flags: 2,
+                        touched: true,
+                        reads: 3,
+                        writes: 4,
+                    },
+                ),
+                (
+                    2,
+                    HandleV1::Dir {
+                        ino: 7,
+                        entries: vec![(b"a".to_vec(), 9, 8)],
+                    },
+                ),
             ],
             next_handle: 3,
             usage: vec![(5, 1)],
@@ -151,11 +180,29 @@ mod tests {
         bad.lookups.push((9, 0));
         assert!(bad.check().is_err());
         let mut bad = sample();
-        bad.handles.push((3, HandleV1::File { ino: 8, flags: 0, touched: false, reads: 0, writes: 0 }));
+        bad.handles.push((
+            3,
+            HandleV1::File {
+                ino: 8,
+                flags: 0,
+                touched: false,
+                reads: 0,
+                writes: 0,
+            },
+        ));
         assert!(bad.check().is_err(), "handle number not below next_handle");
         let mut bad = sample();
         bad.next_handle = 10;
-        bad.handles.push((4, HandleV1::File { ino: 8, flags: 0, touched: false, reads: 0, writes: 0 }));
+        bad.handles.push((
+            4,
+            HandleV1::File {
+                ino: 8,
+                flags: 0,
+                touched: false,
+                reads: 0,
+                writes: 0,
+            },
+        ));
         assert!(bad.check().is_err(), "inode 8 is not held by the kernel");
     }
 
@@ -168,6 +215,9 @@ mod tests {
             assert!(FsdStateV1::decode(&b).is_err());
         }
         let newer = formats::frame::encode_serde(STATE_MAGIC, STATE_SCHEMA + 1, &sample());
-        assert!(matches!(FsdStateV1::decode(&newer), Err(StateError::UnsupportedSchema(_))));
+        assert!(matches!(
+            FsdStateV1::decode(&newer),
+            Err(StateError::UnsupportedSchema(_))
+        ));
     }
 }

@@ -99,12 +99,22 @@ pub fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<
 /// Opens one channel per worker. Done before the serve loop starts, so that a
 /// `stop_serving` issued as soon as serving is announced reaches every worker.
 pub fn open_channels(session: &FuseSession, threads: usize) -> io::Result<Vec<FuseChannel>> {
-    (0..threads.max(1)).map(|_| session.new_channel().map_err(|e| io::Error::other(e.to_string()))).collect()
+    (0..threads.max(1))
+        .map(|_| {
+            session
+                .new_channel()
+                .map_err(|e| io::Error::other(e.to_string()))
+        })
+        .collect()
 }
 
 /// Serves requests on `channels`, one worker each, until `stop_serving` wakes them or the
 /// connection ends. Workers return only between requests, never holding one unanswered.
-pub fn serve(molt: Arc<MoltFuse>, channels: Vec<FuseChannel>, stopping: Arc<AtomicBool>) -> io::Result<StopReason> {
+pub fn serve(
+    molt: Arc<MoltFuse>,
+    channels: Vec<FuseChannel>,
+    stopping: Arc<AtomicBool>,
+) -> io::Result<StopReason> {
     let server = Arc::new(Server::new(molt.clone()));
     let mut workers = Vec::new();
     for (i, ch) in channels.into_iter().enumerate() {
@@ -112,7 +122,11 @@ pub fn serve(molt: Arc<MoltFuse>, channels: Vec<FuseChannel>, stopping: Arc<Atom
         let stopping = stopping.clone();
         let molt = molt.clone();
         let name = format!("fuse-{i}");
-        workers.push(thread::Builder::new().name(name).spawn(move || worker(server, ch, &stopping, &molt))?);
+        workers.push(
+            thread::Builder::new()
+                .name(name)
+                .spawn(move || worker(server, ch, &stopping, &molt))?,
+        );
     }
     let mut reason = StopReason::Woken;
     for w in workers {
@@ -123,7 +137,12 @@ pub fn serve(molt: Arc<MoltFuse>, channels: Vec<FuseChannel>, stopping: Arc<Atom
     Ok(reason)
 }
 
-fn worker(server: Arc<Server<Arc<MoltFuse>>>, mut ch: FuseChannel, stopping: &AtomicBool, molt: &MoltFuse) -> StopReason {
+fn worker(
+    server: Arc<Server<Arc<MoltFuse>>>,
+    mut ch: FuseChannel,
+    stopping: &AtomicBool,
+    molt: &MoltFuse,
+) -> StopReason {
     loop {
         match ch.get_request() {
             Ok(Some((reader, writer))) => {
@@ -200,7 +219,9 @@ fn required_state_reached(molt: &MoltFuse, states: &[String]) -> Result<(), Stri
             "every-open-file-touched" => {
                 let n = molt.export().untouched_files();
                 if n > 0 {
-                    return Err(format!("{n} open files have not been read or written since they were opened"));
+                    return Err(format!(
+                        "{n} open files have not been read or written since they were opened"
+                    ));
                 }
             }
             other => return Err(format!("unknown required state {other}")),
@@ -224,7 +245,11 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
     use crate::control::{ControlLink, Msg};
     use crate::persist::{FsdStateV1, STATE_CAP};
     let mut ctl = ControlLink::new(fds.ctl, STATE_CAP)?;
-    let ring = ServerRing { ring: fds.ring, sq_eventfd: fds.sq_eventfd, cq_eventfd: fds.cq_eventfd };
+    let ring = ServerRing {
+        ring: fds.ring,
+        sq_eventfd: fds.sq_eventfd,
+        cq_eventfd: fds.cq_eventfd,
+    };
     let fail = |ctl: &mut ControlLink, e: anyhow::Error| -> anyhow::Error {
         let _ = ctl.send(&format!("error: {e:#}"));
         e
@@ -246,16 +271,18 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         };
         // Import: decode and check the state; nothing touches the ring or the image until
         // the commit, so the predecessor (or a predecessor driver) can still resume.
-        let state = match FsdStateV1::decode(&blob).map_err(anyhow::Error::from).and_then(|state| {
-            if state.init_flags != crate::fuse::wanted_init_flags().bits() {
-                anyhow::bail!(
+        let state = match FsdStateV1::decode(&blob)
+            .map_err(anyhow::Error::from)
+            .and_then(|state| {
+                if state.init_flags != crate::fuse::wanted_init_flags().bits() {
+                    anyhow::bail!(
                     "the connection was negotiated with INIT flags {:#x}, this version needs {:#x}",
                     state.init_flags,
                     crate::fuse::wanted_init_flags().bits()
                 );
-            }
-            Ok(state)
-        }) {
+                }
+                Ok(state)
+            }) {
             Ok(s) => s,
             Err(e) => return Err(fail(&mut ctl, e)),
         };
@@ -276,7 +303,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         };
         (fs, molt)
     } else {
-        let mounted = (|| -> anyhow::Result<Arc<crate::fs::Fs>> { Ok(Arc::new(crate::fs::Fs::mount(connect(&ring)?)?)) })();
+        let mounted = (|| -> anyhow::Result<Arc<crate::fs::Fs>> {
+            Ok(Arc::new(crate::fs::Fs::mount(connect(&ring)?)?))
+        })();
         let fs = match mounted {
             Ok(fs) => fs,
             Err(e) => return Err(fail(&mut ctl, e)),
@@ -330,20 +359,22 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             }
             let msg = match retry.take() {
                 Some((deadline, states)) => {
-                    let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis();
                     Ok(Msg::Line(format!("prepare {left} {}", states.join(","))))
                 }
                 None => match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(m) => m,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-                // The supervisor is gone; keep serving (it kills us if it means to).
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    if serving.is_finished() {
-                        break 'commands;
+                    Ok(m) => m,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    // The supervisor is gone; keep serving (it kills us if it means to).
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        if serving.is_finished() {
+                            break 'commands;
+                        }
+                        thread::sleep(Duration::from_millis(20));
+                        continue;
                     }
-                    thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
                 },
             };
             let line = match msg {
@@ -365,8 +396,12 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     ))?;
                 }
                 Some("prepare") if !prepared => {
-                    let deadline_ms: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(5000);
-                    let states: Vec<String> = words.next().map(|w| w.split(',').map(str::to_string).collect()).unwrap_or_default();
+                    let deadline_ms: u64 =
+                        words.next().and_then(|w| w.parse().ok()).unwrap_or(5000);
+                    let states: Vec<String> = words
+                        .next()
+                        .map(|w| w.split(',').map(str::to_string).collect())
+                        .unwrap_or_default();
                     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
                     // Preparation: keep serving while converging to the required state.
                     let reached = loop {
@@ -377,7 +412,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                         }
                     };
                     if let Err(why) = reached {
-                        ctl.send(&format!("error: required state not reached by the deadline: {why}"))?;
+                        ctl.send(&format!(
+                            "error: required state not reached by the deadline: {why}"
+                        ))?;
                         continue;
                     }
                     eprintln!("fsd serve: prepare: state reached, draining");
@@ -392,7 +429,8 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     eprintln!("fsd serve: prepare: drained");
                     // Re-check: a request served during the drain may have changed it
                     // (a file opened and not yet read). Serve again and retry.
-                    if required_state_reached(&molt, &states).is_err() && Instant::now() < deadline {
+                    if required_state_reached(&molt, &states).is_err() && Instant::now() < deadline
+                    {
                         retry = Some((deadline, states));
                         prepared = false;
                         break 'commands;
@@ -426,7 +464,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         if let Some(f) = flusher.take() {
             let _ = f.join();
         }
-        let reason = serving.join().map_err(|_| anyhow::anyhow!("serve loop panicked"))??;
+        let reason = serving
+            .join()
+            .map_err(|_| anyhow::anyhow!("serve loop panicked"))??;
         if reason == StopReason::Disconnected && !prepared {
             // Unmounted: make the image clean.
             fs.unmount()?;

@@ -257,7 +257,14 @@ pub struct Stack {
 impl Stack {
     /// Starts a filesystem server from `binary` on this stack's descriptors.
     pub fn spawn_server(&self, binary: &Path, adopt: bool) -> Result<Component, MountError> {
-        spawn_server(&self.mnt, &self.opts, &self.ring, &self.fuse_dev, binary, adopt)
+        spawn_server(
+            &self.mnt,
+            &self.opts,
+            &self.ring,
+            &self.fuse_dev,
+            binary,
+            adopt,
+        )
     }
 
     fn kill_all(&mut self) {
@@ -274,20 +281,37 @@ fn spawn_server(
     binary: &Path,
     adopt: bool,
 ) -> Result<Component, MountError> {
-    let (ctl, child_ctl) = UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
-    let fds = [ring.ring.fd(), ring.sq_eventfd.as_fd(), ring.cq_eventfd.as_fd(), fuse_dev.as_fd(), child_ctl.as_fd()];
+    let (ctl, child_ctl) =
+        UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
+    let fds = [
+        ring.ring.fd(),
+        ring.sq_eventfd.as_fd(),
+        ring.cq_eventfd.as_fd(),
+        fuse_dev.as_fd(),
+        child_ctl.as_fd(),
+    ];
     let mut cmd = Command::new(binary);
-    cmd.arg("serve").arg(mnt).args(["--threads", &opts.threads.to_string()]);
+    cmd.arg("serve")
+        .arg(mnt)
+        .args(["--threads", &opts.threads.to_string()]);
     if adopt {
         cmd.arg("--adopt");
     }
-    let guard = pass_fds(&mut cmd, &fds, SERVE_RING_FD).map_err(|e| MountError::Os("preparing the server", e))?;
-    let child = spawn_component(cmd).map_err(|e| MountError::Os("starting the filesystem server", e))?;
+    let guard = pass_fds(&mut cmd, &fds, SERVE_RING_FD)
+        .map_err(|e| MountError::Os("preparing the server", e))?;
+    let child =
+        spawn_component(cmd).map_err(|e| MountError::Os("starting the filesystem server", e))?;
     drop(guard);
     drop(child_ctl);
     let version = component_version_of(binary).unwrap_or_else(|| "unknown".into());
-    Component::new(child, binary.to_path_buf(), version, ctl, crate::persist::STATE_CAP)
-        .map_err(|e| MountError::Os("control channel", e))
+    Component::new(
+        child,
+        binary.to_path_buf(),
+        version,
+        ctl,
+        crate::persist::STATE_CAP,
+    )
+    .map_err(|e| MountError::Os("control channel", e))
 }
 
 type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
@@ -297,7 +321,8 @@ type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
 /// started by a short-lived thread (a control connection) would be killed when that
 /// thread ends.
 pub fn spawn_component(cmd: Command) -> io::Result<Child> {
-    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnJob>>> = std::sync::OnceLock::new();
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
         std::thread::Builder::new()
@@ -311,8 +336,13 @@ pub fn spawn_component(cmd: Command) -> io::Result<Child> {
         Mutex::new(tx)
     });
     let (reply, result) = std::sync::mpsc::channel();
-    tx.lock().unwrap_or_else(|p| p.into_inner()).send((cmd, reply)).map_err(|_| io::Error::other("spawner thread gone"))?;
-    result.recv().map_err(|_| io::Error::other("spawner thread gone"))?
+    tx.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| io::Error::other("spawner thread gone"))?;
+    result
+        .recv()
+        .map_err(|_| io::Error::other("spawner thread gone"))?
 }
 
 /// The block driver process and its control link.
@@ -340,8 +370,19 @@ impl DriverInfo {
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let words: Vec<&str> = text.split_whitespace().collect();
-        let field = |name: &str| words.iter().position(|w| *w == name).and_then(|i| words.get(i + 1)).and_then(|v| v.parse().ok());
-        Some(DriverInfo { version: words.first()?.to_string(), schema: field("schema")?, ring: field("ring")?, errcodes: field("errcodes")? })
+        let field = |name: &str| {
+            words
+                .iter()
+                .position(|w| *w == name)
+                .and_then(|i| words.get(i + 1))
+                .and_then(|v| v.parse().ok())
+        };
+        Some(DriverInfo {
+            version: words.first()?.to_string(),
+            schema: field("schema")?,
+            ring: field("ring")?,
+            errcodes: field("errcodes")?,
+        })
     }
 }
 
@@ -360,28 +401,55 @@ pub fn spawn_driver(
     binary: &Path,
     mode: blockdev::spawn::StartMode,
 ) -> Result<DriverProc, MountError> {
-    let config = DriverConfig { engine, binary: Some(binary.to_path_buf()), ..DriverConfig::default() };
-    let (ctl, child_ctl) = UnixStream::pair().map_err(|e| MountError::Os("creating the driver control channel", e))?;
+    let config = DriverConfig {
+        engine,
+        binary: Some(binary.to_path_buf()),
+        ..DriverConfig::default()
+    };
+    let (ctl, child_ctl) =
+        UnixStream::pair().map_err(|e| MountError::Os("creating the driver control channel", e))?;
     let fds = DriverFds {
         ring: ring.ring.fd(),
         sq_eventfd: ring.sq_eventfd.as_fd(),
         cq_eventfd: ring.cq_eventfd.as_fd(),
         image: image.file().as_fd(),
     };
-    let (cmd, guard) = blockdev::spawn::driver_command_with_control(fds, &config, Some(std::process::id()), child_ctl.as_fd(), mode)
-        .map_err(|e| MountError::Os("preparing the block driver", e))?;
+    let (cmd, guard) = blockdev::spawn::driver_command_with_control(
+        fds,
+        &config,
+        Some(std::process::id()),
+        child_ctl.as_fd(),
+        mode,
+    )
+    .map_err(|e| MountError::Os("preparing the block driver", e))?;
     let child = spawn_component(cmd).map_err(|e| MountError::Os("starting the block driver", e))?;
     drop(guard);
     drop(child_ctl);
-    let info = DriverInfo::of(binary).ok_or_else(|| MountError::Failed(format!("{} does not say what it is (--print-version)", binary.display())))?;
-    let ctl = blockdev::handover::DriverControl::new(ctl).map_err(|e| MountError::Os("driver control channel", e))?;
-    Ok(DriverProc { child, ctl, binary: binary.to_path_buf(), info })
+    let info = DriverInfo::of(binary).ok_or_else(|| {
+        MountError::Failed(format!(
+            "{} does not say what it is (--print-version)",
+            binary.display()
+        ))
+    })?;
+    let ctl = blockdev::handover::DriverControl::new(ctl)
+        .map_err(|e| MountError::Os("driver control channel", e))?;
+    Ok(DriverProc {
+        child,
+        ctl,
+        binary: binary.to_path_buf(),
+        info,
+    })
 }
 
 /// Asks a binary for its component version (`fsd version`).
 pub fn component_version_of(binary: &Path) -> Option<String> {
-    let out = Command::new(binary).arg("component-version").output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = Command::new(binary)
+        .arg("component-version")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<(), MountError> {
@@ -414,13 +482,24 @@ fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<
 /// Starts the driver and the server and makes the mount.
 fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let mnt = precheck(opts)?;
-    let image = Image::open(&opts.image).map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
+    let image = Image::open(&opts.image)
+        .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
     lock_image(image.file().as_fd(), &opts.image)?;
 
-    let config = DriverConfig { engine: opts.engine, ..DriverConfig::default() };
-    let ring = RingSetup::new(config.geometry).map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
+    let config = DriverConfig {
+        engine: opts.engine,
+        ..DriverConfig::default()
+    };
+    let ring = RingSetup::new(config.geometry)
+        .map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
     let driver_binary = blockdev::spawn::driver_binary(&config);
-    let mut driver = spawn_driver(&ring, &image, opts.engine, &driver_binary, blockdev::spawn::StartMode::Fresh)?;
+    let mut driver = spawn_driver(
+        &ring,
+        &image,
+        opts.engine,
+        &driver_binary,
+        blockdev::spawn::StartMode::Fresh,
+    )?;
     let fuse_dev = match serve::open_fuse_device() {
         Ok(f) => f,
         Err(e) => {
@@ -450,10 +529,20 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let never = AtomicBool::new(false);
     let deadline = Instant::now() + START_TIMEOUT;
     let started = (|| {
-        stack.server.expect("fs-ready", deadline, &never).map_err(|e| MountError::Failed(e.to_string()))?;
-        serve::mount_fuse(&stack.fuse_dev, &mnt, &opts.image.to_string_lossy()).map_err(|e| MountError::Os("mounting", e))?;
-        stack.server.send("mounted").map_err(|e| MountError::Os("control channel", e))?;
-        stack.server.expect("serving", deadline, &never).map_err(|e| MountError::Failed(e.to_string()))?;
+        stack
+            .server
+            .expect("fs-ready", deadline, &never)
+            .map_err(|e| MountError::Failed(e.to_string()))?;
+        serve::mount_fuse(&stack.fuse_dev, &mnt, &opts.image.to_string_lossy())
+            .map_err(|e| MountError::Os("mounting", e))?;
+        stack
+            .server
+            .send("mounted")
+            .map_err(|e| MountError::Os("control channel", e))?;
+        stack
+            .server
+            .expect("serving", deadline, &never)
+            .map_err(|e| MountError::Failed(e.to_string()))?;
         std::fs::metadata(&mnt).map_err(|e| MountError::Os("checking the new mount", e))?;
         Ok(())
     })();
@@ -476,7 +565,6 @@ fn format_version_of(image: &Path) -> u32 {
         .map(|sb| sb.format_version.0)
         .unwrap_or(0)
 }
-
 
 /// Watches the components until the filesystem server exits: after an unmount it makes
 /// the image clean and exits 0. Any other end takes the whole stack down so that the next
@@ -508,7 +596,9 @@ fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
         return if clean {
             Ok(())
         } else {
-            Err(MountError::Failed(format!("a component ended: server {server_end:?}, driver {driver_end:?}")))
+            Err(MountError::Failed(format!(
+                "a component ended: server {server_end:?}, driver {driver_end:?}"
+            )))
         };
     }
 }
@@ -520,7 +610,6 @@ fn signal(child: &Child, sig: i32) -> io::Result<()> {
     }
     Ok(())
 }
-
 
 /// Takes an exclusive lock on the image so that two mounts never share it; waits a while
 /// for a previous mount that is still finishing its unmount.

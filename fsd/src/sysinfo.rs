@@ -14,10 +14,16 @@ pub fn io_uring_ops() -> Vec<String> {
         (opcode::Read::CODE, "read"),
         (opcode::Write::CODE, "write"),
     ];
-    let Ok(ring) = io_uring::IoUring::new(2) else { return Vec::new() };
+    let Ok(ring) = io_uring::IoUring::new(2) else {
+        return Vec::new();
+    };
     let mut probe = io_uring::Probe::new();
     if ring.submitter().register_probe(&mut probe).is_err() {
         return Vec::new();
     }
-    known.iter().filter(|(code, _)| probe.is_supported(*code)).map(|(_, name)| name.to_string()).collect()
+    known
+        .iter()
+        .filter(|(code, _)| probe.is_supported(*code))
+        .map(|(_, name)| name.to_string())
+        .collect()
 }

@@ -245,7 +245,11 @@ impl Inner {
         let mut fb = fb_start;
         while fb < fb_end {
             match lookup(node, fb) {
-                Lookup::Mapped { physical, unwritten, run } => {
+                Lookup::Mapped {
+                    physical,
+                    unwritten,
+                    run,
+                } => {
                     let n = run.min(fb_end - fb);
                     if !unwritten {
                         runs.push((((fb - fb_start) * BS) as usize, physical, n));

@@ -172,7 +172,12 @@ impl JournalWriter {
     /// A writer that continues a log a predecessor left: the next transaction goes at
     /// `head` with `sequence` (live update; nothing is checkpointed in between).
     pub fn continuing(geo: &Geometry, head: u64, sequence: u64) -> JournalWriter {
-        JournalWriter { start: geo.journal_start, blocks: geo.journal_blocks as u64, head, sequence }
+        JournalWriter {
+            start: geo.journal_start,
+            blocks: geo.journal_blocks as u64,
+            head,
+            sequence,
+        }
     }
 
     /// Most block images one transaction may carry in this journal.

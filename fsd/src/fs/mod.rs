@@ -89,7 +89,8 @@ impl Fs {
         store.read(0, &mut b)?;
         let mut sb = Superblock::decode(&b).map_err(|e| match e {
             formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
-            formats::FormatError::UnsupportedVersion { .. } | formats::FormatError::UnsupportedFeatures { .. } => {
+            formats::FormatError::UnsupportedVersion { .. }
+            | formats::FormatError::UnsupportedFeatures { .. } => {
                 FsError::Unsupported("the image needs a newer version of Molt")
             }
             other => FsError::Corrupted(format!("{other}")),
@@ -181,7 +182,10 @@ impl Fs {
                 pinned.insert(addr, Arc::from(block));
             }
         }
-        let overlay = PinnedOverlay { store: store.as_ref(), pinned: &pinned };
+        let overlay = PinnedOverlay {
+            store: store.as_ref(),
+            pinned: &pinned,
+        };
         let ibitmap = load_bitmap(
             &overlay,
             BlockKind::InodeBitmap,
@@ -197,8 +201,13 @@ impl Fs {
             geo.total_blocks,
         )?;
         for &(start, len) in withheld {
-            if start.checked_add(len).is_none_or(|end| end > geo.total_blocks) {
-                return Err(FsError::Corrupted(format!("withheld blocks {start}+{len} out of range")));
+            if start
+                .checked_add(len)
+                .is_none_or(|end| end > geo.total_blocks)
+            {
+                return Err(FsError::Corrupted(format!(
+                    "withheld blocks {start}+{len} out of range"
+                )));
             }
             bbitmap.withhold(start, len);
         }
@@ -224,7 +233,9 @@ impl Fs {
             next_generation: (now.nsec ^ now.sec as u32) | 1,
             failed: None,
         };
-        Ok(Fs { inner: Mutex::new(inner) })
+        Ok(Fs {
+            inner: Mutex::new(inner),
+        })
     }
 
     /// Stops changing the image for a successor: every change is committed to the journal
@@ -295,7 +306,11 @@ pub(crate) fn block_count(n: &Node, records_per_block: usize) -> u64 {
         return xattr;
     }
     let data: u64 = n.extents.iter().map(|e| e.len as u64).sum();
-    let chain = n.extents.len().saturating_sub(INLINE_EXTENTS).div_ceil(records_per_block) as u64;
+    let chain = n
+        .extents
+        .len()
+        .saturating_sub(INLINE_EXTENTS)
+        .div_ceil(records_per_block) as u64;
     data + chain + xattr
 }
 

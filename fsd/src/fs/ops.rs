@@ -654,7 +654,11 @@ impl Fs {
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let (plan, store, reuse) = {
             let mut g = self.lock();
-            (g.read_plan(ino, offset, size)?, g.store.clone(), g.reuse.clone())
+            (
+                g.read_plan(ino, offset, size)?,
+                g.store.clone(),
+                g.reuse.clone(),
+            )
         };
         let _guard = reuse.read().unwrap_or_else(|p| p.into_inner());
         Ok(plan.execute(store.as_ref())?)

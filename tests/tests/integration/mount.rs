@@ -14,7 +14,11 @@ fn mount_use_unmount_then_fsck_is_clean() {
     let img = TestImage::new("basic", "128M");
     let m = img.mount();
     let (sup, children) = m.pids();
-    assert_eq!(children.len(), 2, "supervisor {sup} should run the server and the driver: {children:?}");
+    assert_eq!(
+        children.len(),
+        2,
+        "supervisor {sup} should run the server and the driver: {children:?}"
+    );
     let p = m.path();
     std::fs::write(p.join("hello"), b"hello molt").unwrap();
     std::fs::create_dir_all(p.join("a/b/c")).unwrap();
@@ -29,8 +33,14 @@ fn mount_use_unmount_then_fsck_is_clean() {
     img.assert_clean();
     // Everything is there after a remount.
     let m = img.mount();
-    assert_eq!(std::fs::read(m.path().join("a/b/c/moved")).unwrap(), b"hello molt");
-    assert_eq!(std::fs::metadata(m.path().join("hello")).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read(m.path().join("a/b/c/moved")).unwrap(),
+        b"hello molt"
+    );
+    assert_eq!(
+        std::fs::metadata(m.path().join("hello")).unwrap().mode() & 0o777,
+        0o600
+    );
     m.unmount();
 }
 
@@ -40,11 +50,17 @@ fn plain_umount_stops_the_stack_and_leaves_a_clean_image() {
     let m = img.mount();
     let (sup, _) = m.pids();
     std::fs::write(m.path().join("f"), vec![7u8; 300_000]).unwrap();
-    let st = std::process::Command::new("umount").arg(m.path()).status().unwrap();
+    let st = std::process::Command::new("umount")
+        .arg(m.path())
+        .status()
+        .unwrap();
     assert!(st.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     while molt_tests::harness::alive(sup) {
-        assert!(Instant::now() < deadline, "supervisor still running after umount");
+        assert!(
+            Instant::now() < deadline,
+            "supervisor still running after umount"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     img.assert_clean();
@@ -79,13 +95,22 @@ fn mount_errors_are_clear() {
     // A truncated image is refused the same way, never a hang.
     let short = img.dir.path().join("short.img");
     std::fs::copy(&img.image, &short).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&short).unwrap().set_len(1 << 20).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let o = fsd(&["mount", short.to_str().unwrap(), mnt]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("fsck"), "{}", stderr(&o));
     assert!(!is_mounted(&img.mnt));
 
-    let o = fsd(&["mount", img.image.to_str().unwrap(), "/nonexistent-mountpoint"]);
+    let o = fsd(&[
+        "mount",
+        img.image.to_str().unwrap(),
+        "/nonexistent-mountpoint",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("mountpoint"), "{}", stderr(&o));
 
@@ -96,7 +121,11 @@ fn mount_errors_are_clear() {
     assert!(stderr(&o).contains("already"), "{}", stderr(&o));
     let other = img.dir.path().join("mnt2");
     std::fs::create_dir(&other).unwrap();
-    let o = fsd(&["mount", img.image.to_str().unwrap(), other.to_str().unwrap()]);
+    let o = fsd(&[
+        "mount",
+        img.image.to_str().unwrap(),
+        other.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
 
