@@ -43,6 +43,32 @@ pub enum JournalError {
     Io(#[from] io::Error),
 }
 
+/// Reads the journal region in windows of this many blocks: one device request per
+/// window instead of one per block.
+const SCAN_WINDOW: u64 = 256;
+
+/// Sequential reader of the journal region with a read-ahead window.
+struct WindowReader<'a> {
+    store: &'a dyn BlockStore,
+    end: u64,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl WindowReader<'_> {
+    fn block(&mut self, addr: u64) -> io::Result<Vec<u8>> {
+        let have = self.buf.len() as u64 / BLOCK_SIZE as u64;
+        if addr < self.start || addr >= self.start + have {
+            let n = SCAN_WINDOW.min(self.end.saturating_sub(addr)).max(1);
+            self.buf.resize(n as usize * BLOCK_SIZE, 0);
+            self.store.read(addr, &mut self.buf)?;
+            self.start = addr;
+        }
+        let off = (addr - self.start) as usize * BLOCK_SIZE;
+        Ok(self.buf[off..off + BLOCK_SIZE].to_vec())
+    }
+}
+
 fn read_block(store: &dyn BlockStore, addr: u64) -> io::Result<Vec<u8>> {
     let mut b = vec![0u8; BLOCK_SIZE];
     store.read(addr, &mut b)?;
@@ -62,6 +88,7 @@ pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalEr
             expected: geo.journal_blocks,
         });
     }
+    let mut reader = WindowReader { store, end: start + geo.journal_blocks as u64, start: 0, buf: Vec::new() };
     let mut pos = 1u64;
     let mut seq = jsb.sequence;
     let mut txs = Vec::new();
@@ -71,7 +98,7 @@ pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalEr
             break;
         }
         let daddr = start + pos;
-        let desc = read_block(store, daddr)?;
+        let desc = reader.block(daddr)?;
         let Ok((dseq, targets)) = journal::decode_descriptor(&desc, BlockAddr(daddr)) else {
             break;
         };
@@ -82,12 +109,12 @@ pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalEr
         crc.update(&desc);
         let mut blocks = Vec::with_capacity(targets.len());
         for (i, t) in targets.iter().enumerate() {
-            let b = read_block(store, daddr + 1 + i as u64)?;
+            let b = reader.block(daddr + 1 + i as u64)?;
             crc.update(&b);
             blocks.push((*t, b));
         }
         let caddr = daddr + 1 + targets.len() as u64;
-        let commit = read_block(store, caddr)?;
+        let commit = reader.block(caddr)?;
         let Ok((cseq, count, data_crc)) = journal::decode_commit(&commit, BlockAddr(caddr)) else {
             break;
         };
