@@ -88,7 +88,12 @@ pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalEr
             expected: geo.journal_blocks,
         });
     }
-    let mut reader = WindowReader { store, end: start + geo.journal_blocks as u64, start: 0, buf: Vec::new() };
+    let mut reader = WindowReader {
+        store,
+        end: start + geo.journal_blocks as u64,
+        start: 0,
+        buf: Vec::new(),
+    };
     let mut pos = 1u64;
     let mut seq = jsb.sequence;
     let mut txs = Vec::new();

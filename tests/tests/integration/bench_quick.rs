@@ -46,7 +46,10 @@ fn quick_benchmark_covers_every_row_and_peer() {
     for p in Peer::ALL {
         assert!(header.contains(&format!(" {} |", p.label())), "{header}");
         if p != Peer::Molt {
-            assert!(header.contains(&format!(" Molt / {} |", p.label())), "{header}");
+            assert!(
+                header.contains(&format!(" Molt / {} |", p.label())),
+                "{header}"
+            );
         }
     }
     let columns = header.matches('|').count();
@@ -63,7 +66,9 @@ fn quick_benchmark_covers_every_row_and_peer() {
             let cell = cells[3 + i];
             if row.applies_to(p) {
                 assert!(
-                    cell.trim_end_matches('k').parse::<f64>().is_ok_and(|x| x > 0.0),
+                    cell.trim_end_matches('k')
+                        .parse::<f64>()
+                        .is_ok_and(|x| x > 0.0),
                     "{} on {}: {cell:?}",
                     row.key(),
                     p.key()

@@ -1,6 +1,7 @@
 //! Molt's integration tests: one binary, one module per area. Tests that mount FUSE need
 //! root; every mount is undone by a guard, and every test has a deadline.
 
+mod bench_quick;
 mod crash;
 mod fio;
 mod live;
