@@ -127,6 +127,10 @@ impl Bitmap {
         self.withheld.push((start, len));
     }
 
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.len()
+    }
+
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty()
     }

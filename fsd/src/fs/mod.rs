@@ -73,6 +73,9 @@ pub(crate) struct Inner {
     tx_free: Vec<(u64, u64)>,
     last_checkpoint: Instant,
     last_commit: Instant,
+    /// Counts every change to the in-memory state (staged block, dirty inode, allocation,
+    /// free): an operation that fails without moving it changed nothing.
+    changes: u64,
     /// Held (shared) by reads that run outside the lock; freed blocks are released for
     /// reuse only when it can be taken exclusively.
     reuse: Arc<std::sync::RwLock<()>>,
@@ -151,6 +154,7 @@ impl Fs {
             tx_free: Vec::new(),
             last_checkpoint: Instant::now(),
             last_commit: Instant::now(),
+            changes: 0,
             reuse: Arc::new(std::sync::RwLock::new(())),
             next_generation: (now.nsec ^ now.sec as u32) | 1,
             failed: None,
@@ -229,6 +233,7 @@ impl Fs {
             tx_free: Vec::new(),
             last_checkpoint: Instant::now(),
             last_commit: Instant::now(),
+            changes: 0,
             reuse: Arc::new(std::sync::RwLock::new(())),
             next_generation: (now.nsec ^ now.sec as u32) | 1,
             failed: None,
@@ -400,6 +405,7 @@ impl Inner {
     }
 
     pub(crate) fn stage(&mut self, addr: u64, block: Box<Block>) {
+        self.changes += 1;
         debug_assert!(addr != 0 && addr < self.geo.total_blocks);
         self.tx.insert(addr, block);
     }
@@ -463,6 +469,7 @@ impl Inner {
     }
 
     pub(crate) fn mark_dirty(&mut self, ino: Ino) {
+        self.changes += 1;
         self.dirty_nodes.insert(ino.0);
     }
 
@@ -517,6 +524,7 @@ impl Inner {
 
     /// Allocates up to `want` contiguous blocks near `goal`: (start, len).
     pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u64) -> FsResult<(u64, u64)> {
+        self.changes += 1;
         let want = want.min(self.codec.max_len() as u64);
         let (start, len) = match self.bbitmap.find_run(goal, want) {
             Some(run) => run,
@@ -552,6 +560,7 @@ impl Inner {
 
     /// Frees blocks as part of the transaction in progress (allocatable after a flush).
     pub(crate) fn free_blocks_tx(&mut self, start: u64, len: u64) {
+        self.changes += 1;
         self.tx_free.push((start, len));
         // Drop stale cached copies: the block may hold data next time it is used.
         for b in start..start + len {
@@ -560,6 +569,7 @@ impl Inner {
     }
 
     pub(crate) fn alloc_ino(&mut self) -> FsResult<Ino> {
+        self.changes += 1;
         let (i, _) = self
             .ibitmap
             .find_run(formats::superblock::FIRST_FREE_INO as u64, 1)
@@ -595,10 +605,26 @@ impl Inner {
         self.nodes.remove(&ino.0);
         self.dirty_nodes.remove(&ino.0);
         self.ibitmap.set(ino.0 as u64, false);
+        self.changes += 1;
         Ok(())
     }
 
     // ---- transactions ----------------------------------------------------------------
+
+    /// Commits if the changes gathered since the last commit are large enough that the next
+    /// operations could overflow one transaction. Operations otherwise share a commit
+    /// (group commit): the periodic flush, fsync, or the next checkpoint writes them.
+    pub(crate) fn commit_if_due(&mut self) -> FsResult<()> {
+        let pending = self.tx.len()
+            + self.dirty_nodes.len() * 2
+            + self.bbitmap.dirty_count()
+            + self.ibitmap.dirty_count()
+            + self.tx_free.len();
+        if pending * 4 > self.journal.max_tx_blocks() {
+            self.commit()?;
+        }
+        Ok(())
+    }
 
     /// Commits the operation in progress to the journal. On failure the in-memory state
     /// may be ahead of the image, so the filesystem latches read-only.

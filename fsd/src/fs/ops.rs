@@ -253,17 +253,13 @@ impl Fs {
     fn mutate<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
         let mut g = self.lock();
         g.check_writable()?;
-        // Changes left in memory by earlier writes go first, so that below "pending
-        // changes" means changes made by this operation.
-        if g.has_pending_changes() {
-            g.commit()?;
-        }
+        let before = g.changes;
         match f(&mut g) {
             Ok(v) => {
-                g.commit()?;
+                g.commit_if_due()?;
                 Ok(v)
             }
-            Err(e) if !g.has_pending_changes() => Err(e),
+            Err(e) if g.changes == before => Err(e),
             Err(e) => {
                 g.abort_tx();
                 g.failed
@@ -664,16 +660,15 @@ impl Fs {
         Ok(plan.execute(store.as_ref())?)
     }
 
-    /// Writes and commits; a write cut short by a full image returns the bytes written
-    /// (ENOSPC only if none were).
+    /// Writes file data. The data goes to the device now; the metadata it changes (block
+    /// map, bitmaps, size, times) joins the next commit, which every commit makes atomic
+    /// as a whole. A write the free space cannot hold is refused before anything is
+    /// written; one cut short by ENOSPC keeps the size of what it wrote and reports the error.
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
         let mut g = self.lock();
         g.check_writable()?;
         if !g.node(ino)?.inode.is_reg() {
             return Err(FsError::Invalid("write to a non-regular file"));
-        }
-        if g.has_pending_changes() && g.dirty_nodes.len() > 64 {
-            g.commit()?;
         }
         // Refuse up front a write the free space cannot hold (with room for the extent
         // blocks it may need), rather than fail half-way.
@@ -681,9 +676,9 @@ impl Fs {
         if needed > 0 && !g.can_allocate(needed + WRITE_RESERVE)? {
             return Err(FsError::NoSpace);
         }
+        let before = g.changes;
         let mut done = 0;
         let mut result = Ok(());
-        // Write in pieces so that a full image still keeps what fitted.
         for chunk in data.chunks(1 << 20) {
             match g.file_write(ino, offset + done as u64, chunk) {
                 Ok(n) => done += n,
@@ -694,8 +689,7 @@ impl Fs {
             }
         }
         match result {
-            Err(FsError::NoSpace) if done > 0 => {}
-            Err(FsError::NoSpace) if !g.has_pending_changes() => return Err(FsError::NoSpace),
+            Err(FsError::NoSpace) if g.changes == before => return Err(FsError::NoSpace),
             Err(FsError::NoSpace) => {
                 g.commit()?;
                 return Err(FsError::NoSpace);
@@ -707,12 +701,7 @@ impl Fs {
             }
             Ok(()) => {}
         }
-        // A write that allocated commits now, so that the bitmap and the block map travel
-        // in one transaction; an overwrite only changed times and stays dirty in memory
-        // until the next commit (any metadata change, fsync, or the periodic flush).
-        if g.bbitmap.is_dirty() || !g.tx_free.is_empty() || !g.tx.is_empty() {
-            g.commit()?;
-        }
+        g.commit_if_due()?;
         Ok(done)
     }
 
