@@ -6,25 +6,14 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-/// Root of every mount's runtime directory; `MOLT_RUN_DIR` overrides it (tests).
+/// Root of every mount's runtime directory; `MOLT_RUN_DIR` overrides it (tests). The
+/// updater computes the same paths (`updater::control`), so both sides share one rule.
 pub fn run_root() -> PathBuf {
-    std::env::var_os("MOLT_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/molt"))
-}
-
-/// FNV-1a of the canonical mountpoint: a stable, short directory name.
-fn key(mountpoint: &Path) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in mountpoint.as_os_str().as_encoded_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
+    updater::control::run_root()
 }
 
 pub fn dir_for(mountpoint: &Path) -> PathBuf {
-    run_root().join(key(mountpoint))
+    run_root().join(updater::control::mount_key(mountpoint))
 }
 
 /// Creates the directory (0700) and records the supervisor.
