@@ -151,13 +151,19 @@ impl Component {
 
     /// Waits up to `within` for the process to exit by itself; kills it after that.
     pub fn reap(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        self.kill();
+        reap_child(&mut self.child, within);
     }
+}
+
+/// Waits up to `within` for a child to exit by itself; kills and reaps it after that.
+pub fn reap_child(child: &mut Child, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

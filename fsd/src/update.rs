@@ -11,7 +11,7 @@ use blockdev::ring::{ProtocolVersion, StatusTable};
 use blockdev::spawn::StartMode;
 use std::time::{Duration, Instant};
 
-use crate::component::{Component, LinkError};
+use crate::component::{reap_child, Component, LinkError};
 use crate::persist::FsdStateV1;
 use crate::supervisor::{spawn_driver, DriverProc, Stack};
 
@@ -373,7 +373,7 @@ pub(crate) fn update_driver(
     }
     let _ = stack.driver.ctl.exit();
     let mut old = std::mem::replace(&mut stack.driver, new);
-    reap(&mut old.child, Duration::from_secs(5));
+    reap_child(&mut old.child, Duration::from_secs(5));
     p.end(
         true,
         &format!(
@@ -391,21 +391,9 @@ pub(crate) fn update_driver(
     )
 }
 
-fn reap(child: &mut std::process::Child, within: Duration) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn rollback_driver(stack: &mut Stack, mut new: DriverProc, why: String) -> (Outcome, String) {
     let _ = new.ctl.abort();
-    reap(&mut new.child, Duration::from_millis(500));
+    reap_child(&mut new.child, Duration::from_millis(500));
     match stack.driver.ctl.resume() {
         Ok(()) => (
             Outcome::RolledBack,
@@ -458,7 +446,7 @@ pub(crate) fn update_both(
         let _ = new_fsd.send("abort");
         new_fsd.reap(Duration::from_millis(500));
         let _ = new_driver.ctl.abort();
-        reap(&mut new_driver.child, Duration::from_millis(500));
+        reap_child(&mut new_driver.child, Duration::from_millis(500));
     };
     if let Err(e) = new_fsd.expect("spawned", Instant::now() + STEP_TIMEOUT, abort) {
         abandon(&mut new_fsd, &mut new_driver);
@@ -607,7 +595,7 @@ pub(crate) fn update_both(
         new_fsd.kill();
         let _ = new_driver.ctl.prepare(Duration::from_secs(5));
         let _ = new_driver.ctl.exit();
-        reap(&mut new_driver.child, Duration::from_secs(2));
+        reap_child(&mut new_driver.child, Duration::from_secs(2));
         let _ = relabel(stack, old_label.0 .0, old_label.1 .0);
         let _ = stack.driver.ctl.resume();
         resume_old(stack);
@@ -622,7 +610,7 @@ pub(crate) fn update_both(
     let mut old_fsd = std::mem::replace(&mut stack.server, new_fsd);
     let mut old_driver = std::mem::replace(&mut stack.driver, new_driver);
     old_fsd.reap(Duration::from_secs(5));
-    reap(&mut old_driver.child, Duration::from_secs(5));
+    reap_child(&mut old_driver.child, Duration::from_secs(5));
     p.end(
         true,
         &format!(
