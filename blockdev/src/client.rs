@@ -6,6 +6,12 @@
 //! lock. Waiting threads elect one "poller" that spins briefly, then announces that it
 //! sleeps (`cq_need_wakeup`), re-checks, and sleeps on the completion eventfd and the
 //! driver's pidfd; the others wait on a condition variable.
+//!
+//! A driver that dies is replaced by its supervisor with a successor on the same ring,
+//! which starts a new driver epoch. The client keeps every request it has in the ring
+//! (position and entry) until its completion is reaped; when it sees a new epoch it
+//! resubmits those an earlier driver took and never completed, so its callers see a pause,
+//! not an error (`RING.md`, "Driver crash recovery").
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -14,8 +20,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::persist::Counters;
-use crate::ring::codec::{self, NO_SLOT};
-use crate::ring::{DriverPhase, Op, Request, RingGeometry, RingRegion, Status};
+use crate::ring::codec::{self, NO_SLOT, SQE_SIZE};
+use crate::ring::{DriverEpoch, DriverPhase, Op, Request, RingGeometry, RingRegion, Status};
 use crate::{sys, BlockError, Lba, BLOCK_SIZE};
 
 /// Client tunables.
@@ -28,8 +34,12 @@ pub struct ClientConfig {
     /// Longest single sleep; liveness is re-checked after each.
     pub poll_interval: Duration,
     /// A driver whose heartbeat does not move for this long while requests wait is
-    /// considered gone (used when no pidfd of the driver is known).
+    /// considered gone (used when no pidfd of the driver is known). A successor that takes
+    /// the ring over within it moves the heartbeat on: its start must fit well inside.
     pub driver_timeout: Duration,
+    /// With a pidfd: how long after the driver process exited a successor may take to
+    /// attach (a new driver epoch) before waiting calls fail. A restart takes tens of ms.
+    pub restart_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -38,8 +48,34 @@ impl Default for ClientConfig {
             spin: Duration::ZERO,
             poll_interval: Duration::from_millis(100),
             driver_timeout: Duration::from_secs(10),
+            restart_timeout: Duration::from_secs(2),
         }
     }
+}
+
+/// What this client saw of driver replacements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryStats {
+    /// The driver epoch the client last caught up with.
+    pub epoch: u32,
+    /// Epoch changes it caught up with (live-update successors and crash successors; one
+    /// catch-up may cover several epochs).
+    pub driver_changes: u64,
+    /// Requests it resubmitted because a driver took them and never completed them.
+    pub resubmitted: u64,
+    /// Completions a successor posted for entries a dead driver had taken
+    /// ([`codec::ABANDONED_TAG`]); in the end as many as `resubmitted`.
+    pub abandoned: u64,
+}
+
+/// A request in the ring: submitted, completion not reaped yet.
+#[derive(Debug, Clone, Copy)]
+struct InRing {
+    /// Submission counter of its (latest) entry.
+    counter: u32,
+    /// The entry as written; the data of a write is still in its slot, which the
+    /// submitting thread holds until it claims the completion.
+    entry: [u8; SQE_SIZE],
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +101,8 @@ struct State {
     next_tag: u64,
     /// Completions reaped but not yet claimed by the thread that submitted them.
     done: HashMap<u64, i32>,
+    /// tag → entry, for every request submitted and not reaped (at most `queue_depth`).
+    in_ring: HashMap<u64, InRing>,
     polling: bool,
     failed: Option<Failure>,
     heartbeat: u64,
@@ -73,9 +111,15 @@ struct State {
     /// waiting (an idle client, a driver holding for a live update) proves nothing.
     last_check: Instant,
     /// A pidfd of the driver, and the pid it refers to. Only the poller uses or replaces
-    /// it (one thread at a time, see `wait`).
+    /// it (one thread at a time, see `wait`). `None` in pidfd mode while no live driver is
+    /// known (`lost_since`).
     driver_pidfd: Option<OwnedFd>,
     driver_pid: u32,
+    /// Liveness by pidfd (the client was given one) rather than by heartbeat.
+    watch_pid: bool,
+    /// Pidfd mode: when the watched driver was found dead, no successor having attached.
+    lost_since: Option<Instant>,
+    stats: RecoveryStats,
 }
 
 /// A connection to a block driver over a ring. `Send + Sync`: share it with `Arc`.
@@ -164,9 +208,10 @@ impl Client {
     /// driver publishes the device, at most `config.driver_timeout`. Refuses a ring whose
     /// protocol version or status code table this build does not use.
     ///
-    /// With `driver_pidfd`, a driver exit fails waiting calls at once, except when the
-    /// driver was replaced by a live update: the successor publishes its pid in the header
-    /// before its predecessor exits, and the client then watches the successor.
+    /// With `driver_pidfd`, a driver exit fails waiting calls unless a successor attaches
+    /// within `config.restart_timeout` (a live-update successor has attached already: it
+    /// publishes itself before its predecessor exits); the client then watches the
+    /// successor. Without one, liveness is the heartbeat's (`config.driver_timeout`).
     pub fn connect(
         ring: RingRegion,
         sq_eventfd: OwnedFd,
@@ -215,15 +260,23 @@ impl Client {
             free_slots: (0..geometry.queue_depth).rev().collect(),
             sq_tail: ring.sq_tail().load(Ordering::Acquire),
             cq_head: ring.cq_head().load(Ordering::Acquire),
-            next_tag: 1,
+            // Tags start above the reserved one and never wrap (u64).
+            next_tag: codec::ABANDONED_TAG + 1,
             done: HashMap::new(),
+            in_ring: HashMap::new(),
             polling: false,
             failed: None,
             heartbeat: ring.heartbeat().load(Ordering::Relaxed),
             heartbeat_moved: Instant::now(),
             last_check: Instant::now(),
+            watch_pid: driver_pidfd.is_some(),
             driver_pidfd,
             driver_pid: ring.driver_pid(),
+            lost_since: None,
+            stats: RecoveryStats {
+                epoch: ring.driver_epoch().epoch,
+                ..RecoveryStats::default()
+            },
         };
         Ok(Client {
             num_blocks: ring.num_blocks(),
@@ -252,6 +305,11 @@ impl Client {
     /// The driver's counters, as last published in the ring header.
     pub fn counters(&self) -> Counters {
         self.ring.counters()
+    }
+
+    /// Driver replacements this client caught up with, and what it resubmitted.
+    pub fn recovery_stats(&self) -> RecoveryStats {
+        self.lock().stats
     }
 
     /// The latched write/flush error of the driver, if any.
@@ -431,6 +489,11 @@ impl Client {
                 }
             }
             if outstanding.is_empty() {
+                // Nothing of ours to wait for, and every slot is held by other threads:
+                // wait until one frees a slot rather than spin on the lock.
+                if want > 0 {
+                    self.wait_for_slot()?;
+                }
                 continue;
             }
             let can_submit_more = want > 0 && next < chunks.len();
@@ -485,6 +548,25 @@ impl Client {
         Ok(())
     }
 
+    /// Waits until a data slot is free. The slot holders drive the completions; this only
+    /// waits for them (or for the client to fail).
+    fn wait_for_slot(&self) -> Result<(), BlockError> {
+        let mut st = self.lock();
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(f.to_error());
+            }
+            if !st.free_slots.is_empty() {
+                return Ok(());
+            }
+            st = self
+                .cond
+                .wait_timeout(st, self.config.poll_interval)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     fn submit(
         &self,
         ops: &[BatchOp<'_>],
@@ -519,6 +601,8 @@ impl Client {
             };
             let entry = codec::encode_request(self.ring.version(), &req)?;
             self.ring.write_sqe(st.sq_tail, &entry);
+            let counter = st.sq_tail;
+            st.in_ring.insert(tag, InRing { counter, entry });
             st.sq_tail = st.sq_tail.wrapping_add(1);
             // Flush and discard carry no data but still hold a slot: it bounds the queue.
             outstanding.insert(tag, (first + i, slot));
@@ -550,7 +634,13 @@ impl Client {
         }
         for _ in 0..n {
             let c = codec::decode_completion(&self.ring.read_cqe(st.cq_head));
-            st.done.insert(c.tag, c.result);
+            // Abandoned-entry completions, and tags not in the ring (a confused driver),
+            // are dropped: nobody waits for them.
+            if st.in_ring.remove(&c.tag).is_some() {
+                st.done.insert(c.tag, c.result);
+            } else if c.tag == codec::ABANDONED_TAG {
+                st.stats.abandoned += 1;
+            }
             st.cq_head = st.cq_head.wrapping_add(1);
         }
         self.ring.cq_head().store(st.cq_head, Ordering::Release);
@@ -619,18 +709,21 @@ impl Client {
         ready.get(1) == Some(&true)
     }
 
+    /// The poller's check after each sleep: a new driver epoch (catch up with it), a
+    /// driver that exited or stopped beating (fail once its time is up), or a rejection.
     fn check_liveness(&self, st: &mut State, exited: bool) {
         if st.failed.is_some() {
             return;
         }
+        let now = Instant::now();
         if exited {
             // Completions posted before the exit are still valid.
             self.reap(st);
-            if self.follow_successor(st) {
-                return;
+            // Readable for good now: stop polling it.
+            st.driver_pidfd = None;
+            if !self.follow_successor(st) {
+                st.lost_since.get_or_insert(now);
             }
-            st.failed = Some(Failure::Gone("driver process exited".into()));
-            return;
         }
         if self.ring.driver_phase() == Some(DriverPhase::Rejected) {
             st.failed = Some(Failure::Protocol(
@@ -638,7 +731,22 @@ impl Client {
             ));
             return;
         }
-        let now = Instant::now();
+        let epoch = self.ring.driver_epoch();
+        if epoch.epoch != st.stats.epoch {
+            self.catch_up(st, epoch, now);
+            if st.failed.is_some() {
+                return;
+            }
+        }
+        if let Some(since) = st.lost_since {
+            if now.duration_since(since) >= self.config.restart_timeout {
+                st.failed = Some(Failure::Gone(format!(
+                    "driver process exited and no successor took the ring over within {:?}",
+                    self.config.restart_timeout
+                )));
+            }
+            return;
+        }
         let unobserved = now.duration_since(st.last_check) > self.config.poll_interval * 3;
         st.last_check = now;
         let hb = self.ring.heartbeat().load(Ordering::Relaxed);
@@ -653,11 +761,92 @@ impl Client {
         }
     }
 
+    /// A driver attached since the client last looked (`epoch`): a live-update successor,
+    /// or the successor of a driver that died. Reaps every completion posted so far (an
+    /// earlier driver's all precede the new one's in the queue), then resubmits, oldest
+    /// first, each request an earlier driver took (counter below `epoch.sq_head`) and never
+    /// completed. Entries from `epoch.sq_head` on are the new driver's to take. Caller is
+    /// the poller, holding the lock.
+    fn catch_up(&self, st: &mut State, epoch: DriverEpoch, now: Instant) {
+        self.reap(st);
+        if st.failed.is_some() {
+            return;
+        }
+        let tail = st.sq_tail;
+        // The ring's sq_head now lies between the new driver's start and our tail (it
+        // only grows, and entries in the queue are outstanding requests, ≤ queue_depth).
+        let head = self.ring.sq_head().load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > tail.wrapping_sub(epoch.sq_head)
+            || tail.wrapping_sub(head) > self.geometry.queue_depth
+        {
+            st.failed = Some(Failure::Protocol(format!(
+                "driver epoch {} starts at submission {} but the queue is at {head}..{tail}",
+                epoch.epoch, epoch.sq_head
+            )));
+            return;
+        }
+        // Taken before the new driver started: 0 < start − counter ≤ tail − counter.
+        let mut redo: Vec<(u32, u64)> = st
+            .in_ring
+            .iter()
+            .filter(|(_, r)| {
+                let d = epoch.sq_head.wrapping_sub(r.counter);
+                d != 0 && d <= tail.wrapping_sub(r.counter)
+            })
+            .map(|(&tag, r)| (tail.wrapping_sub(r.counter), tag))
+            .collect();
+        redo.sort_unstable_by_key(|&(age, _)| std::cmp::Reverse(age));
+        for &(_, tag) in &redo {
+            if let Some(r) = st.in_ring.get_mut(&tag) {
+                self.ring.write_sqe(st.sq_tail, &r.entry);
+                r.counter = st.sq_tail;
+                st.sq_tail = st.sq_tail.wrapping_add(1);
+            }
+        }
+        if !redo.is_empty() {
+            self.ring.sq_tail().store(st.sq_tail, Ordering::Release);
+            fence(Ordering::SeqCst);
+            // Rare: ring whether or not the driver announced that it sleeps.
+            self.ring.sq_need_wakeup().store(0, Ordering::Relaxed);
+            let _ = sys::eventfd_signal(self.sq_eventfd.as_fd());
+        }
+        st.stats.epoch = epoch.epoch;
+        st.stats.driver_changes += 1;
+        st.stats.resubmitted += redo.len() as u64;
+        st.heartbeat = self.ring.heartbeat().load(Ordering::Relaxed);
+        st.heartbeat_moved = now;
+        st.last_check = now;
+        st.lost_since = None;
+        if st.watch_pid {
+            self.watch_driver(st, now);
+        }
+    }
+
+    /// Pidfd mode: watches the process the header names as the driver now; if it is not
+    /// running, the client waits for a successor (`lost_since`).
+    fn watch_driver(&self, st: &mut State, now: Instant) {
+        let pid = self.ring.driver_pid();
+        if st.driver_pidfd.is_some() && pid == st.driver_pid {
+            return;
+        }
+        let fd = libc::pid_t::try_from(pid)
+            .ok()
+            .filter(|&p| p > 0)
+            .and_then(|p| sys::pidfd_open(p).ok())
+            .filter(|fd| !sys::pidfd_exited(fd.as_fd()));
+        st.driver_pid = pid;
+        if fd.is_none() {
+            st.lost_since.get_or_insert(now);
+        }
+        st.driver_pidfd = fd;
+    }
+
     /// After the watched driver exited: if another live process has published itself as
-    /// the driver (a live update committed), watch it instead. Caller is the poller.
+    /// the driver (a live update committed; drivers that predate epochs publish nothing
+    /// else), watch it instead. Caller is the poller.
     fn follow_successor(&self, st: &mut State) -> bool {
         let pid = self.ring.driver_pid();
-        if pid == 0 || pid == st.driver_pid || st.driver_pidfd.is_none() {
+        if pid == 0 || pid == st.driver_pid || !st.watch_pid {
             return false;
         }
         match sys::pidfd_open(pid as i32) {

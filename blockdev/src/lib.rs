@@ -23,7 +23,7 @@ pub mod server;
 pub mod spawn;
 mod sys;
 
-pub use client::{Batch, Client, ClientConfig};
+pub use client::{Batch, Client, ClientConfig, RecoveryStats};
 pub use error::BlockError;
 pub use persist::Counters;
 pub use spawn::{spawn_driver, spawn_driver_with_fds, DriverConfig, DriverFds};

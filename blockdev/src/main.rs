@@ -64,7 +64,8 @@ enum Cmd {
         #[arg(long)]
         ctl_fd: Option<i32>,
         /// Take over a ring another driver serves: import its state from the control
-        /// socket and touch the ring only after `commit`.
+        /// socket and touch the ring only after `commit`. If the ring's driver died with
+        /// work taken, take the ring over at once instead (crash recovery).
         #[arg(long, requires = "ctl_fd")]
         adopt: bool,
     },

@@ -14,7 +14,11 @@
 //!
 //! A successor driver is built with [`Server::adopt`], which writes nothing to the ring:
 //! it imports its predecessor's state, and only [`Server::attach`] (at commit) publishes
-//! the device, the counters and the phase.
+//! the device, the counters and the phase. A successor of a driver that died instead
+//! ([`Server::crashed_predecessor`]) takes the ring over without a state
+//! ([`Server::take_over_crashed`]); the client resubmits what the dead driver had taken.
+//! Every attach starts a new driver epoch in the header (`RING.md`, "Driver crash
+//! recovery").
 
 use std::collections::VecDeque;
 use std::io;
@@ -27,7 +31,9 @@ use crate::engine::{Engine, IoBuf, IoCompletion, IoOp, IoRequest};
 use crate::persist::{Counters, DriverState, IoCounters, StateError, StopReason};
 use crate::ring::codec::{self, NO_SLOT};
 use crate::ring::ProtocolVersion;
-use crate::ring::{Completion, DriverPhase, Op, Request, RingError, RingRegion, Status};
+use crate::ring::{
+    Completion, DriverEpoch, DriverPhase, Op, Request, RingError, RingRegion, Status,
+};
 use crate::{sys, Lba, BLOCK_SIZE};
 
 /// Errors that end the serve loop (as opposed to errors reported to the client).
@@ -111,6 +117,15 @@ impl StopHandle {
     pub fn flag(&self) -> Arc<AtomicBool> {
         self.flag.clone()
     }
+}
+
+/// A driver that left a ring by dying, as [`Server::crashed_predecessor`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashedDriver {
+    pub pid: u32,
+    pub phase: DriverPhase,
+    /// The `in_flight` counter it published last.
+    pub in_flight: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -239,11 +254,11 @@ impl Server {
         })
     }
 
-    /// Publishes this driver in the ring header (device, pid, counters, latched error):
-    /// the commit point of a handover. Takes the queue positions from the ring; after an
-    /// import they must still be the exported ones. The heartbeat continues from the value
-    /// in the header, so a client never sees it go back to a value it already saw.
-    /// Idempotent.
+    /// Publishes this driver in the ring header (device, pid, counters, latched error, and
+    /// last a new epoch naming the `sq_head` it starts from): the commit point of a
+    /// handover. Takes the queue positions from the ring; after an import they must still
+    /// be the exported ones. The heartbeat continues from the value in the header, so a
+    /// client never sees it go back to a value it already saw. Idempotent.
     pub fn attach(&mut self) -> Result<(), DriverError> {
         if self.attached {
             return Ok(());
@@ -260,6 +275,24 @@ impl Server {
             ))
             .into());
         }
+        // Entries a driver that died had taken and not completed (none after a handover:
+        // the import checked `sq_head = cq_tail`). Each gets a completion tagged
+        // ABANDONED_TAG, so that every entry taken yields exactly one completion and a
+        // later handover's state check holds; the client resubmits the requests themselves.
+        let abandoned = sq_head.wrapping_sub(cq_tail);
+        if abandoned > self.depth {
+            return Err(RingError::Corrupted(format!(
+                "{abandoned} entries taken and not completed (sq_head {sq_head}, cq_tail \
+                 {cq_tail}): more than the queue holds"
+            ))
+            .into());
+        }
+        for _ in 0..abandoned {
+            self.backlog.push_back(Completion {
+                tag: codec::ABANDONED_TAG,
+                result: 0,
+            });
+        }
         self.sq_head = sq_head;
         self.cq_tail = cq_tail;
         self.heartbeat = self.ring.heartbeat().load(Ordering::Relaxed);
@@ -268,8 +301,71 @@ impl Server {
         self.ring.publish_counters(&self.counters());
         self.ring
             .publish_latched(self.latched.map_or(0, Status::code));
+        // Last: a client that sees the new epoch sees everything above.
+        let epoch = self.ring.driver_epoch().epoch.wrapping_add(1);
+        self.ring.publish_epoch(DriverEpoch { epoch, sq_head });
         self.attached = true;
         Ok(())
+    }
+
+    /// The ring's driver epoch (this driver's once attached).
+    pub fn epoch(&self) -> u32 {
+        self.ring.driver_epoch().epoch
+    }
+
+    /// Whether the ring was left by a driver that died with work taken: the header says
+    /// serving (or quiesced with requests in flight) and its `driver_pid` no longer runs
+    /// (never existed, reaped, or a zombie). A predecessor that is alive (a live update) or
+    /// that stopped cleanly is not one. `None` once this server is attached.
+    pub fn crashed_predecessor(&self) -> Option<CrashedDriver> {
+        if self.attached {
+            return None;
+        }
+        let phase = self.ring.driver_phase()?;
+        let in_flight = self.ring.counters().in_flight;
+        let left_work = match phase {
+            DriverPhase::Serving => true,
+            DriverPhase::Quiesced => in_flight != 0,
+            DriverPhase::NotStarted | DriverPhase::Rejected => false,
+        };
+        let pid = self.ring.driver_pid();
+        // pid 0: nobody published one; nothing says a driver ran. Our own pid: the dead
+        // driver's, reused by this process after the reap.
+        let gone = pid == std::process::id() || sys::process_gone(pid);
+        if !left_work || pid == 0 || !gone {
+            return None;
+        }
+        Some(CrashedDriver {
+            pid,
+            phase,
+            in_flight,
+        })
+    }
+
+    /// Takes over a ring whose driver died ([`Server::crashed_predecessor`]), without a
+    /// state: carries over the I/O counters and the latched error it published (a latch
+    /// holds until the image is reopened, and the image fd is the same), starts with none
+    /// of its requests (they died with it: the client resubmits those it had taken;
+    /// `attach` completes their entries with [`codec::ABANDONED_TAG`]), and attaches. Only
+    /// before attaching.
+    pub fn take_over_crashed(&mut self) -> Result<(), DriverError> {
+        if self.attached || self.outstanding() != 0 {
+            return Err(StateError::Mismatch(
+                "a crashed driver's ring can only be taken over before attaching".into(),
+            )
+            .into());
+        }
+        self.ring.reload_version();
+        // Before reading the latched code: it is numbered by the ring's status table.
+        self.ring.check_speaks()?;
+        // Counters that do not fit this build's width (u32 build) restart from zero: they
+        // are statistics, not state the client relies on.
+        self.io = IoCounters::from_view(&self.ring.counters()).unwrap_or_default();
+        self.latched = match self.ring.latched() {
+            0 => None,
+            code => Some(Status::from_code(code).unwrap_or(Status::Io)),
+        };
+        self.attach()
     }
 
     pub fn is_attached(&self) -> bool {

@@ -34,7 +34,9 @@ pub enum StartMode {
     /// Attaches to the ring and serves at once; can later be prepared for an update.
     Fresh,
     /// A successor (`--adopt`): writes nothing to the ring until it has imported its
-    /// predecessor's state and been told to commit.
+    /// predecessor's state and been told to commit — unless the ring's driver died with
+    /// work taken: then it takes the ring over at once (`RING.md`, "Driver crash
+    /// recovery").
     Adopt,
 }
 

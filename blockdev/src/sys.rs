@@ -1,7 +1,7 @@
 //! Thin, checked wrappers over the few raw syscalls the crate needs.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -82,6 +82,20 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
 /// Whether the process behind `pidfd` has exited.
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
     matches!(poll_readable(&[pidfd.as_raw_fd()], Duration::ZERO), Ok(v) if v[0])
+}
+
+/// Whether no process `pid` runs: it never existed, was reaped, or is a zombie. An error
+/// other than "no such process" counts as running (the caller must not take over from a
+/// process that may be alive).
+pub fn process_gone(pid: u32) -> bool {
+    // Larger than any pid the kernel hands out.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    match pidfd_open(pid) {
+        Ok(fd) => pidfd_exited(fd.as_fd()),
+        Err(e) => e.raw_os_error() == Some(libc::ESRCH),
+    }
 }
 
 /// Duplicates `fd` to a close-on-exec descriptor numbered at least `min`.

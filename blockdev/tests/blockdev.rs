@@ -618,3 +618,4 @@ fn driver_stops_cleanly_when_its_client_vanishes() {
 }
 
 mod handover;
+mod recovery;

@@ -6,6 +6,10 @@
 //! cancels the prepare: the loop then serves on. Cancel and drain race through one
 //! compare-and-swap in [`crate::server::StopHandle`], so exactly one of `ready` and
 //! `error: deadline` is ever sent.
+//!
+//! A driver started with `--adopt` on a ring whose driver died while serving takes the
+//! ring over at once (no `state`, no `commit`: there is no predecessor to drain) and
+//! serves as [`serve_controlled`] does; `status` then says `phase=serving`.
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -66,11 +70,17 @@ fn phase_name(p: u8) -> &'static str {
     }
 }
 
-fn status_line(phase: &str, c: &Counters, latched: i32, positions: (u32, u32)) -> String {
+fn status_line(
+    phase: &str,
+    c: &Counters,
+    latched: i32,
+    positions: (u32, u32),
+    epoch: u32,
+) -> String {
     format!(
         "status phase={phase} pid={} version={COMPONENT_VERSION} schema={} ring={} errcodes={} \
          reads={} writes={} flushes={} discards={} bytes_read={} bytes_written={} errors={} \
-         in_flight={} latched={latched} sq_head={} cq_tail={}",
+         in_flight={} latched={latched} sq_head={} cq_tail={} epoch={epoch}",
         std::process::id(),
         StateVersion::CURRENT.0,
         ProtocolVersion::CURRENT.0,
@@ -121,9 +131,24 @@ pub fn serve_controlled(server: Server, ctl: UnixStream) -> Result<DriverExit, D
 /// A successor: waits for `state`, imports it, waits for `commit`, then attaches and
 /// serves as [`serve_controlled`] does. Nothing is written to the ring before `commit`.
 /// `server` must come from [`Server::adopt`].
+///
+/// Except when the ring's driver died while serving ([`Server::crashed_predecessor`],
+/// checked once, now): then it takes the ring over at once and serves.
 pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExit, DriverError> {
     let mut reader = BufReader::new(ctl.try_clone()?);
     let mut writer = ctl;
+    if let Some(dead) = server.crashed_predecessor() {
+        server.take_over_crashed()?;
+        eprintln!(
+            "blockdev: driver {} died while {:?} with {} requests in flight; took the ring \
+             over as driver epoch {}",
+            dead.pid,
+            dead.phase,
+            dead.in_flight,
+            server.epoch()
+        );
+        return serve_with(server, reader, writer);
+    }
     let mut imported: Option<DriverState> = None;
     loop {
         let Some(line) = read_line(&mut reader)? else {
@@ -145,7 +170,10 @@ pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExi
                     ),
                     None => (Counters::default(), 0, (0, 0)),
                 };
-                send(&mut writer, &status_line(phase, &c, latched, pos));
+                send(
+                    &mut writer,
+                    &status_line(phase, &c, latched, pos, server.epoch()),
+                );
             }
             "state" if imported.is_none() => {
                 let result = StateBlob::from_hex(arg)
@@ -255,7 +283,13 @@ fn control_thread(
             view.sq_head().load(Ordering::Acquire),
             view.cq_tail().load(Ordering::Acquire),
         );
-        status_line(phase_name(phase), &view.counters(), view.latched(), pos)
+        status_line(
+            phase_name(phase),
+            &view.counters(),
+            view.latched(),
+            pos,
+            view.driver_epoch().epoch,
+        )
     };
     loop {
         let line = match read_line(&mut reader) {

@@ -4,7 +4,8 @@
 //! - [`DriverControl`] is the supervisor's end (one per driver process).
 //! - [`driver`] is the driver's end: [`driver::serve_controlled`] for a driver that serves
 //!   and can be prepared, [`driver::adopt_controlled`] for a successor that imports its
-//!   predecessor's state and writes nothing to the ring until commit.
+//!   predecessor's state and writes nothing to the ring until commit (or, when the
+//!   ring's driver died, takes the ring over at once: crash recovery).
 //!
 //! `RING.md` ("Live update") is the normative description of the lines.
 

@@ -14,6 +14,10 @@ pub const SQE_SIZE: usize = 32;
 pub const CQE_SIZE: usize = 16;
 /// Slot field value of requests that carry no data (flush, discard).
 pub const NO_SLOT: u32 = u32::MAX;
+/// Tag of the completion a successor posts (result 0) for each entry a driver that died
+/// had taken and not completed, so that every entry taken still yields one completion.
+/// Reserved: a client never gives a request this tag.
+pub const ABANDONED_TAG: u64 = 0;
 
 // v1 submission entry layout.
 const SQE_OP: usize = 0; // u8

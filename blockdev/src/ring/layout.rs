@@ -33,7 +33,11 @@ pub const OFF_NUM_BLOCKS: usize = OFF_DRIVER_PID + 4; // u64
 pub const OFF_BLOCK_SIZE: usize = OFF_NUM_BLOCKS + 8; // u32
 pub const OFF_LATCHED: usize = OFF_BLOCK_SIZE + 4; // i32
 pub const OFF_HEARTBEAT: usize = OFF_LATCHED + 4; // u64
-pub const DRIVER_END: usize = OFF_HEARTBEAT + 8; // 96; 96..128 reserved
+                                                  // Driver epoch (u32) and the sq_head that driver started from (u32), stored together as
+                                                  // one u64 so that a reader never pairs one driver's epoch with another's position.
+pub const OFF_DRIVER_EPOCH: usize = OFF_HEARTBEAT + 8; // u32
+pub const OFF_EPOCH_SQ_HEAD: usize = OFF_DRIVER_EPOCH + 4; // u32
+pub const DRIVER_END: usize = OFF_EPOCH_SQ_HEAD + 4; // 104; 104..128 reserved
 
 // Queue indices and doorbell flags, one cache line each so producer and consumer do not
 // share a line.
@@ -159,11 +163,14 @@ mod tests {
                 OFF_NUM_BLOCKS,
                 OFF_BLOCK_SIZE,
                 OFF_LATCHED,
-                OFF_HEARTBEAT
+                OFF_HEARTBEAT,
+                OFF_DRIVER_EPOCH,
+                OFF_EPOCH_SQ_HEAD
             ],
-            [64, 68, 72, 80, 84, 88]
+            [64, 68, 72, 80, 84, 88, 96, 100]
         );
-        assert_eq!(DRIVER_END, 96);
+        assert_eq!(DRIVER_END, 104);
+        const { assert!(OFF_DRIVER_EPOCH.is_multiple_of(8) && DRIVER_END <= OFF_SQ_HEAD) };
         assert_eq!(
             [
                 OFF_SQ_HEAD,

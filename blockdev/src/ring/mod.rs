@@ -8,7 +8,7 @@ mod shm;
 
 pub use codec::{Completion, Op, ProtocolVersion, Request};
 pub use layout::RingGeometry;
-pub use shm::{DriverPhase, RingRegion};
+pub use shm::{DriverEpoch, DriverPhase, RingRegion};
 
 /// Errors setting up or validating a ring.
 #[derive(Debug, thiserror::Error)]

@@ -238,6 +238,7 @@ fn ten_handovers_under_load_lose_nothing() {
     .unwrap();
     driver.ctl.resume().unwrap();
     let mut pauses = Vec::new();
+    let mut epoch = setup.ring.driver_epoch().epoch;
     for i in 0..10 {
         load.progress(200);
         let engine = if i & 1 == 0 {
@@ -248,6 +249,10 @@ fn ten_handovers_under_load_lose_nothing() {
         let (new, pause, state) = hand_over(&setup, &image, &mut driver, engine);
         driver = new;
         pauses.push(pause);
+        // Each commit starts one new driver epoch, at the drained position.
+        let e = setup.ring.driver_epoch();
+        assert_eq!((e.epoch, e.sq_head), (epoch + 1, state.sq_head));
+        epoch = e.epoch;
         // Counters carried over: never go back.
         let c = state.counters;
         assert!(c.reads >= last.counters.reads && c.writes >= last.counters.writes);
@@ -271,6 +276,9 @@ fn ten_handovers_under_load_lose_nothing() {
         (c.reads, c.writes, c.flushes, c.errors, c.in_flight),
         (done.reads, done.writes, done.flushes, 0, 0)
     );
+    // A drained handover leaves nothing to resubmit.
+    let r = client.recovery_stats();
+    assert_eq!((r.resubmitted, r.abandoned), (0, 0), "{r:?}");
     pauses.sort();
     eprintln!(
         "handover pause: min {:?} median {:?} max {:?}",
