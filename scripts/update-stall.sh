@@ -51,7 +51,7 @@ TOML
     seq=$((seq + 1))
 }
 
-printf '| files held open | updates | longest stall (ms) | median update total (ms) | median drain (ms) | workload errors |\n|---:|---:|---:|---:|---:|---:|\n'
+printf '| files held open | updates | longest stall during an update (ms) | longest stall of the run (ms) | median update total (ms) | median drain (ms) | workload errors |\n|---:|---:|---:|---:|---:|---:|---:|\n'
 for open in 1 1000 10000; do
     IMG="$WORK/img-$open"
     "$BIN/fsd" mkfs "$IMG" --size 2G >/dev/null
@@ -64,20 +64,39 @@ for open in 1 1000 10000; do
         --quiet --json "$WORK/stress.json" > "$WORK/stress.out" 2>&1 &
     stress=$!
     sleep 4
-    totals=(); drains=()
+    totals=(); drains=(); windows=()
     for _ in $(seq 1 "$UPDATES"); do
         pack
         start=$(date +%s%N)
         "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
         end=$(date +%s%N)
+        windows+=("$(( start / 1000000 )):$(( end / 1000000 ))")
         totals+=($(( (end - start) / 1000000 )))
         drains+=($(grep -oE 'preparation finished in [0-9]+' "$WORK/apply.out" | grep -oE '[0-9]+$'))
         sleep 2
     done
     wait $stress || true
-    read -r stall errors < <(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['longest_stall']['duration_ms'],1), r['errors_total'])" "$WORK/stress.json")
+    # The longest run of 10 ms timeline buckets without a completion that overlaps an
+    # update's window (from `updater apply` start to exit).
+    read -r update_stall stall errors < <(python3 - "$WORK/stress.json" "${windows[@]}" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t0, width, counts = r["started_unix_ms"], r["timeline"]["bucket_ms"], r["timeline"]["counts"]
+windows = [tuple(map(int, w.split(":"))) for w in sys.argv[2:]]
+worst, run_start = 0, None
+for i, c in enumerate(counts + [1]):
+    if c == 0 and run_start is None:
+        run_start = i
+    elif c != 0 and run_start is not None:
+        a, b = t0 + run_start * width, t0 + i * width
+        if any(a < e and b > s for s, e in windows):
+            worst = max(worst, b - a)
+        run_start = None
+print(worst, round(r["longest_stall"]["duration_ms"], 1), r["errors_total"])
+PY
+)
     med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$stall" "$(med "${totals[@]}")" "$(med "${drains[@]}")" "$errors"
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$update_stall" "$stall" "$(med "${totals[@]}")" "$(med "${drains[@]}")" "$errors"
     "$BIN/fsd" unmount "$MNT"
     "$BIN/fsd" fsck "$IMG" >/dev/null
 done

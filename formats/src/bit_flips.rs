@@ -15,8 +15,12 @@ use crate::version::FormatVersion;
 use crate::xattr::XattrSet;
 use crate::{frame, FormatError};
 
-fn codec() -> ExtentCodec {
-    ExtentCodec::for_version(FormatVersion::V1)
+fn arb_version() -> impl Strategy<Value = FormatVersion> {
+    prop_oneof![
+        Just(FormatVersion::V1),
+        Just(FormatVersion::V2),
+        Just(FormatVersion::V3)
+    ]
 }
 
 /// Flips bit `bit % (8 × len)` of `bytes`.
@@ -27,6 +31,8 @@ fn flip(bytes: &mut [u8], bit: usize) {
 
 fn arb_superblock() -> impl Strategy<Value = Superblock> {
     (
+        arb_version(),
+        prop_oneof![Just(0u32), 1u32..=2],
         MIN_BLOCKS..=MAX_BLOCKS_V1,
         prop_oneof![
             Just(FsState::Clean),
@@ -39,31 +45,39 @@ fn arb_superblock() -> impl Strategy<Value = Superblock> {
         (any::<i64>(), any::<i64>(), any::<u64>()),
     )
         .prop_map(
-            |(t, state, (compat, ro_compat), (fb, fi, mc), uuid, (cs, ls, cc))| Superblock {
-                format_version: FormatVersion::V1,
-                compat,
-                ro_compat,
-                incompat: 0,
-                state,
-                geometry: Geometry::for_blocks(t).expect("size in range"),
-                free_blocks: fb,
-                free_inodes: fi,
-                mount_count: mc,
-                uuid,
-                created_sec: cs,
-                last_mount_sec: ls,
-                conversion_cursor: cc,
+            |(v, ahead, t, state, (compat, ro_compat), (fb, fi, mc), uuid, (cs, ls, cc))| {
+                // A conversion `ahead` versions on, when the build knows that version.
+                let target =
+                    Some(FormatVersion(v.0 + ahead)).filter(|t| *t > v && t.is_supported());
+                let geometry = Geometry::for_version(t, v).expect("size in range");
+                Superblock {
+                    format_version: v,
+                    compat,
+                    ro_compat,
+                    incompat: Superblock::incompat_for(v, target),
+                    state,
+                    geometry,
+                    free_blocks: fb,
+                    free_inodes: fi,
+                    mount_count: mc,
+                    uuid,
+                    created_sec: cs,
+                    last_mount_sec: ls,
+                    conversion_cursor: target
+                        .map_or(0, |_| 1 + cc % (geometry.inode_count as u64 + 1)),
+                    conversion_target: target,
+                }
             },
         )
 }
 
-/// Up to `max` sorted, disjoint extents that fit v1 records.
-fn arb_extents(max: usize) -> impl Strategy<Value = Vec<Extent>> {
+/// Up to `max` sorted, disjoint extents that fit the records of `codec`.
+fn arb_extents(codec: ExtentCodec, max: usize) -> impl Strategy<Value = Vec<Extent>> {
     vec(
         (
             0u64..1000,
             1u32..=65535,
-            0u64..u32::MAX as u64 - 65535,
+            0u64..codec.max_address() - 65535,
             any::<bool>(),
         ),
         0..=max,
@@ -89,7 +103,8 @@ fn arb_timespec() -> impl Strategy<Value = Timespec> {
     (any::<i64>(), 0..inode::NSEC_PER_SEC).prop_map(|(sec, nsec)| Timespec { sec, nsec })
 }
 
-/// An inode of any type with an empty block map; `arb_inode` fills in the inline area.
+/// An inode of any type and layout with an empty block map; `arb_inode` fills in the
+/// inline area.
 fn arb_inode_fields() -> impl Strategy<Value = Inode> {
     let types = prop_oneof![
         Just(inode::S_IFREG),
@@ -104,18 +119,27 @@ fn arb_inode_fields() -> impl Strategy<Value = Inode> {
         (types, 0u32..=0o7777),
         (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
         (any::<u64>(), any::<u64>(), any::<u32>()),
-        (arb_timespec(), arb_timespec(), arb_timespec()),
-        (any::<u32>(), any::<u32>()),
+        (
+            arb_timespec(),
+            arb_timespec(),
+            arb_timespec(),
+            arb_timespec(),
+        ),
+        (any::<u64>(), any::<u64>()),
+        arb_version(),
     )
         .prop_map(
             |(
                 (t, perm),
                 (uid, gid, nlink, generation),
                 (size, blocks, rdev),
-                (a, m, c),
+                (a, m, c, cr),
                 (x, eb),
+                layout,
             )| {
+                let max = ExtentCodec::for_version(layout).max_address();
                 Inode {
+                    layout,
                     mode: t | perm,
                     uid,
                     gid,
@@ -127,20 +151,29 @@ fn arb_inode_fields() -> impl Strategy<Value = Inode> {
                     mtime: m,
                     ctime: c,
                     extent_count: 0,
-                    xattr_block: x as u64,
-                    extent_block: eb as u64,
+                    xattr_block: x % (max + 1),
+                    extent_block: eb % (max + 1),
                     rdev,
                     inline: InlineArea::Extents(Vec::new()),
+                    crtime: layout.has_crtime().then_some(cr),
                 }
             },
         )
 }
 
 fn arb_inode() -> impl Strategy<Value = Inode> {
-    let cap = codec().inline_capacity();
-    let with_map =
-        (arb_inode_fields(), arb_extents(cap), 0u32..10_000).prop_map(move |(mut i, e, more)| {
+    let with_map = arb_inode_fields()
+        .prop_flat_map(|i| {
+            let codec = i.codec();
+            (
+                Just(i),
+                arb_extents(codec, codec.inline_capacity()),
+                0u32..10_000,
+            )
+        })
+        .prop_map(|(mut i, e, more)| {
             // A full inline area continues in extent blocks: any larger count is consistent.
+            let cap = i.codec().inline_capacity();
             i.extent_count = e.len() as u32 + if e.len() == cap { more } else { 0 };
             i.inline = InlineArea::Extents(e);
             i
@@ -152,10 +185,7 @@ fn arb_inode() -> impl Strategy<Value = Inode> {
             i.inline = InlineArea::Symlink(target);
             i
         });
-    let freed = any::<u32>().prop_map(|generation| Inode {
-        generation,
-        ..Inode::new(0, 0, 0, Timespec::default())
-    });
+    let freed = any::<u32>().prop_map(Inode::freed);
     prop_oneof![with_map, symlink, freed]
 }
 
@@ -230,17 +260,23 @@ proptest! {
     #[test]
     fn inode(i in arb_inode(), slot in 1u32.., bit: usize) {
         let mut b = [0u8; INODE_SIZE];
-        i.encode(Ino(slot), codec(), &mut b).unwrap();
-        prop_assert_eq!(Inode::decode(Ino(slot), &b, codec()), Ok(Some(i)));
+        i.encode(Ino(slot), &mut b).unwrap();
+        prop_assert_eq!(Inode::decode(Ino(slot), &b, FormatVersion::CURRENT), Ok(Some(i)));
         flip(&mut b, bit);
-        prop_assert!(Inode::decode(Ino(slot), &b, codec()).is_err());
+        prop_assert!(Inode::decode(Ino(slot), &b, FormatVersion::CURRENT).is_err());
     }
 
     #[test]
-    fn extent_block(e in arb_extents(codec().records_per_block()), next: u32, owner: u32, addr: u32, bit: usize) {
-        let c = codec();
-        let mut b = c.encode_block(Ino(owner), BlockAddr(addr as u64), next as u64, &e).unwrap();
-        prop_assert_eq!(c.decode_block(&b[..], Ino(owner), BlockAddr(addr as u64)), Ok((next as u64, e)));
+    fn extent_block(
+        (c, e) in arb_version().prop_flat_map(|v| {
+            let c = ExtentCodec::for_version(v);
+            (Just(c), arb_extents(c, c.records_per_block()))
+        }),
+        next: u64, owner: u32, addr: u32, bit: usize,
+    ) {
+        let next = next % (c.max_address() + 1);
+        let mut b = c.encode_block(Ino(owner), BlockAddr(addr as u64), next, &e).unwrap();
+        prop_assert_eq!(c.decode_block(&b[..], Ino(owner), BlockAddr(addr as u64)), Ok((next, e)));
         flip(&mut b[..], bit);
         prop_assert!(c.decode_block(&b[..], Ino(owner), BlockAddr(addr as u64)).is_err());
     }

@@ -1,14 +1,16 @@
-//! Block-map records. Every mapping record on disk goes through `ExtentCodec`, so a later
-//! format version can widen block addresses in one place.
+//! Block-map records. Every mapping record on disk goes through `ExtentCodec`, so the
+//! width of a block address lives in one place: the codec of a format version (an inode
+//! layout) picks the record and extent-block layout.
 //!
-//! v1 record (12 bytes): `logical u32 | physical u32 | len u16 | flags u16`.
+//! v1 and v2 record (12 bytes): `logical u32 | physical u32 | len u16 | flags u16`.
+//! v3 record (16 bytes): `logical u32 | physical u64 | len u16 | flags u16`, where
+//! `physical` is below 2^48.
 //! Extent block (kind MMEX, owner = inode):
 //! ```text
-//!    0 4 next    address of the next extent block, 0 = last
-//!    4 4 count   records in this block
-//!    8 12*count  records, sorted by logical block, not overlapping
-//! 4080 16 tail
+//! v1, v2:    0 next u32 | 4 count u32 | 8 records 12 × 339 | 4076 zero u32 | 4080 tail
+//! v3:        0 next u64 | 8 count u32 | 12 zero u32 | 16 records 16 × 254 | 4080 tail
 //! ```
+//! Records are sorted by logical block and do not overlap; `next` = 0 ends the chain.
 
 use crate::block::{self, BlockAddr, BlockKind, Ino, PAYLOAD_SIZE};
 use crate::bytes::*;
@@ -42,17 +44,79 @@ pub struct ExtentCodec {
     version: FormatVersion,
 }
 
+// Record fields. `logical` is at 0 in every version.
+pub const REC_OFF_LOGICAL: usize = 0;
+pub const REC_V1_OFF_PHYSICAL: usize = REC_OFF_LOGICAL + 4;
+pub const REC_V1_OFF_LEN: usize = REC_V1_OFF_PHYSICAL + 4;
+pub const REC_V1_OFF_FLAGS: usize = REC_V1_OFF_LEN + 2;
+pub const REC_V1_SIZE: usize = REC_V1_OFF_FLAGS + 2;
+pub const REC_V3_OFF_PHYSICAL: usize = REC_OFF_LOGICAL + 4;
+pub const REC_V3_OFF_LEN: usize = REC_V3_OFF_PHYSICAL + 8;
+pub const REC_V3_OFF_FLAGS: usize = REC_V3_OFF_LEN + 2;
+pub const REC_V3_SIZE: usize = REC_V3_OFF_FLAGS + 2;
+
+// Extent block of v1 and v2.
 pub const EXTENT_BLOCK_OFF_NEXT: usize = 0;
 pub const EXTENT_BLOCK_OFF_COUNT: usize = EXTENT_BLOCK_OFF_NEXT + 4;
 pub const EXTENT_BLOCK_OFF_RECORDS: usize = EXTENT_BLOCK_OFF_COUNT + 4;
+// Extent block of v3.
+pub const EXTENT_BLOCK_V3_OFF_NEXT: usize = 0;
+pub const EXTENT_BLOCK_V3_OFF_COUNT: usize = EXTENT_BLOCK_V3_OFF_NEXT + 8;
+pub const EXTENT_BLOCK_V3_OFF_RESERVED: usize = EXTENT_BLOCK_V3_OFF_COUNT + 4;
+pub const EXTENT_BLOCK_V3_OFF_RECORDS: usize = EXTENT_BLOCK_V3_OFF_RESERVED + 4;
 
 impl ExtentCodec {
     pub fn for_version(version: FormatVersion) -> ExtentCodec {
         ExtentCodec { version }
     }
 
+    /// The format version (inode layout) whose records this codec writes.
+    pub fn version(&self) -> FormatVersion {
+        self.version
+    }
+
+    /// 48-bit records and extent blocks (v3) instead of 32-bit ones.
+    fn wide(&self) -> bool {
+        self.version.block_map_address_bits() > 32
+    }
+
     pub fn record_size(&self) -> usize {
-        12
+        if self.wide() {
+            REC_V3_SIZE
+        } else {
+            REC_V1_SIZE
+        }
+    }
+
+    /// (physical, len, flags) offsets inside a record.
+    fn record_offsets(&self) -> (usize, usize, usize) {
+        if self.wide() {
+            (REC_V3_OFF_PHYSICAL, REC_V3_OFF_LEN, REC_V3_OFF_FLAGS)
+        } else {
+            (REC_V1_OFF_PHYSICAL, REC_V1_OFF_LEN, REC_V1_OFF_FLAGS)
+        }
+    }
+
+    /// (next, count, records) offsets inside an extent block.
+    fn block_offsets(&self) -> (usize, usize, usize) {
+        if self.wide() {
+            (
+                EXTENT_BLOCK_V3_OFF_NEXT,
+                EXTENT_BLOCK_V3_OFF_COUNT,
+                EXTENT_BLOCK_V3_OFF_RECORDS,
+            )
+        } else {
+            (
+                EXTENT_BLOCK_OFF_NEXT,
+                EXTENT_BLOCK_OFF_COUNT,
+                EXTENT_BLOCK_OFF_RECORDS,
+            )
+        }
+    }
+
+    /// Offset of the first record in an extent block.
+    pub fn records_offset(&self) -> usize {
+        self.block_offsets().2
     }
 
     /// Longest extent one record can describe.
@@ -71,7 +135,7 @@ impl ExtentCodec {
     }
 
     pub fn records_per_block(&self) -> usize {
-        (PAYLOAD_SIZE - EXTENT_BLOCK_OFF_RECORDS) / self.record_size()
+        (PAYLOAD_SIZE - self.records_offset()) / self.record_size()
     }
 
     /// Whether `e` fits a record: a length in `1 ..= max_len`, the file run ending at or
@@ -88,6 +152,7 @@ impl ExtentCodec {
                 .is_some_and(|end| end <= self.max_address() + 1)
     }
 
+    /// Encodes one record into the first `record_size` bytes of `out`.
     pub fn encode(&self, e: &Extent, out: &mut [u8]) -> Result<()> {
         if !self.fits(e) {
             return Err(FormatError::corrupted(
@@ -95,12 +160,20 @@ impl ExtentCodec {
                 format!("{e:?} does not fit a v{} record", self.version.0),
             ));
         }
-        put_u32(out, 0, e.logical as u32);
-        put_u32(out, 4, e.physical as u32);
-        put_u16(out, 8, e.len as u16);
+        if out.len() < self.record_size() {
+            return Err(FormatError::Full { what: "extent" });
+        }
+        let (phys, len, flags) = self.record_offsets();
+        put_u32(out, REC_OFF_LOGICAL, e.logical as u32);
+        if self.wide() {
+            put_u64(out, phys, e.physical);
+        } else {
+            put_u32(out, phys, e.physical as u32);
+        }
+        put_u16(out, len, e.len as u16);
         put_u16(
             out,
-            10,
+            flags,
             if e.unwritten {
                 EXTENT_FLAG_UNWRITTEN
             } else {
@@ -110,8 +183,17 @@ impl ExtentCodec {
         Ok(())
     }
 
+    /// Decodes the record at the start of `b`.
     pub fn decode(&self, b: &[u8]) -> Result<Extent> {
-        let flags = get_u16(b, 10);
+        if b.len() < self.record_size() {
+            return Err(FormatError::Truncated {
+                what: "extent",
+                len: b.len(),
+                need: self.record_size(),
+            });
+        }
+        let (phys, len, flags_at) = self.record_offsets();
+        let flags = get_u16(b, flags_at);
         if flags & !EXTENT_FLAG_UNWRITTEN != 0 {
             return Err(FormatError::corrupted(
                 "extent",
@@ -119,9 +201,13 @@ impl ExtentCodec {
             ));
         }
         let e = Extent {
-            logical: get_u32(b, 0) as u64,
-            physical: get_u32(b, 4) as u64,
-            len: get_u16(b, 8) as u32,
+            logical: get_u32(b, REC_OFF_LOGICAL) as u64,
+            physical: if self.wide() {
+                get_u64(b, phys)
+            } else {
+                get_u32(b, phys) as u64
+            },
+            len: get_u16(b, len) as u32,
             unwritten: flags & EXTENT_FLAG_UNWRITTEN != 0,
         };
         if e.len == 0 {
@@ -139,7 +225,7 @@ impl ExtentCodec {
     /// Decodes `count` records from `b`, checking they are sorted and disjoint.
     pub fn decode_list(&self, b: &[u8], count: usize, what: &'static str) -> Result<Vec<Extent>> {
         let rs = self.record_size();
-        if count * rs > b.len() {
+        if count.checked_mul(rs).is_none_or(|n| n > b.len()) {
             return Err(FormatError::corrupted(
                 what,
                 format!("{count} extents do not fit"),
@@ -206,10 +292,15 @@ impl ExtentCodec {
                 "next address too wide",
             ));
         }
+        let (off_next, off_count, off_records) = self.block_offsets();
         let mut b = block::zeroed();
-        put_u32(&mut b[..], EXTENT_BLOCK_OFF_NEXT, next as u32);
-        put_u32(&mut b[..], EXTENT_BLOCK_OFF_COUNT, extents.len() as u32);
-        self.encode_list(extents, &mut b[EXTENT_BLOCK_OFF_RECORDS..PAYLOAD_SIZE])?;
+        if self.wide() {
+            put_u64(&mut b[..], off_next, next);
+        } else {
+            put_u32(&mut b[..], off_next, next as u32);
+        }
+        put_u32(&mut b[..], off_count, extents.len() as u32);
+        self.encode_list(extents, &mut b[off_records..PAYLOAD_SIZE])?;
         block::seal(&mut b[..], BlockKind::ExtentBlock, owner, addr);
         Ok(b)
     }
@@ -222,20 +313,34 @@ impl ExtentCodec {
         addr: BlockAddr,
     ) -> Result<(u64, Vec<Extent>)> {
         block::verify(b, BlockKind::ExtentBlock, Some(owner), addr)?;
-        let next = get_u32(b, EXTENT_BLOCK_OFF_NEXT) as u64;
-        let count = get_u32(b, EXTENT_BLOCK_OFF_COUNT) as usize;
+        let (off_next, off_count, off_records) = self.block_offsets();
+        let next = if self.wide() {
+            get_u64(b, off_next)
+        } else {
+            get_u32(b, off_next) as u64
+        };
+        if next > self.max_address() {
+            return Err(FormatError::corrupted(
+                "extent block",
+                "next address too wide",
+            ));
+        }
+        // v3's u32 between `count` and the records.
+        if b[off_count + 4..off_records].iter().any(|&x| x != 0) {
+            return Err(FormatError::corrupted(
+                "extent block",
+                "reserved bytes are not zero",
+            ));
+        }
+        let count = get_u32(b, off_count) as usize;
         if count > self.records_per_block() {
             return Err(FormatError::corrupted(
                 "extent block",
                 format!("count {count} too large"),
             ));
         }
-        let extents = self.decode_list(
-            &b[EXTENT_BLOCK_OFF_RECORDS..PAYLOAD_SIZE],
-            count,
-            "extent block",
-        )?;
-        let used = EXTENT_BLOCK_OFF_RECORDS + count * self.record_size();
+        let extents = self.decode_list(&b[off_records..PAYLOAD_SIZE], count, "extent block")?;
+        let used = off_records + count * self.record_size();
         if b[used..PAYLOAD_SIZE].iter().any(|&x| x != 0) {
             return Err(FormatError::corrupted(
                 "extent block",
@@ -245,6 +350,10 @@ impl ExtentCodec {
         Ok((next, extents))
     }
 }
+
+const _: () = assert!(REC_V1_SIZE == 12 && REC_V3_SIZE == 16);
+// v3 records fill an extent block exactly; v1's leave 4 zero bytes.
+const _: () = assert!(EXTENT_BLOCK_V3_OFF_RECORDS + 254 * REC_V3_SIZE == PAYLOAD_SIZE);
 
 #[cfg(test)]
 mod tests {
@@ -261,6 +370,99 @@ mod tests {
             c.encode(&e, &mut b).unwrap();
             prop_assert_eq!(c.decode(&b).unwrap(), e);
         }
+    }
+
+    proptest! {
+        #[test]
+        fn v3_record_round_trip(logical in 0u64..u32::MAX as u64 - 70000,
+                                physical in 0u64..(1u64 << 48) - 70000,
+                                len in 1u32..=65535, unwritten: bool) {
+            let c = ExtentCodec::for_version(FormatVersion::V3);
+            let e = Extent { logical, physical, len, unwritten };
+            let mut b = [0u8; 16];
+            c.encode(&e, &mut b).unwrap();
+            prop_assert_eq!(c.decode(&b).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn layouts_per_version() {
+        let v = |n| ExtentCodec::for_version(FormatVersion(n));
+        // (record size, inline records, records per block, largest address)
+        assert_eq!(
+            (1..=3)
+                .map(|n| (
+                    v(n).record_size(),
+                    v(n).inline_capacity(),
+                    v(n).records_per_block(),
+                    v(n).max_address()
+                ))
+                .collect::<Vec<_>>(),
+            vec![
+                (12, 12, 339, u32::MAX as u64),
+                (12, 12, 339, u32::MAX as u64),
+                (16, 9, 254, (1 << 48) - 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn v3_takes_48_bit_addresses_and_no_more() {
+        let c = ExtentCodec::for_version(FormatVersion::V3);
+        let mut b = [0u8; 16];
+        let e = Extent {
+            logical: 7,
+            physical: (1 << 48) - 10,
+            len: 10,
+            unwritten: true,
+        };
+        c.encode(&e, &mut b).unwrap();
+        assert_eq!(get_u64(&b, REC_V3_OFF_PHYSICAL), e.physical);
+        assert_eq!(get_u16(&b, REC_V3_OFF_LEN), 10);
+        assert_eq!(get_u16(&b, REC_V3_OFF_FLAGS), EXTENT_FLAG_UNWRITTEN);
+        assert_eq!(c.decode(&b).unwrap(), e);
+        assert!(c.encode(&Extent { len: 11, ..e }, &mut b).is_err());
+        put_u64(&mut b, REC_V3_OFF_PHYSICAL, 1 << 48);
+        assert!(c.decode(&b).is_err());
+        // Short slices and absurd counts are errors, not panics.
+        assert!(c.decode(&b[..15]).is_err());
+        assert!(c.decode_list(&b, usize::MAX, "t").is_err());
+        assert!(c.encode(&Extent { len: 1, ..e }, &mut [0u8; 15]).is_err());
+        assert!(ExtentCodec::for_version(FormatVersion::V1)
+            .decode(&[0u8; 11])
+            .is_err());
+    }
+
+    #[test]
+    fn v3_block_round_trip_and_wide_next() {
+        let c = ExtentCodec::for_version(FormatVersion::V3);
+        let ex: Vec<Extent> = (0..c.records_per_block() as u64)
+            .map(|i| Extent {
+                logical: i * 10,
+                physical: (1 << 40) + i * 10,
+                len: 5,
+                unwritten: i % 2 == 1,
+            })
+            .collect();
+        let next = (1u64 << 47) + 3;
+        let b = c.encode_block(Ino(9), BlockAddr(77), next, &ex).unwrap();
+        assert_eq!(get_u64(&b[..], EXTENT_BLOCK_V3_OFF_NEXT), next);
+        assert_eq!(
+            c.decode_block(&b[..], Ino(9), BlockAddr(77)).unwrap(),
+            (next, ex.clone())
+        );
+        assert!(c
+            .encode_block(Ino(9), BlockAddr(77), 1 << 48, &ex[..1])
+            .is_err());
+        // The reserved u32 after `count` must be zero.
+        let mut bad = c.encode_block(Ino(9), BlockAddr(77), 0, &ex[..1]).unwrap();
+        bad[EXTENT_BLOCK_V3_OFF_RESERVED] = 1;
+        block::seal(&mut bad[..], BlockKind::ExtentBlock, Ino(9), BlockAddr(77));
+        assert!(c.decode_block(&bad[..], Ino(9), BlockAddr(77)).is_err());
+        // A v3 block does not read as a v1 block and the other way round.
+        let v1 = ExtentCodec::for_version(FormatVersion::V1);
+        let b = c.encode_block(Ino(9), BlockAddr(77), 0, &ex[..3]).unwrap();
+        assert!(v1.decode_block(&b[..], Ino(9), BlockAddr(77)).is_err());
     }
 
     #[test]

@@ -27,8 +27,9 @@
 //! 120    16 uuid
 //! 136     8 created_sec
 //! 144     8 last_mount_sec
-//! 152     8 conversion_cursor  reserved for online format conversion, 0 in v1
-//! 160  3920 zero
+//! 152     8 conversion_cursor  next inode a conversion converts; 0 when none runs
+//! 160     4 conversion_target  format version a conversion converts to; 0 when none runs
+//! 164  3916 zero
 //! 4080   16 block tail (kind MSUP, owner 0, addr 0)
 //! ```
 
@@ -36,7 +37,7 @@ use crate::block::{self, BlockAddr, BlockKind, Ino, BLOCK_SIZE, PAYLOAD_SIZE};
 use crate::bytes::*;
 use crate::error::{FormatError, Result};
 use crate::inode::INODE_SIZE;
-use crate::version::FormatVersion;
+use crate::version::{FormatVersion, INCOMPAT_CONVERTING};
 
 pub const SUPER_MAGIC: u64 = u64::from_le_bytes(*b"MOLT-FS\0");
 
@@ -66,14 +67,18 @@ pub const OFF_UUID: usize = OFF_MOUNT_COUNT + 4;
 pub const OFF_CREATED_SEC: usize = OFF_UUID + 16;
 pub const OFF_LAST_MOUNT_SEC: usize = OFF_CREATED_SEC + 8;
 pub const OFF_CONVERSION_CURSOR: usize = OFF_LAST_MOUNT_SEC + 8;
-pub const SUPER_FIELDS_END: usize = OFF_CONVERSION_CURSOR + 8;
+pub const OFF_CONVERSION_TARGET: usize = OFF_CONVERSION_CURSOR + 8;
+pub const SUPER_FIELDS_END: usize = OFF_CONVERSION_TARGET + 4;
 
 /// Bytes of image per inode that mkfs provisions.
 pub const BYTES_PER_INODE: u64 = 16 * 1024;
 /// Smallest image mkfs accepts: 1 MiB (256 blocks).
 pub const MIN_BLOCKS: u64 = 256;
-/// Largest image format v1 can address: 32-bit block numbers in the block map.
+/// Largest image format v1 (and v2) can address: 32-bit block numbers in the block map.
 pub const MAX_BLOCKS_V1: u64 = 1 << 32;
+/// Largest v3 image: 48-bit block maps, bounded by the u32 `block_bitmap_blocks`
+/// (2^46 blocks need 2^46 / 32640 < 2^32 bitmap blocks).
+pub const MAX_BLOCKS_V3: u64 = 1 << 46;
 /// Items one bitmap block covers.
 pub const BITS_PER_BITMAP_BLOCK: u64 = (PAYLOAD_SIZE * 8) as u64;
 pub const INODES_PER_BLOCK: u64 = (BLOCK_SIZE / INODE_SIZE) as u64;
@@ -119,10 +124,18 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Lays out an image of `total_blocks` blocks. Refuses sizes format v1 cannot hold
-    /// with `UnsupportedSize`: a size is a choice of the caller, not damage.
+    /// Lays out an image of `total_blocks` blocks for formats v1 and v2; see
+    /// `for_version`.
     pub fn for_blocks(total_blocks: u64) -> Result<Geometry> {
+        Geometry::for_version(total_blocks, FormatVersion::V1)
+    }
+
+    /// Lays out an image of `total_blocks` blocks of format `version`. Refuses sizes the
+    /// version cannot hold with `UnsupportedSize`: a size is a choice of the caller, not
+    /// damage. The formulas are the same for every version; only the largest size differs.
+    pub fn for_version(total_blocks: u64, version: FormatVersion) -> Result<Geometry> {
         const WHAT: &str = "geometry";
+        let max_blocks = version.max_blocks();
         // Sizes in bytes for the messages, wide enough for any u64 block count.
         let bytes_of = |blocks: u64| blocks as u128 * BLOCK_SIZE as u128;
         if total_blocks < MIN_BLOCKS {
@@ -135,13 +148,15 @@ impl Geometry {
                 ),
             });
         }
-        if total_blocks > MAX_BLOCKS_V1 {
+        if total_blocks > max_blocks {
             return Err(FormatError::UnsupportedSize {
                 what: WHAT,
                 detail: format!(
-                    "image of {} bytes exceeds format v1's limit of {} bytes (32-bit block addresses)",
+                    "image of {} bytes exceeds format v{}'s limit of {} bytes ({}-bit block addresses)",
                     bytes_of(total_blocks),
-                    bytes_of(MAX_BLOCKS_V1)
+                    version.0,
+                    bytes_of(max_blocks),
+                    version.block_map_address_bits()
                 ),
             });
         }
@@ -212,10 +227,30 @@ pub struct Superblock {
     pub uuid: [u8; 16],
     pub created_sec: i64,
     pub last_mount_sec: i64,
+    /// Next inode number a conversion will convert (`1 ..= inode_count + 1`); 0 when no
+    /// conversion runs.
     pub conversion_cursor: u64,
+    /// The version a running conversion converts to; `None` when none runs. While set,
+    /// `incompat` carries `INCOMPAT_CONVERTING` and the target's feature bits.
+    pub conversion_target: Option<FormatVersion>,
 }
 
 impl Superblock {
+    /// The newest inode layout the image may hold: the conversion target while a
+    /// conversion runs, else the format version. Inodes are written in this layout.
+    pub fn newest_layout(&self) -> FormatVersion {
+        self.conversion_target.unwrap_or(self.format_version)
+    }
+
+    /// The `incompat` word an image of version `version`, converting to `target` if
+    /// any, carries.
+    pub fn incompat_for(version: FormatVersion, target: Option<FormatVersion>) -> u32 {
+        match target {
+            Some(t) => t.incompat_features() | version.incompat_features() | INCOMPAT_CONVERTING,
+            None => version.incompat_features(),
+        }
+    }
+
     /// `incompat` bits this build does not understand. `decode` refuses an image with any.
     pub fn unknown_incompat(&self) -> u32 {
         self.incompat & !crate::version::INCOMPAT_SUPPORTED
@@ -256,6 +291,11 @@ impl Superblock {
         put_i64(&mut b[..], OFF_CREATED_SEC, self.created_sec);
         put_i64(&mut b[..], OFF_LAST_MOUNT_SEC, self.last_mount_sec);
         put_u64(&mut b[..], OFF_CONVERSION_CURSOR, self.conversion_cursor);
+        put_u32(
+            &mut b[..],
+            OFF_CONVERSION_TARGET,
+            self.conversion_target.map_or(0, |t| t.0),
+        );
         block::seal(&mut b[..], BlockKind::Superblock, Ino(0), BlockAddr(0));
         b
     }
@@ -301,9 +341,9 @@ impl Superblock {
         let state = FsState::from_u32(get_u32(b, OFF_STATE))
             .ok_or_else(|| FormatError::corrupted(WHAT, "unknown state"))?;
         let total_blocks = get_u64(b, OFF_TOTAL_BLOCKS);
-        // A checksummed v1 superblock whose size v1 cannot lay out was not written by a v1
-        // writer: that is damage, not an unsupported size.
-        let geometry = Geometry::for_blocks(total_blocks)
+        // A checksummed superblock whose size its version cannot lay out was not written
+        // by a writer of that version: that is damage, not an unsupported size.
+        let geometry = Geometry::for_version(total_blocks, version)
             .map_err(|e| FormatError::corrupted(WHAT, e.to_string()))?;
         let stored = Geometry {
             total_blocks,
@@ -333,6 +373,55 @@ impl Superblock {
         {
             return Err(FormatError::corrupted(WHAT, "reserved bytes are not zero"));
         }
+        // The conversion state and the feature bits must tell the same story.
+        let cursor = get_u64(b, OFF_CONVERSION_CURSOR);
+        let target = match get_u32(b, OFF_CONVERSION_TARGET) {
+            0 => None,
+            t => Some(FormatVersion(t)),
+        };
+        if let Some(t) = target {
+            if !t.is_supported() {
+                return Err(FormatError::UnsupportedVersion {
+                    what: "superblock conversion target",
+                    found: t.0,
+                    supported: FormatVersion::CURRENT.0,
+                });
+            }
+            if t <= version {
+                return Err(FormatError::corrupted(
+                    WHAT,
+                    format!(
+                        "converts from v{} to v{}, not a newer version",
+                        version.0, t.0
+                    ),
+                ));
+            }
+            if cursor == 0 || cursor > geometry.inode_count as u64 + 1 {
+                return Err(FormatError::corrupted(
+                    WHAT,
+                    format!(
+                        "conversion cursor {cursor} is outside 1..={}",
+                        geometry.inode_count as u64 + 1
+                    ),
+                ));
+            }
+        } else if cursor != 0 {
+            return Err(FormatError::corrupted(
+                WHAT,
+                "conversion cursor set with no conversion running",
+            ));
+        }
+        let want = Superblock::incompat_for(version, target);
+        if incompat != want {
+            return Err(FormatError::corrupted(
+                WHAT,
+                format!(
+                    "incompat features {incompat:#x} do not match format v{}{} ({want:#x})",
+                    version.0,
+                    target.map_or(String::new(), |t| format!(" converting to v{}", t.0))
+                ),
+            ));
+        }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[OFF_UUID..OFF_UUID + 16]);
         Ok(Superblock {
@@ -348,7 +437,8 @@ impl Superblock {
             uuid,
             created_sec: get_i64(b, OFF_CREATED_SEC),
             last_mount_sec: get_i64(b, OFF_LAST_MOUNT_SEC),
-            conversion_cursor: get_u64(b, OFF_CONVERSION_CURSOR),
+            conversion_cursor: cursor,
+            conversion_target: target,
         })
     }
 }
@@ -372,6 +462,7 @@ mod tests {
             created_sec: 1_700_000_000,
             last_mount_sec: 0,
             conversion_cursor: 0,
+            conversion_target: None,
         }
     }
 
@@ -379,6 +470,113 @@ mod tests {
     fn round_trip() {
         let sb = sample();
         assert_eq!(Superblock::decode(&sb.encode()[..]).unwrap(), sb);
+    }
+
+    #[test]
+    fn versions_and_conversions_round_trip() {
+        use crate::version::*;
+        for v in FormatVersion::ALL {
+            let sb = Superblock {
+                format_version: v,
+                incompat: v.incompat_features(),
+                ..sample()
+            };
+            assert_eq!(Superblock::decode(&sb.encode()[..]).unwrap(), sb);
+            assert_eq!(sb.newest_layout(), v);
+        }
+        let converting = Superblock {
+            format_version: FormatVersion::V1,
+            incompat: INCOMPAT_CRTIME | INCOMPAT_MAP48 | INCOMPAT_CONVERTING,
+            conversion_target: Some(FormatVersion::V3),
+            conversion_cursor: 17,
+            ..sample()
+        };
+        let b = converting.encode();
+        assert_eq!(get_u32(&b[..], OFF_CONVERSION_TARGET), 3);
+        assert_eq!(Superblock::decode(&b[..]).unwrap(), converting);
+        assert_eq!(converting.newest_layout(), FormatVersion::V3);
+        let inodes = converting.geometry.inode_count as u64;
+        // Inconsistent states are corrupted; a target this build lacks is unsupported.
+        for bad in [
+            Superblock {
+                incompat: INCOMPAT_CRTIME | INCOMPAT_MAP48,
+                ..converting.clone()
+            },
+            Superblock {
+                conversion_cursor: 0,
+                ..converting.clone()
+            },
+            Superblock {
+                conversion_cursor: inodes + 2,
+                ..converting.clone()
+            },
+            Superblock {
+                format_version: FormatVersion::V3,
+                ..converting.clone()
+            },
+            Superblock {
+                conversion_target: None,
+                incompat: 0,
+                ..converting.clone()
+            },
+            Superblock {
+                incompat: INCOMPAT_CRTIME,
+                ..sample()
+            },
+            Superblock {
+                format_version: FormatVersion::V2,
+                ..sample()
+            },
+        ] {
+            assert!(
+                matches!(
+                    Superblock::decode(&bad.encode()[..]),
+                    Err(FormatError::Corrupted { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let future = Superblock {
+            conversion_target: Some(FormatVersion(4)),
+            ..converting.clone()
+        };
+        assert!(matches!(
+            Superblock::decode(&future.encode()[..]),
+            Err(FormatError::UnsupportedVersion { found: 4, .. })
+        ));
+        let done = Superblock {
+            conversion_cursor: inodes + 1,
+            ..converting
+        };
+        assert!(Superblock::decode(&done.encode()[..]).is_ok());
+    }
+
+    #[test]
+    fn v3_lays_out_images_past_16_tib() {
+        let big = MAX_BLOCKS_V1 * 4;
+        assert!(Geometry::for_blocks(big).is_err());
+        let g = Geometry::for_version(big, FormatVersion::V3).unwrap();
+        assert!(g.data_start < big && g.block_bitmap_blocks as u64 == big.div_ceil(32640));
+        let last = Geometry::for_version(MAX_BLOCKS_V3, FormatVersion::V3).unwrap();
+        assert!(last.block_bitmap_blocks < u32::MAX);
+        assert!(matches!(
+            Geometry::for_version(MAX_BLOCKS_V3 + 1, FormatVersion::V3),
+            Err(FormatError::UnsupportedSize { .. })
+        ));
+        let sb = Superblock {
+            format_version: FormatVersion::V3,
+            incompat: FormatVersion::V3.incompat_features(),
+            geometry: g,
+            ..sample()
+        };
+        assert_eq!(Superblock::decode(&sb.encode()[..]).unwrap(), sb);
+        // The same size recorded by a v2 superblock is damage.
+        let v2 = Superblock {
+            format_version: FormatVersion::V2,
+            incompat: FormatVersion::V2.incompat_features(),
+            ..sb
+        };
+        assert!(Superblock::decode(&v2.encode()[..]).is_err());
     }
 
     #[test]
@@ -401,12 +599,12 @@ mod tests {
 
     #[test]
     fn unknown_incompat_bits_are_unsupported_not_corrupted() {
-        let b = with_u32(&sample(), OFF_INCOMPAT, 0x8000_0001);
+        let b = with_u32(&sample(), OFF_INCOMPAT, 0x8000_0008);
         assert_eq!(
             Superblock::decode(&b[..]),
             Err(FormatError::UnsupportedFeatures {
                 what: "superblock incompat",
-                bits: 0x8000_0001,
+                bits: 0x8000_0008,
             })
         );
         let sb = Superblock {

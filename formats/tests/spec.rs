@@ -261,6 +261,7 @@ fn expected_layouts() -> Vec<Expect> {
     let records = ExtentCodec::for_version(FormatVersion::V1);
     let records_end =
         EXTENT_BLOCK_OFF_RECORDS + records.records_per_block() * records.record_size();
+    let wide = ExtentCodec::for_version(FormatVersion::V3);
     vec![
         Expect {
             heading: "Block tail",
@@ -303,6 +304,7 @@ fn expected_layouts() -> Vec<Expect> {
                 ("created_sec", Some(sb::OFF_CREATED_SEC)),
                 ("last_mount_sec", Some(sb::OFF_LAST_MOUNT_SEC)),
                 ("conversion_cursor", Some(sb::OFF_CONVERSION_CURSOR)),
+                ("conversion_target", Some(sb::OFF_CONVERSION_TARGET)),
                 ("reserved", Some(sb::SUPER_FIELDS_END)),
                 ("tail", tail),
             ],
@@ -338,17 +340,58 @@ fn expected_layouts() -> Vec<Expect> {
             end: Some(INODE_SIZE),
         },
         Expect {
-            // The v1 record has no offset constants: `encoded_fields_are_where_the_doc_says`
-            // checks it against the codec's bytes.
+            heading: "Creation time (v2 and v3 layouts)",
+            start: OFF_CRTIME_SEC,
+            fields: vec![
+                ("crtime_sec", Some(OFF_CRTIME_SEC)),
+                ("crtime_nsec", Some(OFF_CRTIME_NSEC)),
+                ("crc", Some(OFF_CRC)),
+            ],
+            end: Some(INODE_SIZE),
+        },
+        Expect {
+            heading: "Wide block pointers (v3 layout)",
+            start: OFF_XATTR_BLOCK_HI,
+            fields: vec![
+                ("xattr_block_hi", Some(OFF_XATTR_BLOCK_HI)),
+                ("extent_block_hi", Some(OFF_EXTENT_BLOCK_HI)),
+            ],
+            end: Some(OFF_INLINE),
+        },
+        Expect {
+            // `block_map_bytes` also checks both records against the codec's bytes.
             heading: "Block-map record",
             start: 0,
             fields: vec![
-                ("logical", Some(0)),
-                ("physical", Some(4)),
-                ("len", Some(8)),
-                ("flags", Some(10)),
+                ("logical", Some(REC_OFF_LOGICAL)),
+                ("physical", Some(REC_V1_OFF_PHYSICAL)),
+                ("len", Some(REC_V1_OFF_LEN)),
+                ("flags", Some(REC_V1_OFF_FLAGS)),
             ],
             end: Some(records.record_size()),
+        },
+        Expect {
+            heading: "Block-map record (v3)",
+            start: 0,
+            fields: vec![
+                ("logical", Some(REC_OFF_LOGICAL)),
+                ("physical", Some(REC_V3_OFF_PHYSICAL)),
+                ("len", Some(REC_V3_OFF_LEN)),
+                ("flags", Some(REC_V3_OFF_FLAGS)),
+            ],
+            end: Some(wide.record_size()),
+        },
+        Expect {
+            heading: "Extent block (v3)",
+            start: 0,
+            fields: vec![
+                ("next", Some(EXTENT_BLOCK_V3_OFF_NEXT)),
+                ("count", Some(EXTENT_BLOCK_V3_OFF_COUNT)),
+                ("reserved", Some(EXTENT_BLOCK_V3_OFF_RESERVED)),
+                ("records", Some(EXTENT_BLOCK_V3_OFF_RECORDS)),
+                ("tail", tail),
+            ],
+            end: Some(BLOCK_SIZE),
         },
         Expect {
             heading: "Extent block",
@@ -607,6 +650,9 @@ fn variable_parts_are_sized_as_documented() {
     let codec = ExtentCodec::for_version(FormatVersion::V1);
     let (_, records) = layout("Extent block").at("records");
     assert_eq!(records, codec.records_per_block() * codec.record_size());
+    let v3 = ExtentCodec::for_version(FormatVersion::V3);
+    let (_, records) = layout("Extent block (v3)").at("records");
+    assert_eq!(records, v3.records_per_block() * v3.record_size());
     assert_eq!(
         layout("Directory bucket").at("entries").1,
         dir::BUCKET_CAPACITY
@@ -649,6 +695,7 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
     use dir::*;
     use inode::*;
     let codec = ExtentCodec::for_version(FormatVersion::V1);
+    let v3 = ExtentCodec::for_version(FormatVersion::V3);
     let mut m: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut put = |k: &'static str, v: u64| assert!(m.insert(k, v).is_none(), "{k} twice");
     put("block::BLOCK_SIZE", BLOCK_SIZE as u64);
@@ -656,9 +703,12 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
     put("block::PAYLOAD_SIZE", PAYLOAD_SIZE as u64);
     put("crc32::check", crc32fast::hash(b"123456789") as u64);
     put("FormatVersion::V1", FormatVersion::V1.0 as u64);
+    put("FormatVersion::V2", FormatVersion::V2.0 as u64);
+    put("FormatVersion::V3", FormatVersion::V3.0 as u64);
     put("FormatVersion::CURRENT", FormatVersion::CURRENT.0 as u64);
     put("superblock::MIN_BLOCKS", sb::MIN_BLOCKS);
     put("superblock::MAX_BLOCKS_V1", sb::MAX_BLOCKS_V1);
+    put("superblock::MAX_BLOCKS_V3", sb::MAX_BLOCKS_V3);
     put("superblock::BYTES_PER_INODE", sb::BYTES_PER_INODE);
     put("superblock::INODES_PER_BLOCK", sb::INODES_PER_BLOCK);
     put(
@@ -684,6 +734,12 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
     put("FsState::Clean", FsState::Clean as u64);
     put("FsState::Mounted", FsState::Mounted as u64);
     put("FsState::Errors", FsState::Errors as u64);
+    put("version::INCOMPAT_CRTIME", version::INCOMPAT_CRTIME as u64);
+    put("version::INCOMPAT_MAP48", version::INCOMPAT_MAP48 as u64);
+    put(
+        "version::INCOMPAT_CONVERTING",
+        version::INCOMPAT_CONVERTING as u64,
+    );
     put(
         "version::INCOMPAT_SUPPORTED",
         version::INCOMPAT_SUPPORTED as u64,
@@ -696,6 +752,8 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
     put("inode::INLINE_SIZE", INLINE_SIZE as u64);
     put("inode::INLINE_EXTENTS", INLINE_EXTENTS as u64);
     put("inode::INODE_FLAG_INLINE", INODE_FLAG_INLINE as u64);
+    put("inode::INODE_FLAG_CRTIME", INODE_FLAG_CRTIME as u64);
+    put("inode::INODE_FLAG_MAP48", INODE_FLAG_MAP48 as u64);
     put("inode::MODE_MASK", MODE_MASK as u64);
     put("inode::NSEC_PER_SEC", NSEC_PER_SEC as u64);
     put("superblock::ROOT_INO", sb::ROOT_INO.0 as u64);
@@ -713,17 +771,16 @@ fn expected_values() -> BTreeMap<&'static str, u64> {
         "extent::EXTENT_FLAG_UNWRITTEN",
         extent::EXTENT_FLAG_UNWRITTEN as u64,
     );
-    put("ExtentCodec::record_size", codec.record_size() as u64);
-    put("ExtentCodec::max_len", codec.max_len() as u64);
-    put("ExtentCodec::max_address", codec.max_address());
-    put(
-        "ExtentCodec::inline_capacity",
-        codec.inline_capacity() as u64,
-    );
-    put(
-        "ExtentCodec::records_per_block",
-        codec.records_per_block() as u64,
-    );
+    for (v, c) in [("V1", codec), ("V3", v3)] {
+        let name = |f: &str| -> &'static str {
+            Box::leak(format!("ExtentCodec({v})::{f}").into_boxed_str())
+        };
+        put(name("record_size"), c.record_size() as u64);
+        put(name("max_len"), c.max_len() as u64);
+        put(name("max_address"), c.max_address());
+        put(name("inline_capacity"), c.inline_capacity() as u64);
+        put(name("records_per_block"), c.records_per_block() as u64);
+    }
     put("dir::DIR_VERSION", DIR_VERSION as u64);
     put("dir::OVERFLOW_BASE", OVERFLOW_BASE);
     put("dir::MAX_OVERFLOW_BLOCKS", MAX_OVERFLOW_BLOCKS);
@@ -795,8 +852,9 @@ fn every_named_value_matches_the_code() {
 // Geometry.
 
 /// The derivation exactly as the doc words it, written independently of the crate.
-fn doc_geometry(t: u64) -> Option<[u64; 11]> {
-    if !(256..=1u64 << 32).contains(&t) {
+fn doc_geometry(t: u64, version: u32) -> Option<[u64; 11]> {
+    let max = if version >= 3 { 1u64 << 46 } else { 1u64 << 32 };
+    if !(256..=max).contains(&t) {
         return None;
     }
     let i = (t * 4096 / 16384).clamp(64, u32::MAX as u64 - 16);
@@ -841,15 +899,28 @@ fn geometry_follows_the_documented_formulas() {
         sizes.extend([b - 1, b, b + 1]);
     }
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    sizes.extend([(1 << 46) - 1, 1 << 46, (1 << 46) + 1]);
     for _ in 0..2000 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         sizes.push(x % ((1 << 32) + 100));
+        sizes.push(x % ((1 << 46) + 100));
     }
     for t in sizes {
         let code = Geometry::for_blocks(t).ok().map(|g| geometry_fields(&g));
-        assert_eq!(code, doc_geometry(t), "geometry of {t} blocks");
+        assert_eq!(code, doc_geometry(t, 1), "geometry of {t} blocks");
+        for v in FormatVersion::ALL {
+            let code = Geometry::for_version(t, v)
+                .ok()
+                .map(|g| geometry_fields(&g));
+            assert_eq!(
+                code,
+                doc_geometry(t, v.0),
+                "geometry of {t} blocks in v{}",
+                v.0
+            );
+        }
     }
     // Refused sizes are unsupported, not corrupted.
     for t in [0, sb::MIN_BLOCKS - 1, sb::MAX_BLOCKS_V1 + 1, u64::MAX] {
@@ -858,8 +929,13 @@ fn geometry_follows_the_documented_formulas() {
             Err(FormatError::UnsupportedSize { .. })
         ));
     }
+    assert!(matches!(
+        Geometry::for_version(sb::MAX_BLOCKS_V3 + 1, FormatVersion::V3),
+        Err(FormatError::UnsupportedSize { .. })
+    ));
     assert_eq!(sb::MIN_BLOCKS * BLOCK_SIZE as u64, 1 << 20);
     assert_eq!(sb::MAX_BLOCKS_V1 * BLOCK_SIZE as u64, 16 << 40);
+    assert_eq!(sb::MAX_BLOCKS_V3 * BLOCK_SIZE as u64, 256 << 50);
 }
 
 fn is_examples(t: &Table) -> bool {
@@ -881,7 +957,7 @@ fn check_geometry_examples(doc: &str) -> Result<(), String> {
     };
     for r in &t.rows {
         let total = number(&r[0]).ok_or("examples: total_blocks is not a number")?;
-        let g = Geometry::for_blocks(total).map_err(|e| e.to_string())?;
+        let g = Geometry::for_version(total, FormatVersion::CURRENT).map_err(|e| e.to_string())?;
         let image = unquote(&r[col("image")?]);
         let (n, unit) = image.split_once(' ').ok_or("examples: image size")?;
         let shift = match unit {
@@ -967,7 +1043,8 @@ fn sample_superblock() -> Superblock {
         uuid: *b"0123456789abcdef",
         created_sec: -1_234_567_890,
         last_mount_sec: 1_700_000_123,
-        conversion_cursor: 0x0F0E_0D0C,
+        conversion_cursor: 0,
+        conversion_target: None,
     }
 }
 
@@ -1008,7 +1085,8 @@ fn superblock_bytes() {
     assert_eq!(&b[o..o + n], &s.uuid);
     assert_eq!(f("created_sec") as i64, s.created_sec);
     assert_eq!(f("last_mount_sec") as i64, s.last_mount_sec);
-    assert_eq!(f("conversion_cursor"), s.conversion_cursor);
+    assert_eq!(f("conversion_cursor"), 0);
+    assert_eq!(f("conversion_target"), 0);
     zero(&b[..], &l, "reserved");
     check_tail(&b[..], BlockKind::Superblock, 0, 0);
     assert_eq!(Superblock::decode(&b[..]).unwrap(), s);
@@ -1022,16 +1100,27 @@ fn superblock_bytes() {
         Superblock::decode(&c[..])
     };
     assert!(matches!(
-        resealed("format_version", 2),
+        resealed("format_version", 4),
         Err(FormatError::UnsupportedVersion { .. })
+    ));
+    // A version without its feature bits is damage.
+    assert!(matches!(
+        resealed("format_version", 2),
+        Err(FormatError::Corrupted { .. })
     ));
     assert!(resealed("format_version", 0).is_err());
     // Unknown incompat bits are unsupported, not corrupted; unknown ro_compat bits decode
     // (the mounter then refuses read-write); compat bits mean nothing to a reader.
     assert!(matches!(
-        resealed("incompat", 1),
-        Err(FormatError::UnsupportedFeatures { bits: 1, .. })
+        resealed("incompat", 8),
+        Err(FormatError::UnsupportedFeatures { bits: 8, .. })
     ));
+    assert!(matches!(
+        resealed("incompat", version::INCOMPAT_CRTIME as u64),
+        Err(FormatError::Corrupted { .. })
+    ));
+    assert!(resealed("conversion_cursor", 1).is_err());
+    assert!(resealed("conversion_target", 2).is_err());
     let ro = resealed("ro_compat", 0x8000_0000).unwrap();
     assert_eq!(ro.unknown_ro_compat(), 0x8000_0000);
     assert_eq!(ro.unknown_incompat(), 0);
@@ -1112,6 +1201,8 @@ fn inode_bytes() {
         },
     ];
     let i = Inode {
+        layout: FormatVersion::V1,
+        crtime: None,
         mode: inode::S_IFREG | 0o640,
         uid: 0x1111_2222,
         gid: 0x3333_4444,
@@ -1130,7 +1221,7 @@ fn inode_bytes() {
     };
     let ino = Ino(0x0102_0305);
     let mut b = [0u8; INODE_SIZE];
-    i.encode(ino, codec, &mut b).unwrap();
+    i.encode(ino, &mut b).unwrap();
     let f = |name: &str| {
         let (o, n) = l.at(name);
         le(&b, o, n)
@@ -1177,9 +1268,12 @@ fn inode_bytes() {
     h.update(&ino.0.to_le_bytes());
     h.update(&b[..co]);
     assert_eq!(f("crc"), h.finalize() as u64);
-    assert_eq!(Inode::decode(ino, &b, codec).unwrap(), Some(i.clone()));
+    assert_eq!(
+        Inode::decode(ino, &b, FormatVersion::V1).unwrap(),
+        Some(i.clone())
+    );
     assert!(
-        Inode::decode(Ino(ino.0 + 1), &b, codec).is_err(),
+        Inode::decode(Ino(ino.0 + 1), &b, FormatVersion::V1).is_err(),
         "the crc binds the slot"
     );
 
@@ -1194,32 +1288,44 @@ fn inode_bytes() {
         let mut c = b;
         c[l.off(field) + byte] |= 0x40;
         reseal(&mut c);
-        assert!(Inode::decode(ino, &c, codec).is_err(), "{field}");
+        assert!(
+            Inode::decode(ino, &c, FormatVersion::V1).is_err(),
+            "{field}"
+        );
     }
 
     // A never-used slot is all zeros and decodes as no inode.
-    assert_eq!(Inode::decode(ino, &[0u8; INODE_SIZE], codec).unwrap(), None);
+    assert_eq!(
+        Inode::decode(ino, &[0u8; INODE_SIZE], FormatVersion::V1).unwrap(),
+        None
+    );
 
     // An inline symlink: flag bit 0, target from the start of the inline area.
     let target = b"../some/where/else".to_vec();
-    let mut s = Inode::new(inode::S_IFLNK | 0o777, 1, 2, t(3, 4));
+    let mut s = Inode::new(FormatVersion::V1, inode::S_IFLNK | 0o777, 1, 2, t(3, 4));
     s.nlink = 1;
     s.size = target.len() as u64;
     s.inline = InlineArea::Symlink(target.clone());
     let mut b = [0u8; INODE_SIZE];
-    s.encode(Ino(9), codec, &mut b).unwrap();
+    s.encode(Ino(9), &mut b).unwrap();
     let (fo, fs) = l.at("flags");
     assert_eq!(le(&b, fo, fs), inode::INODE_FLAG_INLINE as u64);
     assert_eq!(&b[io..io + target.len()], &target[..]);
     assert!(b[io + target.len()..io + isz].iter().all(|&x| x == 0));
-    assert_eq!(Inode::decode(Ino(9), &b, codec).unwrap(), Some(s.clone()));
+    assert_eq!(
+        Inode::decode(Ino(9), &b, FormatVersion::V1).unwrap(),
+        Some(s.clone())
+    );
     // The longest inline target is the whole area.
     s.inline = InlineArea::Symlink(vec![b'x'; inode::INLINE_SIZE]);
     s.size = inode::INLINE_SIZE as u64;
-    s.encode(Ino(9), codec, &mut b).unwrap();
-    assert_eq!(Inode::decode(Ino(9), &b, codec).unwrap(), Some(s.clone()));
+    s.encode(Ino(9), &mut b).unwrap();
+    assert_eq!(
+        Inode::decode(Ino(9), &b, FormatVersion::V1).unwrap(),
+        Some(s.clone())
+    );
     s.inline = InlineArea::Symlink(vec![b'x'; inode::INLINE_SIZE + 1]);
-    assert!(s.encode(Ino(9), codec, &mut b).is_err());
+    assert!(s.encode(Ino(9), &mut b).is_err());
 }
 
 /// The inode rules of the doc that a reader enforces, each under a valid checksum, and
@@ -1238,11 +1344,11 @@ fn inode_rules() {
         h.update(&ino.0.to_le_bytes());
         h.update(&c[..co]);
         c[co..co + 4].copy_from_slice(&h.finalize().to_le_bytes());
-        Inode::decode(ino, &c, codec)
+        Inode::decode(ino, &c, FormatVersion::V1)
     };
-    let file = Inode::new(inode::S_IFREG | 0o644, 1, 2, t(3, 4));
+    let file = Inode::new(FormatVersion::V1, inode::S_IFREG | 0o644, 1, 2, t(3, 4));
     let mut b = [0u8; INODE_SIZE];
-    file.encode(ino, codec, &mut b).unwrap();
+    file.encode(ino, &mut b).unwrap();
 
     // `mode`: one of the seven S_IFMT types plus permission bits, or 0 (a freed slot).
     for ty in [
@@ -1274,7 +1380,7 @@ fn inode_rules() {
             mode: bad,
             ..file.clone()
         };
-        assert!(i.encode(ino, codec, &mut [0u8; INODE_SIZE]).is_err());
+        assert!(i.encode(ino, &mut [0u8; INODE_SIZE]).is_err());
     }
     // Times: nanoseconds below 10^9.
     for field in ["atime_nsec", "mtime_nsec", "ctime_nsec"] {
@@ -1285,16 +1391,13 @@ fn inode_rules() {
         ctime: t(0, inode::NSEC_PER_SEC),
         ..file.clone()
     };
-    assert!(late.encode(ino, codec, &mut [0u8; INODE_SIZE]).is_err());
+    assert!(late.encode(ino, &mut [0u8; INODE_SIZE]).is_err());
 
     // A freed slot: mode 0, everything 0 but `generation`, checksummed. It decodes as an
     // inode with mode 0 (not as "no inode"), so that the generation survives.
-    let freed = Inode {
-        generation: 0xA5A5_0001,
-        ..Inode::new(0, 0, 0, Timespec::default())
-    };
+    let freed = Inode::freed(0xA5A5_0001);
     let mut f = [0u8; INODE_SIZE];
-    freed.encode(ino, codec, &mut f).unwrap();
+    freed.encode(ino, &mut f).unwrap();
     let (go, gs) = l.at("generation");
     for (k, &x) in f[..co].iter().enumerate() {
         assert!(
@@ -1302,7 +1405,7 @@ fn inode_rules() {
             "byte {k} of a freed slot"
         );
     }
-    let got = Inode::decode(ino, &f, codec).unwrap().unwrap();
+    let got = Inode::decode(ino, &f, FormatVersion::V1).unwrap().unwrap();
     assert!(got.is_free());
     assert_eq!(got, freed);
     for field in ["uid", "nlink", "size", "flags", "extent_count", "rdev"] {
@@ -1315,7 +1418,7 @@ fn inode_rules() {
         size: 1,
         ..freed.clone()
     };
-    assert!(stale.encode(ino, codec, &mut f).is_err());
+    assert!(stale.encode(ino, &mut f).is_err());
 
     // Without INLINE: the inline area holds min(extent_count, inline capacity) records.
     let cap = codec.inline_capacity();
@@ -1341,14 +1444,14 @@ fn inode_rules() {
             ..file.clone()
         };
         let mut c = [0u8; INODE_SIZE];
-        let enc = i.encode(ino, codec, &mut c);
+        let enc = i.encode(ino, &mut c);
         assert_eq!(
             enc.is_ok(),
             ok,
             "extent_count {count} with {n} inline records"
         );
         if ok {
-            assert_eq!(Inode::decode(ino, &c, codec).unwrap(), Some(i));
+            assert_eq!(Inode::decode(ino, &c, FormatVersion::V1).unwrap(), Some(i));
         }
     }
 
@@ -1360,7 +1463,7 @@ fn inode_rules() {
         ..file.clone()
     };
     let mut c = [0u8; INODE_SIZE];
-    link.encode(ino, codec, &mut c).unwrap();
+    link.encode(ino, &mut c).unwrap();
     // The target holds no NUL, so a larger `size` cannot take in the zeros after it.
     assert!(decode_edited(&c, "size", 3).is_err());
     assert!(decode_edited(&c, "size", 0).is_err());
@@ -1384,7 +1487,7 @@ fn inode_rules() {
             ..link.clone()
         },
     ] {
-        assert!(bad.encode(ino, codec, &mut c).is_err(), "{bad:?}");
+        assert!(bad.encode(ino, &mut c).is_err(), "{bad:?}");
     }
 }
 
@@ -1503,6 +1606,258 @@ fn block_map_bytes() {
             &[ex.clone(), ex[..1].to_vec()].concat()
         )
         .is_err());
+}
+
+/// The v2 and v3 inode layouts: flags, creation time, wide pointers and v3 inline
+/// records where the doc puts them.
+#[test]
+fn versioned_inode_bytes() {
+    let l = layout("Inode");
+    let c = layout("Creation time (v2 and v3 layouts)");
+    let w = layout("Wide block pointers (v3 layout)");
+    let r3 = layout("Block-map record (v3)");
+    let values = named_values(DOC);
+    let value = |name: &str| values[name].0;
+    let ino = Ino(0x0102_0305);
+    let crtime = t(-0x0123_4567_89AB, 0x0BAD_F00D & 0x1FFF_FFFF);
+    for (v, flags) in [
+        (FormatVersion::V2, value("inode::INODE_FLAG_CRTIME")),
+        (
+            FormatVersion::V3,
+            value("inode::INODE_FLAG_CRTIME") | value("inode::INODE_FLAG_MAP48"),
+        ),
+    ] {
+        let codec = ExtentCodec::for_version(v);
+        let cap = codec.inline_capacity();
+        let max = codec.max_address();
+        let ex: Vec<Extent> = (0..cap as u64)
+            .map(|k| Extent {
+                logical: 20 * k,
+                physical: max - 100 - 2 * k,
+                len: 1 + k as u32,
+                unwritten: k % 2 == 0,
+            })
+            .collect();
+        let i = Inode {
+            extent_count: 1000,
+            xattr_block: max,
+            extent_block: max - 1,
+            inline: InlineArea::Extents(ex.clone()),
+            crtime: Some(crtime),
+            ..Inode::new(v, inode::S_IFREG | 0o600, 5, 6, t(7, 8))
+        };
+        let mut b = [0u8; INODE_SIZE];
+        i.encode(ino, &mut b).unwrap();
+        let f = |l: &Layout, name: &str| {
+            let (o, n) = l.at(name);
+            le(&b, o, n)
+        };
+        assert_eq!(f(&l, "flags"), flags, "v{}", v.0);
+        assert_eq!(f(&c, "crtime_sec") as i64, crtime.sec);
+        assert_eq!(f(&c, "crtime_nsec"), crtime.nsec as u64);
+        assert_eq!(f(&l, "xattr_block"), max & 0xFFFF_FFFF);
+        assert_eq!(f(&l, "extent_block"), (max - 1) & 0xFFFF_FFFF);
+        if v == FormatVersion::V3 {
+            assert_eq!(f(&w, "xattr_block_hi"), max >> 32);
+            assert_eq!(f(&w, "extent_block_hi"), (max - 1) >> 32);
+            assert_eq!(cap, 9);
+            let base = l.off("inline");
+            for (k, e) in ex.iter().enumerate() {
+                let rec = &b[base + 16 * k..base + 16 * (k + 1)];
+                let g = |name: &str| {
+                    let (o, n) = r3.at(name);
+                    le(rec, o, n)
+                };
+                assert_eq!(
+                    (g("logical"), g("physical"), g("len"), g("flags")),
+                    (e.logical, e.physical, e.len as u64, e.unwritten as u64)
+                );
+            }
+        } else {
+            zero(&b, &l, "reserved0");
+            assert_eq!(cap, 12);
+        }
+        let (co, _) = c.at("crc");
+        let mut h = crc32fast::Hasher::new();
+        h.update(&ino.0.to_le_bytes());
+        h.update(&b[..co]);
+        assert_eq!(f(&c, "crc"), h.finalize() as u64);
+        assert_eq!(Inode::decode(ino, &b, v).unwrap(), Some(i.clone()));
+        assert_eq!(
+            Inode::decode(ino, &b, FormatVersion::CURRENT).unwrap(),
+            Some(i.clone())
+        );
+        // An image whose newest layout is older rejects it.
+        assert!(Inode::decode(ino, &b, FormatVersion(v.0 - 1)).is_err());
+        // One record more than the layout's inline area, or a missing creation time, is
+        // refused by the writer.
+        let over = Inode {
+            inline: InlineArea::Extents(
+                (0..=cap as u64)
+                    .map(|k| Extent {
+                        logical: k,
+                        physical: 100 + k * 2,
+                        len: 1,
+                        unwritten: false,
+                    })
+                    .collect(),
+            ),
+            ..i.clone()
+        };
+        assert!(over.encode(ino, &mut b).is_err());
+        let no_crtime = Inode {
+            crtime: None,
+            ..i.clone()
+        };
+        assert!(no_crtime.encode(ino, &mut b).is_err());
+    }
+    // `MAP48` without `CRTIME` names no layout.
+    let mut b = [0u8; INODE_SIZE];
+    Inode::new(FormatVersion::V1, inode::S_IFREG, 0, 0, t(1, 2))
+        .encode(ino, &mut b)
+        .unwrap();
+    let (fo, _) = l.at("flags");
+    b[fo] = value("inode::INODE_FLAG_MAP48") as u8;
+    let (co, _) = l.at("crc");
+    let mut h = crc32fast::Hasher::new();
+    h.update(&ino.0.to_le_bytes());
+    h.update(&b[..co]);
+    b[co..co + 4].copy_from_slice(&h.finalize().to_le_bytes());
+    assert!(Inode::decode(ino, &b, FormatVersion::V3).is_err());
+}
+
+#[test]
+fn block_map_v3_bytes() {
+    let r = layout("Block-map record (v3)");
+    let codec = ExtentCodec::for_version(FormatVersion::V3);
+    let e = Extent {
+        logical: 0x0102_0304,
+        physical: 0x0A0B_0C0D_0E0F,
+        len: 0xFFFF,
+        unwritten: true,
+    };
+    let mut rec = vec![0u8; codec.record_size()];
+    codec.encode(&e, &mut rec).unwrap();
+    let g = |name: &str| {
+        let (o, n) = r.at(name);
+        le(&rec, o, n)
+    };
+    assert_eq!(g("logical"), e.logical);
+    assert_eq!(g("physical"), e.physical);
+    assert_eq!(g("len"), 0xFFFF);
+    assert_eq!(g("flags"), extent::EXTENT_FLAG_UNWRITTEN as u64);
+    assert_eq!(codec.decode(&rec).unwrap(), e);
+    assert_eq!(codec.max_address(), (1 << 48) - 1);
+    // The run ends at or below 2^48.
+    let (po, pn) = r.at("physical");
+    let at = |start: u64, len: u16| {
+        let mut c = rec.clone();
+        c[po..po + pn].copy_from_slice(&start.to_le_bytes());
+        let (o, n) = r.at("len");
+        c[o..o + n].copy_from_slice(&len.to_le_bytes());
+        codec.decode(&c)
+    };
+    assert_eq!(at((1 << 48) - 100, 100).unwrap().physical_end(), 1 << 48);
+    assert!(at((1 << 48) - 100, 101).is_err());
+    assert!(at(1 << 63, 1).is_err());
+    let mut bad = rec.clone();
+    let (o, _) = r.at("flags");
+    bad[o] |= 2;
+    assert!(codec.decode(&bad).is_err());
+
+    let l = layout("Extent block (v3)");
+    let ex: Vec<Extent> = (0..codec.records_per_block() as u64)
+        .map(|k| Extent {
+            logical: k * 3,
+            physical: (1 << 40) + k * 3,
+            len: 2,
+            unwritten: k % 3 == 0,
+        })
+        .collect();
+    let next = 0x0102_0304_0506;
+    for n in [0, 1, 3, ex.len()] {
+        let b = codec
+            .encode_block(Ino(0x0C0D), BlockAddr(0x0E0F), next, &ex[..n])
+            .unwrap();
+        let (o, s) = l.at("next");
+        assert_eq!(le(&b[..], o, s), next);
+        let (o, s) = l.at("count");
+        assert_eq!(le(&b[..], o, s), n as u64);
+        zero(&b[..], &l, "reserved");
+        let (ro, rsz) = l.at("records");
+        let rs = codec.record_size();
+        for (k, e) in ex[..n].iter().enumerate() {
+            let mut want = vec![0u8; rs];
+            codec.encode(e, &mut want).unwrap();
+            assert_eq!(&b[ro + k * rs..ro + (k + 1) * rs], &want[..]);
+        }
+        assert!(b[ro + n * rs..ro + rsz].iter().all(|&x| x == 0));
+        check_tail(&b[..], BlockKind::ExtentBlock, 0x0C0D, 0x0E0F);
+        assert_eq!(
+            codec
+                .decode_block(&b[..], Ino(0x0C0D), BlockAddr(0x0E0F))
+                .unwrap(),
+            (next, ex[..n].to_vec())
+        );
+        let mut c = b.clone();
+        c[l.off("reserved")] = 1;
+        block::seal(
+            &mut c[..],
+            BlockKind::ExtentBlock,
+            Ino(0x0C0D),
+            BlockAddr(0x0E0F),
+        );
+        assert!(codec
+            .decode_block(&c[..], Ino(0x0C0D), BlockAddr(0x0E0F))
+            .is_err());
+    }
+    assert!(codec
+        .encode_block(Ino(1), BlockAddr(1), 1 << 48, &ex[..1])
+        .is_err());
+}
+
+/// A superblock in the middle of a conversion, and one of each version.
+#[test]
+fn superblock_conversion_bytes() {
+    let l = layout("Superblock");
+    let values = named_values(DOC);
+    let value = |name: &str| values[name].0;
+    let converting = Superblock {
+        format_version: FormatVersion::V1,
+        incompat: (value("version::INCOMPAT_CRTIME")
+            | value("version::INCOMPAT_MAP48")
+            | value("version::INCOMPAT_CONVERTING")) as u32,
+        conversion_cursor: 1234,
+        conversion_target: Some(FormatVersion::V3),
+        ..sample_superblock()
+    };
+    let b = converting.encode();
+    let f = |name: &str| {
+        let (o, n) = l.at(name);
+        le(&b[..], o, n)
+    };
+    assert_eq!(f("format_version"), 1);
+    assert_eq!(f("conversion_cursor"), 1234);
+    assert_eq!(f("conversion_target"), 3);
+    assert_eq!(f("incompat"), 7);
+    assert_eq!(Superblock::decode(&b[..]).unwrap(), converting);
+    assert_eq!(converting.newest_layout(), FormatVersion::V3);
+    for (v, bits) in [
+        (FormatVersion::V1, 0),
+        (FormatVersion::V2, value("version::INCOMPAT_CRTIME")),
+        (
+            FormatVersion::V3,
+            value("version::INCOMPAT_CRTIME") | value("version::INCOMPAT_MAP48"),
+        ),
+    ] {
+        assert_eq!(v.incompat_features() as u64, bits);
+        let s = Superblock {
+            format_version: v,
+            incompat: bits as u32,
+            ..sample_superblock()
+        };
+        assert_eq!(Superblock::decode(&s.encode()[..]).unwrap(), s);
+    }
 }
 
 #[test]

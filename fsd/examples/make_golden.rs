@@ -1,22 +1,24 @@
-//! Makes a golden image: a 1 MiB image of the current format, populated through `Fs` so
-//! that every kind of metadata structure appears in it at least once, unmounted cleanly.
+//! Makes a golden image: a 1 MiB image of format version N (the newest by default),
+//! populated through `Fs` so that every kind of metadata structure appears in it at least
+//! once, unmounted cleanly.
 //!
 //! ```text
-//! cargo run -p fsd --example make_golden -- formats/golden/v<N>.img
+//! cargo run -p fsd --example make_golden -- formats/golden/v<N>.img [N]
 //! ```
 //!
 //! A golden image is generated once per format version and committed; its test
-//! (`fsd/tests/golden.rs` for v1) spells out the tree below independently, so this
-//! generator may change for a later version without touching an older image. The uuid,
-//! times, inode generations, journal sequence and block placement differ between runs.
+//! (`fsd/tests/golden.rs`) spells out the tree below independently, so this generator may
+//! change for a later version without touching an older image. The uuid, times, inode
+//! generations, journal sequence and block placement differ between runs.
 
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use formats::block::{BlockAddr, Ino, BLOCK_SIZE};
 use formats::dir::DirHeader;
-use formats::inode::{self, Inode, INODE_SIZE, S_IFCHR, S_IFIFO, S_IFSOCK};
+use formats::inode::{Inode, INODE_SIZE, S_IFCHR, S_IFIFO, S_IFSOCK};
 use formats::superblock::{Superblock, MIN_BLOCKS, ROOT_INO};
+use formats::version::FormatVersion;
 use fsd::fs::{Fs, XattrFlags};
 use fsd::fsck::{self, FsckOptions};
 use fsd::mkfs::{mkfs, MkfsOptions};
@@ -75,8 +77,8 @@ fn populate(fs: &Fs) -> Result<()> {
     let long_target = format!("notes/deep/{}/leaf.txt", "d".repeat(190));
     fs.symlink(docs, b"long-link", long_target.as_bytes(), UID, GID)?;
 
-    // Files with more than 12 extents, holes, and a preallocated unwritten extent; special
-    // files.
+    // A file with more extents than the inline area holds (12 in v1 and v2, 9 in v3),
+    // holes, and a preallocated unwritten extent; special files.
     let data = mk(ROOT_INO, "data")?;
     let frag = file(data, "fragmented.bin", 0o644)?;
     let content = pattern(2, 16 * BLOCK_SIZE);
@@ -119,16 +121,12 @@ fn inode_of(store: &dyn BlockStore, sb: &Superblock, ino: Ino) -> Result<Inode> 
     let (addr, off) = sb.geometry.inode_location(ino);
     let mut b = vec![0u8; BLOCK_SIZE];
     store.read(addr.0, &mut b)?;
-    Inode::decode(
-        ino,
-        &b[off..off + INODE_SIZE],
-        inode::codec_for(sb.format_version),
-    )?
-    .context("inode slot is empty")
+    Inode::decode(ino, &b[off..off + INODE_SIZE], sb.newest_layout())?
+        .context("inode slot is empty")
 }
 
 /// Confirms the image holds what it is made for.
-fn verify(store: &MemStore) -> Result<()> {
+fn verify(store: &MemStore, version: FormatVersion) -> Result<()> {
     let report = fsck::check(store, &FsckOptions::default())?;
     if !report.is_clean() {
         bail!("fsck:\n{}", report.render("golden"));
@@ -136,6 +134,11 @@ fn verify(store: &MemStore) -> Result<()> {
     let mut b = vec![0u8; BLOCK_SIZE];
     store.read(0, &mut b)?;
     let sb = Superblock::decode(&b)?;
+    ensure!(
+        sb.format_version == version,
+        "the image has format v{}",
+        sb.format_version.0
+    );
 
     let copy = Arc::new(MemStore::from_image(store.image()));
     let fs = Fs::mount(copy)?;
@@ -146,7 +149,9 @@ fn verify(store: &MemStore) -> Result<()> {
 
     let frag = inode_of(store, &sb, frag)?;
     ensure!(
-        frag.extent_count > 12 && frag.extent_block != 0,
+        frag.layout == version
+            && frag.extent_count as usize > frag.codec().inline_capacity()
+            && frag.extent_block != 0,
         "fragmented.bin has {} extents and no extent block",
         frag.extent_count
     );
@@ -164,25 +169,32 @@ fn verify(store: &MemStore) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let out = std::env::args()
-        .nth(1)
-        .context("usage: make_golden <output image>")?;
+    const USAGE: &str = "usage: make_golden <output image> [format version]";
+    let out = std::env::args().nth(1).context(USAGE)?;
+    let version = match std::env::args().nth(2) {
+        Some(v) => FormatVersion(v.parse().context(USAGE)?),
+        None => FormatVersion::CURRENT,
+    };
+    ensure!(
+        version.is_supported(),
+        "format version {} is unknown",
+        version.0
+    );
     let store = Arc::new(MemStore::new(MIN_BLOCKS));
     mkfs(
         store.as_ref(),
         &out,
         &MkfsOptions {
-            force: false,
-            uid: 0,
-            gid: 0,
+            version,
+            ..MkfsOptions::default()
         },
     )?;
     let fs = Fs::mount(store.clone())?;
     populate(&fs)?;
     fs.unmount()?;
-    verify(&store)?;
+    verify(&store, version)?;
     let image = store.image();
     std::fs::write(&out, &image).with_context(|| format!("writing {out}"))?;
-    println!("{out}: {} bytes", image.len());
+    println!("{out}: format v{}, {} bytes", version.0, image.len());
     Ok(())
 }

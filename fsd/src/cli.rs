@@ -6,9 +6,13 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use std::sync::Arc;
+
 use formats::superblock::{Geometry, Superblock};
+use formats::version::FormatVersion;
 use formats::BLOCK_SIZE;
 
+use crate::fs::{Fs, FsError, Progress};
 use crate::fsck::{self, FsckOptions, FsckReport};
 use crate::mkfs::{self, MkfsError, MkfsOptions};
 use crate::store::{self, FileStore};
@@ -31,6 +35,21 @@ pub enum CliError {
     NotAnImageFile { path: String },
     #[error(transparent)]
     Mkfs(#[from] MkfsError),
+    #[error("format version {0} is not one this build knows (1 to {max})", max = FormatVersion::CURRENT.0)]
+    BadVersion(u32),
+    #[error("{0} is in use by a mount (unmount it first)")]
+    InUse(String),
+    #[error("{path}: converting to format v{to} needs {needed} bytes free, the image has {free}")]
+    NoSpace {
+        path: String,
+        to: u32,
+        needed: u64,
+        free: u64,
+    },
+    #[error("{path}: {why}")]
+    Refused { path: String, why: String },
+    #[error("{path}: {source}")]
+    Fs { path: String, source: FsError },
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
 }
@@ -71,9 +90,25 @@ pub struct MkfsOutcome {
     pub bytes: u64,
 }
 
-/// `fsd mkfs IMAGE [--size SIZE] [--force]`: a regular file (made sparse, created if
-/// missing) gets `size` bytes; a block device keeps its own size, which `size` must match.
-pub fn mkfs_image(path: &Path, size: Option<u64>, force: bool) -> Result<MkfsOutcome, CliError> {
+/// A format version given on the command line.
+pub fn parse_version(n: u32) -> Result<FormatVersion, CliError> {
+    let v = FormatVersion(n);
+    if v.is_supported() {
+        Ok(v)
+    } else {
+        Err(CliError::BadVersion(n))
+    }
+}
+
+/// `fsd mkfs IMAGE [--size SIZE] [--force] [--format-version N]`: a regular file (made
+/// sparse, created if missing) gets `size` bytes; a block device keeps its own size,
+/// which `size` must match.
+pub fn mkfs_image(
+    path: &Path,
+    size: Option<u64>,
+    force: bool,
+    version: FormatVersion,
+) -> Result<MkfsOutcome, CliError> {
     let name = path.display().to_string();
     let io_err = |source| CliError::Io {
         path: name.clone(),
@@ -111,7 +146,7 @@ pub fn mkfs_image(path: &Path, size: Option<u64>, force: bool) -> Result<MkfsOut
                 });
             }
         }
-        return format(file, &name, device, force);
+        return format(file, &name, device, force, version);
     }
 
     let bytes = match size {
@@ -122,8 +157,8 @@ pub fn mkfs_image(path: &Path, size: Option<u64>, force: bool) -> Result<MkfsOut
     if bytes % BLOCK_SIZE as u64 != 0 {
         return Err(CliError::Unaligned(bytes));
     }
-    // Refuse sizes v1 cannot hold before touching the file.
-    Geometry::for_blocks(bytes / BLOCK_SIZE as u64)
+    // Refuse sizes the version cannot hold before touching the file.
+    Geometry::for_version(bytes / BLOCK_SIZE as u64, version)
         .map_err(|e| CliError::Mkfs(MkfsError::Size(e)))?;
     if meta.is_some() && !force {
         let existing = FileStore::open(path, false).map_err(io_err)?;
@@ -139,10 +174,16 @@ pub fn mkfs_image(path: &Path, size: Option<u64>, force: bool) -> Result<MkfsOut
         .open(path)
         .map_err(io_err)?;
     file.set_len(bytes).map_err(io_err)?;
-    format(file, &name, bytes, force)
+    format(file, &name, bytes, force, version)
 }
 
-fn format(file: File, name: &str, bytes: u64, force: bool) -> Result<MkfsOutcome, CliError> {
+fn format(
+    file: File,
+    name: &str,
+    bytes: u64,
+    force: bool,
+    version: FormatVersion,
+) -> Result<MkfsOutcome, CliError> {
     let io_err = |source| CliError::Io {
         path: name.to_string(),
         source,
@@ -154,9 +195,106 @@ fn format(file: File, name: &str, bytes: u64, force: bool) -> Result<MkfsOutcome
         force,
         uid: m.uid(),
         gid: m.gid(),
+        version,
     };
     let superblock = mkfs::mkfs(&store, name, &opts)?;
     Ok(MkfsOutcome { superblock, bytes })
+}
+
+/// What `fsd convert` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertOutcome {
+    pub from: FormatVersion,
+    pub to: FormatVersion,
+    /// A conversion an earlier run left half-done was finished.
+    pub resumed: bool,
+    /// Bytes of metadata rewritten in the new layout.
+    pub bytes_moved: u64,
+}
+
+/// Live inodes one conversion step converts.
+pub const CONVERT_BATCH: u64 = 256;
+
+/// `fsd convert IMAGE --to N`: converts an unmounted image to format `to`, or finishes
+/// the conversion an interrupted run left. Refuses an image a mount holds (the lock
+/// `fsd mount` takes) and one whose free space is below what the conversion needs.
+/// `progress` sees every step.
+pub fn convert_image(
+    path: &Path,
+    to: FormatVersion,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<ConvertOutcome, CliError> {
+    let name = path.display().to_string();
+    let io_err = |source| CliError::Io {
+        path: name.clone(),
+        source,
+    };
+    let fs_err = |source| CliError::Fs {
+        path: name.clone(),
+        source,
+    };
+    let refused = |why: String| CliError::Refused {
+        path: name.clone(),
+        why,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err)?;
+    // Held until this function returns: the lock lives as long as a descriptor does.
+    let lock = file.try_clone().map_err(io_err)?;
+    if !store::try_lock_exclusive(&lock).map_err(io_err)? {
+        return Err(CliError::InUse(name));
+    }
+    let store = FileStore::new(file).map_err(io_err)?;
+    let fs = Fs::mount(Arc::new(store)).map_err(fs_err)?;
+    let from = fs.format_version();
+    // Why the image is not converted, if it is not; it is unmounted cleanly then.
+    let refusal = match fs.conversion_target() {
+        Some(t) if t != to => Some(refused(format!(
+            "a conversion from format v{} to v{} is in progress; finish it with --to {}",
+            from.0, t.0, t.0
+        ))),
+        None if to < from => Some(refused(format!(
+            "the image has format v{}; it cannot be converted to the older v{}",
+            from.0, to.0
+        ))),
+        _ if to > from => {
+            let needed = fs.conversion_space_needed(to).map_err(fs_err)?;
+            let free = fs.statfs().free_blocks * BLOCK_SIZE as u64;
+            (free < needed).then(|| CliError::NoSpace {
+                path: name.clone(),
+                to: to.0,
+                needed,
+                free,
+            })
+        }
+        _ => None,
+    };
+    if let Some(e) = refusal {
+        fs.unmount().map_err(fs_err)?;
+        return Err(e);
+    }
+    let resumed = fs.conversion_target().is_some();
+    fs.start_conversion(to).map_err(fs_err)?;
+    let mut bytes_moved = 0;
+    loop {
+        let p = fs.convert_step(CONVERT_BATCH).map_err(fs_err)?;
+        bytes_moved += p.bytes_moved;
+        progress(&p);
+        if p.finished {
+            break;
+        }
+    }
+    fs.unmount().map_err(fs_err)?;
+    drop(lock);
+    Ok(ConvertOutcome {
+        from,
+        to,
+        resumed,
+        bytes_moved,
+    })
 }
 
 /// `fsd fsck IMAGE [--repair]`: opens the image (writable only to repair) and checks it.

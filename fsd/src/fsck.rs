@@ -1,4 +1,5 @@
-//! `fsd fsck`: checks every invariant of a format-v1 image and repairs what is safe.
+//! `fsd fsck`: checks every invariant of an image of any supported format version (a
+//! half-converted one included) and repairs what is safe.
 //!
 //! A check replays nothing: complete journal transactions are applied in a read-only
 //! overlay, so the image is judged as it will be after replay. `--repair` replays the
@@ -20,7 +21,7 @@ use std::io;
 use formats::bitmap;
 use formats::block::{BlockAddr, BlockKind, BLOCK_SIZE, PAYLOAD_SIZE};
 use formats::dir::Bucket;
-use formats::inode::{self, Inode, INODE_SIZE};
+use formats::inode::{Inode, INODE_SIZE};
 use formats::superblock::{FsState, Superblock};
 use serde::Serialize;
 
@@ -178,7 +179,7 @@ pub struct MetaRange {
 
 /// Checks the image in `store`; with `opts.repair`, repairs it and checks again.
 pub fn check(store: &dyn BlockStore, opts: &FsckOptions) -> Result<FsckReport, FsckError> {
-    let sb = match check::read_superblock(store)? {
+    let mut sb = match check::read_superblock(store)? {
         Ok(sb) => sb,
         Err(p) => {
             return Ok(FsckReport {
@@ -202,6 +203,10 @@ pub fn check(store: &dyn BlockStore, opts: &FsckOptions) -> Result<FsckReport, F
             // The check below reports why the journal could not be read.
             Err(JournalError::Io(e)) => return Err(e.into()),
             Err(_) => {}
+        }
+        // The log may have carried a newer superblock (a conversion step).
+        if let Ok(replayed) = check::read_superblock(store)? {
+            sb = replayed;
         }
         run_pass(store)?
     } else {
@@ -370,13 +375,13 @@ fn read_block(store: &dyn BlockStore, addr: u64) -> io::Result<Vec<u8>> {
 /// pass that made the plan, or is rebuilt whole from what is reachable.
 fn repair(store: &dyn BlockStore, sb: &Superblock, plan: &Plan) -> Result<(), FsckError> {
     let geo = sb.geometry;
-    let codec = inode::codec_for(sb.format_version);
+    let newest = sb.newest_layout();
     let io_err = |e: formats::FormatError| FsckError::Io(io::Error::other(e.to_string()));
 
     for &ino in &plan.free_inodes {
         let (addr, off) = geo.inode_location(ino);
         let mut b = read_block(store, addr.0)?;
-        let slot = check::freed_slot(ino, &b[off..off + INODE_SIZE], codec);
+        let slot = check::freed_slot(ino, &b[off..off + INODE_SIZE], newest);
         b[off..off + INODE_SIZE].copy_from_slice(&slot);
         store.write(addr.0, &b)?;
     }
@@ -402,11 +407,11 @@ fn repair(store: &dyn BlockStore, sb: &Superblock, plan: &Plan) -> Result<(), Fs
         }
         let (addr, off) = geo.inode_location(ino);
         let mut b = read_block(store, addr.0)?;
-        let Ok(Some(mut i)) = Inode::decode(ino, &b[off..off + INODE_SIZE], codec) else {
+        let Ok(Some(mut i)) = Inode::decode(ino, &b[off..off + INODE_SIZE], newest) else {
             continue;
         };
         i.nlink = nlink;
-        i.encode(ino, codec, &mut b[off..off + INODE_SIZE])
+        i.encode(ino, &mut b[off..off + INODE_SIZE])
             .map_err(io_err)?;
         store.write(addr.0, &b)?;
     }

@@ -71,6 +71,22 @@ pub enum Handle {
     },
 }
 
+thread_local! {
+    /// The request this thread serves is a resend of one that already completed.
+    static REPLAY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the request this thread serves as the resend of a completed one (or not).
+pub fn set_replay(on: bool) {
+    REPLAY.with(|r| r.set(on));
+}
+
+/// Whether the request being served already ran to completion in a server that died
+/// before replying: a non-idempotent operation must then not run again.
+fn replaying() -> bool {
+    REPLAY.with(|r| r.get())
+}
+
 /// The kernel-facing state of a mount.
 pub struct MoltFuse {
     fs: Arc<Fs>,
@@ -82,10 +98,25 @@ pub struct MoltFuse {
     usage: Mutex<HashMap<u64, u64>>,
     /// Requests served since the mount, across versions.
     pub requests: AtomicU64,
+    /// Requests a crashed predecessor completed (empty unless recovered).
+    completed: std::collections::HashSet<u64>,
 }
+
+/// Handle numbers a server recovered after its `n`-th crash gives out start at
+/// `(n + 1) << RECOVERY_HANDLE_SHIFT`, above any a predecessor can have reached.
+const RECOVERY_HANDLE_SHIFT: u32 = 44;
 
 /// The virtual, read-only extended attribute holding a file's usage counter.
 pub const USAGE_XATTR: &[u8] = b"user.molt.usage";
+/// The virtual, read-only extended attribute holding an inode's creation time (format v2
+/// and later) as decimal `SEC.NSEC`; absent on inodes without one. (Not `statx` btime:
+/// the FUSE binding speaks protocol 7.33, and `FUSE_STATX` arrived in 7.39.)
+pub const CRTIME_XATTR: &[u8] = b"user.molt.crtime";
+
+/// The value of `CRTIME_XATTR`: seconds, a dot, nanoseconds as nine digits.
+pub fn crtime_value(t: Timespec) -> Vec<u8> {
+    format!("{}.{:09}", t.sec, t.nsec).into_bytes()
+}
 
 fn stat_of(a: &Attr) -> stat64 {
     // SAFETY: stat64 is a plain C struct of integers; all-zero is a valid value.
@@ -128,7 +159,37 @@ impl MoltFuse {
             next_handle: AtomicU64::new(1),
             usage: Mutex::new(HashMap::new()),
             requests: AtomicU64::new(0),
+            completed: Default::default(),
         }
+    }
+
+    /// The kernel-facing state after the server died: the kernel's lookup counts and
+    /// handles are unknown. Lookups start at zero (an orphan then waits for the next
+    /// mount to be freed), handles the kernel still holds are rebuilt on first use, and
+    /// new handle numbers start above any the dead server can have given out.
+    pub fn recovered(
+        fs: Arc<Fs>,
+        completed: std::collections::HashSet<u64>,
+        recovery: u64,
+    ) -> MoltFuse {
+        let mut m = MoltFuse::new(fs);
+        m.completed = completed;
+        m.next_handle = AtomicU64::new((recovery + 1) << RECOVERY_HANDLE_SHIFT);
+        m
+    }
+
+    /// Whether `unique` (a resent request) completed in the server that died.
+    pub fn completed_before(&self, unique: u64) -> bool {
+        self.completed.contains(&(unique & !(1 << 63)))
+    }
+
+    /// A resent creation that already completed: answers with the entry it made.
+    fn replayed_entry(&self, parent: u64, name: &CStr) -> Option<Entry> {
+        if !replaying() {
+            return None;
+        }
+        let a = self.fs.lookup(Ino(parent as u32), cname(name)).ok()?;
+        Some(self.counted(a))
     }
 
     /// Rebuilds the kernel-facing state a predecessor exported.
@@ -171,6 +232,7 @@ impl MoltFuse {
             next_handle: AtomicU64::new(state.next_handle),
             usage: Mutex::new(state.usage.iter().copied().collect()),
             requests: AtomicU64::new(state.requests),
+            completed: Default::default(),
         }
     }
 
@@ -284,6 +346,17 @@ impl MoltFuse {
         let id = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().expect("handles").insert(id, h);
         id
+    }
+
+    /// The listing a directory handle serves: ".", "..", then every entry.
+    fn listing(&self, ino: Ino) -> io::Result<Vec<(Vec<u8>, Ino, u8)>> {
+        let list = self.fs.readdir(ino).map_err(to_io)?;
+        let parent = self.fs.parent_of(ino).map_err(to_io)?;
+        let mut entries = Vec::with_capacity(list.len() + 2);
+        entries.push((b".".to_vec(), ino, DT_DIR));
+        entries.push((b"..".to_vec(), parent, DT_DIR));
+        entries.extend(list.into_iter().map(|e| (e.name, e.ino, e.dtype)));
+        Ok(entries)
     }
 
     /// Owner of a new inode: the caller, with the group of a set-group-ID directory.
@@ -490,6 +563,9 @@ impl FileSystem for MoltFuse {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
+        if let Some(e) = self.replayed_entry(parent, name) {
+            return Ok(e);
+        }
         let (uid, gid, _) = self.new_owner(ctx, parent, 0)?;
         let a = self
             .fs
@@ -507,6 +583,9 @@ impl FileSystem for MoltFuse {
         rdev: u32,
         _umask: u32,
     ) -> io::Result<Entry> {
+        if let Some(e) = self.replayed_entry(parent, name) {
+            return Ok(e);
+        }
         let (uid, gid, mode) = self.new_owner(ctx, parent, mode)?;
         let a = self
             .fs
@@ -523,6 +602,9 @@ impl FileSystem for MoltFuse {
         mode: u32,
         _umask: u32,
     ) -> io::Result<Entry> {
+        if let Some(e) = self.replayed_entry(parent, name) {
+            return Ok(e);
+        }
         let (uid, gid, mode) = self.new_owner(ctx, parent, mode | S_IFDIR)?;
         let a = self
             .fs
@@ -532,6 +614,9 @@ impl FileSystem for MoltFuse {
     }
 
     fn unlink(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        if replaying() {
+            return Ok(());
+        }
         self.fs
             .unlink(Ino(parent as u32), cname(name))
             .map(|_| ())
@@ -539,6 +624,9 @@ impl FileSystem for MoltFuse {
     }
 
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        if replaying() {
+            return Ok(());
+        }
         self.fs
             .rmdir(Ino(parent as u32), cname(name))
             .map(|_| ())
@@ -558,6 +646,9 @@ impl FileSystem for MoltFuse {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if replaying() {
+            return Ok(());
         }
         self.fs
             .rename(
@@ -579,6 +670,9 @@ impl FileSystem for MoltFuse {
         newparent: u64,
         newname: &CStr,
     ) -> io::Result<Entry> {
+        if let Some(e) = self.replayed_entry(newparent, newname) {
+            return Ok(e);
+        }
         let a = self
             .fs
             .link(Ino(inode as u32), Ino(newparent as u32), cname(newname))
@@ -626,11 +720,18 @@ impl FileSystem for MoltFuse {
         } else {
             args.mode
         };
-        let (uid, gid, mode) = self.new_owner(ctx, parent, mode)?;
-        let a = self
-            .fs
-            .mknod(Ino(parent as u32), cname(name), mode, 0, uid, gid)
-            .map_err(to_io)?;
+        let replayed = replaying()
+            .then(|| self.fs.lookup(Ino(parent as u32), cname(name)).ok())
+            .flatten();
+        let a = match replayed {
+            Some(a) => a,
+            None => {
+                let (uid, gid, mode) = self.new_owner(ctx, parent, mode)?;
+                self.fs
+                    .mknod(Ino(parent as u32), cname(name), mode, 0, uid, gid)
+                    .map_err(to_io)?
+            }
+        };
         let h = self.add_handle(Handle::File {
             ino: a.ino,
             flags: args.flags,
@@ -752,8 +853,11 @@ impl FileSystem for MoltFuse {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        if cname(name) == USAGE_XATTR {
+        if cname(name) == USAGE_XATTR || cname(name) == CRTIME_XATTR {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        if replaying() {
+            return Ok(());
         }
         let f = XattrFlags {
             create: flags & libc::XATTR_CREATE as u32 != 0,
@@ -781,6 +885,10 @@ impl FileSystem for MoltFuse {
                 .copied()
                 .unwrap_or(0);
             n.to_string().into_bytes()
+        } else if cname(name) == CRTIME_XATTR {
+            let a = self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
+            let t = a.crtime.ok_or_else(|| to_io(FsError::NoAttr))?;
+            crtime_value(t)
         } else {
             self.fs
                 .getxattr(Ino(inode as u32), cname(name))
@@ -796,7 +904,11 @@ impl FileSystem for MoltFuse {
     }
 
     fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        let names = self.fs.listxattr(Ino(inode as u32)).map_err(to_io)?;
+        let ino = Ino(inode as u32);
+        let mut names = self.fs.listxattr(ino).map_err(to_io)?;
+        if self.fs.getattr(ino).map_err(to_io)?.crtime.is_some() {
+            names.push(CRTIME_XATTR.to_vec());
+        }
         let mut buf = Vec::new();
         for n in names {
             buf.extend_from_slice(&n);
@@ -812,6 +924,12 @@ impl FileSystem for MoltFuse {
     }
 
     fn removexattr(&self, _ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        if cname(name) == CRTIME_XATTR {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        if replaying() {
+            return Ok(());
+        }
         self.fs
             .removexattr(Ino(inode as u32), cname(name))
             .map_err(to_io)
@@ -824,12 +942,7 @@ impl FileSystem for MoltFuse {
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let ino = Ino(inode as u32);
-        let list = self.fs.readdir(ino).map_err(to_io)?;
-        let parent = self.fs.parent_of(ino).map_err(to_io)?;
-        let mut entries = Vec::with_capacity(list.len() + 2);
-        entries.push((b".".to_vec(), ino, DT_DIR));
-        entries.push((b"..".to_vec(), parent, DT_DIR));
-        entries.extend(list.into_iter().map(|e| (e.name, e.ino, e.dtype)));
+        let entries = self.listing(ino)?;
         let h = self.add_handle(Handle::Dir {
             ino,
             entries: Arc::new(entries),
@@ -846,9 +959,28 @@ impl FileSystem for MoltFuse {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let entries = match self.handles.lock().expect("handles").get(&h) {
-            Some(Handle::Dir { entries, .. }) => entries.clone(),
-            _ => return Err(io::Error::from_raw_os_error(libc::EBADF)),
+        let known = match self.handles.lock().expect("handles").get(&h) {
+            Some(Handle::Dir { entries, .. }) => Some(entries.clone()),
+            _ => None,
+        };
+        let entries = match known {
+            Some(e) => e,
+            // A handle given out before and not released (the kernel never uses a
+            // released one) that this process does not know: a directory a crashed
+            // predecessor opened. List it afresh under the same number (entries changed
+            // meanwhile may be missed or repeated).
+            None if h < self.next_handle.load(Ordering::Relaxed) => {
+                let e = Arc::new(self.listing(Ino(_inode as u32))?);
+                self.handles.lock().expect("handles").insert(
+                    h,
+                    Handle::Dir {
+                        ino: Ino(_inode as u32),
+                        entries: e.clone(),
+                    },
+                );
+                e
+            }
+            None => return Err(io::Error::from_raw_os_error(libc::EBADF)),
         };
         for (i, (name, ino, dtype)) in entries.iter().enumerate().skip(offset as usize) {
             let n = add_entry(DirEntry {

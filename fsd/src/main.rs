@@ -28,6 +28,17 @@ enum Command {
         /// Overwrite an existing Molt image.
         #[arg(long)]
         force: bool,
+        /// On-disk format version: 1, 2 or 3 (default: the newest).
+        #[arg(long, value_name = "N", value_parser = parse_version)]
+        format_version: Option<formats::FormatVersion>,
+    },
+    /// Convert the unmounted IMAGE to a newer on-disk format, or finish a conversion an
+    /// interrupted run left half-done.
+    Convert {
+        image: PathBuf,
+        /// Format version to convert to: 2 or 3.
+        #[arg(long, value_name = "N", value_parser = parse_version)]
+        to: formats::FormatVersion,
     },
     /// Check IMAGE. Exit codes: 0 clean, 1 errors repaired, 4 errors left, 8 operational error.
     Fsck {
@@ -77,6 +88,9 @@ enum Command {
         /// Take over from a running predecessor (live update).
         #[arg(long)]
         adopt: bool,
+        /// Take over from a predecessor that died (N counts this mount's recoveries).
+        #[arg(long, value_name = "N", conflicts_with = "adopt")]
+        recover: Option<u64>,
     },
 }
 
@@ -95,13 +109,71 @@ fn parse_size(s: &str) -> Result<u64, String> {
     cli::parse_size(s).map_err(|e| e.to_string())
 }
 
+fn parse_version(s: &str) -> Result<formats::FormatVersion, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a version number"))?;
+    cli::parse_version(n).map_err(|e| e.to_string())
+}
+
+/// `fsd convert`: one progress line on stderr, rewritten in place.
+fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
+    use std::io::Write;
+    let name = image.display().to_string();
+    let mut last = std::time::Instant::now();
+    let mut show = |p: &fsd::fs::Progress| {
+        if p.finished || last.elapsed().as_millis() >= 100 {
+            last = std::time::Instant::now();
+            let pct = p.done_inodes * 100 / p.total_inodes.max(1);
+            eprint!(
+                "\rconverting {name} to format v{}: inode {} of {} ({pct}%)",
+                to.0, p.done_inodes, p.total_inodes
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let r = cli::convert_image(image, to, &mut show);
+    eprintln!();
+    match r {
+        Ok(out) if out.from == out.to => {
+            println!("{name} already has format v{}", out.to.0);
+            ExitCode::SUCCESS
+        }
+        Ok(out) => {
+            println!(
+                "converted {name} from format v{} to v{}{}: {} KiB of metadata rewritten",
+                out.from.0,
+                out.to.0,
+                if out.resumed { " (resumed)" } else { "" },
+                out.bytes_moved / 1024
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fsd convert: {:#}", anyhow::Error::from(e));
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Args::parse().command {
-        Command::Mkfs { image, size, force } => match cli::mkfs_image(&image, size, force) {
+        Command::Mkfs {
+            image,
+            size,
+            force,
+            format_version,
+        } => match cli::mkfs_image(
+            &image,
+            size,
+            force,
+            format_version.unwrap_or(formats::FormatVersion::CURRENT),
+        ) {
             Ok(out) => {
                 let g = out.superblock.geometry;
                 println!(
-                    "made a Molt filesystem on {}: {} bytes, {} blocks, {} inodes",
+                    "made a Molt filesystem (format v{}) on {}: {} bytes, {} blocks, {} inodes",
+                    out.superblock.format_version.0,
                     image.display(),
                     out.bytes,
                     g.total_blocks,
@@ -114,6 +186,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Convert { image, to } => convert(&image, to),
         Command::Fsck {
             image,
             repair,
@@ -190,11 +263,13 @@ fn main() -> ExitCode {
             mountpoint,
             threads,
             adopt,
+            recover,
         } => {
             let args = serve::ServerArgs {
                 mountpoint,
                 threads,
                 adopt,
+                recover,
             };
             let fds = (|| -> anyhow::Result<serve::ServerFds> {
                 use supervisor::*;
@@ -204,6 +279,7 @@ fn main() -> ExitCode {
                     cq_eventfd: inherited_fd(SERVE_CQ_FD)?,
                     fuse: std::fs::File::from(inherited_fd(SERVE_FUSE_FD)?),
                     ctl: std::os::unix::net::UnixStream::from(inherited_fd(SERVE_CTL_FD)?),
+                    redo: std::fs::File::from(inherited_fd(SERVE_REDO_FD)?),
                 })
             })();
             match fds.and_then(|fds| serve::run_server(&args, fds)) {

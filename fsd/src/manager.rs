@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use updater::manifest::{ComponentName, Manifest, Nature};
 use updater::protocol::{
-    self, ComponentStatus, Event, Outcome, Request, StatusReport, UpdateRecord,
+    self, ComponentStatus, ConversionStatus, Event, Outcome, Request, StatusReport, UpdateRecord,
 };
 use updater::{
     check_compatibility, check_requirements, CheckItem, Keyring, MachineContext, Package,
@@ -149,9 +149,9 @@ fn serve_connection(
         Request::Apply {
             package,
             deadline_ms,
-            no_wait: _,
+            no_wait,
         } => {
-            let (outcome, message) = apply(stack, control, package, deadline_ms, &mut out);
+            let (outcome, message) = apply(stack, control, package, deadline_ms, no_wait, &mut out);
             out(Event::Done { outcome, message });
         }
     }
@@ -238,6 +238,9 @@ fn check_package(
     ctx.io_uring_ops = Some(crate::sysinfo::io_uring_ops());
     let mut items = check_compatibility(m, &running);
     items.extend(check_requirements(&m.requirements, &ctx));
+    if let Some(change) = m.format {
+        items.push(conversion_space_check(stack, change));
+    }
     let mut failed = Vec::new();
     for item in items {
         if !item.passed {
@@ -249,6 +252,44 @@ fn check_package(
         return Err(failed.join("; "));
     }
     Ok(())
+}
+
+/// Whether the image has the free space converting it to `change.to` needs: the running
+/// server computes the need from the image (extent blocks the new layout adds, plus
+/// headroom) and reports the free space.
+fn conversion_space_check(
+    stack: &Arc<Mutex<Stack>>,
+    change: updater::manifest::FormatChange,
+) -> CheckItem {
+    let name = "conversion space";
+    let reply = {
+        let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        crate::update::server_request(&mut s, &format!("space {}", change.to))
+    };
+    let field = |l: &str, k: &str| {
+        l.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(n, _)| *n == k)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    match reply {
+        Some(l) if l.starts_with("space ") => match (field(&l, "needed"), field(&l, "free")) {
+            (Some(needed), Some(free)) => CheckItem::new(
+                name,
+                needed <= free,
+                format!(
+                    "converting to format v{} needs {:.1} MiB free in the image, it has {:.1} MiB",
+                    change.to,
+                    mib(needed),
+                    mib(free)
+                ),
+            ),
+            _ => CheckItem::new(name, false, format!("unreadable answer: {l}")),
+        },
+        Some(l) => CheckItem::new(name, false, l),
+        None => CheckItem::new(name, false, "the server did not answer".to_string()),
+    }
 }
 
 fn running_system(s: &Stack) -> updater::RunningSystem {
@@ -304,6 +345,7 @@ fn apply(
     control: &Control,
     package: Vec<u8>,
     deadline_ms: Option<u64>,
+    no_wait: bool,
     out: &mut dyn FnMut(Event),
 ) -> (Outcome, String) {
     // One update at a time.
@@ -473,7 +515,103 @@ fn apply(
         outcome,
         message: message.clone(),
     });
-    (outcome, message)
+    match (outcome, m.format) {
+        (Outcome::Committed, Some(change)) => {
+            drop(s);
+            convert_after_update(stack, change, no_wait, out)
+        }
+        _ => (outcome, message),
+    }
+}
+
+/// After an update that declares an on-disk format change committed: tells the new
+/// server to convert, then (unless `no_wait`) reports progress until the conversion is
+/// done. The stack is locked only for each progress query, so crash recovery and status
+/// requests go on meanwhile; a server that dies mid-conversion is replaced and its
+/// successor resumes the conversion from the image.
+fn convert_after_update(
+    stack: &Arc<Mutex<Stack>>,
+    change: updater::manifest::FormatChange,
+    no_wait: bool,
+    out: &mut dyn FnMut(Event),
+) -> (Outcome, String) {
+    let t0 = Instant::now();
+    let what = format!("converting format v{} to v{}", change.from, change.to);
+    out(Event::Phase {
+        phase: protocol::Phase::Conversion,
+        state: protocol::PhaseState::Started,
+        elapsed_ms: 0,
+        detail: what.clone(),
+    });
+    let started = {
+        let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        crate::update::server_request(&mut s, &format!("convert {}", change.to))
+    };
+    let end = |out: &mut dyn FnMut(Event), stack: &Arc<Mutex<Stack>>, ok: bool, detail: String| {
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        let state = if ok {
+            protocol::PhaseState::Finished
+        } else {
+            protocol::PhaseState::Failed
+        };
+        out(Event::Phase {
+            phase: protocol::Phase::Conversion,
+            state,
+            elapsed_ms,
+            detail: detail.clone(),
+        });
+        let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = s.history.last_mut() {
+            r.phases
+                .push((protocol::Phase::Conversion, elapsed_ms, state));
+            r.message = format!("{}; {detail}", r.message);
+        }
+    };
+    match started.as_deref() {
+        Some("converting") => {}
+        other => {
+            let why = format!(
+                "committed, but the conversion did not start: {}",
+                other.unwrap_or("no answer from the server")
+            );
+            end(out, stack, false, why.clone());
+            return (Outcome::Failed, why);
+        }
+    }
+    if no_wait {
+        let msg = format!("{what} in the background; `updater status` shows its progress");
+        end(out, stack, true, msg.clone());
+        return (Outcome::Started, msg);
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let counters = {
+            let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+            crate::update::server_status(&mut s)
+        };
+        let get = |k: &str| counters.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        match (get("conv_target"), get("format")) {
+            (Some(_), _) => out(Event::Progress {
+                what: what.clone(),
+                done: get("conv_done").unwrap_or(0),
+                total: get("conv_total").unwrap_or(0),
+            }),
+            (None, Some(f)) if f == u64::from(change.to) => {
+                let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+                s.format_version = change.to;
+                drop(s);
+                let msg = format!(
+                    "the image has format v{} ({:.1} s)",
+                    change.to,
+                    t0.elapsed().as_secs_f64()
+                );
+                end(out, stack, true, msg.clone());
+                return (Outcome::Committed, msg);
+            }
+            // No answer: the server is being replaced after a crash; ask again.
+            _ => {}
+        }
+    }
 }
 
 fn components_of(
@@ -519,6 +657,20 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
     };
     let server_counters = crate::update::server_status(&mut s);
     let driver_counters = crate::update::driver_status(&mut s);
+    let counter = |k: &str| {
+        server_counters
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| *v)
+    };
+    if let Some(f) = counter("format") {
+        s.format_version = f as u32;
+    }
+    let conversion = counter("conv_target").map(|_| ConversionStatus {
+        done: counter("conv_done").unwrap_or(0),
+        total: counter("conv_total").unwrap_or(0),
+        rate_per_s: counter("conv_rate").unwrap_or(0) as f64,
+    });
     StatusReport {
         components: vec![
             ComponentStatus {
@@ -539,6 +691,6 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
         format_version: s.format_version,
         history: s.history.clone(),
         update_in_progress: in_progress,
-        conversion: None,
+        conversion,
     }
 }

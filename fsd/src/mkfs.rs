@@ -1,4 +1,5 @@
-//! `fsd mkfs`: lays out an empty format-v1 image.
+//! `fsd mkfs`: lays out an empty image of any supported format version (the newest by
+//! default).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,19 @@ pub struct MkfsOptions {
     /// Owner of the root directory.
     pub uid: u32,
     pub gid: u32,
+    /// Format version of the image.
+    pub version: FormatVersion,
+}
+
+impl Default for MkfsOptions {
+    fn default() -> Self {
+        MkfsOptions {
+            force: false,
+            uid: 0,
+            gid: 0,
+            version: FormatVersion::CURRENT,
+        }
+    }
 }
 
 pub fn now() -> Timespec {
@@ -76,7 +90,17 @@ pub fn mkfs(
     if !opts.force && has_molt_magic(store)? {
         return Err(MkfsError::ExistingImage(name.to_string()));
     }
-    let geo = Geometry::for_blocks(store.num_blocks()).map_err(MkfsError::Size)?;
+    let version = opts.version;
+    if !version.is_supported() {
+        return Err(MkfsError::Format(
+            formats::FormatError::UnsupportedVersion {
+                what: "mkfs",
+                found: version.0,
+                supported: FormatVersion::CURRENT.0,
+            },
+        ));
+    }
+    let geo = Geometry::for_version(store.num_blocks(), version).map_err(MkfsError::Size)?;
     let t = now();
 
     // Data area: root dir header + bucket 0, then orphan dir header + bucket 0.
@@ -112,13 +136,12 @@ pub fn mkfs(
         &bbits,
     )?;
 
-    let codec = formats::inode::codec_for(FormatVersion::V1);
     let mut itable = vec![0u8; BLOCK_SIZE];
     for (ino, first, mode) in [
         (ROOT_INO, root_blocks, S_IFDIR | 0o755),
         (ORPHAN_INO, orphan_blocks, S_IFDIR | 0o700),
     ] {
-        let mut inode = Inode::new(mode, opts.uid, opts.gid, t);
+        let mut inode = Inode::new(version, mode, opts.uid, opts.gid, t);
         inode.nlink = 2;
         inode.size = 2 * BLOCK_SIZE as u64;
         inode.blocks = 2;
@@ -131,7 +154,7 @@ pub fn mkfs(
         }]);
         let (addr, off) = geo.inode_location(ino);
         debug_assert_eq!(addr.0, geo.inode_table_start);
-        inode.encode(ino, codec, &mut itable[off..off + INODE_SIZE])?;
+        inode.encode(ino, &mut itable[off..off + INODE_SIZE])?;
         store.write(
             first,
             &DirHeader::new(ino).encode(ino, BlockAddr(first))[..],
@@ -156,10 +179,10 @@ pub fn mkfs(
     uuid[..8].copy_from_slice(&entropy(2).to_le_bytes());
     uuid[8..].copy_from_slice(&entropy(3).to_le_bytes());
     let sb = Superblock {
-        format_version: FormatVersion::V1,
+        format_version: version,
         compat: 0,
         ro_compat: 0,
-        incompat: 0,
+        incompat: Superblock::incompat_for(version, None),
         state: FsState::Clean,
         geometry: geo,
         free_blocks: geo.total_blocks - used_blocks,
@@ -169,6 +192,7 @@ pub fn mkfs(
         created_sec: t.sec,
         last_mount_sec: 0,
         conversion_cursor: 0,
+        conversion_target: None,
     };
     store.flush()?;
     store.write(0, &sb.encode()[..])?;

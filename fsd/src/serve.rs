@@ -12,19 +12,29 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fuse_backend_rs::abi::fuse_abi::InHeader;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 
+use crate::fs::redo::RedoLog;
 use crate::fuse::MoltFuse;
+
+/// The kernel marks a request it resends (FUSE_NOTIFY_RESEND) with this bit of `unique`.
+const RESEND_BIT: u64 = 1 << 63;
 
 /// Bytes the kernel may put in one request: the library's fixed read buffer.
 pub const MAX_READ: usize = 1_052_672 - 4096;
 
 /// Opens `/dev/fuse` for a new connection.
+/// Non-blocking: several workers wait for the same request in epoll, and the ones that
+/// lose the race must go back to waiting (where a wake-up reaches them), not block in
+/// read(2) until the next request arrives. Every server process shares this flag.
 pub fn open_fuse_device() -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open("/dev/fuse")
 }
 
@@ -147,7 +157,20 @@ fn worker(
         match ch.get_request() {
             Ok(Some((reader, writer))) => {
                 molt.requests.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+                // The request id goes with the operation's changes to the redo log; a
+                // request resent after a crash is marked so that one already completed
+                // is answered, not run again.
+                let unique = reader
+                    .clone()
+                    .read_obj::<InHeader>()
+                    .map(|h| h.unique)
+                    .unwrap_or(0);
+                crate::fs::redo::set_current_request(unique & !RESEND_BIT);
+                crate::fuse::set_replay(unique & RESEND_BIT != 0 && molt.completed_before(unique));
+                let r = server.handle_message(reader, writer.into(), None, None);
+                crate::fs::redo::set_current_request(0);
+                crate::fuse::set_replay(false);
+                if let Err(e) = r {
                     if let fuse_backend_rs::Error::EncodeMessage(io_err) = &e {
                         if io_err.raw_os_error() == Some(libc::ENODEV)
                             || io_err.raw_os_error() == Some(libc::EBADF)
@@ -166,6 +189,118 @@ fn worker(
     }
 }
 
+/// Inodes one background conversion step moves (one journal transaction, one lock hold).
+const CONVERT_BATCH: u64 = 64;
+
+/// Progress of the on-disk format conversion this server runs, for `status`.
+#[derive(Default)]
+struct Conversion {
+    /// When this server started (or resumed) converting, and how far it was then.
+    since: std::sync::Mutex<Option<(Instant, u64)>>,
+    done: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Conversion {
+    fn started(&self, fs: &crate::fs::Fs) {
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        if since.is_none() && fs.conversion_target().is_some() {
+            *since = Some((Instant::now(), self.done.load(Ordering::Relaxed)));
+        }
+    }
+
+    fn record(&self, p: &crate::fs::convert::Progress) {
+        self.done.store(p.done_inodes, Ordering::Relaxed);
+        self.total.store(p.total_inodes, Ordering::Relaxed);
+        self.bytes.fetch_add(p.bytes_moved, Ordering::Relaxed);
+    }
+
+    /// ` conv_target=N conv_done=.. conv_total=.. conv_rate=.. conv_bytes=..` while a
+    /// conversion runs; empty otherwise.
+    fn status_fields(&self, fs: &crate::fs::Fs) -> String {
+        let Some(target) = fs.conversion_target() else {
+            return String::new();
+        };
+        let done = self.done.load(Ordering::Relaxed);
+        let rate = match *self.since.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((t, from)) if t.elapsed().as_secs_f64() > 0.0 => {
+                (done.saturating_sub(from) as f64 / t.elapsed().as_secs_f64()) as u64
+            }
+            _ => 0,
+        };
+        format!(
+            " conv_target={} conv_done={done} conv_total={} conv_rate={rate} conv_bytes={}",
+            target.0,
+            self.total.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// The server's background work while it serves: commits changes left in memory about a
+/// second old, and moves a format conversion in progress forward a batch at a time
+/// (resuming one a predecessor, a crash or an earlier mount left unfinished).
+fn background(
+    fs: &crate::fs::Fs,
+    conversion: &Conversion,
+    stopped: &std::sync::mpsc::Receiver<()>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut pause = Duration::from_millis(100);
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(pause) {
+        let _ = fs.commit_older_than(Duration::from_secs(1));
+        pause = Duration::from_millis(100);
+        if fs.conversion_target().is_none() {
+            continue;
+        }
+        conversion.started(fs);
+        match fs.convert_step(CONVERT_BATCH) {
+            Ok(p) => {
+                conversion.record(&p);
+                if p.finished {
+                    eprintln!(
+                        "fsd serve: conversion to format v{} finished",
+                        fs.format_version().0
+                    );
+                } else {
+                    // Between batches the lock is free for I/O a moment.
+                    pause = Duration::from_millis(1);
+                }
+            }
+            Err(e) => eprintln!("fsd serve: conversion step failed: {e}"),
+        }
+    }
+}
+
+/// The thread that commits changes left in memory (times of overwritten files).
+struct Flusher {
+    stop: std::sync::mpsc::Sender<()>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl Flusher {
+    fn finish(self) {
+        drop(self.stop);
+        let _ = self.handle.join();
+    }
+}
+
+/// Asks the kernel to queue again every request read from this connection and not yet
+/// answered (FUSE_NOTIFY_RESEND): after a crash, those of the dead server.
+fn notify_resend(session: &FuseSession) -> io::Result<()> {
+    use std::io::Write;
+    const NOTIFY_RESEND: i32 = 7;
+    let file = session
+        .get_fuse_file()
+        .ok_or_else(|| io::Error::other("no FUSE connection"))?;
+    // fuse_out_header: len, error (the notify code), unique 0.
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_le_bytes());
+    msg[4..8].copy_from_slice(&NOTIFY_RESEND.to_le_bytes());
+    (&*file).write_all(&msg)
+}
+
 /// Descriptors `fsd serve` is started with.
 pub struct ServerFds {
     pub ring: std::os::fd::OwnedFd,
@@ -173,6 +308,8 @@ pub struct ServerFds {
     pub cq_eventfd: std::os::fd::OwnedFd,
     pub fuse: File,
     pub ctl: std::os::unix::net::UnixStream,
+    /// The redo log (a memfd the supervisor keeps across server processes).
+    pub redo: File,
 }
 
 /// How `fsd serve` starts.
@@ -182,6 +319,8 @@ pub struct ServerArgs {
     pub threads: usize,
     /// Take over from a running predecessor (live update) instead of mounting.
     pub adopt: bool,
+    /// Take over from a predecessor that died (the `n`-th recovery of this mount).
+    pub recover: Option<u64>,
 }
 
 /// Connects a ring client on duplicates of the ring descriptors (the originals stay, so
@@ -254,7 +393,14 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         let _ = ctl.send(&format!("error: {e:#}"));
         e
     };
-    let mut session = match FuseSession::new(&args.mountpoint, "molt", "molt", false) {
+    // The session checks that its path is a directory. After a crash nobody answers on
+    // the mountpoint, so a recovering server names another one (it never mounts).
+    let session_path: &Path = if args.recover.is_some() {
+        Path::new("/")
+    } else {
+        &args.mountpoint
+    };
+    let mut session = match FuseSession::new(session_path, "molt", "molt", false) {
         Ok(s) => s,
         Err(e) => return Err(fail(&mut ctl, anyhow::anyhow!("{e}"))),
     };
@@ -294,6 +440,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         }
         let adopted = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
             let fs = Arc::new(crate::fs::Fs::adopt(connect(&ring)?, &state.withheld)?);
+            fs.attach_redo_log(RedoLog::open(&fds.redo)?);
             let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
             Ok((fs, molt))
         })();
@@ -302,9 +449,25 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             Err(e) => return Err(fail(&mut ctl, e)),
         };
         (fs, molt)
+    } else if let Some(recovery) = args.recover {
+        // The predecessor died: the supervisor settled the ring; the kernel holds the
+        // requests it had read until the resend below.
+        let recovered = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
+            let (fs, completed) =
+                crate::fs::Fs::recover(connect(&ring)?, RedoLog::open(&fds.redo)?)?;
+            let fs = Arc::new(fs);
+            let molt = Arc::new(MoltFuse::recovered(fs.clone(), completed, recovery));
+            Ok((fs, molt))
+        })();
+        match recovered {
+            Ok(v) => v,
+            Err(e) => return Err(fail(&mut ctl, e)),
+        }
     } else {
         let mounted = (|| -> anyhow::Result<Arc<crate::fs::Fs>> {
-            Ok(Arc::new(crate::fs::Fs::mount(connect(&ring)?)?))
+            let fs = crate::fs::Fs::mount(connect(&ring)?)?;
+            fs.attach_redo_log(RedoLog::open(&fds.redo)?);
+            Ok(Arc::new(fs))
         })();
         let fs = match mounted {
             Ok(fs) => fs,
@@ -315,6 +478,18 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         let molt = Arc::new(MoltFuse::new(fs.clone()));
         (fs, molt)
     };
+
+    if args.recover.is_some() {
+        // Requests the dead predecessor had read go back to the queue, marked. Before this
+        // process reads any: a resend also takes back requests being served, which would
+        // then run twice.
+        if let Err(e) = notify_resend(&session) {
+            return Err(fail(
+                &mut ctl,
+                anyhow::anyhow!("resending the dead server's requests: {e}"),
+            ));
+        }
+    }
 
     // Commands arrive on their own thread so that the main loop also notices an unmount.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -330,6 +505,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
     // A prepare whose required state was lost during the drain is retried (serving again
     // meanwhile) until its deadline; the supervisor keeps waiting for "ready".
     let mut retry: Option<(Instant, Vec<String>)> = None;
+    let conversion = Arc::new(Conversion::default());
     loop {
         let stopping = Arc::new(AtomicBool::new(false));
         let channels = open_channels(&session, args.threads)?;
@@ -338,16 +514,13 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             thread::spawn(move || serve(molt, channels, stopping))
         };
         // Commits times left in memory by overwrites within about a second.
+        // Also runs an on-disk format conversion in progress, one short batch at a time.
+        // Dropping the sender stops it at once (a drain must not wait for its sleep).
         let mut flusher = Some({
-            let (fs, stopping) = (fs.clone(), stopping.clone());
-            thread::spawn(move || {
-                while !stopping.load(Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(100));
-                    if !stopping.load(Ordering::SeqCst) {
-                        let _ = fs.commit_older_than(Duration::from_secs(1));
-                    }
-                }
-            })
+            let (fs, conversion) = (fs.clone(), conversion.clone());
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let handle = thread::spawn(move || background(&fs, &conversion, &stopped));
+            Flusher { stop, handle }
         });
         if retry.is_none() {
             ctl.send("serving")?;
@@ -387,13 +560,44 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                 Some("status") => {
                     let st = molt.export();
                     ctl.send(&format!(
-                        "status version={} schema={} lookups={} handles={} requests={}",
+                        "status version={} schema={} lookups={} handles={} requests={} format={}{}",
                         st.version,
                         crate::persist::STATE_SCHEMA,
                         st.lookups.len(),
                         st.handles.len(),
-                        st.requests
+                        st.requests,
+                        fs.format_version().0,
+                        conversion.status_fields(&fs),
                     ))?;
+                }
+                Some("space") => {
+                    // Free space a conversion to format N needs, and what the image has.
+                    let to = words.next().and_then(|w| w.parse::<u32>().ok());
+                    let reply = match to.map(formats::version::FormatVersion) {
+                        Some(v) => fs
+                            .conversion_space_needed(v)
+                            .map(|needed| {
+                                let free = fs.statfs().free_blocks * formats::BLOCK_SIZE as u64;
+                                format!("space needed={needed} free={free}")
+                            })
+                            .unwrap_or_else(|e| format!("error: {e}")),
+                        None => "error: space needs a format version".into(),
+                    };
+                    ctl.send(&reply)?;
+                }
+                Some("convert") if !prepared => {
+                    let to = words.next().and_then(|w| w.parse::<u32>().ok());
+                    let reply = match to.map(formats::version::FormatVersion) {
+                        Some(v) => match fs.start_conversion(v) {
+                            Ok(()) => {
+                                conversion.started(&fs);
+                                "converting".to_string()
+                            }
+                            Err(e) => format!("error: {e}"),
+                        },
+                        None => "error: convert needs a format version".into(),
+                    };
+                    ctl.send(&reply)?;
                 }
                 Some("prepare") if !prepared => {
                     let deadline_ms: u64 =
@@ -423,7 +627,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                         thread::sleep(Duration::from_micros(200));
                     }
                     if let Some(f) = flusher.take() {
-                        let _ = f.join();
+                        f.finish();
                     }
                     prepared = true;
                     eprintln!("fsd serve: prepare: drained");
@@ -462,7 +666,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         }
         stopping.store(true, Ordering::SeqCst);
         if let Some(f) = flusher.take() {
-            let _ = f.join();
+            f.finish();
         }
         let reason = serving
             .join()

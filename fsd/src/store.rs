@@ -38,6 +38,24 @@ fn check_range(num_blocks: u64, addr: u64, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes the exclusive `flock` that `fsd mount` holds on an image for as long as it is
+/// mounted, without waiting: `false` when another open description holds it. The lock
+/// lasts while any descriptor of `file`'s open description stays open.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `file` owns and keeps open for the call; no memory is
+    // involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 /// A regular file or block device accessed with plain positioned syscalls.
 pub struct FileStore {
     file: File,

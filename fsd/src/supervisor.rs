@@ -34,6 +34,7 @@ pub const SERVE_SQ_FD: i32 = 4;
 pub const SERVE_CQ_FD: i32 = 5;
 pub const SERVE_FUSE_FD: i32 = 6;
 pub const SERVE_CTL_FD: i32 = 7;
+pub const SERVE_REDO_FD: i32 = 8;
 
 /// Longest wait for a component to start or for a mount to finish unmounting.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -245,6 +246,8 @@ pub struct Stack {
     pub image: Image,
     pub ring: RingSetup,
     pub fuse_dev: File,
+    /// The servers' redo log: acknowledged operations not yet in the journal.
+    pub redo: File,
     pub server: Component,
     pub driver: DriverProc,
     /// On-disk format version of the image.
@@ -252,19 +255,32 @@ pub struct Stack {
     /// Live updates applied or attempted, in order.
     pub history: Vec<crate::update::UpdateRecord>,
     pub last_sequence: u64,
+    /// When each crashed component was replaced, for the crash-loop limit.
+    pub recoveries: Vec<Instant>,
+    /// Crash recoveries since the mount.
+    pub recovered: u64,
+}
+
+/// How a filesystem server process starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerStart {
+    /// Mounts the image (a new mount).
+    Mount,
+    /// Takes over from a running predecessor (live update).
+    Adopt,
+    /// Takes over from a predecessor that died; the n-th recovery of the mount.
+    Recover(u64),
 }
 
 impl Stack {
     /// Starts a filesystem server from `binary` on this stack's descriptors.
     pub fn spawn_server(&self, binary: &Path, adopt: bool) -> Result<Component, MountError> {
-        spawn_server(
-            &self.mnt,
-            &self.opts,
-            &self.ring,
-            &self.fuse_dev,
-            binary,
-            adopt,
-        )
+        let start = if adopt {
+            ServerStart::Adopt
+        } else {
+            ServerStart::Mount
+        };
+        spawn_server(self, binary, start)
     }
 
     fn kill_all(&mut self) {
@@ -273,14 +289,41 @@ impl Stack {
     }
 }
 
-fn spawn_server(
-    mnt: &Path,
-    opts: &MountOptions,
-    ring: &RingSetup,
-    fuse_dev: &File,
+/// What a filesystem server is started on.
+struct ServerEnv<'a> {
+    mnt: &'a Path,
+    opts: &'a MountOptions,
+    ring: &'a RingSetup,
+    fuse_dev: &'a File,
+    redo: &'a File,
+}
+
+fn spawn_server(stack: &Stack, binary: &Path, start: ServerStart) -> Result<Component, MountError> {
+    spawn_server_on(
+        &ServerEnv {
+            mnt: &stack.mnt,
+            opts: &stack.opts,
+            ring: &stack.ring,
+            fuse_dev: &stack.fuse_dev,
+            redo: &stack.redo,
+        },
+        binary,
+        start,
+    )
+}
+
+fn spawn_server_on(
+    env: &ServerEnv<'_>,
     binary: &Path,
-    adopt: bool,
+    start: ServerStart,
 ) -> Result<Component, MountError> {
+    let ServerEnv {
+        mnt,
+        opts,
+        ring,
+        fuse_dev,
+        redo,
+    } = *env;
     let (ctl, child_ctl) =
         UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
     let fds = [
@@ -289,13 +332,20 @@ fn spawn_server(
         ring.cq_eventfd.as_fd(),
         fuse_dev.as_fd(),
         child_ctl.as_fd(),
+        redo.as_fd(),
     ];
     let mut cmd = Command::new(binary);
     cmd.arg("serve")
         .arg(mnt)
         .args(["--threads", &opts.threads.to_string()]);
-    if adopt {
-        cmd.arg("--adopt");
+    match start {
+        ServerStart::Mount => {}
+        ServerStart::Adopt => {
+            cmd.arg("--adopt");
+        }
+        ServerStart::Recover(n) => {
+            cmd.args(["--recover", &n.to_string()]);
+        }
     }
     let guard = pass_fds(&mut cmd, &fds, SERVE_RING_FD)
         .map_err(|e| MountError::Os("preparing the server", e))?;
@@ -507,7 +557,21 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
             return Err(MountError::Os("opening /dev/fuse", e));
         }
     };
-    let server = match spawn_server(&mnt, opts, &ring, &fuse_dev, exe, false) {
+    let redo = match crate::fs::redo::create_log_file() {
+        Ok(f) => f,
+        Err(e) => {
+            driver.kill();
+            return Err(MountError::Os("creating the redo log", e));
+        }
+    };
+    let env = ServerEnv {
+        mnt: &mnt,
+        opts,
+        ring: &ring,
+        fuse_dev: &fuse_dev,
+        redo: &redo,
+    };
+    let server = match spawn_server_on(&env, exe, ServerStart::Mount) {
         Ok(c) => c,
         Err(e) => {
             driver.kill();
@@ -520,11 +584,14 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         image,
         ring,
         fuse_dev,
+        redo,
         server,
         driver,
         format_version: format_version_of(&opts.image),
         history: Vec::new(),
         last_sequence: 0,
+        recoveries: Vec::new(),
+        recovered: 0,
     };
     let never = AtomicBool::new(false);
     let deadline = Instant::now() + START_TIMEOUT;
@@ -567,16 +634,29 @@ fn format_version_of(image: &Path) -> u32 {
 }
 
 /// Watches the components until the filesystem server exits: after an unmount it makes
-/// the image clean and exits 0. Any other end takes the whole stack down so that the next
-/// mount recovers from the journal.
+/// the image clean and exits 0. A component that dies is replaced by a new process of the
+/// same version, which recovers its state while the workload waits (crash recovery). If
+/// that fails, or components keep dying, the whole stack goes down so that the next mount
+/// recovers from the journal.
 fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
     loop {
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
         let server_end = s.server.child.try_wait().ok().flatten();
         let driver_end = s.driver.child.try_wait().ok().flatten();
         if server_end.is_none() && driver_end.is_none() {
             continue;
+        }
+        let crashed = match (server_end, driver_end) {
+            (Some(st), None) if !st.success() => Some(Crashed::Server(st)),
+            (None, Some(st)) => Some(Crashed::Driver(st)),
+            _ => None,
+        };
+        if let Some(what) = crashed {
+            match recover(&mut s, what) {
+                Ok(()) => continue,
+                Err(e) => eprintln!("fsd: crash recovery failed, taking the stack down: {e}"),
+            }
         }
         let clean = server_end.map(|st| st.success()).unwrap_or(false) && driver_end.is_none();
         if server_end.is_none() {
@@ -600,6 +680,110 @@ fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
                 "a component ended: server {server_end:?}, driver {driver_end:?}"
             )))
         };
+    }
+}
+
+/// A component that ended without being asked to.
+#[derive(Debug, Clone, Copy)]
+enum Crashed {
+    Server(std::process::ExitStatus),
+    Driver(std::process::ExitStatus),
+}
+
+/// At most this many crash recoveries within `RECOVERY_WINDOW`; more means a component
+/// that cannot run, and the stack goes down instead.
+const MAX_RECOVERIES: usize = 5;
+const RECOVERY_WINDOW: Duration = Duration::from_secs(60);
+/// Wait between a block driver's death and the start of its successor.
+const DRIVER_RESTART_GRACE: Duration = Duration::from_millis(20);
+
+/// Replaces a crashed component with a new process of its last committed version.
+fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
+    let now = Instant::now();
+    s.recoveries
+        .retain(|t| now.duration_since(*t) < RECOVERY_WINDOW);
+    if s.recoveries.len() >= MAX_RECOVERIES {
+        return Err(MountError::Failed(format!(
+            "{} crashes within {RECOVERY_WINDOW:?}",
+            s.recoveries.len()
+        )));
+    }
+    if !is_mountpoint(&s.mnt) {
+        return Err(MountError::NotMounted(s.mnt.clone()));
+    }
+    s.recoveries.push(now);
+    s.recovered += 1;
+    let n = s.recovered;
+    match what {
+        Crashed::Server(status) => {
+            eprintln!(
+                "fsd: the filesystem server (pid {}) died ({status}); recovering",
+                s.server.pid()
+            );
+            settle_abandoned_ring(&s.ring, Instant::now() + START_TIMEOUT)?;
+            let binary = s.server.binary.clone();
+            let mut new = spawn_server(s, &binary, ServerStart::Recover(n))?;
+            let never = AtomicBool::new(false);
+            if let Err(e) = new.expect("serving", Instant::now() + START_TIMEOUT, &never) {
+                new.kill();
+                return Err(MountError::Failed(format!(
+                    "the recovering server failed: {e}"
+                )));
+            }
+            let mut dead = std::mem::replace(&mut s.server, new);
+            dead.kill();
+            eprintln!("fsd: filesystem server recovered (pid {})", s.server.pid());
+        }
+        Crashed::Driver(status) => {
+            eprintln!(
+                "fsd: the block driver (pid {}) died ({status}); recovering",
+                s.driver.child.id()
+            );
+            // The kernel finishes a dead process's io_uring requests while it exits; an
+            // O_DIRECT write already at the device may complete just after the reap. Give
+            // it a device latency's grace so that no stale write lands after the
+            // successor re-executes the request (blockdev/RING.md, driver crash recovery).
+            std::thread::sleep(DRIVER_RESTART_GRACE);
+            let binary = s.driver.binary.clone();
+            let new = spawn_driver(
+                &s.ring,
+                &s.image,
+                s.opts.engine,
+                &binary,
+                blockdev::spawn::StartMode::Adopt,
+            )?;
+            let mut dead = std::mem::replace(&mut s.driver, new);
+            dead.kill();
+            eprintln!("fsd: block driver recovered (pid {})", s.driver.child.id());
+        }
+    }
+    Ok(())
+}
+
+/// Makes a ring whose client died usable by a new client: the driver finishes the
+/// entries the dead client submitted (their effects are like writes completed just
+/// before a crash, which the journal tolerates), and their completions are discarded.
+/// Afterwards no request is in flight, no entry waits, and every slot is free.
+fn settle_abandoned_ring(ring: &RingSetup, deadline: Instant) -> Result<(), MountError> {
+    use std::sync::atomic::Ordering;
+    let r = &ring.ring;
+    loop {
+        r.cq_head()
+            .store(r.cq_tail().load(Ordering::Acquire), Ordering::Release);
+        // The driver may sleep waiting for room in the completion queue.
+        let _ = blockdev::ring::ring_doorbell(ring.sq_eventfd.as_fd());
+        std::thread::sleep(Duration::from_millis(1));
+        let quiet = r.sq_head().load(Ordering::Acquire) == r.sq_tail().load(Ordering::Acquire)
+            && r.counters().in_flight == 0
+            && r.cq_head().load(Ordering::Acquire) == r.cq_tail().load(Ordering::Acquire);
+        if quiet {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MountError::Failed(
+                "the block driver did not finish the dead server's requests".into(),
+            ));
+        }
     }
 }
 

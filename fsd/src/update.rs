@@ -630,6 +630,22 @@ pub(crate) fn update_both(
     )
 }
 
+/// Sends one command to the filesystem server and returns its one-line answer.
+pub(crate) fn server_request(stack: &mut Stack, line: &str) -> Option<String> {
+    let never = AtomicBool::new(false);
+    stack.server.drain_inbox();
+    stack.server.send(line).ok()?;
+    stack.server.want_status = true;
+    let reply = stack
+        .server
+        .recv(Instant::now() + Duration::from_secs(10), &never);
+    stack.server.want_status = false;
+    match reply {
+        Ok(crate::control::Msg::Line(l)) => Some(l),
+        _ => None,
+    }
+}
+
 /// Counters of the filesystem server, asked over its control link.
 pub(crate) fn server_status(stack: &mut Stack) -> Vec<(String, u64)> {
     let never = AtomicBool::new(false);

@@ -1,11 +1,13 @@
-//! The golden image of format v1 (`formats/golden/v1.img`, made once by
-//! `cargo run -p fsd --example make_golden -- formats/golden/v1.img` and committed).
+//! The golden images of formats v1, v2 and v3 (`formats/golden/v<N>.img`, each made once
+//! by `cargo run -p fsd --example make_golden -- formats/golden/v<N>.img <N>` and
+//! committed).
 //!
-//! It pins v1 down from the outside: every metadata structure of the image must decode
-//! with today's `formats` code and encode back to the very same bytes, the filesystem
-//! must read the tree it was made with, and no single damaged metadata byte may get past
-//! fsck. The expected tree is spelled out here, not shared with the generator, so that
-//! the generator can move on to later versions while this image stays frozen.
+//! They pin each version down from the outside: every metadata structure of an image must
+//! decode with today's `formats` code and encode back to the very same bytes, the
+//! filesystem must read the tree it was made with, and no single damaged metadata byte
+//! may get past fsck. The expected tree is spelled out here, not shared with the
+//! generator, so that the generator can move on to later versions while these images stay
+//! frozen. The v1 image converted to v3 must pass the v3 checks as well.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -18,8 +20,7 @@ use formats::block::{self, BlockAddr, BlockKind, Ino, BLOCK_SIZE, TAIL_KIND, TAI
 use formats::dir::{Bucket, DirHeader};
 use formats::extent::ExtentCodec;
 use formats::inode::{
-    self, InlineArea, Inode, INODE_SIZE, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG,
-    S_IFSOCK,
+    InlineArea, Inode, INODE_SIZE, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK,
 };
 use formats::journal::JournalSuper;
 use formats::superblock::{
@@ -32,6 +33,8 @@ use fsd::fsck::{self, FsckError, FsckOptions, MetaRange, EXIT_ERRORS_LEFT, EXIT_
 use fsd::store::{BlockStore, MemStore};
 
 static GOLDEN_V1: &[u8] = include_bytes!("../../formats/golden/v1.img");
+static GOLDEN_V2: &[u8] = include_bytes!("../../formats/golden/v2.img");
+static GOLDEN_V3: &[u8] = include_bytes!("../../formats/golden/v3.img");
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -73,9 +76,9 @@ impl BlockStore for ImageStore {
     }
 }
 
-fn golden() -> ImageStore {
+fn golden(image: &[u8]) -> ImageStore {
     ImageStore {
-        bytes: GOLDEN_V1.to_vec(),
+        bytes: image.to_vec(),
     }
 }
 
@@ -115,7 +118,7 @@ type Expected = BTreeMap<u64, (BlockKind, u32)>;
 fn inode_round_trip(
     image: &[u8],
     geo: &Geometry,
-    codec: ExtentCodec,
+    version: FormatVersion,
     range: &MetaRange,
     expected: &mut Expected,
 ) -> Inode {
@@ -125,12 +128,16 @@ fn inode_round_trip(
     );
     assert_eq!(range.bytes.len(), INODE_SIZE, "inode {} range", ino.0);
     let raw = &block_of(image, range.block)[range.bytes.clone()];
-    let i = Inode::decode(ino, raw, codec)
+    let i = Inode::decode(ino, raw, version)
         .unwrap_or_else(|e| panic!("inode {}: {e}", ino.0))
         .unwrap_or_else(|| panic!("inode {} is an empty slot", ino.0));
+    // Every inode has the image's layout, with a creation time from v2 on.
+    assert_eq!(i.layout, version, "inode {} layout", ino.0);
+    assert_eq!(i.crtime.is_some(), version.has_crtime(), "inode {}", ino.0);
     let mut out = [0u8; INODE_SIZE];
-    i.encode(ino, codec, &mut out).unwrap();
+    i.encode(ino, &mut out).unwrap();
     assert_eq!(&out[..], raw, "inode {} re-encodes differently", ino.0);
+    let codec = i.codec();
 
     let mut claim = |addr: u64, kind: BlockKind| {
         let old = expected.insert(addr, (kind, ino.0));
@@ -220,16 +227,20 @@ fn kind_named(name: &str) -> BlockKind {
 }
 
 /// Every metadata structure decodes with today's code and encodes back to the image's bytes.
-fn check_round_trips(image: &[u8], map: &[MetaRange]) {
+fn check_round_trips(image: &[u8], map: &[MetaRange], version: FormatVersion) {
     let sb = Superblock::decode(block_of(image, 0)).unwrap();
-    assert_eq!(sb.format_version, FormatVersion::V1);
+    assert_eq!(sb.format_version, version);
     assert_eq!(sb.state, FsState::Clean);
     assert_eq!(sb.geometry, Geometry::for_blocks(MIN_BLOCKS).unwrap());
-    assert_eq!((sb.compat, sb.ro_compat, sb.incompat), (0, 0, 0));
-    assert_eq!(sb.conversion_cursor, 0);
+    assert_eq!(
+        (sb.compat, sb.ro_compat, sb.incompat),
+        (0, 0, version.incompat_features())
+    );
+    assert_eq!((sb.conversion_cursor, sb.conversion_target), (0, None));
     assert!(sb.mount_count >= 1 && sb.last_mount_sec >= sb.created_sec);
     let geo = sb.geometry;
-    let codec = inode::codec_for(sb.format_version);
+    // Every inode has the image's layout (checked per inode), so every extent block too.
+    let codec = ExtentCodec::for_version(version);
 
     let mut per_structure: BTreeMap<&str, usize> = BTreeMap::new();
     for r in map {
@@ -269,7 +280,7 @@ fn check_round_trips(image: &[u8], map: &[MetaRange]) {
             "inode range in block {}",
             r.block
         );
-        let i = inode_round_trip(image, &geo, codec, r, &mut expected);
+        let i = inode_round_trip(image, &geo, version, r, &mut expected);
         assert!(!i.is_free());
         inodes.insert(
             ((r.block - geo.inode_table_start) * 16 + (r.bytes.start / INODE_SIZE) as u64) as u32,
@@ -368,13 +379,14 @@ fn raw_inode(image: &[u8], ino: Ino) -> Inode {
     Inode::decode(
         ino,
         &block_of(image, addr.0)[off..off + INODE_SIZE],
-        inode::codec_for(sb.format_version),
+        sb.newest_layout(),
     )
     .unwrap()
     .unwrap()
 }
 
-fn check_tree(fs: &Fs, image: &[u8]) {
+/// Checks the tree `fs` serves and the on-disk shapes of `image`, of format `version`.
+fn check_tree(fs: &Fs, image: &[u8], version: FormatVersion) {
     assert_eq!(names(fs, "/"), set(&["docs", "data", "many", "frag-link"]));
     assert_eq!(
         names(fs, "/docs"),
@@ -479,12 +491,41 @@ fn check_tree(fs: &Fs, image: &[u8]) {
         [0, 1, 2, 0xff]
     );
 
+    // Creation times: none in v1; from v2 on, every inode has one, no later than its
+    // change time and no earlier than the image.
+    let created = Superblock::decode(block_of(image, 0)).unwrap().created_sec;
+    for path in [
+        "/",
+        "/docs",
+        "/docs/notes/readme.txt",
+        "/data/fragmented.bin",
+        "/docs/short-link",
+        "/data/fifo",
+    ] {
+        let a = at(fs, path);
+        match a.crtime {
+            None => assert!(!version.has_crtime(), "{path}: no creation time"),
+            Some(t) => {
+                assert!(version.has_crtime(), "{path}: a v1 inode with a crtime");
+                assert!(
+                    t.sec >= created && (t.sec, t.nsec) <= (a.ctime.sec, a.ctime.nsec),
+                    "{path}: crtime {t:?}, {a:?}"
+                );
+            }
+        }
+    }
+
     // The on-disk shapes the image was made to hold.
+    let inline = ExtentCodec::for_version(version).inline_capacity();
     let i = raw_inode(image, readme.ino);
     assert!(i.xattr_block != 0 && i.extent_block == 0);
     assert_eq!((i.extent_count, i.blocks), (1, 3));
     let i = raw_inode(image, frag.ino);
-    assert!(i.extent_count > 12 && i.extent_block != 0, "{i:?}");
+    assert!(
+        i.extent_count as usize > inline && i.extent_block != 0,
+        "{i:?}"
+    );
+    assert_eq!(i.inline_extents().len(), inline);
     assert_eq!(i.blocks, 16 + 1);
     let i = raw_inode(image, sparse.ino);
     assert_eq!((i.extent_count, i.blocks), (2, 2));
@@ -511,25 +552,69 @@ fn check_tree(fs: &Fs, image: &[u8]) {
     assert_eq!((i.mode & S_IFMT, i.nlink, i.size), (S_IFDIR, 2, 2 * BS));
 }
 
-#[test]
-fn golden_v1_reads_byte_for_byte() {
-    assert_eq!(GOLDEN_V1.len() as u64, MIN_BLOCKS * BS);
-    let store = golden();
+fn reads_byte_for_byte(image: &[u8], version: FormatVersion) {
+    let name = format!("v{}.img", version.0);
+    assert_eq!(image.len() as u64, MIN_BLOCKS * BS);
+    let store = golden(image);
     let report = fsck::check(&store, &FsckOptions::default()).unwrap();
-    assert!(report.is_clean(), "{}", report.render("v1.img"));
+    assert!(report.is_clean(), "{}", report.render(&name));
     let map = fsck::metadata_map(&store).unwrap();
-    check_round_trips(GOLDEN_V1, &map);
+    check_round_trips(image, &map, version);
 
-    let mem = Arc::new(MemStore::from_image(GOLDEN_V1.to_vec()));
+    let mem = Arc::new(MemStore::from_image(image.to_vec()));
     let fs = Fs::mount(mem.clone()).unwrap();
-    check_tree(&fs, GOLDEN_V1);
+    check_tree(&fs, image, version);
     fs.unmount().unwrap();
     let after = fsck::check(mem.as_ref(), &FsckOptions::default()).unwrap();
     assert!(
         after.is_clean(),
         "{}",
-        after.render("v1.img, mounted and unmounted")
+        after.render(&format!("{name}, mounted and unmounted"))
     );
+}
+
+#[test]
+fn golden_v1_reads_byte_for_byte() {
+    reads_byte_for_byte(GOLDEN_V1, FormatVersion::V1);
+}
+
+#[test]
+fn golden_v2_reads_byte_for_byte() {
+    reads_byte_for_byte(GOLDEN_V2, FormatVersion::V2);
+}
+
+#[test]
+fn golden_v3_reads_byte_for_byte() {
+    reads_byte_for_byte(GOLDEN_V3, FormatVersion::V3);
+}
+
+/// The v1 and v2 images converted (v1 to v2 to v3, and v1 straight to v3) hold the same
+/// tree and are, structure by structure, canonical images of the newer version.
+#[test]
+fn golden_images_convert_to_newer_versions() {
+    for (image, steps) in [
+        (GOLDEN_V1, &[FormatVersion::V2, FormatVersion::V3][..]),
+        (GOLDEN_V1, &[FormatVersion::V3][..]),
+        (GOLDEN_V2, &[FormatVersion::V3][..]),
+    ] {
+        let mem = Arc::new(MemStore::from_image(image.to_vec()));
+        for &to in steps {
+            let fs = Fs::mount(mem.clone()).unwrap();
+            fs.start_conversion(to).unwrap();
+            // Small batches: the conversion takes several steps and transactions.
+            while !fs.convert_step(4).unwrap().finished {}
+            assert_eq!((fs.format_version(), fs.conversion_target()), (to, None));
+            fs.unmount().unwrap();
+            let converted = mem.image();
+            let name = format!("converted to v{}", to.0);
+            let store = golden(&converted);
+            let report = fsck::check(&store, &FsckOptions::default()).unwrap();
+            assert!(report.is_clean(), "{}", report.render(&name));
+            check_round_trips(&converted, &fsck::metadata_map(&store).unwrap(), to);
+            let fs = Fs::mount(Arc::new(MemStore::from_image(converted.clone()))).unwrap();
+            check_tree(&fs, &converted, to);
+        }
+    }
 }
 
 // ---- every byte flipped ----------------------------------------------------------------
@@ -584,9 +669,23 @@ fn flip_all(
 const MASKS: [u8; 1] = [0xff];
 
 #[test]
-fn every_metadata_byte_flip_is_detected() {
+fn every_metadata_byte_flip_is_detected_v1() {
+    flip_walk(GOLDEN_V1);
+}
+
+#[test]
+fn every_metadata_byte_flip_is_detected_v2() {
+    flip_walk(GOLDEN_V2);
+}
+
+#[test]
+fn every_metadata_byte_flip_is_detected_v3() {
+    flip_walk(GOLDEN_V3);
+}
+
+fn flip_walk(image: &'static [u8]) {
     let started = Instant::now();
-    let map = fsck::metadata_map(&golden()).unwrap();
+    let map = fsck::metadata_map(&golden(image)).unwrap();
     let bytes: Vec<(u64, usize, &'static str)> = map
         .iter()
         .flat_map(|r| r.bytes.clone().map(move |b| (r.block, b, r.structure)))
@@ -598,7 +697,7 @@ fn every_metadata_byte_flip_is_detected() {
     let misses: Vec<String> = std::thread::scope(|s| {
         let workers: Vec<_> = bytes
             .chunks(chunk)
-            .map(|part| s.spawn(move || flip_all(&mut golden(), part, &MASKS)))
+            .map(|part| s.spawn(move || flip_all(&mut golden(image), part, &MASKS)))
             .collect();
         workers
             .into_iter()

@@ -111,11 +111,18 @@ pub struct TestImage {
 
 impl TestImage {
     pub fn new(tag: &str, size: &str) -> TestImage {
+        TestImage::with_mkfs_args(tag, size, &[])
+    }
+
+    /// An image made with extra `fsd mkfs` arguments (e.g. `--format-version 1`).
+    pub fn with_mkfs_args(tag: &str, size: &str, extra: &[&str]) -> TestImage {
         let dir = TempDir::new(tag);
         let image = dir.path().join("molt.img");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mountpoint");
-        let out = fsd(&["mkfs", image.to_str().expect("utf-8"), "--size", size]);
+        let mut args = vec!["mkfs", image.to_str().expect("utf-8"), "--size", size];
+        args.extend_from_slice(extra);
+        let out = fsd(&args);
         assert!(
             out.status.success(),
             "mkfs failed: {}",

@@ -37,7 +37,9 @@ pub enum JournalError {
     Super(formats::FormatError),
     #[error("journal records {found} blocks, the superblock says {expected}")]
     SizeMismatch { found: u32, expected: u32 },
-    #[error("journal transaction {sequence} targets block {target}: block 0, the journal region or past the end")]
+    #[error(
+        "journal transaction {sequence} targets block {target}: the journal region or past the end"
+    )]
     BadTarget { sequence: u64, target: u64 },
     #[error("I/O error on the journal: {0}")]
     Io(#[from] io::Error),
@@ -128,11 +130,8 @@ pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalEr
         }
         for t in &targets {
             // Only metadata lives in the journal; data blocks never do, and the journal
-            // itself is never a target.
-            if *t == 0
-                || (*t >= geo.journal_start && *t < geo.journal_start + end)
-                || *t >= geo.total_blocks
-            {
+            // itself is never a target. Block 0 is one in a format conversion's steps.
+            if (*t >= geo.journal_start && *t < geo.journal_start + end) || *t >= geo.total_blocks {
                 return Err(JournalError::BadTarget {
                     sequence: seq,
                     target: *t,

@@ -10,11 +10,13 @@
 //! an old metadata image of a reused block.
 
 pub mod alloc;
+pub(crate) mod convert;
 mod dirops;
 pub mod error;
 mod file;
 pub mod journal;
 mod ops;
+pub mod redo;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,9 +24,10 @@ use std::time::Instant;
 
 use formats::block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE, PAYLOAD_SIZE};
 use formats::extent::{Extent, ExtentCodec};
-use formats::inode::{InlineArea, Inode, Timespec, INLINE_EXTENTS, INODE_SIZE};
+use formats::inode::{InlineArea, Inode, INODE_SIZE};
 use formats::superblock::{FsState, Geometry, Superblock, ORPHAN_INO};
 
+pub use convert::Progress;
 pub use error::{FsError, FsResult};
 pub use ops::{Attr, SetAttr, StatFs, TimeSet, XattrFlags};
 
@@ -58,6 +61,8 @@ pub(crate) struct Inner {
     store: Arc<dyn BlockStore>,
     sb: Superblock,
     geo: Geometry,
+    /// The codec of `sb.newest_layout()`: the layout new inodes get. An existing inode is
+    /// written in its own layout; only a conversion step moves it to a newer one.
     codec: ExtentCodec,
     ibitmap: Bitmap,
     bbitmap: Bitmap,
@@ -82,14 +87,74 @@ pub(crate) struct Inner {
     next_generation: u32,
     /// A failed write or flush: every later change is refused until remount.
     failed: Option<String>,
+    /// Where each acknowledged operation's changes go before its reply, so that a
+    /// successor can recover them if this process dies (absent in tools and tests).
+    redo: Option<redo::RedoLog>,
+    /// Blocks staged since the last operation was logged.
+    op_staged: Vec<u64>,
 }
 
 impl Fs {
     /// Mounts the image: checks the superblock, replays the journal, frees orphans left by
     /// a crash, and marks the image mounted.
     pub fn mount(store: Arc<dyn BlockStore>) -> FsResult<Fs> {
+        let fs = Fs::mount_keeping_orphans(store)?;
+        fs.lock().free_orphans()?;
+        Ok(fs)
+    }
+
+    /// Recovers the filesystem of a server that died while the kernel kept the mount:
+    /// replays the journal, then commits what the dead server acknowledged but had not
+    /// yet committed (its redo log). Orphans stay: the kernel may still hold them open.
+    /// Returns the filesystem, logging to `log` from now on, and the requests the dead
+    /// server completed (a resent one must not run again).
+    pub fn recover(
+        store: Arc<dyn BlockStore>,
+        mut log: redo::RedoLog,
+    ) -> FsResult<(Fs, std::collections::HashSet<u64>)> {
+        let recovered = log.recover();
         let mut b = vec![0u8; BLOCK_SIZE];
         store.read(0, &mut b)?;
+        convert::recover_torn_superblock(store.as_ref(), &mut b)?;
+        let geo = Superblock::decode(&b)?.geometry;
+        let (_, next_seq) = journal::replay(store.as_ref(), &geo)?;
+        if !recovered.blocks.is_empty() {
+            if let Some(bad) = recovered.blocks.keys().find(|&&a| a >= geo.total_blocks) {
+                return Err(FsError::Corrupted(format!(
+                    "redo log names block {bad}, outside the image"
+                )));
+            }
+            // One journal transaction, so the recovered operations land all or none.
+            let mut writer = JournalWriter::new(&geo, next_seq);
+            if recovered.blocks.len() > writer.max_tx_blocks()
+                || !writer.fits(recovered.blocks.len())
+            {
+                return Err(FsError::Corrupted(format!(
+                    "redo log of {} blocks does not fit one journal transaction",
+                    recovered.blocks.len()
+                )));
+            }
+            writer.append(store.as_ref(), &recovered.blocks)?;
+            store.flush()?;
+            journal::replay(store.as_ref(), &geo)?;
+        }
+        let fs = Fs::mount_keeping_orphans(store)?;
+        log.reset();
+        fs.lock().redo = Some(log);
+        Ok((fs, recovered.completed))
+    }
+
+    /// Starts logging every operation's changes to `log` before it is acknowledged.
+    pub fn attach_redo_log(&self, log: redo::RedoLog) {
+        let mut g = self.lock();
+        g.op_staged.clear();
+        g.redo = Some(log);
+    }
+
+    fn mount_keeping_orphans(store: Arc<dyn BlockStore>) -> FsResult<Fs> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        store.read(0, &mut b)?;
+        convert::recover_torn_superblock(store.as_ref(), &mut b)?;
         let mut sb = Superblock::decode(&b).map_err(|e| match e {
             formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
             formats::FormatError::UnsupportedVersion { .. }
@@ -117,6 +182,8 @@ impl Fs {
         }
         let geo = sb.geometry;
         let (_, next_seq) = journal::replay(store.as_ref(), &geo)?;
+        // The log may have carried a newer superblock (a conversion step).
+        convert::reread_superblock(store.as_ref(), &mut sb)?;
         let ibitmap = load_bitmap(
             store.as_ref(),
             BlockKind::InodeBitmap,
@@ -131,7 +198,7 @@ impl Fs {
             geo.block_bitmap_blocks,
             geo.total_blocks,
         )?;
-        let codec = formats::inode::codec_for(sb.format_version);
+        let codec = formats::inode::codec_for(sb.newest_layout());
         let now = crate::mkfs::now();
         sb.state = FsState::Mounted;
         sb.mount_count = sb.mount_count.wrapping_add(1);
@@ -158,12 +225,12 @@ impl Fs {
             reuse: Arc::new(std::sync::RwLock::new(())),
             next_generation: (now.nsec ^ now.sec as u32) | 1,
             failed: None,
+            redo: None,
+            op_staged: Vec::new(),
         };
-        let fs = Fs {
+        Ok(Fs {
             inner: Mutex::new(inner),
-        };
-        fs.lock().free_orphans()?;
-        Ok(fs)
+        })
     }
 
     /// Takes over an image from a predecessor that stopped (live update). Nothing is
@@ -215,8 +282,13 @@ impl Fs {
             }
             bbitmap.withhold(start, len);
         }
+        // A predecessor's uncheckpointed conversion step may hold a newer superblock.
+        let sb = match pinned.get(&0) {
+            Some(b) => Superblock::decode(&b[..])?,
+            None => sb,
+        };
         let now = crate::mkfs::now();
-        let codec = formats::inode::codec_for(sb.format_version);
+        let codec = formats::inode::codec_for(sb.newest_layout());
         let inner = Inner {
             store,
             sb,
@@ -237,6 +309,8 @@ impl Fs {
             reuse: Arc::new(std::sync::RwLock::new(())),
             next_generation: (now.nsec ^ now.sec as u32) | 1,
             failed: None,
+            redo: None,
+            op_staged: Vec::new(),
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -303,20 +377,22 @@ impl Fs {
     }
 }
 
-/// Blocks a node owns: data, the extent blocks its map needs, and its xattr block.
-/// Derived from the map, so it is right before the node is encoded too.
-pub(crate) fn block_count(n: &Node, records_per_block: usize) -> u64 {
+/// Blocks a node owns: data, the extent blocks its map needs in its layout, and its xattr
+/// block. Derived from the map, so it is right before the node is encoded too.
+pub(crate) fn block_count(n: &Node) -> u64 {
     let xattr = u64::from(n.inode.xattr_block != 0);
     if !n.inode.has_block_map() {
         return xattr;
     }
     let data: u64 = n.extents.iter().map(|e| e.len as u64).sum();
-    let chain = n
-        .extents
-        .len()
-        .saturating_sub(INLINE_EXTENTS)
-        .div_ceil(records_per_block) as u64;
-    data + chain + xattr
+    data + chain_blocks(n.extents.len(), n.inode.codec()) + xattr
+}
+
+/// Extent blocks a map of `extents` records needs past the inline area, in `codec`.
+pub(crate) fn chain_blocks(extents: usize, codec: ExtentCodec) -> u64 {
+    extents
+        .saturating_sub(codec.inline_capacity())
+        .div_ceil(codec.records_per_block()) as u64
 }
 
 /// Reads blocks through a predecessor's uncheckpointed journal transactions.
@@ -406,7 +482,11 @@ impl Inner {
 
     pub(crate) fn stage(&mut self, addr: u64, block: Box<Block>) {
         self.changes += 1;
-        debug_assert!(addr != 0 && addr < self.geo.total_blocks);
+        // Block 0 only in a conversion step (`convert`).
+        debug_assert!(addr < self.geo.total_blocks);
+        if self.redo.is_some() {
+            self.op_staged.push(addr);
+        }
         self.tx.insert(addr, block);
     }
 
@@ -433,7 +513,7 @@ impl Inner {
         }
         let (addr, off) = self.geo.inode_location(ino);
         let b = self.read_meta(addr.0)?;
-        let inode = Inode::decode(ino, &b[off..off + INODE_SIZE], self.codec)?
+        let inode = Inode::decode(ino, &b[off..off + INODE_SIZE], self.codec.version())?
             .filter(|i| i.mode != 0)
             .ok_or_else(|| FsError::Corrupted(format!("inode {} is allocated but empty", ino.0)))?;
         let mut extents = inode.inline_extents().to_vec();
@@ -450,7 +530,8 @@ impl Inner {
                 )));
             }
             let b = self.read_meta(next)?;
-            let (n, list) = self.codec.decode_block(&b[..], ino, BlockAddr(next))?;
+            // The whole chain is in the inode's own layout.
+            let (n, list) = inode.codec().decode_block(&b[..], ino, BlockAddr(next))?;
             chain.push(next);
             extents.extend(list);
             next = n;
@@ -473,15 +554,18 @@ impl Inner {
         self.dirty_nodes.insert(ino.0);
     }
 
-    /// Writes the block map of a dirty node into its inode and extent chain.
+    /// Writes the block map of a dirty node into its inode and extent chain, in the
+    /// inode's own layout (which a conversion step may just have moved on).
     fn encode_node(&mut self, ino: Ino) -> FsResult<()> {
-        let per_block = self.codec.records_per_block();
-        let (extents, mut chain, has_map) = {
+        let (extents, mut chain, has_map, codec) = {
             let n = self.nodes.get(&ino.0).expect("dirty node is cached");
-            (n.extents.clone(), n.chain.clone(), n.inode.has_block_map())
+            let has_map = n.inode.has_block_map();
+            (n.extents.clone(), n.chain.clone(), has_map, n.inode.codec())
         };
+        let per_block = codec.records_per_block();
+        let inline = codec.inline_capacity();
         if has_map {
-            let overflow = extents.len().saturating_sub(INLINE_EXTENTS);
+            let overflow = extents.len().saturating_sub(inline);
             let need = overflow.div_ceil(per_block);
             while chain.len() > need {
                 let b = chain.pop().expect("non-empty");
@@ -493,29 +577,25 @@ impl Inner {
                 chain.push(b);
             }
             for (i, addr) in chain.iter().enumerate() {
-                let from = INLINE_EXTENTS + i * per_block;
+                let from = inline + i * per_block;
                 let to = (from + per_block).min(extents.len());
                 let next = chain.get(i + 1).copied().unwrap_or(0);
-                let blk =
-                    self.codec
-                        .encode_block(ino, BlockAddr(*addr), next, &extents[from..to])?;
+                let blk = codec.encode_block(ino, BlockAddr(*addr), next, &extents[from..to])?;
                 self.stage(*addr, blk);
             }
         }
-        let codec = self.codec;
         let n = self.nodes.get_mut(&ino.0).expect("dirty node is cached");
         if has_map {
-            n.inode.inline =
-                InlineArea::Extents(extents[..extents.len().min(INLINE_EXTENTS)].to_vec());
+            n.inode.inline = InlineArea::Extents(extents[..extents.len().min(inline)].to_vec());
             n.inode.extent_count = extents.len() as u32;
             n.inode.extent_block = chain.first().copied().unwrap_or(0);
         }
         n.chain = chain;
-        n.inode.blocks = block_count(n, per_block);
+        n.inode.blocks = block_count(n);
         let inode = n.inode.clone();
         let (addr, off) = self.geo.inode_location(ino);
         let mut blk = Box::new(*self.read_meta(addr.0)?);
-        inode.encode(ino, codec, &mut blk[off..off + INODE_SIZE])?;
+        inode.encode(ino, &mut blk[off..off + INODE_SIZE])?;
         self.stage(addr.0, blk);
         Ok(())
     }
@@ -596,11 +676,9 @@ impl Inner {
             self.free_blocks_tx(node.inode.xattr_block, 1);
         }
         let generation = node.inode.generation;
-        let mut freed = Inode::new(0, 0, 0, Timespec::default());
-        freed.generation = generation;
         let (addr, off) = self.geo.inode_location(ino);
         let mut blk = Box::new(*self.read_meta(addr.0)?);
-        freed.encode(ino, self.codec, &mut blk[off..off + INODE_SIZE])?;
+        Inode::freed(generation).encode(ino, &mut blk[off..off + INODE_SIZE])?;
         self.stage(addr.0, blk);
         self.nodes.remove(&ino.0);
         self.dirty_nodes.remove(&ino.0);
@@ -637,8 +715,38 @@ impl Inner {
         r
     }
 
-    fn commit_inner(&mut self) -> FsResult<()> {
-        self.check_writable()?;
+    /// Completes an operation that succeeded: logs its changes to the redo log (before
+    /// the reply goes out), then commits if the transaction has grown large.
+    pub(crate) fn op_done(&mut self) -> FsResult<()> {
+        if self.redo.is_some() {
+            self.prepare_tx()?;
+            let mut addrs = std::mem::take(&mut self.op_staged);
+            addrs.sort_unstable();
+            addrs.dedup();
+            let log = self.redo.as_mut().expect("checked above");
+            if addrs.is_empty() {
+                log.complete_current();
+            } else if log.fits(addrs.len()) {
+                let blocks: Vec<(u64, &Block)> = addrs
+                    .iter()
+                    .filter_map(|a| self.tx.get(a).map(|b| (*a, &**b)))
+                    .collect();
+                log.append(&blocks);
+            } else {
+                // The log is full: commit the transaction instead (it holds this
+                // operation), which also empties the log.
+                self.commit()?;
+                if let Some(log) = self.redo.as_mut() {
+                    log.complete_current();
+                }
+                return Ok(());
+            }
+        }
+        self.commit_if_due()
+    }
+
+    /// Turns in-memory changes (dirty inodes, freed blocks, bitmaps) into staged blocks.
+    fn prepare_tx(&mut self) -> FsResult<()> {
         let dirty: Vec<u32> = self.dirty_nodes.drain().collect();
         for ino in dirty {
             if self.nodes.contains_key(&ino) {
@@ -651,7 +759,12 @@ impl Inner {
         for &(s, l) in &freed {
             self.bbitmap.free_withheld(s, l);
         }
-        self.stage_bitmaps()?;
+        self.stage_bitmaps()
+    }
+
+    fn commit_inner(&mut self) -> FsResult<()> {
+        self.check_writable()?;
+        self.prepare_tx()?;
         if self.tx.is_empty() {
             return Ok(());
         }
@@ -668,6 +781,11 @@ impl Inner {
         let store = self.store.clone();
         let r = self.journal.append(store.as_ref(), &tx);
         self.latch(r)?;
+        // Written through the same driver a successor reads from: the log may forget.
+        if let Some(log) = self.redo.as_mut() {
+            log.reset();
+        }
+        self.op_staged.clear();
         for (addr, b) in tx {
             self.clean.remove(&addr);
             self.pinned.insert(addr, Arc::from(b));

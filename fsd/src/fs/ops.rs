@@ -30,6 +30,8 @@ pub struct Attr {
     pub atime: Timespec,
     pub mtime: Timespec,
     pub ctime: Timespec,
+    /// Creation time; `None` for an inode without one (format v1, or not yet converted).
+    pub crtime: Option<Timespec>,
     pub mode: u32,
     pub nlink: u32,
     pub uid: u32,
@@ -82,6 +84,7 @@ fn attr_of(ino: Ino, i: &Inode) -> Attr {
         atime: i.atime,
         mtime: i.mtime,
         ctime: i.ctime,
+        crtime: i.crtime,
         mode: i.mode,
         nlink: i.nlink,
         uid: i.uid,
@@ -112,10 +115,9 @@ impl Inner {
     }
 
     pub(crate) fn attr(&mut self, ino: Ino) -> FsResult<Attr> {
-        let per_block = self.codec.records_per_block();
         let n = self.node(ino)?;
         let mut a = attr_of(ino, &n.inode);
-        a.blocks = super::block_count(n, per_block) * (BLOCK_SIZE as u64 / 512);
+        a.blocks = super::block_count(n) * (BLOCK_SIZE as u64 / 512);
         Ok(a)
     }
 
@@ -214,7 +216,7 @@ impl Inner {
         }
         let now = crate::mkfs::now();
         let ino = self.alloc_ino()?;
-        let mut inode = Inode::new(mode, uid, gid, now);
+        let mut inode = Inode::new(self.codec.version(), mode, uid, gid, now);
         inode.generation = self.next_generation();
         inode.nlink = if is_dir { 2 } else { 1 };
         inode.rdev = rdev;
@@ -256,7 +258,7 @@ impl Fs {
         let before = g.changes;
         match f(&mut g) {
             Ok(v) => {
-                g.commit_if_due()?;
+                g.op_done()?;
                 Ok(v)
             }
             Err(e) if g.changes == before => Err(e),
@@ -701,7 +703,7 @@ impl Fs {
             }
             Ok(()) => {}
         }
-        g.commit_if_due()?;
+        g.op_done()?;
         Ok(done)
     }
 
@@ -712,6 +714,20 @@ impl Fs {
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         if len == 0 {
             return Err(FsError::Invalid("fallocate of zero length"));
+        }
+        // Refuse up front what the free space cannot hold (as a write does): running out
+        // half-way would leave a half-made transaction and turn the filesystem read-only.
+        if mode & !KEEP_SIZE == 0 || mode & !KEEP_SIZE == ZERO {
+            let mut g = self.lock();
+            g.check_writable()?;
+            let needed = if mode & !KEEP_SIZE == ZERO {
+                len.div_ceil(BLOCK_SIZE as u64)
+            } else {
+                g.blocks_to_allocate(ino, offset, len)?
+            };
+            if needed > 0 && !g.can_allocate(needed + WRITE_RESERVE)? {
+                return Err(FsError::NoSpace);
+            }
         }
         self.mutate(|g| {
             if !g.node(ino)?.inode.is_reg() {

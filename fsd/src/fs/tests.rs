@@ -13,16 +13,7 @@ use crate::store::{BlockStore, MemStore};
 
 pub(crate) fn fresh(blocks: u64) -> Arc<MemStore> {
     let s = Arc::new(MemStore::new(blocks));
-    mkfs(
-        s.as_ref(),
-        "mem",
-        &MkfsOptions {
-            force: false,
-            uid: 0,
-            gid: 0,
-        },
-    )
-    .unwrap();
+    mkfs(s.as_ref(), "mem", &MkfsOptions::default()).unwrap();
     s
 }
 

@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use formats::bitmap;
 use formats::block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE, PAYLOAD_SIZE};
 use formats::dir::{self, Bucket, DirHeader, OVERFLOW_BASE};
-use formats::extent::{Extent, ExtentCodec};
+use formats::extent::Extent;
 use formats::inode::{self, InlineArea, Inode, INODE_SIZE};
 use formats::superblock::{FsState, Geometry, Superblock, ORPHAN_INO, ROOT_INO};
+use formats::version::FormatVersion;
 use formats::xattr::XattrSet;
 use formats::FormatError;
 
@@ -152,7 +153,8 @@ pub(super) struct Checker<'a> {
     store: &'a dyn BlockStore,
     sb: Superblock,
     geo: Geometry,
-    codec: ExtentCodec,
+    /// The newest inode layout the image may hold.
+    newest: FormatVersion,
     rep: Reporter,
     notes: Vec<String>,
     meta: Vec<MetaRange>,
@@ -184,6 +186,13 @@ pub(super) fn read_superblock(
     }
     let mut b = vec![0u8; BLOCK_SIZE];
     store.read(0, &mut b)?;
+    if let Err(FormatError::Checksum { .. }) = Superblock::decode(&b) {
+        // A torn in-place write of a superblock the journal still holds: replay restores
+        // it, so judge the image by that one.
+        if let Some(image) = crate::fs::convert::journaled_superblock(store)? {
+            b = image;
+        }
+    }
     match Superblock::decode(&b) {
         Ok(sb) => Ok(Ok(sb)),
         Err(FormatError::BadMagic { found, .. })
@@ -275,7 +284,7 @@ impl<'a> Checker<'a> {
         let geo = sb.geometry;
         Checker {
             store,
-            codec: inode::codec_for(sb.format_version),
+            newest: sb.newest_layout(),
             sb,
             geo,
             rep: Reporter {
@@ -324,6 +333,12 @@ impl<'a> Checker<'a> {
             FsState::Errors => self
                 .notes
                 .push("the image is marked as having errors".into()),
+        }
+        if let Some(t) = self.sb.conversion_target {
+            self.notes.push(format!(
+                "a conversion from format v{} to v{} is in progress at inode {}; `fsd convert --to {}` finishes it",
+                self.sb.format_version.0, t.0, self.sb.conversion_cursor, t.0
+            ));
         }
         self.meta(self.geo.journal_start, 0..BLOCK_SIZE, JOURNAL_SUPER);
         self.load_bitmaps()?;
@@ -448,7 +463,7 @@ impl<'a> Checker<'a> {
             }
         };
         let loc = self.inode_location_text(ino, path);
-        let inode = match Inode::decode(Ino(ino), &block[off..off + INODE_SIZE], self.codec) {
+        let inode = match Inode::decode(Ino(ino), &block[off..off + INODE_SIZE], self.newest) {
             Err(e) => {
                 self.rep.push(INODE, loc, e.to_string(), false);
                 self.complete = false;
@@ -475,6 +490,9 @@ impl<'a> Checker<'a> {
             Ok(Some(i)) => i,
         };
         self.meta(addr.0, off..off + INODE_SIZE, INODE);
+        if let Some(why) = self.layout_problem(ino, inode.layout) {
+            self.rep.push(INODE, loc.clone(), why, false);
+        }
         if type_name(inode.mode).is_none() {
             self.rep.push(
                 INODE,
@@ -501,6 +519,28 @@ impl<'a> Checker<'a> {
             }),
         );
         Ok(())
+    }
+
+    /// Whether a live inode's layout is one the image may hold at its number: the image's
+    /// version outside a conversion; during one, the target below the cursor and the old
+    /// version or the target from it on.
+    fn layout_problem(&self, ino: u32, layout: FormatVersion) -> Option<String> {
+        let version = self.sb.format_version;
+        let ok = match self.sb.conversion_target {
+            None => layout == version,
+            Some(t) if (ino as u64) < self.sb.conversion_cursor => layout == t,
+            Some(t) => layout == t || layout == version,
+        };
+        (!ok).then(|| match self.sb.conversion_target {
+            None => format!(
+                "has the v{} layout in a format v{} image",
+                layout.0, version.0
+            ),
+            Some(t) => format!(
+                "has the v{} layout during a conversion from v{} to v{} at inode {}",
+                layout.0, version.0, t.0, self.sb.conversion_cursor
+            ),
+        })
     }
 
     fn own(&mut self, start: u64, len: u64, ino: u32, what: &'static str) {
@@ -568,7 +608,8 @@ impl<'a> Checker<'a> {
             self.own(cur, 1, ino, "extent block");
             extent_blocks += 1;
             let b = self.read(cur)?;
-            match self.codec.decode_block(&b, Ino(ino), BlockAddr(cur)) {
+            // The chain is in the inode's own layout.
+            match inode.codec().decode_block(&b, Ino(ino), BlockAddr(cur)) {
                 Ok((next, list)) => {
                     self.meta(cur, 0..BLOCK_SIZE, BlockKind::ExtentBlock.name());
                     if extents.len() + list.len() > inode.extent_count as usize {
@@ -1407,12 +1448,10 @@ pub(super) fn free_from_bits(geo: &Geometry, inode_bits: &[u8], block_bits: &[u8
 
 /// Every free inode slot a repair writes: mode 0, keeping the generation when the old
 /// inode decodes (as the filesystem frees inodes).
-pub(super) fn freed_slot(ino: Ino, old: &[u8], codec: ExtentCodec) -> Vec<u8> {
+pub(super) fn freed_slot(ino: Ino, old: &[u8], newest: FormatVersion) -> Vec<u8> {
     let mut out = vec![0u8; INODE_SIZE];
-    if let Ok(Some(i)) = Inode::decode(ino, old, codec) {
-        let mut freed = Inode::new(0, 0, 0, inode::Timespec::default());
-        freed.generation = i.generation;
-        if freed.encode(ino, codec, &mut out).is_err() {
+    if let Ok(Some(i)) = Inode::decode(ino, old, newest) {
+        if Inode::freed(i.generation).encode(ino, &mut out).is_err() {
             out.fill(0);
         }
     }

@@ -4,9 +4,10 @@ use std::sync::Arc;
 use formats::bitmap;
 use formats::block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE, TAIL_CRC};
 use formats::dir::DirHeader;
-use formats::inode::{self, Inode, INODE_SIZE, S_IFCHR, S_IFIFO, S_IFREG};
+use formats::inode::{Inode, INODE_SIZE, S_IFCHR, S_IFIFO, S_IFREG};
 use formats::journal::JournalSuper;
 use formats::superblock::{FsState, Superblock, ROOT_INO};
+use formats::version::FormatVersion;
 
 use super::*;
 use crate::fs::journal::JournalWriter;
@@ -18,16 +19,7 @@ const BLOCKS: u64 = 2048;
 
 fn fresh() -> MemStore {
     let s = MemStore::new(BLOCKS);
-    mkfs(
-        &s,
-        "test",
-        &MkfsOptions {
-            force: false,
-            uid: 0,
-            gid: 0,
-        },
-    )
-    .unwrap();
+    mkfs(&s, "test", &MkfsOptions::default()).unwrap();
     s
 }
 
@@ -48,15 +40,13 @@ fn superblock(s: &dyn BlockStore) -> Superblock {
 /// Rewrites inode `ino` through `f`, with a valid checksum.
 fn edit_inode(s: &dyn BlockStore, ino: u32, f: impl FnOnce(&mut Inode)) {
     let sb = superblock(s);
-    let codec = inode::codec_for(sb.format_version);
     let (addr, off) = sb.geometry.inode_location(Ino(ino));
     let mut b = read(s, addr.0);
-    let mut i = Inode::decode(Ino(ino), &b[off..off + INODE_SIZE], codec)
+    let mut i = Inode::decode(Ino(ino), &b[off..off + INODE_SIZE], sb.newest_layout())
         .unwrap()
         .unwrap();
     f(&mut i);
-    i.encode(Ino(ino), codec, &mut b[off..off + INODE_SIZE])
-        .unwrap();
+    i.encode(Ino(ino), &mut b[off..off + INODE_SIZE]).unwrap();
     s.write(addr.0, &b).unwrap();
 }
 
@@ -377,17 +367,16 @@ fn journal_is_checked_as_replayed() {
 
 /// An image with everything the filesystem can make, cleanly unmounted.
 fn populated() -> Arc<MemStore> {
+    populated_in(FormatVersion::CURRENT)
+}
+
+fn populated_in(version: FormatVersion) -> Arc<MemStore> {
     let s = Arc::new(MemStore::new(4096));
-    mkfs(
-        &*s,
-        "test",
-        &MkfsOptions {
-            force: false,
-            uid: 0,
-            gid: 0,
-        },
-    )
-    .unwrap();
+    let opts = MkfsOptions {
+        version,
+        ..MkfsOptions::default()
+    };
+    mkfs(&*s, "test", &opts).unwrap();
     let fs = Fs::mount(s.clone()).unwrap();
     let root = ROOT_INO;
     let hello = fs
@@ -473,16 +462,7 @@ fn populated_image_is_clean() {
 #[test]
 fn orphans_are_noted_and_freed() {
     let s = Arc::new(MemStore::new(4096));
-    mkfs(
-        &*s,
-        "test",
-        &MkfsOptions {
-            force: false,
-            uid: 0,
-            gid: 0,
-        },
-    )
-    .unwrap();
+    mkfs(&*s, "test", &MkfsOptions::default()).unwrap();
     let fs = Fs::mount(s.clone()).unwrap();
     let f = fs
         .mknod(ROOT_INO, b"open", S_IFREG | 0o644, 0, 0, 0)
@@ -524,16 +504,7 @@ fn orphans_are_noted_and_freed() {
 #[test]
 fn crash_images_check_clean_after_replay() {
     let s = Arc::new(MemStore::new(4096));
-    mkfs(
-        &*s,
-        "test",
-        &MkfsOptions {
-            force: false,
-            uid: 0,
-            gid: 0,
-        },
-    )
-    .unwrap();
+    mkfs(&*s, "test", &MkfsOptions::default()).unwrap();
     let fs = Fs::mount(s.clone()).unwrap();
     let mut images = Vec::new();
     for i in 0..30u64 {
@@ -671,4 +642,123 @@ fn resealed_garbage_never_panics() {
             }
         }
     }
+}
+
+#[test]
+fn every_version_checks_clean() {
+    for v in FormatVersion::ALL {
+        let s = populated_in(v);
+        assert_eq!(superblock(&*s).format_version, v);
+        let r = run(&*s, false);
+        assert!(r.is_clean(), "v{}: {:#?}", v.0, r.problems);
+    }
+}
+
+/// A v1 image stopped (cleanly unmounted) half-way through a conversion to v3.
+fn half_converted() -> (Arc<MemStore>, u64) {
+    let s = populated_in(FormatVersion::V1);
+    let fs = Fs::mount(s.clone()).unwrap();
+    fs.start_conversion(FormatVersion::V3).unwrap();
+    fs.convert_step(3).unwrap();
+    fs.convert_step(3).unwrap();
+    fs.unmount().unwrap();
+    let cursor = superblock(&*s).conversion_cursor;
+    assert!(cursor > 3, "cursor {cursor}");
+    (s, cursor)
+}
+
+#[test]
+fn a_half_converted_image_checks_clean_and_says_so() {
+    let (s, cursor) = half_converted();
+    let sb = superblock(&*s);
+    assert_eq!(
+        (sb.format_version, sb.conversion_target),
+        (FormatVersion::V1, Some(FormatVersion::V3))
+    );
+    let r = run(&*s, false);
+    assert!(r.is_clean(), "{:#?}", r.problems);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains(&format!("v1 to v3 is in progress at inode {cursor}"))),
+        "{:?}",
+        r.notes
+    );
+    // A repair of something else keeps the conversion where it is.
+    let mut sb = superblock(&*s);
+    sb.free_inodes += 1;
+    s.write(0, &sb.encode()[..]).unwrap();
+    let r = run(&*s, true);
+    assert_eq!(r.exit_code(), EXIT_REPAIRED, "{:#?}", r.problems);
+    let sb = superblock(&*s);
+    assert_eq!(
+        (sb.conversion_target, sb.conversion_cursor),
+        (Some(FormatVersion::V3), cursor)
+    );
+    // And the conversion finishes from there.
+    let fs = Fs::mount(s.clone()).unwrap();
+    while !fs.convert_step(10).unwrap().finished {}
+    fs.unmount().unwrap();
+    assert!(run(&*s, false).is_clean());
+}
+
+#[test]
+fn layouts_out_of_place_are_found() {
+    let (s, cursor) = half_converted();
+    let hello = file_ino(&s, b"hello") as u64;
+    assert!(hello < cursor, "hello is inode {hello}, cursor {cursor}");
+    // Below the cursor an inode must have the target's layout.
+    edit_inode(&*s, hello as u32, |i| {
+        i.layout = FormatVersion::V1;
+        i.crtime = None;
+    });
+    let r = run(&*s, false);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.structure == "inode" && p.message.contains("has the v1 layout")),
+        "{:#?}",
+        r.problems
+    );
+    // From the cursor on, only the old version's or the target's.
+    let (s, cursor) = half_converted();
+    let g = superblock(&*s).geometry;
+    let last = (cursor..=g.inode_count as u64)
+        .rev()
+        .find(|&i| {
+            let (addr, off) = g.inode_location(Ino(i as u32));
+            let b = read(&*s, addr.0);
+            matches!(
+                Inode::decode(Ino(i as u32), &b[off..off + INODE_SIZE], FormatVersion::V3),
+                Ok(Some(n)) if !n.is_free()
+            )
+        })
+        .expect("a live inode past the cursor");
+    edit_inode(&*s, last as u32, |i| {
+        i.layout = FormatVersion::V2;
+        i.crtime = Some(i.ctime);
+    });
+    let r = run(&*s, false);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.message.contains("has the v2 layout during a conversion")),
+        "{:#?}",
+        r.problems
+    );
+    // Outside a conversion, every inode has the image's version.
+    let s = populated_in(FormatVersion::V2);
+    let hello = file_ino(&s, b"hello");
+    edit_inode(&*s, hello, |i| {
+        i.layout = FormatVersion::V1;
+        i.crtime = None;
+    });
+    let r = run(&*s, false);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.message.contains("has the v1 layout in a format v2 image")),
+        "{:#?}",
+        r.problems
+    );
 }

@@ -25,21 +25,21 @@ use molt_tests::harness::{bin, run, updater, Keyring, Mount, TempDir, TestImage}
 use molt_tests::stress::{self, describe, Mix, StressConfig, StressReport};
 
 /// Far enough in the future for every package the tests make.
-const EXPIRES: u64 = 1_893_456_000;
+pub(super) const EXPIRES: u64 = 1_893_456_000;
 
 /// `updater` exit codes.
-const COMMITTED: i32 = 0;
-const REFUSED: i32 = 2;
+pub(super) const COMMITTED: i32 = 0;
+pub(super) const REFUSED: i32 = 2;
 const ABORTED: i32 = 3;
 const ROLLED_BACK: i32 = 4;
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn text(o: &Output) -> String {
+pub(super) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -47,7 +47,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn repo_root() -> PathBuf {
+pub(super) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -55,7 +55,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// The cargo profile and target directory this test binary was built with.
-fn build_profile() -> (String, PathBuf) {
+pub(super) fn build_profile() -> (String, PathBuf) {
     let dir = bin("fsd").parent().expect("bin dir").to_path_buf();
     let name = dir.file_name().expect("profile dir").to_string_lossy();
     let profile = if name == "debug" {
@@ -68,7 +68,7 @@ fn build_profile() -> (String, PathBuf) {
 
 /// Runs `scripts/build-examples.sh` with this build's profile and default binaries,
 /// then `extra` (options and the positional arguments).
-fn build_examples(extra: &[&Path]) -> Output {
+pub(super) fn build_examples(extra: &[&Path]) -> Output {
     let (profile, target) = build_profile();
     let default_bins = bin("fsd").parent().expect("bin dir").to_path_buf();
     run(
@@ -82,7 +82,7 @@ fn build_examples(extra: &[&Path]) -> Output {
 }
 
 /// The variant binaries, copied into `out/bin/` (built on first use).
-fn variants(out: &Path) -> PathBuf {
+pub(super) fn variants(out: &Path) -> PathBuf {
     let o = build_examples(&[Path::new("--bins-only"), out]);
     assert!(
         o.status.success(),
@@ -93,7 +93,7 @@ fn variants(out: &Path) -> PathBuf {
 }
 
 /// A package directory: a manifest and its payload files, packed into `<dir>.lup`.
-fn pack(keys: &Keyring, dir: &Path, manifest: &str, files: &[(&str, &Path)]) -> PathBuf {
+pub(super) fn pack(keys: &Keyring, dir: &Path, manifest: &str, files: &[(&str, &Path)]) -> PathBuf {
     std::fs::create_dir_all(dir.join("bin")).expect("package dir");
     std::fs::write(dir.join("manifest.toml"), manifest).expect("manifest");
     for (name, src) in files {
@@ -121,7 +121,13 @@ fn pack_example(keys: &Keyring, work: &Path, name: &str, files: &[(&str, &Path)]
 }
 
 /// A manifest replacing fsd only.
-fn fsd_manifest(name: &str, sequence: u64, from: &str, to: &str, required: &[&str]) -> String {
+pub(super) fn fsd_manifest(
+    name: &str,
+    sequence: u64,
+    from: &str,
+    to: &str,
+    required: &[&str],
+) -> String {
     let required: Vec<String> = required.iter().map(|s| format!("{s:?}")).collect();
     format!(
         "[package]\n\
@@ -145,7 +151,7 @@ fn fsd_manifest(name: &str, sequence: u64, from: &str, to: &str, required: &[&st
 }
 
 /// Mounts `img` trusting `keys`, optionally with another block driver build.
-fn mount_live(img: &TestImage, keys: &Keyring, driver: Option<&Path>) -> Mount {
+pub(super) fn mount_live(img: &TestImage, keys: &Keyring, driver: Option<&Path>) -> Mount {
     let keyring = keys.keyring.to_str().expect("utf-8").to_string();
     match driver {
         Some(d) => img.mount_with(&["--keyring", &keyring], &[("MOLT_BLOCKDEV_BIN", d)]),
@@ -154,20 +160,20 @@ fn mount_live(img: &TestImage, keys: &Keyring, driver: Option<&Path>) -> Mount {
 }
 
 /// One `updater apply`.
-struct Applied {
-    code: i32,
-    out: String,
-    started_ms: u64,
-    ended_ms: u64,
+pub(super) struct Applied {
+    pub(super) code: i32,
+    pub(super) out: String,
+    pub(super) started_ms: u64,
+    pub(super) ended_ms: u64,
 }
 
 impl Applied {
-    fn took(&self) -> u64 {
+    pub(super) fn took(&self) -> u64 {
         self.ended_ms - self.started_ms
     }
 
     /// Duration of a phase as `updater` printed it ("phase NAME finished in N ms").
-    fn phase_ms(&self, phase: &str) -> Option<u64> {
+    pub(super) fn phase_ms(&self, phase: &str) -> Option<u64> {
         let key = format!("phase {phase} finished in ");
         self.out
             .lines()
@@ -175,7 +181,7 @@ impl Applied {
     }
 }
 
-fn apply(mnt: &Path, pkg: &Path, extra: &[&str]) -> Applied {
+pub(super) fn apply(mnt: &Path, pkg: &Path, extra: &[&str]) -> Applied {
     let started_ms = now_ms();
     let o = updater(
         &[
@@ -197,7 +203,7 @@ fn apply(mnt: &Path, pkg: &Path, extra: &[&str]) -> Applied {
     }
 }
 
-fn status(mnt: &Path) -> serde_json::Value {
+pub(super) fn status(mnt: &Path) -> serde_json::Value {
     let o = updater(&["status", "--mount", mnt.to_str().expect("utf-8"), "--json"]);
     assert!(o.status.success(), "updater status failed:\n{}", text(&o));
     serde_json::from_slice(&o.stdout)
@@ -205,7 +211,7 @@ fn status(mnt: &Path) -> serde_json::Value {
 }
 
 /// (version, pid) of a component in a status report.
-fn component(st: &serde_json::Value, name: &str) -> (String, u64) {
+pub(super) fn component(st: &serde_json::Value, name: &str) -> (String, u64) {
     let c = st["components"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["name"] == name))
@@ -217,7 +223,7 @@ fn component(st: &serde_json::Value, name: &str) -> (String, u64) {
 }
 
 /// The outcome and message of the last update in the history, in lower case.
-fn last_outcome(st: &serde_json::Value) -> (String, String) {
+pub(super) fn last_outcome(st: &serde_json::Value) -> (String, String) {
     let h = st["history"]
         .as_array()
         .and_then(|h| h.last())
@@ -230,7 +236,7 @@ fn last_outcome(st: &serde_json::Value) -> (String, String) {
 
 /// The stress workload of these tests: data and metadata on several threads, half the
 /// data files held open for the whole run, every read verified. Runs until stopped.
-struct Load {
+pub(super) struct Load {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<StressReport>>,
 }
@@ -243,7 +249,7 @@ impl Drop for Load {
 }
 
 impl Load {
-    fn start(dir: &Path, threads: u32, mix: &str) -> Load {
+    pub(super) fn start(dir: &Path, threads: u32, mix: &str) -> Load {
         Load::start_holding(dir, threads, mix, Some(4))
     }
 
@@ -277,7 +283,7 @@ impl Load {
     }
 
     /// Stops the workload and asserts it saw no error.
-    fn finish(mut self) -> StressReport {
+    pub(super) fn finish(mut self) -> StressReport {
         self.stop.store(true, Ordering::SeqCst);
         let r = self
             .thread
@@ -306,7 +312,7 @@ impl Load {
 
 /// Longest window without any completed operation overlapping `[from_ms, to_ms]`
 /// (unix ms), from the workload's 10 ms completion timeline.
-fn stall_within(r: &StressReport, from_ms: u64, to_ms: u64) -> u64 {
+pub(super) fn stall_within(r: &StressReport, from_ms: u64, to_ms: u64) -> u64 {
     let bucket = u64::from(r.timeline.bucket_ms.max(1));
     let (mut best, mut run_start) = (0u64, None::<u64>);
     for (i, &n) in r.timeline.counts.iter().enumerate() {

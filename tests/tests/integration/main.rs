@@ -2,6 +2,7 @@
 //! root; every mount is undone by a guard, and every test has a deadline.
 
 mod bench_quick;
+mod convert;
 mod crash;
 mod fio;
 mod live;

@@ -138,3 +138,74 @@ fn mount_errors_are_clear() {
     m.unmount();
     img.assert_clean();
 }
+
+/// One extended-attribute call on `path`: its result (bytes, or -1 with errno).
+fn xattr_call(path: &std::path::Path, op: &str, name: &std::ffi::CStr) -> (isize, Vec<u8>, i32) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the path and name are NUL-terminated; `buf` is valid for `buf.len()` bytes
+    // and a set or remove reads at most its first byte (a 1-byte value).
+    let n = unsafe {
+        match op {
+            "get" => libc::getxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            ),
+            "list" => libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()),
+            "set" => libc::setxattr(c.as_ptr(), name.as_ptr(), buf.as_ptr().cast(), 1, 0) as isize,
+            _ => libc::removexattr(c.as_ptr(), name.as_ptr()) as isize,
+        }
+    };
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    buf.truncate(n.max(0) as usize);
+    (n, buf, errno)
+}
+
+#[test]
+fn creation_times_are_a_read_only_xattr_and_v1_images_have_none() {
+    let img = TestImage::new("crtime", "64M");
+    let m = img.mount();
+    let f = m.path().join("f");
+    std::fs::write(&f, b"x").unwrap();
+    let (n, v, _) = xattr_call(&f, "get", c"user.molt.crtime");
+    assert!(n > 0, "getxattr user.molt.crtime failed");
+    let text = String::from_utf8(v).unwrap();
+    let (sec, nsec) = text.split_once('.').expect("SEC.NSEC");
+    assert_eq!(nsec.len(), 9, "{text}");
+    let sec: i64 = sec.parse().unwrap();
+    let ctime = std::fs::metadata(&f).unwrap().ctime();
+    assert!((sec - ctime).abs() <= 1, "crtime {text}, ctime {ctime}");
+    let (_, names, _) = xattr_call(&f, "list", c"");
+    assert!(
+        names.split(|b| *b == 0).any(|n| n == b"user.molt.crtime"),
+        "{:?}",
+        String::from_utf8_lossy(&names)
+    );
+    for op in ["set", "remove"] {
+        let (n, _, errno) = xattr_call(&f, op, c"user.molt.crtime");
+        assert_eq!((n, errno), (-1, libc::EPERM), "{op}");
+    }
+    m.unmount();
+
+    // A v1 image: no creation time, not listed, ENODATA.
+    let v1 = img.dir.path().join("v1.img");
+    let o = fsd(&[
+        "mkfs",
+        v1.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--format-version",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = molt_tests::harness::Mount::new(&v1, &img.mnt);
+    let f = m.path().join("old");
+    std::fs::write(&f, b"x").unwrap();
+    let (n, _, errno) = xattr_call(&f, "get", c"user.molt.crtime");
+    assert_eq!((n, errno), (-1, libc::ENODATA));
+    let (_, names, _) = xattr_call(&f, "list", c"");
+    assert!(!names.windows(16).any(|w| w == b"user.molt.crtime"));
+    m.unmount();
+}

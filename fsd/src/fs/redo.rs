@@ -1,0 +1,307 @@
+//! The redo log: what a filesystem server has acknowledged but not yet committed to the
+//! journal, kept where it survives the server process (a memfd the supervisor owns).
+//!
+//! Group commit keeps operations in memory for up to a second before their journal
+//! transaction is written. A server that dies in that window must not take acknowledged
+//! operations with it: after every operation, before its reply, the metadata blocks it
+//! staged are appended here as one record. A successor recovering from the crash replays
+//! the records (in order, the later image of a block wins) as one journal transaction.
+//! Each journal commit empties the log by moving to a new generation, so the log never
+//! holds more than one open transaction.
+//!
+//! The log also remembers the FUSE request ids (`unique`) of the last completed
+//! operations, so that a request the kernel resends after the crash (FUSE_NOTIFY_RESEND)
+//! is answered without running a non-idempotent operation twice.
+//!
+//! Layout (little endian): header at 0 (magic, version, generation, completed count),
+//! the ring of completed request ids at `DONE_OFF`, records from `RECORDS_OFF`:
+//! `magic u32 | nblocks u32 | generation u64 | unique u64 | crc u32 | 0 u32`, then
+//! `nblocks` addresses (u64), then the `nblocks` block images. The crc covers everything
+//! after the magic except itself. A record is valid only with the header's generation and
+//! a matching crc, so a record torn by the crash and records of earlier generations left
+//! further on are never replayed.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+
+use formats::block::BLOCK_SIZE;
+
+use super::Block;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"MOLTREDO");
+const VERSION: u32 = 1;
+const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RDO1");
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 8;
+const OFF_GENERATION: usize = 16;
+const OFF_DONE_COUNT: usize = 24;
+const DONE_OFF: usize = 4096;
+/// Completed request ids remembered: more than the kernel can have outstanding.
+const DONE_SLOTS: usize = 8192;
+const RECORDS_OFF: usize = DONE_OFF + DONE_SLOTS * 8;
+const RECORD_HEADER: usize = 32;
+/// Size of the log the supervisor creates.
+pub const REDO_LOG_SIZE: u64 = 64 << 20;
+
+thread_local! {
+    /// The FUSE request the current thread is serving (0: none), recorded with the
+    /// operation's changes.
+    static CURRENT_REQUEST: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Names the request this thread serves from now on (0 when it is done).
+pub fn set_current_request(unique: u64) {
+    CURRENT_REQUEST.with(|c| c.set(unique));
+}
+
+fn current_request() -> u64 {
+    CURRENT_REQUEST.with(|c| c.get())
+}
+
+/// What a recovering server takes over from the log.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Latest image of every block changed by acknowledged, uncommitted operations.
+    pub blocks: BTreeMap<u64, Box<Block>>,
+    /// Requests whose operation completed (their changes are in the journal or above).
+    pub completed: HashSet<u64>,
+    pub records: usize,
+}
+
+pub struct RedoLog {
+    map: memmap2::MmapMut,
+    /// Where the next record goes.
+    end: usize,
+}
+
+impl RedoLog {
+    /// Maps the log (a memfd of `REDO_LOG_SIZE` bytes or more). A region without a header
+    /// (new) is initialised; one with a header keeps its contents for `recover`.
+    pub fn open(file: &File) -> std::io::Result<RedoLog> {
+        let len = file.metadata()?.len();
+        if len < (RECORDS_OFF + RECORD_HEADER + BLOCK_SIZE) as u64 {
+            return Err(std::io::Error::other(format!(
+                "redo log of {len} bytes is too small"
+            )));
+        }
+        // SAFETY: the memfd is shared only with the supervisor, which never writes it,
+        // and with a successor that runs only after this process stopped writing.
+        let map = unsafe { memmap2::MmapMut::map_mut(file)? };
+        let mut log = RedoLog {
+            map,
+            end: RECORDS_OFF,
+        };
+        if log.u64_at(OFF_MAGIC) != MAGIC || log.u32_at(OFF_VERSION) != VERSION {
+            log.put_u64(OFF_MAGIC, MAGIC);
+            log.put_u32(OFF_VERSION, VERSION);
+            log.put_u64(OFF_GENERATION, 1);
+            log.put_u64(OFF_DONE_COUNT, 0);
+        }
+        Ok(log)
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.map[off..off + 8].try_into().expect("8 bytes"))
+    }
+    fn u32_at(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.map[off..off + 4].try_into().expect("4 bytes"))
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.map[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.map[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn generation(&self) -> u64 {
+        self.u64_at(OFF_GENERATION)
+    }
+
+    /// Whether a record of `nblocks` blocks still fits.
+    pub fn fits(&self, nblocks: usize) -> bool {
+        self.end + record_len(nblocks) <= self.map.len()
+    }
+
+    /// Appends one operation's staged blocks, tagged with the request being served. The
+    /// caller checked `fits`.
+    pub fn append(&mut self, blocks: &[(u64, &Block)]) {
+        let generation = self.generation();
+        let unique = current_request();
+        let start = self.end;
+        let len = record_len(blocks.len());
+        let mut off = start + RECORD_HEADER;
+        for (addr, _) in blocks {
+            self.put_u64(off, *addr);
+            off += 8;
+        }
+        for (_, b) in blocks {
+            self.map[off..off + BLOCK_SIZE].copy_from_slice(&b[..]);
+            off += BLOCK_SIZE;
+        }
+        self.put_u32(start + 4, blocks.len() as u32);
+        self.put_u64(start + 8, generation);
+        self.put_u64(start + 16, unique);
+        self.put_u32(start + 28, 0);
+        let crc = record_crc(&self.map[start..start + len]);
+        self.put_u32(start + 24, crc);
+        // The magic last: a record is visible only once complete.
+        self.put_u32(start, RECORD_MAGIC);
+        self.end = start + len;
+        self.note_completed(unique);
+    }
+
+    /// Remembers that the current request's operation completed (changes, if any, are
+    /// in the log or the journal).
+    pub fn complete_current(&mut self) {
+        let unique = current_request();
+        self.note_completed(unique);
+    }
+
+    fn note_completed(&mut self, unique: u64) {
+        if unique == 0 {
+            return;
+        }
+        let n = self.u64_at(OFF_DONE_COUNT);
+        self.put_u64(DONE_OFF + (n as usize % DONE_SLOTS) * 8, unique);
+        self.put_u64(OFF_DONE_COUNT, n + 1);
+    }
+
+    /// Forgets every record: their blocks are now in a journal transaction. The
+    /// completed request ids stay.
+    pub fn reset(&mut self) {
+        let g = self.generation();
+        self.put_u64(OFF_GENERATION, g + 1);
+        self.end = RECORDS_OFF;
+    }
+
+    /// Reads what a dead predecessor left: every valid record of the current generation
+    /// and the completed request ids. Leaves the log as it is until `reset`.
+    pub fn recover(&mut self) -> Recovered {
+        let mut out = Recovered::default();
+        let done = (self.u64_at(OFF_DONE_COUNT) as usize).min(DONE_SLOTS);
+        for i in 0..done {
+            let u = self.u64_at(DONE_OFF + i * 8);
+            if u != 0 {
+                out.completed.insert(u);
+            }
+        }
+        let generation = self.generation();
+        let mut off = RECORDS_OFF;
+        while off + RECORD_HEADER <= self.map.len() {
+            if self.u32_at(off) != RECORD_MAGIC || self.u64_at(off + 8) != generation {
+                break;
+            }
+            let n = self.u32_at(off + 4) as usize;
+            let len = record_len(n);
+            if off + len > self.map.len()
+                || record_crc(&self.map[off..off + len]) != self.u32_at(off + 24)
+            {
+                break;
+            }
+            let unique = self.u64_at(off + 16);
+            if unique != 0 {
+                out.completed.insert(unique);
+            }
+            let data = off + RECORD_HEADER + n * 8;
+            for i in 0..n {
+                let addr = self.u64_at(off + RECORD_HEADER + i * 8);
+                let mut b = Box::new([0u8; BLOCK_SIZE]);
+                b.copy_from_slice(&self.map[data + i * BLOCK_SIZE..data + (i + 1) * BLOCK_SIZE]);
+                out.blocks.insert(addr, b);
+            }
+            out.records += 1;
+            off += len;
+        }
+        self.end = off;
+        out
+    }
+}
+
+fn record_len(nblocks: usize) -> usize {
+    RECORD_HEADER + nblocks * (8 + BLOCK_SIZE)
+}
+
+/// CRC of a record: bytes 4..24 of its header and everything after the header.
+fn record_crc(record: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&record[4..24]);
+    h.update(&record[RECORD_HEADER..]);
+    h.finalize()
+}
+
+/// A memfd of `REDO_LOG_SIZE` bytes for a new mount (the supervisor keeps it).
+pub fn create_log_file() -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a static NUL-terminated name; the fd is new and ours.
+    let fd = unsafe { libc::memfd_create(c"molt-redo".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(REDO_LOG_SIZE)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(v: u8) -> Block {
+        [v; BLOCK_SIZE]
+    }
+
+    #[test]
+    fn records_survive_and_the_later_image_wins() {
+        let f = create_log_file().unwrap();
+        let mut log = RedoLog::open(&f).unwrap();
+        set_current_request(7);
+        log.append(&[(5, &block(1)), (6, &block(2))]);
+        set_current_request(8);
+        log.append(&[(5, &block(3))]);
+        set_current_request(0);
+        drop(log);
+        let mut again = RedoLog::open(&f).unwrap();
+        let r = again.recover();
+        assert_eq!(r.records, 2);
+        assert_eq!(r.blocks[&5][0], 3);
+        assert_eq!(r.blocks[&6][0], 2);
+        assert!(r.completed.contains(&7) && r.completed.contains(&8));
+    }
+
+    #[test]
+    fn a_reset_log_replays_nothing_but_remembers_requests() {
+        let f = create_log_file().unwrap();
+        let mut log = RedoLog::open(&f).unwrap();
+        set_current_request(9);
+        log.append(&[(5, &block(1))]);
+        log.reset();
+        set_current_request(0);
+        let r = RedoLog::open(&f).unwrap().recover();
+        assert_eq!(r.records, 0);
+        assert!(r.blocks.is_empty());
+        assert!(r.completed.contains(&9));
+    }
+
+    #[test]
+    fn a_torn_record_ends_the_log() {
+        let f = create_log_file().unwrap();
+        let mut log = RedoLog::open(&f).unwrap();
+        log.append(&[(5, &block(1))]);
+        log.append(&[(6, &block(2))]);
+        // Tear the second record's block image.
+        let second = RECORDS_OFF + record_len(1);
+        log.map[second + RECORD_HEADER + 8 + 100] ^= 0xff;
+        let r = log.recover();
+        assert_eq!(r.records, 1);
+        assert!(r.blocks.contains_key(&5) && !r.blocks.contains_key(&6));
+    }
+
+    #[test]
+    fn a_small_region_is_refused() {
+        let f = create_log_file().unwrap();
+        f.set_len(4096).unwrap();
+        assert!(RedoLog::open(&f).is_err());
+    }
+}
