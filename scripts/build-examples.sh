@@ -142,6 +142,7 @@ payload() {
         04-global-algorithm) echo "bin/fsd fsd-touch" ;;
         05-hardware) echo "bin/fsd fsd" ;;
         06-not-live) echo "bin/fsd fsd" ;;
+        07-data-on-disk) echo "bin/fsd fsd" ;;
         *) echo "build-examples: no payload known for example $1" >&2; exit 1 ;;
     esac
 }

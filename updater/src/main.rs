@@ -519,7 +519,10 @@ fn print_status(r: &StatusReport) {
         None => println!("no update in progress"),
     }
     if let Some(c) = &r.conversion {
-        println!("conversion: {}/{} ({:.0}/s)", c.done, c.total, c.rate_per_s);
+        println!(
+            "conversion: {}/{} inodes ({:.0}/s)",
+            c.done, c.total, c.rate_per_s
+        );
     }
     if !r.history.is_empty() {
         println!("history:");

@@ -81,8 +81,8 @@ fn image_version(image: &Path) -> u32 {
 }
 
 /// Fills `dir` with `files` files across nested directories: small files of varied
-/// sizes, hard links, short and long symlinks, user xattrs, sparse files, and files whose
-/// block map has many extents (written every other block).
+/// sizes, hard links, short and long symlinks, user xattrs, sparse files, large files
+/// (16 MiB), and files whose block map has many extents (written every other block).
 fn populate(dir: &Path, files: usize, seed: u64) {
     let mut rng = TestRng::new(seed);
     std::fs::create_dir_all(dir).expect("mkdir");
@@ -99,6 +99,13 @@ fn populate(dir: &Path, files: usize, seed: u64) {
                 let f = File::create(&path).expect("create");
                 f.write_all_at(&rng.bytes(5000), 0).expect("write");
                 f.write_all_at(&rng.bytes(3000), 9 << 20).expect("write");
+            }
+            5 if i % 2500 == 5 => {
+                // Large: 16 MiB of data.
+                let mut f = File::create(&path).expect("create");
+                for _ in 0..16 {
+                    f.write_all(&rng.bytes(1 << 20)).expect("write");
+                }
             }
             1 if i % 1000 == 1 => {
                 // Many extents: every other block.

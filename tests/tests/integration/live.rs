@@ -1125,7 +1125,7 @@ fn examples_build_and_verify() {
             text(&o)
         );
     }
-    assert_eq!(n, 6, "six example natures");
+    assert_eq!(n, 7, "seven example natures");
 }
 
 // ---- fio across live updates. ----
