@@ -75,14 +75,20 @@ print(worst)
 PY
 }
 
-printf '| image | live inodes | inode slots | conversion | time (s) | live inodes/s | inode table MB/s | raw image read MB/s | longest stall during it (ms) | workload errors |\n'
-printf '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n'
+# Raw sequential read bandwidth of the disk the images live on (a written 1 GiB file,
+# O_DIRECT, 1 MiB reads): what a conversion that read everything could reach at most.
+dd if=/dev/zero of="$WORK/raw" bs=1M count=1024 oflag=direct status=none
+raw_mb=$(dd if="$WORK/raw" of=/dev/null bs=1M iflag=direct 2>&1 \
+    | python3 -c "import re,sys; t=sys.stdin.read(); b=int(re.search(r'^(\d+) bytes', t, re.M).group(1)); s=float(re.search(r'copied, ([0-9.]+) s', t).group(1)); print(round(b/s/1e6))")
+rm -f "$WORK/raw"
+
+printf '| image | inode slots | live inodes | conversion | inodes rewritten | metadata MB | time (s) | inodes/s | MB/s | raw read MB/s | longest stall during it (ms) | longest stall outside conversions (ms) | workload errors |\n'
+printf '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for size in 1G 8G; do
     IMG="$WORK/img-$size"
     slots=$("$BIN/fsd" mkfs "$IMG" --size "$size" --format-version 1 | grep -oE '[0-9]+ inodes' | grep -oE '[0-9]+')
-    raw=$(dd if="$IMG" of=/dev/null bs=1M count=1024 iflag=direct 2>&1 | awk '/copied/ {print $(NF-1), $NF}')
-    raw_mb=$(python3 -c "v,u='$raw'.split(); v=float(v); print(round(v*1000 if u.startswith('G') else v))")
     "$BIN/fsd" mount "$IMG" "$MNT" --keyring "$WORK/keyring"
+    LOG="$(ls -t /run/molt/*.log | head -1)"
     # The tree to convert: small files in nested directories, some with many extents.
     mkdir -p "$MNT/tree"
     python3 - "$MNT/tree" "$FILES" <<'PY'
@@ -113,22 +119,43 @@ PY
         start=$(date +%s%3N)
         "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
         end=$(date +%s%3N)
-        conv_ms=$(grep -oE 'phase conversion finished in [0-9]+' "$WORK/apply.out" | grep -oE '[0-9]+$')
-        windows+=("v$1 -> v$2:$start:$end:$conv_ms")
+        # "... finished: N inodes and B bytes of metadata rewritten by this server in M ms"
+        read -r inodes bytes ms < <(grep "conversion to format v$2 finished" "$LOG" | tail -1 \
+            | sed -E 's/.*finished: ([0-9]+) inodes and ([0-9]+) bytes.* in ([0-9]+) ms.*/\1 \2 \3/')
+        windows+=("v$1 -> v$2:$start:$end:$inodes:$bytes:$ms")
         sleep 2
     done
     kill -INT $stress; wait $stress || true
     errors=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['errors_total'])" "$WORK/stress.json")
+    # Outside both conversions: from the start of the run to the first apply, and after
+    # the last one.
+    first_start=$(cut -d: -f2 <<< "${windows[0]}")
+    last_end=$(cut -d: -f3 <<< "${windows[1]}")
+    outside=$(python3 - "$WORK/stress.json" "$first_start" "$last_end" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+s, e = int(sys.argv[2]), int(sys.argv[3])
+t0, w, counts = r["started_unix_ms"], r["timeline"]["bucket_ms"], r["timeline"]["counts"]
+worst, run = 0, None
+for i, c in enumerate(counts + [1]):
+    if c == 0 and run is None:
+        run = i
+    elif c != 0 and run is not None:
+        a, b = t0 + run * w, t0 + i * w
+        if b <= s or a >= e:
+            worst = max(worst, b - a)
+        run = None
+print(worst)
+PY
+)
     for w in "${windows[@]}"; do
-        IFS=: read -r name start end conv_ms <<< "$w"
+        IFS=: read -r name start end inodes bytes ms <<< "$w"
         stall=$(stall_in "$WORK/stress.json" "$start" "$end")
-        python3 - "$size" "$live" "$slots" "$name" "$conv_ms" "$raw_mb" "$stall" "$errors" <<'PY'
+        python3 - "$size" "$slots" "$live" "$name" "$inodes" "$bytes" "$ms" "$raw_mb" "$stall" "$outside" "$errors" <<'PY'
 import sys
-size, live, slots, name, ms, raw, stall, errors = sys.argv[1:]
-live, slots, ms = int(live), int(slots), max(int(ms), 1)
-s = ms / 1000
-table_mb = slots * 256 / 1e6
-print(f"| {size} | {live} | {slots} | {name} | {s:.2f} | {live / s:.0f} | {table_mb / s:.1f} | {raw} | {stall} | {errors} |")
+size, slots, live, name, inodes, nbytes, ms, raw, stall, outside, errors = sys.argv[1:]
+inodes, nbytes, s = int(inodes), int(nbytes), max(int(ms), 1) / 1000
+print(f"| {size} | {slots} | {live} | {name} | {inodes} | {nbytes / 1e6:.1f} | {s:.2f} | {inodes / s:.0f} | {nbytes / 1e6 / s:.1f} | {raw} | {stall} | {outside} | {errors} |")
 PY
     done
     "$BIN/fsd" unmount "$MNT"

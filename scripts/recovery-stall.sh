@@ -34,9 +34,9 @@ for victim in fsd blockdev; do
     IMG="$WORK/img"
     "$BIN/fsd" mkfs "$IMG" --size 2G --force >/dev/null
     "$BIN/fsd" mount "$IMG" "$MNT"
-    sup=$(cat /run/molt/*/pid 2>/dev/null | while read -r p; do
-        grep -qs "$MNT" /proc/"$p"/cmdline && echo "$p"; done | head -1)
-    common=(--dir "$MNT" --threads 4 --files 1000 --hold-open 1000 --file-size 65536 --state "$WORK/state")
+    # The supervisor: the parent of the filesystem server.
+    sup=$(ps -o ppid= -p "$(pgrep -f "serve $MNT" | head -1)" | tr -d ' ')
+    common=(--dir "$MNT" --threads 4 --files 1000 --hold-open 1000 --file-size 65536 --state "$WORK/state-$victim")
     "$BIN/molt-stress" "${common[@]}" --prepare --ops 1 --quiet > /dev/null
     "$BIN/molt-stress" "${common[@]}" --mix read=45,write=45,meta=10 --time 22s \
         --quiet --json "$WORK/stress.json" > "$WORK/stress.out" 2>&1 &

@@ -116,7 +116,7 @@ fn parse_version(s: &str) -> Result<formats::FormatVersion, String> {
     cli::parse_version(n).map_err(|e| e.to_string())
 }
 
-/// `fsd convert`: one progress line on stderr, rewritten in place.
+/// `fsd convert`: a progress bar on stderr, rewritten in place.
 fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
     use std::io::Write;
     let name = image.display().to_string();
@@ -125,9 +125,14 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
         if p.finished || last.elapsed().as_millis() >= 100 {
             last = std::time::Instant::now();
             let pct = p.done_inodes * 100 / p.total_inodes.max(1);
+            let filled = (pct as usize * 30 / 100).min(30);
             eprint!(
-                "\rconverting {name} to format v{}: inode {} of {} ({pct}%)",
-                to.0, p.done_inodes, p.total_inodes
+                "\rconverting {name} to format v{}: [{}{}] inode {} of {} ({pct}%)",
+                to.0,
+                "#".repeat(filled),
+                "-".repeat(30 - filled),
+                p.done_inodes,
+                p.total_inodes
             );
             let _ = std::io::stderr().flush();
         }

@@ -200,6 +200,8 @@ struct Conversion {
     done: std::sync::atomic::AtomicU64,
     total: std::sync::atomic::AtomicU64,
     bytes: std::sync::atomic::AtomicU64,
+    /// Inodes moved to the new layout by this server.
+    inodes: std::sync::atomic::AtomicU64,
 }
 
 impl Conversion {
@@ -211,6 +213,7 @@ impl Conversion {
     }
 
     fn record(&self, p: &crate::fs::convert::Progress) {
+        self.inodes.fetch_add(p.inodes_moved, Ordering::Relaxed);
         self.done.store(p.done_inodes, Ordering::Relaxed);
         self.total.store(p.total_inodes, Ordering::Relaxed);
         self.bytes.fetch_add(p.bytes_moved, Ordering::Relaxed);
@@ -259,9 +262,13 @@ fn background(
             Ok(p) => {
                 conversion.record(&p);
                 if p.finished {
+                    let since = *conversion.since.lock().unwrap_or_else(|p| p.into_inner());
                     eprintln!(
-                        "fsd serve: conversion to format v{} finished",
-                        fs.format_version().0
+                        "fsd serve: conversion to format v{} finished: {} inodes and {} bytes of metadata rewritten by this server in {} ms",
+                        fs.format_version().0,
+                        conversion.inodes.load(Ordering::Relaxed),
+                        conversion.bytes.load(Ordering::Relaxed),
+                        since.map_or(0, |(t, _)| t.elapsed().as_millis()),
                     );
                 } else {
                     // Between batches the lock is free for I/O a moment.

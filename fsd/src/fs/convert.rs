@@ -41,6 +41,8 @@ pub struct Progress {
     pub total_inodes: u64,
     /// Metadata this step rewrote in the new layout: inodes and their extent blocks.
     pub bytes_moved: u64,
+    /// Inodes this step moved to the new layout.
+    pub inodes_moved: u64,
     /// No conversion runs (any more): the image has the target version.
     pub finished: bool,
 }
@@ -186,6 +188,7 @@ impl Fs {
                 done_inodes: total,
                 total_inodes: total,
                 bytes_moved: 0,
+                inodes_moved: 0,
                 finished: true,
             });
         };
@@ -276,7 +279,7 @@ impl Inner {
         // The superblock and the bitmap blocks the batch touches.
         let mut used = 3u64;
         let mut cursor = self.sb.conversion_cursor.max(1);
-        let (mut live, mut visited, mut bytes) = (0u64, 0u64, 0u64);
+        let (mut live, mut visited, mut bytes, mut moved) = (0u64, 0u64, 0u64, 0u64);
         while cursor <= total && live < max_inodes && visited < MAX_SLOTS_PER_STEP {
             visited += 1;
             if !self.ibitmap.is_set(cursor) {
@@ -314,6 +317,7 @@ impl Inner {
                 self.mark_dirty(ino);
                 used += cost;
                 bytes += INODE_SIZE as u64 + new_chain * BLOCK_SIZE as u64;
+                moved += 1;
             }
             cursor += 1;
         }
@@ -332,6 +336,7 @@ impl Inner {
             done_inodes: cursor - 1,
             total_inodes: total,
             bytes_moved: bytes,
+            inodes_moved: moved,
             finished,
         })
     }
