@@ -87,6 +87,23 @@ fn replaying() -> bool {
     REPLAY.with(|r| r.get())
 }
 
+/// Fault injection for the crash-recovery tests: with `MOLT_FAULT_DIE_AFTER=NAME` in its
+/// environment, the server dies right after an operation on an entry named NAME has
+/// completed and before its reply is sent, the one window where a resent request must
+/// not run again. Never set outside tests.
+fn die_after_completing(name: &CStr) {
+    static TARGET: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    let target = TARGET.get_or_init(|| {
+        std::env::var_os("MOLT_FAULT_DIE_AFTER")
+            .map(|v| std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec())
+    });
+    if target.as_deref() == Some(cname(name)) {
+        eprintln!("fsd serve: fault injection: dying before replying for {name:?}");
+        // SAFETY: kill(2) of this very process; no memory is involved.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
 /// The kernel-facing state of a mount.
 pub struct MoltFuse {
     fs: Arc<Fs>,
@@ -610,6 +627,7 @@ impl FileSystem for MoltFuse {
             .fs
             .mkdir(Ino(parent as u32), cname(name), mode & 0o7777, uid, gid)
             .map_err(to_io)?;
+        die_after_completing(name);
         Ok(self.counted(a))
     }
 
@@ -619,8 +637,9 @@ impl FileSystem for MoltFuse {
         }
         self.fs
             .unlink(Ino(parent as u32), cname(name))
-            .map(|_| ())
-            .map_err(to_io)
+            .map_err(to_io)?;
+        die_after_completing(name);
+        Ok(())
     }
 
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -659,8 +678,9 @@ impl FileSystem for MoltFuse {
                 noreplace,
                 exchange,
             )
-            .map(|_| ())
-            .map_err(to_io)
+            .map_err(to_io)?;
+        die_after_completing(oldname);
+        Ok(())
     }
 
     fn link(

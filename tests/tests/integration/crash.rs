@@ -867,6 +867,41 @@ fn open_files_survive_a_server_crash() {
     img.assert_clean();
 }
 
+/// A request the server completed and died before answering is resent by the kernel and
+/// answered without running again: the mkdir does not fail with EEXIST, the unlink and the
+/// rename not with ENOENT. (`MOLT_FAULT_DIE_AFTER` makes the server die at that point.)
+#[test]
+fn a_completed_request_resent_after_a_crash_runs_once() {
+    for op in ["mkdir", "unlink", "rename"] {
+        let name = format!("die-after-{op}");
+        let img = TestImage::new(&format!("resend-{op}"), "64M");
+        let m = img.mount_with(&[], &[("MOLT_FAULT_DIE_AFTER", Path::new(&name))]);
+        let (sup, server, _) = stack(&m);
+        let path = m.path().join(&name);
+        if op != "mkdir" {
+            std::fs::write(&path, b"x").expect("create");
+        }
+        match op {
+            "mkdir" => std::fs::create_dir(&path).expect("mkdir across the crash"),
+            "unlink" => std::fs::remove_file(&path).expect("unlink across the crash"),
+            _ => std::fs::rename(&path, m.path().join("renamed")).expect("rename across the crash"),
+        }
+        assert!(!alive(server), "{op}: the server did not die at the fault");
+        let (sup2, server2, _) = stack(&m);
+        assert!(sup2 == sup && server2 != server, "{op}: not recovered");
+        match op {
+            "mkdir" => assert!(path.is_dir()),
+            "unlink" => assert!(!path.exists()),
+            _ => {
+                assert!(!path.exists());
+                assert_eq!(std::fs::read(m.path().join("renamed")).expect("read"), b"x");
+            }
+        }
+        m.unmount();
+        img.assert_clean();
+    }
+}
+
 /// The block driver dies on an idle mount: a new one takes over and everything,
 /// fsync included, works.
 #[test]
