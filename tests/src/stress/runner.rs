@@ -242,6 +242,11 @@ pub fn run(config: StressConfig, stop: Arc<AtomicBool>) -> Result<StressReport> 
         }
     }
 
+    // Workers also end on the stop flag alone: a stop that came before the monitor looked
+    // at it is still the reason the run ended.
+    if sh.stop.load(Ordering::Relaxed) {
+        sh.halt(StopReason::Stopped);
+    }
     let end = sh.now_ns();
     // With a thread still stuck, the stall runs on to the end of the run.
     let (gap, gap_start) = if stuck > 0 {
