@@ -55,25 +55,6 @@ TOML
     seq=$((seq + 1))
 }
 
-# Longest run of empty 10 ms timeline buckets overlapping [start, end] (unix ms).
-stall_in() { # JSON START END
-    python3 - "$@" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-s, e = int(sys.argv[2]), int(sys.argv[3])
-t0, w, counts = r["started_unix_ms"], r["timeline"]["bucket_ms"], r["timeline"]["counts"]
-worst, run = 0, None
-for i, c in enumerate(counts + [1]):
-    if c == 0 and run is None:
-        run = i
-    elif c != 0 and run is not None:
-        a, b = t0 + run * w, t0 + i * w
-        if a < e and b > s:
-            worst = max(worst, b - a)
-        run = None
-print(worst)
-PY
-}
 
 # Raw sequential read bandwidth of the disk the images live on (a written 1 GiB file,
 # O_DIRECT, 1 MiB reads): what a conversion that read everything could reach at most.
@@ -131,26 +112,10 @@ PY
     # the last one.
     first_start=$(cut -d: -f2 <<< "${windows[0]}")
     last_end=$(cut -d: -f3 <<< "${windows[1]}")
-    outside=$(python3 - "$WORK/stress.json" "$first_start" "$last_end" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-s, e = int(sys.argv[2]), int(sys.argv[3])
-t0, w, counts = r["started_unix_ms"], r["timeline"]["bucket_ms"], r["timeline"]["counts"]
-worst, run = 0, None
-for i, c in enumerate(counts + [1]):
-    if c == 0 and run is None:
-        run = i
-    elif c != 0 and run is not None:
-        a, b = t0 + run * w, t0 + i * w
-        if b <= s or a >= e:
-            worst = max(worst, b - a)
-        run = None
-print(worst)
-PY
-)
+    outside=$(scripts/stall_window.py "$WORK/stress.json" outside "$first_start" "$last_end")
     for w in "${windows[@]}"; do
         IFS=: read -r name start end inodes bytes ms <<< "$w"
-        stall=$(stall_in "$WORK/stress.json" "$start" "$end")
+        stall=$(scripts/stall_window.py "$WORK/stress.json" overlap "$start:$end")
         python3 - "$size" "$slots" "$live" "$name" "$inodes" "$bytes" "$ms" "$raw_mb" "$stall" "$outside" "$errors" <<'PY'
 import sys
 size, slots, live, name, inodes, nbytes, ms, raw, stall, outside, errors = sys.argv[1:]

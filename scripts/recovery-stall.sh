@@ -51,22 +51,11 @@ for victim in fsd blockdev; do
         sleep 4
     done
     wait $stress || true
-    python3 - "$WORK/stress.json" "$victim" "${kills[@]}" <<'PY'
+    per_kill=$(scripts/stall_window.py "$WORK/stress.json" near "${kills[@]}")
+    python3 - "$WORK/stress.json" "$victim" "$per_kill" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-t0, w, counts = r["started_unix_ms"], r["timeline"]["bucket_ms"], r["timeline"]["counts"]
-stalls = []
-for k in map(int, sys.argv[3:]):
-    worst, run = 0, None
-    for i, c in enumerate(counts + [1]):
-        if c == 0 and run is None:
-            run = i
-        elif c != 0 and run is not None:
-            a, b = t0 + run * w, t0 + i * w
-            if a <= k + 1000 and b >= k:
-                worst = max(worst, b - a)
-            run = None
-    stalls.append(worst)
+stalls = [int(x) for x in sys.argv[3].split(",")]
 med = sorted(stalls)[len(stalls) // 2]
 name = "filesystem server" if sys.argv[2] == "fsd" else "block driver"
 print(f"| {name} | {len(stalls)} | {', '.join(map(str, stalls))} | {med} | {r['errors_total']} |")

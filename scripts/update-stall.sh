@@ -76,25 +76,10 @@ for open in 1 1000 10000; do
         sleep 2
     done
     wait $stress || true
-    # The longest run of 10 ms timeline buckets without a completion that overlaps an
-    # update's window (from `updater apply` start to exit).
-    read -r update_stall stall errors < <(python3 - "$WORK/stress.json" "${windows[@]}" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-t0, width, counts = r["started_unix_ms"], r["timeline"]["bucket_ms"], r["timeline"]["counts"]
-windows = [tuple(map(int, w.split(":"))) for w in sys.argv[2:]]
-worst, run_start = 0, None
-for i, c in enumerate(counts + [1]):
-    if c == 0 and run_start is None:
-        run_start = i
-    elif c != 0 and run_start is not None:
-        a, b = t0 + run_start * width, t0 + i * width
-        if any(a < e and b > s for s, e in windows):
-            worst = max(worst, b - a)
-        run_start = None
-print(worst, round(r["longest_stall"]["duration_ms"], 1), r["errors_total"])
-PY
-)
+    # The longest stall (no completion on any thread) overlapping an update's window (from
+    # `updater apply` starting to its exit).
+    update_stall=$(scripts/stall_window.py "$WORK/stress.json" overlap "${windows[@]}")
+    read -r stall errors < <(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['longest_stall']['duration_ms'],1), r['errors_total'])" "$WORK/stress.json")
     med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$update_stall" "$stall" "$(med "${totals[@]}")" "$(med "${drains[@]}")" "$errors"
     "$BIN/fsd" unmount "$MNT"
