@@ -714,7 +714,10 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
     s.recoveries.push(now);
     s.recovered += 1;
     let n = s.recovered;
-    match what {
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let message = match what {
         Crashed::Server(status) => {
             eprintln!(
                 "fsd: the filesystem server (pid {}) died ({status}); recovering",
@@ -731,8 +734,14 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
                 )));
             }
             let mut dead = std::mem::replace(&mut s.server, new);
+            let dead_pid = dead.pid();
             dead.kill();
             eprintln!("fsd: filesystem server recovered (pid {})", s.server.pid());
+            format!(
+                "fsd (pid {dead_pid}) died ({status}); {} (pid {}) recovered its state",
+                s.server.version,
+                s.server.pid()
+            )
         }
         Crashed::Driver(status) => {
             eprintln!(
@@ -753,10 +762,30 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
                 blockdev::spawn::StartMode::Adopt,
             )?;
             let mut dead = std::mem::replace(&mut s.driver, new);
+            let dead_pid = dead.child.id();
             dead.kill();
             eprintln!("fsd: block driver recovered (pid {})", s.driver.child.id());
+            format!(
+                "blockdev (pid {dead_pid}) died ({status}); {} (pid {}) took the ring over",
+                s.driver.info.version,
+                s.driver.child.id()
+            )
         }
-    }
+    };
+    // Shown by `updater status` with the updates: a replacement of a dead process.
+    s.history.push(crate::update::UpdateRecord {
+        package: "(crash recovery)".into(),
+        sequence: 0,
+        nature: "crash-recovery".into(),
+        started_unix,
+        phases: vec![(
+            crate::update::Phase::Replacement,
+            now.elapsed().as_millis() as u64,
+            crate::update::PhaseState::Finished,
+        )],
+        outcome: crate::update::Outcome::Committed,
+        message,
+    });
     Ok(())
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use molt_tests::harness::{
     abort_connection, alive, comm, force_unmount, is_mounted, kill9, poll_until, seed_from_env,
-    Mount, TestImage, TestRng,
+    updater, Mount, TestImage, TestRng,
 };
 
 /// Worker threads running the workload.
@@ -861,6 +861,19 @@ fn open_files_survive_a_server_crash() {
     assert!(rest > 0, "{first:?} was the only entry listed");
     let (sup, new_server, _) = stack(&m);
     assert!(alive(sup) && new_server != server);
+    // `updater status` lists the recovery with the updates.
+    let st = updater(&[
+        "status",
+        "--mount",
+        m.path().to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(st.status.success());
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    let last = &st["history"][0];
+    assert_eq!(last["nature"], "crash-recovery", "{st}");
+    let msg = last["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&format!("fsd (pid {server}) died")), "{msg}");
     // A directory entry keeps its stream open.
     drop((held, first));
     m.unmount();
