@@ -63,13 +63,13 @@ raw_mb=$(dd if="$WORK/raw" of=/dev/null bs=1M iflag=direct 2>&1 \
     | python3 -c "import re,sys; t=sys.stdin.read(); b=int(re.search(r'^(\d+) bytes', t, re.M).group(1)); s=float(re.search(r'copied, ([0-9.]+) s', t).group(1)); print(round(b/s/1e6))")
 rm -f "$WORK/raw"
 
-printf '| image | inode slots | live inodes | conversion | inodes rewritten | metadata MB | time (s) | inodes/s | MB/s | raw read MB/s | longest stall during it (ms) | longest stall outside conversions (ms) | workload errors |\n'
-printf '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| image | inode slots | live inodes | conversion | inodes rewritten | metadata MB | time (s) | inodes/s | MB/s | raw read MB/s | step mean / longest (ms) | longest stall during it (ms) | longest stall outside conversions (ms) | workload errors |\n'
+printf '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for size in 1G 8G; do
     IMG="$WORK/img-$size"
     slots=$("$BIN/fsd" mkfs "$IMG" --size "$size" --format-version 1 | grep -oE '[0-9]+ inodes' | grep -oE '[0-9]+')
     "$BIN/fsd" mount "$IMG" "$MNT" --keyring "$WORK/keyring"
-    LOG="$(ls -t /run/molt/*.log | head -1)"
+    LOG="$(ls -t /run/molt/*.log | head -1 || true)"  # the newest: this mount's
     # The tree to convert: small files in nested directories, some with many extents.
     mkdir -p "$MNT/tree"
     python3 - "$MNT/tree" "$FILES" <<'PY'
@@ -101,9 +101,9 @@ PY
         "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
         end=$(date +%s%3N)
         # "... finished: N inodes and B bytes of metadata rewritten by this server in M ms"
-        read -r inodes bytes ms < <(grep "conversion to format v$2 finished" "$LOG" | tail -1 \
-            | sed -E 's/.*finished: ([0-9]+) inodes and ([0-9]+) bytes.* in ([0-9]+) ms.*/\1 \2 \3/')
-        windows+=("v$1 -> v$2:$start:$end:$inodes:$bytes:$ms")
+        read -r inodes bytes ms longest mean < <(grep "conversion to format v$2 finished" "$LOG" | tail -1 \
+            | sed -E 's/.*finished: ([0-9]+) inodes and ([0-9]+) bytes.* in ([0-9]+) ms; [0-9]+ steps, longest ([0-9]+) us, mean ([0-9]+) us.*/\1 \2 \3 \4 \5/')
+        windows+=("v$1 -> v$2:$start:$end:$inodes:$bytes:$ms:$longest:$mean")
         sleep 2
     done
     kill -INT $stress; wait $stress || true
@@ -114,13 +114,14 @@ PY
     last_end=$(cut -d: -f3 <<< "${windows[1]}")
     outside=$(scripts/stall_window.py "$WORK/stress.json" outside "$first_start" "$last_end")
     for w in "${windows[@]}"; do
-        IFS=: read -r name start end inodes bytes ms <<< "$w"
+        IFS=: read -r name start end inodes bytes ms longest mean <<< "$w"
         stall=$(scripts/stall_window.py "$WORK/stress.json" overlap "$start:$end")
-        python3 - "$size" "$slots" "$live" "$name" "$inodes" "$bytes" "$ms" "$raw_mb" "$stall" "$outside" "$errors" <<'PY'
+        python3 - "$size" "$slots" "$live" "$name" "$inodes" "$bytes" "$ms" "$raw_mb" "$mean" "$longest" "$stall" "$outside" "$errors" <<'PY'
 import sys
-size, slots, live, name, inodes, nbytes, ms, raw, stall, outside, errors = sys.argv[1:]
+size, slots, live, name, inodes, nbytes, ms, raw, mean, longest, stall, outside, errors = sys.argv[1:]
 inodes, nbytes, s = int(inodes), int(nbytes), max(int(ms), 1) / 1000
-print(f"| {size} | {slots} | {live} | {name} | {inodes} | {nbytes / 1e6:.1f} | {s:.2f} | {inodes / s:.0f} | {nbytes / 1e6 / s:.1f} | {raw} | {stall} | {outside} | {errors} |")
+steps = f"{int(mean) / 1000:.1f} / {int(longest) / 1000:.0f}"
+print(f"| {size} | {slots} | {live} | {name} | {inodes} | {nbytes / 1e6:.1f} | {s:.2f} | {inodes / s:.0f} | {nbytes / 1e6 / s:.1f} | {raw} | {steps} | {stall} | {outside} | {errors} |")
 PY
     done
     "$BIN/fsd" unmount "$MNT"

@@ -202,6 +202,10 @@ struct Conversion {
     bytes: std::sync::atomic::AtomicU64,
     /// Inodes moved to the new layout by this server.
     inodes: std::sync::atomic::AtomicU64,
+    /// The longest conversion step, microseconds; all steps and their total time.
+    longest_step_us: std::sync::atomic::AtomicU64,
+    steps: std::sync::atomic::AtomicU64,
+    steps_us: std::sync::atomic::AtomicU64,
 }
 
 impl Conversion {
@@ -258,17 +262,30 @@ fn background(
             continue;
         }
         conversion.started(fs);
-        match fs.convert_step(CONVERT_BATCH) {
+        let step = Instant::now();
+        let result = fs.convert_step(CONVERT_BATCH);
+        // A step holds the filesystem lock throughout (including a checkpoint its commit
+        // may run): the longest one bounds the pause the conversion itself causes.
+        let took = step.elapsed().as_micros() as u64;
+        conversion
+            .longest_step_us
+            .fetch_max(took, Ordering::Relaxed);
+        conversion.steps_us.fetch_add(took, Ordering::Relaxed);
+        conversion.steps.fetch_add(1, Ordering::Relaxed);
+        match result {
             Ok(p) => {
                 conversion.record(&p);
                 if p.finished {
                     let since = *conversion.since.lock().unwrap_or_else(|p| p.into_inner());
+                    let steps = conversion.steps.load(Ordering::Relaxed).max(1);
                     eprintln!(
-                        "fsd serve: conversion to format v{} finished: {} inodes and {} bytes of metadata rewritten by this server in {} ms",
+                        "fsd serve: conversion to format v{} finished: {} inodes and {} bytes of metadata rewritten by this server in {} ms; {steps} steps, longest {} us, mean {} us",
                         fs.format_version().0,
                         conversion.inodes.load(Ordering::Relaxed),
                         conversion.bytes.load(Ordering::Relaxed),
                         since.map_or(0, |(t, _)| t.elapsed().as_millis()),
+                        conversion.longest_step_us.load(Ordering::Relaxed),
+                        conversion.steps_us.load(Ordering::Relaxed) / steps,
                     );
                 } else {
                     // Between batches the lock is free for I/O a moment.
