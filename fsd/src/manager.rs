@@ -257,6 +257,9 @@ fn check_package(
 /// Whether the image has the free space converting it to `change.to` needs: the running
 /// server computes the need from the image (extent blocks the new layout adds, plus
 /// headroom) and reports the free space.
+/// How long the manager waits for the server's answer to a one-line request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn conversion_space_check(
     stack: &Arc<Mutex<Stack>>,
     change: updater::manifest::FormatChange,
@@ -264,14 +267,9 @@ fn conversion_space_check(
     let name = "conversion space";
     let reply = {
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
-        crate::update::server_request(&mut s, &format!("space {}", change.to))
+        crate::update::server_request(&mut s, &format!("space {}", change.to), REQUEST_TIMEOUT)
     };
-    let field = |l: &str, k: &str| {
-        l.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(n, _)| *n == k)
-            .and_then(|(_, v)| v.parse::<u64>().ok())
-    };
+    let field = |l: &str, k: &str| crate::update::field(&crate::update::numeric_fields(l), k);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     match reply {
         Some(l) if l.starts_with("space ") => match (field(&l, "needed"), field(&l, "free")) {
@@ -545,7 +543,7 @@ fn convert_after_update(
     });
     let started = {
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
-        crate::update::server_request(&mut s, &format!("convert {}", change.to))
+        crate::update::server_request(&mut s, &format!("convert {}", change.to), REQUEST_TIMEOUT)
     };
     let end = |out: &mut dyn FnMut(Event), stack: &Arc<Mutex<Stack>>, ok: bool, detail: String| {
         let elapsed_ms = t0.elapsed().as_millis() as u64;
@@ -589,7 +587,7 @@ fn convert_after_update(
             let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
             crate::update::server_status(&mut s)
         };
-        let get = |k: &str| counters.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        let get = |k: &str| crate::update::field(&counters, k);
         match (get("conv_target"), get("format")) {
             (Some(_), _) => out(Event::Progress {
                 what: what.clone(),
@@ -657,12 +655,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
     };
     let server_counters = crate::update::server_status(&mut s);
     let driver_counters = crate::update::driver_status(&mut s);
-    let counter = |k: &str| {
-        server_counters
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| *v)
-    };
+    let counter = |k: &str| crate::update::field(&server_counters, k);
     if let Some(f) = counter("format") {
         s.format_version = f as u32;
     }

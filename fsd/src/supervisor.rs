@@ -794,25 +794,12 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
 /// before a crash, which the journal tolerates), and their completions are discarded.
 /// Afterwards no request is in flight, no entry waits, and every slot is free.
 fn settle_abandoned_ring(ring: &RingSetup, deadline: Instant) -> Result<(), MountError> {
-    use std::sync::atomic::Ordering;
-    let r = &ring.ring;
     loop {
-        r.cq_head()
-            .store(r.cq_tail().load(Ordering::Acquire), Ordering::Release);
+        ring.ring.discard_completions();
         // The driver may sleep waiting for room in the completion queue.
         let _ = blockdev::ring::ring_doorbell(ring.sq_eventfd.as_fd());
         std::thread::sleep(Duration::from_millis(1));
-        // Every entry the driver takes gets exactly one completion, and both positions
-        // only grow: with the dead client's last entry taken (sq_head = sq_tail) and every
-        // taken entry posted (cq_tail = sq_head) and discarded (cq_head = cq_tail),
-        // nothing is in flight. (The published counters lag: they are written after a
-        // batch of completions, not when an entry is taken.)
-        let sq_head = r.sq_head().load(Ordering::Acquire);
-        let cq_tail = r.cq_tail().load(Ordering::Acquire);
-        if sq_head == r.sq_tail().load(Ordering::Acquire)
-            && cq_tail == sq_head
-            && r.cq_head().load(Ordering::Acquire) == cq_tail
-        {
+        if ring.ring.abandoned_work_settled() {
             return Ok(());
         }
         if Instant::now() >= deadline {

@@ -631,14 +631,13 @@ pub(crate) fn update_both(
 }
 
 /// Sends one command to the filesystem server and returns its one-line answer.
-pub(crate) fn server_request(stack: &mut Stack, line: &str) -> Option<String> {
+pub(crate) fn server_request(stack: &mut Stack, line: &str, within: Duration) -> Option<String> {
     let never = AtomicBool::new(false);
     stack.server.drain_inbox();
     stack.server.send(line).ok()?;
+    // A reply that starts with "status " must reach this caller, not be skipped.
     stack.server.want_status = true;
-    let reply = stack
-        .server
-        .recv(Instant::now() + Duration::from_secs(10), &never);
+    let reply = stack.server.recv(Instant::now() + within, &never);
     stack.server.want_status = false;
     match reply {
         Ok(crate::control::Msg::Line(l)) => Some(l),
@@ -646,25 +645,23 @@ pub(crate) fn server_request(stack: &mut Stack, line: &str) -> Option<String> {
     }
 }
 
+/// The numeric `key=value` fields of a control line.
+pub(crate) fn numeric_fields(line: &str) -> Vec<(String, u64)> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| v.parse::<u64>().ok().map(|n| (k.to_string(), n)))
+        .collect()
+}
+
+/// The value of field `key` among `fields`.
+pub(crate) fn field(fields: &[(String, u64)], key: &str) -> Option<u64> {
+    fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
+
 /// Counters of the filesystem server, asked over its control link.
 pub(crate) fn server_status(stack: &mut Stack) -> Vec<(String, u64)> {
-    let never = AtomicBool::new(false);
-    stack.server.drain_inbox();
-    if stack.server.send("status").is_err() {
-        return Vec::new();
-    }
-    stack.server.want_status = true;
-    let reply = stack
-        .server
-        .recv(Instant::now() + Duration::from_secs(2), &never);
-    stack.server.want_status = false;
-    match reply {
-        Ok(crate::control::Msg::Line(l)) if l.starts_with("status ") => l
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| v.parse::<u64>().ok().map(|n| (k.to_string(), n)))
-            .collect(),
+    match server_request(stack, "status", Duration::from_secs(2)) {
+        Some(l) if l.starts_with("status ") => numeric_fields(&l),
         _ => Vec::new(),
     }
 }

@@ -192,6 +192,20 @@ impl Mount {
         (sup, children_of(sup))
     }
 
+    /// (supervisor, filesystem server, block driver) pids, found by name among the
+    /// supervisor's children (a component installed by an update runs as `NAME-HASH`);
+    /// `None` while one is missing (being replaced).
+    pub fn stack_pids(&self) -> Option<(i32, i32, i32)> {
+        let (sup, children) = self.pids();
+        let find = |name: &str| {
+            children
+                .iter()
+                .copied()
+                .find(|c| comm(*c).is_some_and(|n| n == name || n.starts_with(&format!("{name}-"))))
+        };
+        Some((sup, find("fsd")?, find("blockdev")?))
+    }
+
     /// Unmounts with `fsd unmount` and checks it succeeded.
     pub fn unmount(mut self) {
         self.disarm();

@@ -320,6 +320,27 @@ impl RingRegion {
         Ok(())
     }
 
+    /// Client side, for a client that died: drops every completion posted so far (nobody
+    /// will claim them).
+    pub fn discard_completions(&self) {
+        self.cq_head()
+            .store(self.cq_tail().load(Ordering::Acquire), Ordering::Release);
+    }
+
+    /// Whether everything a client that died had submitted is done and discarded: the
+    /// driver took every entry (sq_head = sq_tail), posted a completion for each
+    /// (cq_tail = sq_head: each taken entry gets exactly one and both positions only grow)
+    /// and those were discarded (cq_head = cq_tail). Then no slot is in use and a new
+    /// client may connect. (The published `in_flight` counter lags: the driver writes it
+    /// after a batch of completions, not when it takes an entry.)
+    pub fn abandoned_work_settled(&self) -> bool {
+        let sq_head = self.sq_head().load(Ordering::Acquire);
+        let cq_tail = self.cq_tail().load(Ordering::Acquire);
+        sq_head == self.sq_tail().load(Ordering::Acquire)
+            && cq_tail == sq_head
+            && self.cq_head().load(Ordering::Acquire) == cq_tail
+    }
+
     /// Relabels a quiet ring with another protocol version, for an update that replaces
     /// the driver and every client together (the region layout is the same for every known
     /// version; only entries change). Refused unless [`RingRegion::check_quiet`] passes.

@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use molt_tests::harness::{
-    alive, bin, comm, force_unmount, is_mounted, kill9, poll_until, Keyring, Mount, TestImage,
-    TestRng,
+    alive, bin, force_unmount, is_mounted, kill9, poll_until, Keyring, TestImage, TestRng,
 };
 
 use super::live::{apply, mount_live, pack, status, text, Load, COMMITTED, EXPIRES, REFUSED};
@@ -332,19 +331,6 @@ enum Victim {
     Driver,
 }
 
-/// (supervisor, server, driver) pids of a mount.
-fn stack_pids(m: &Mount) -> Option<(i32, i32, i32)> {
-    let (sup, children) = m.pids();
-    // An updated component runs from an installed copy named `NAME-HASH`.
-    let find = |name: &str| {
-        children
-            .iter()
-            .copied()
-            .find(|c| comm(*c).is_some_and(|n| n == name || n.starts_with(&format!("{name}-"))))
-    };
-    Some((sup, find("fsd")?, find("blockdev")?))
-}
-
 /// Kills components of the stack at random points of online conversions (v1 → v2 and
 /// v2 → v3, from copies of one populated image) until `MOLT_CONVERT_KILLS` kills landed
 /// while a conversion ran. After each kill the stack recovers (server, driver) or is
@@ -420,7 +406,7 @@ fn kills_during_online_conversions_lose_nothing() {
             if kills - round_start >= per_round {
                 continue;
             }
-            let Some((sup, server, driver)) = stack_pids(&m) else {
+            let Some((sup, server, driver)) = m.stack_pids() else {
                 continue;
             };
             let victim = match rng.below(5) {
@@ -455,7 +441,7 @@ fn kills_during_online_conversions_lose_nothing() {
                 assert!(
                     poll_until(Duration::from_secs(20), || {
                         !alive(pid)
-                            && stack_pids(&m)
+                            && m.stack_pids()
                                 .is_some_and(|(s, f, d)| s == sup && f != pid && d != pid)
                     }),
                     "{what}: no replacement"
@@ -515,7 +501,7 @@ fn conversion_without_room_is_refused() {
         "free after filling: {} KiB",
         st.f_bavail * st.f_frsize / 1024
     );
-    let pid_before = stack_pids(&m).expect("stack").1;
+    let pid_before = m.stack_pids().expect("stack").1;
     let pkg = conversion_package(&keys, img.dir.path(), 1, 2, 3);
     let a = apply(m.path(), &pkg, &[]);
     assert_eq!(a.code, REFUSED, "{}", a.out);
@@ -530,7 +516,7 @@ fn conversion_without_room_is_refused() {
         "a component was notified:\n{}",
         a.out
     );
-    assert_eq!(stack_pids(&m).expect("stack").1, pid_before);
+    assert_eq!(m.stack_pids().expect("stack").1, pid_before);
     assert_eq!(conversion_state(m.path()), (2, false));
     std::fs::remove_file(m.path().join("filler")).expect("remove the filler");
     let mut w = File::create(m.path().join("still-writable")).expect("create");

@@ -546,21 +546,14 @@ fn read_and_remove_tree(dir: &Path) {
 
 /// The stack's processes, found by name among the supervisor's children.
 fn stack(m: &Mount) -> (i32, i32, i32) {
-    let (sup, children) = m.pids();
-    let mut server = None;
-    let mut driver = None;
-    for c in children {
-        match comm(c).as_deref() {
-            Some("fsd") => server = Some(c),
-            Some("blockdev") => driver = Some(c),
-            _ => {}
-        }
-    }
-    (
-        sup,
-        server.expect("fsd serve is running"),
-        driver.expect("blockdev serve is running"),
-    )
+    m.stack_pids()
+        .expect("fsd serve and blockdev serve are running")
+}
+
+/// Writes `data` to a new file at `path` and fsyncs it.
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    std::fs::write(path, data)?;
+    File::open(path)?.sync_all()
 }
 
 /// Errors a workload syscall may end with once the stack is killed.
@@ -921,16 +914,10 @@ fn a_completed_request_resent_after_a_crash_runs_once() {
 fn kill9_of_the_block_driver_is_recovered() {
     let img = TestImage::new("kill-driver", "64M");
     let m = img.mount();
-    std::fs::write(m.path().join("f"), b"durable").expect("write");
-    File::open(m.path().join("f"))
-        .and_then(|f| f.sync_all())
-        .expect("fsync");
+    write_synced(&m.path().join("f"), b"durable").expect("a durable file");
     let (sup, _, driver) = stack(&m);
     kill9(driver);
-    std::fs::write(m.path().join("g"), b"x").expect("write after the driver died");
-    File::open(m.path().join("g"))
-        .and_then(|f| f.sync_all())
-        .expect("fsync after the driver died");
+    write_synced(&m.path().join("g"), b"x").expect("write and fsync after the driver died");
     assert_eq!(std::fs::read(m.path().join("f")).expect("read"), b"durable");
     let (sup2, _, driver2) = stack(&m);
     assert_eq!(sup, sup2);
@@ -945,10 +932,7 @@ fn kill9_of_the_block_driver_is_recovered() {
 fn a_crash_loop_takes_the_stack_down() {
     let img = TestImage::new("crash-loop", "64M");
     let m = img.mount();
-    std::fs::write(m.path().join("f"), b"durable").expect("write");
-    File::open(m.path().join("f"))
-        .and_then(|f| f.sync_all())
-        .expect("fsync");
+    write_synced(&m.path().join("f"), b"durable").expect("a durable file");
     let (sup, _, _) = stack(&m);
     let mut replaced = 0;
     for _ in 0..10 {
@@ -959,11 +943,7 @@ fn a_crash_loop_takes_the_stack_down() {
         kill9(server);
         // Wait for the replacement (or the end of the stack).
         poll_until(STACK_DEADLINE, || {
-            !alive(sup)
-                || m.pids()
-                    .1
-                    .iter()
-                    .any(|&c| c != server && comm(c).as_deref() == Some("fsd"))
+            !alive(sup) || m.stack_pids().is_some_and(|(_, f, _)| f != server)
         });
         if alive(sup) {
             replaced += 1;
