@@ -14,46 +14,15 @@ FILES="${1:-20000}"
 
 WORK="$(mktemp -d /var/tmp/molt-convert.XXXXXX)"
 MNT="$WORK/mnt"
-mkdir -p "$MNT" "$WORK/keyring" "$WORK/pkg/bin"
+mkdir -p "$MNT"
 cleanup() {
     if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-"$BIN/updater" keygen --out "$WORK/key" >/dev/null
-cp "$WORK/key.pub" "$WORK/keyring/" && chmod 755 "$WORK/keyring"
-cp "$BIN/fsd" "$WORK/pkg/bin/fsd"
-VERSION="$("$BIN/fsd" component-version)"
-seq=1
-pack() { # FROM TO
-    cat > "$WORK/pkg/manifest.toml" <<TOML
-[package]
-name = "format-v$1-to-v$2"
-sequence = $seq
-expires_unix = $(( $(date +%s) + 86400 ))
-nature = "data-on-disk"
-description = "conversion benchmark"
-deadline_ms = 10000
-
-[format]
-from = $1
-to = $2
-
-[[component]]
-name = "fsd"
-applies_to = ["$VERSION"]
-new_version = "$VERSION"
-binary = "bin/fsd"
-state_schema_reads = [1]
-state_schema_writes = 1
-required_state = ["quiescent"]
-
-[[file]]
-path = "bin/fsd"
-TOML
-    "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
-    seq=$((seq + 1))
-}
+# shellcheck source=lib/fsd-package.sh
+. scripts/lib/fsd-package.sh
+fsd_package_setup
 
 
 # Raw sequential read bandwidth of the disk the images live on (a written 1 GiB file,
@@ -96,7 +65,7 @@ PY
     windows=()
     for step in "1 2" "2 3"; do
         set -- $step
-        pack "$1" "$2"
+        fsd_package "$1" "$2"
         start=$(date +%s%3N)
         "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
         end=$(date +%s%3N)

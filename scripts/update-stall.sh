@@ -13,43 +13,15 @@ ulimit -n "$(ulimit -Hn)"
 
 WORK="$(mktemp -d /var/tmp/molt-stall.XXXXXX)"
 MNT="$WORK/mnt"
-mkdir -p "$MNT" "$WORK/keyring" "$WORK/pkg/bin"
+mkdir -p "$MNT"
 cleanup() {
     if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-"$BIN/updater" keygen --out "$WORK/key" >/dev/null
-cp "$WORK/key.pub" "$WORK/keyring/" && chmod 755 "$WORK/keyring"
-cp "$BIN/fsd" "$WORK/pkg/bin/fsd"
-VERSION="$("$BIN/fsd" component-version)"
-seq=1
-pack() {
-    cat > "$WORK/pkg/manifest.toml" <<TOML
-[package]
-name = "fsd-stall-$seq"
-sequence = $seq
-expires_unix = $(( $(date +%s) + 86400 ))
-nature = "one-component"
-description = "stall measurement"
-live = true
-deadline_ms = 10000
-
-[[component]]
-name = "fsd"
-applies_to = ["$VERSION"]
-new_version = "$VERSION"
-binary = "bin/fsd"
-state_schema_reads = [1]
-state_schema_writes = 1
-required_state = ["quiescent"]
-
-[[file]]
-path = "bin/fsd"
-TOML
-    "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
-    seq=$((seq + 1))
-}
+# shellcheck source=lib/fsd-package.sh
+. scripts/lib/fsd-package.sh
+fsd_package_setup
 
 printf '| files held open | updates | longest stall during an update (ms) | longest stall of the run (ms) | median update total (ms) | median drain (ms) | workload errors |\n|---:|---:|---:|---:|---:|---:|---:|\n'
 for open in 1 1000 10000; do
@@ -66,7 +38,7 @@ for open in 1 1000 10000; do
     sleep 4
     totals=(); drains=(); windows=()
     for _ in $(seq 1 "$UPDATES"); do
-        pack
+        fsd_package
         start=$(date +%s%N)
         "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
         end=$(date +%s%N)
