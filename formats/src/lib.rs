@@ -2,6 +2,7 @@
 //! `tests/spec.rs` checks the constants here against it.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 #[cfg(test)]
 mod bit_flips;
 pub mod bitmap;
