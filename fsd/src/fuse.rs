@@ -19,7 +19,9 @@ use fuse_backend_rs::api::filesystem::{
     SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
 
-use crate::fs::{Attr, Fs, FsError, SetAttr, TimeSet, XattrFlags};
+use formats::acl::{self, Acl, Caller};
+
+use crate::fs::{Atime, Attr, Fs, FsError, SetAttr, TimeSet, WriteMode, XattrFlags};
 use crate::persist::{FsdStateV1, HandleV1};
 
 /// How long the kernel may cache attributes and names. Every change made through this
@@ -28,21 +30,71 @@ const TTL: Duration = Duration::from_secs(1);
 const S_ISUID: u32 = 0o4000;
 const S_ISGID: u32 = 0o2000;
 const S_IXGRP: u32 = 0o0010;
-/// `fuse_flags` bit of a write that must clear set-id bits (HANDLE_KILLPRIV).
-const WRITE_KILL_PRIV: u32 = 4;
+/// `write_flags` bit: the writer lacks CAP_FSETID, so the write must drop set-id bits
+/// (FUSE_WRITE_KILL_SUIDGID, with HANDLE_KILLPRIV_V2).
+const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+/// `open_flags` bit of OPEN and CREATE: an O_TRUNC open by a caller without CAP_FSETID
+/// (FUSE_OPEN_KILL_SUIDGID).
+const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// The INIT flags Molt asks for. Frozen across versions: a server that adopts a live
 /// connection must assume exactly what its predecessor negotiated.
+///
+/// HANDLE_KILLPRIV_V2: the kernel tells, per write, truncate and chown, whether the
+/// caller lacks CAP_FSETID, and the server drops set-id bits by the kernel's rules (v1
+/// left the server no way to know the caller's privilege). POSIX_ACL: the kernel
+/// enforces ACLs (with default_permissions) and leaves the umask to the server, which
+/// applies default ACLs instead when the parent has one; DONT_MASK hands it the umask.
 pub fn wanted_init_flags() -> FsOptions {
     FsOptions::ASYNC_READ
         | FsOptions::BIG_WRITES
         | FsOptions::WRITEBACK_CACHE
         | FsOptions::MAX_PAGES
         | FsOptions::PARALLEL_DIROPS
-        | FsOptions::HANDLE_KILLPRIV
+        | FsOptions::HANDLE_KILLPRIV_V2
         | FsOptions::CACHE_SYMLINKS
         | FsOptions::EXPORT_SUPPORT
         | FsOptions::ASYNC_DIO
+        | FsOptions::POSIX_ACL
+        | FsOptions::DONT_MASK
+}
+
+/// Set-id bits a change of the data or size of a file with `mode` and group `gid`, made
+/// by `caller`, must drop: the kernel's `setattr_should_drop_suidgid`. Set-user-ID always;
+/// set-group-ID when group-executable (a real set-group-ID) or when the caller is not in
+/// the file's group; nothing for a caller with CAP_FSETID or for a non-regular file.
+fn suidgid_to_drop(mode: u32, gid: u32, caller: &Caller) -> u32 {
+    if mode & S_IFMT != S_IFREG || caller.cap_fsetid {
+        return 0;
+    }
+    let mut drop = mode & S_ISUID;
+    if mode & S_ISGID != 0 && (mode & S_IXGRP != 0 || !caller.in_group(gid)) {
+        drop |= S_ISGID;
+    }
+    drop
+}
+
+/// Set-id bits a change of owner or group must drop (`chown_common`): set-user-ID always,
+/// set-group-ID by `setattr_should_drop_sgid`; directories keep theirs.
+fn suidgid_to_drop_on_chown(mode: u32, gid: u32, caller: &Caller) -> u32 {
+    if mode & S_IFMT == S_IFDIR {
+        return 0;
+    }
+    let mut drop = mode & S_ISUID;
+    if mode & S_ISGID != 0 && (mode & S_IXGRP != 0 || !(caller.in_group(gid) || caller.cap_fsetid))
+    {
+        drop |= S_ISGID;
+    }
+    drop
+}
+
+/// The caller of a request, with the groups and capabilities the kernel's rules need.
+fn caller_of(ctx: &Context) -> Caller {
+    crate::credentials::of_request(ctx.pid as u32, ctx.uid, ctx.gid)
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
 }
 
 fn to_io(e: FsError) -> io::Error {
@@ -117,6 +169,13 @@ pub struct MoltFuse {
     pub requests: AtomicU64,
     /// Requests a crashed predecessor completed (empty unless recovered).
     completed: std::collections::HashSet<u64>,
+    /// The mount's access-time policy (`Atime` as a number), kept in step with the
+    /// mount's options by the server.
+    atime: std::sync::atomic::AtomicU8,
+    /// The INIT flags in force on the connection.
+    negotiated: AtomicU64,
+    /// The connection, for notifications to the kernel (absent in tests).
+    notifier: std::sync::OnceLock<std::fs::File>,
 }
 
 /// Handle numbers a server recovered after its `n`-th crash gives out start at
@@ -133,6 +192,39 @@ pub const CRTIME_XATTR: &[u8] = b"user.molt.crtime";
 /// The value of `CRTIME_XATTR`: seconds, a dot, nanoseconds as nine digits.
 pub fn crtime_value(t: Timespec) -> Vec<u8> {
     format!("{}.{:09}", t.sec, t.nsec).into_bytes()
+}
+
+/// Owner, mode and initial extended attributes of an inode about to be made.
+struct NewInode {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl NewInode {
+    fn xattr_refs(&self) -> Vec<(&[u8], &[u8])> {
+        self.xattrs
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice()))
+            .collect()
+    }
+}
+
+fn atime_code(a: Atime) -> u8 {
+    match a {
+        Atime::Never => 0,
+        Atime::Relative => 1,
+        Atime::Always => 2,
+    }
+}
+
+fn atime_from_code(c: u8) -> Atime {
+    match c {
+        0 => Atime::Never,
+        2 => Atime::Always,
+        _ => Atime::Relative,
+    }
 }
 
 fn stat_of(a: &Attr) -> stat64 {
@@ -177,6 +269,9 @@ impl MoltFuse {
             usage: Mutex::new(HashMap::new()),
             requests: AtomicU64::new(0),
             completed: Default::default(),
+            atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
+            negotiated: AtomicU64::new(wanted_init_flags().bits()),
+            notifier: std::sync::OnceLock::new(),
         }
     }
 
@@ -250,6 +345,9 @@ impl MoltFuse {
             usage: Mutex::new(state.usage.iter().copied().collect()),
             requests: AtomicU64::new(state.requests),
             completed: Default::default(),
+            atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
+            negotiated: AtomicU64::new(wanted_init_flags().bits()),
+            notifier: std::sync::OnceLock::new(),
         }
     }
 
@@ -376,19 +474,263 @@ impl MoltFuse {
         Ok(entries)
     }
 
-    /// Owner of a new inode: the caller, with the group of a set-group-ID directory.
-    fn new_owner(&self, ctx: &Context, parent: u64, mode: u32) -> io::Result<(u32, u32, u32)> {
+    /// Owner, mode and inherited ACLs of a new inode (`mode` carries the type) made by
+    /// `ctx` in `parent`: the kernel's `inode_init_owner` (the group of a set-group-ID
+    /// directory, and its set-group-ID bit for subdirectories), then `posix_acl_create`
+    /// (the parent's default ACL masks the mode in place of the umask; without one the
+    /// umask applies). Symlinks take no ACL and no umask.
+    fn new_inode(&self, ctx: &Context, parent: u64, mode: u32, umask: u32) -> io::Result<NewInode> {
         let p = self.fs.getattr(Ino(parent as u32)).map_err(to_io)?;
-        if p.mode & S_ISGID != 0 {
-            let mode = if mode & S_IFMT == S_IFDIR {
-                mode | S_ISGID
-            } else {
-                mode
-            };
-            Ok((ctx.uid, p.gid, mode))
+        let is_dir = mode & S_IFMT == S_IFDIR;
+        let (gid, mut mode) = if p.mode & S_ISGID != 0 {
+            (p.gid, if is_dir { mode | S_ISGID } else { mode })
         } else {
-            Ok((ctx.uid, ctx.gid, mode))
+            (ctx.gid, mode)
+        };
+        let mut xattrs = Vec::new();
+        if mode & S_IFMT != formats::inode::S_IFLNK {
+            let default = if self.acls_enabled() {
+                self.stored_acl(parent, acl::DEFAULT_XATTR)?
+            } else {
+                None
+            };
+            let inherited = acl::inherit(default.as_ref(), mode & 0o777, umask & 0o777, is_dir);
+            mode = (mode & !0o777) | (inherited.mode & 0o777);
+            if let Some(a) = inherited.access {
+                xattrs.push((acl::ACCESS_XATTR.to_vec(), a.encode()));
+            }
+            if let Some(d) = inherited.default {
+                xattrs.push((acl::DEFAULT_XATTR.to_vec(), d.encode()));
+            }
         }
+        Ok(NewInode {
+            uid: ctx.uid,
+            gid,
+            mode,
+            xattrs,
+        })
+    }
+
+    /// Whether the connection negotiated POSIX ACLs (the kernel then enforces them).
+    fn acls_enabled(&self) -> bool {
+        FsOptions::from_bits_truncate(self.negotiated.load(Ordering::Relaxed))
+            .contains(FsOptions::POSIX_ACL)
+    }
+
+    /// The ACL stored under `name` on `ino`, if any.
+    fn stored_acl(&self, ino: u64, name: &[u8]) -> io::Result<Option<Acl>> {
+        match self.fs.getxattr(Ino(ino as u32), name) {
+            Ok(v) => Acl::decode(&v).map(Some).map_err(|_| {
+                to_io(FsError::Corrupted(format!(
+                    "inode {ino} holds a malformed ACL"
+                )))
+            }),
+            Err(FsError::NoAttr) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    /// Gives the server the connection to send notifications on.
+    pub fn set_notifier(&self, fuse: std::fs::File) {
+        let _ = self.notifier.set(fuse);
+    }
+
+    /// Tells the kernel that the attributes it caches for `ino` are stale
+    /// (FUSE_NOTIFY_INVAL_INODE with a negative offset: attributes only, no data). For
+    /// a change made while serving a request whose reply carries no attributes.
+    fn invalidate_attributes(&self, ino: u64) {
+        use std::io::Write;
+        const NOTIFY_INVAL_INODE: i32 = 2;
+        let Some(fuse) = self.notifier.get() else {
+            return;
+        };
+        // fuse_out_header (len, error = notify code, unique 0), then
+        // fuse_notify_inval_inode_out (ino, off, len).
+        let mut msg = [0u8; 40];
+        msg[0..4].copy_from_slice(&40u32.to_le_bytes());
+        msg[4..8].copy_from_slice(&NOTIFY_INVAL_INODE.to_le_bytes());
+        msg[16..24].copy_from_slice(&ino.to_le_bytes());
+        msg[24..32].copy_from_slice(&(-1i64).to_le_bytes());
+        // A lost notification leaves the kernel's copy stale for at most the TTL.
+        let _ = (&*fuse).write_all(&msg);
+    }
+
+    /// Drops the set-id bits a data change by `ctx` must drop (see `suidgid_to_drop`);
+    /// `kernel_found_unprivileged` when the kernel said the caller lacks CAP_FSETID.
+    /// Reads the caller's groups and capabilities only when the file has a set-id bit.
+    fn drop_suidgid(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        kernel_found_unprivileged: bool,
+    ) -> io::Result<()> {
+        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_io)?;
+        if a.mode & (S_ISUID | S_ISGID) == 0 {
+            return Ok(());
+        }
+        let mut caller = caller_of(ctx);
+        if kernel_found_unprivileged {
+            caller.cap_fsetid = false;
+        }
+        let drop = suidgid_to_drop(a.mode, a.gid, &caller);
+        if drop != 0 {
+            self.fs
+                .setattr(
+                    Ino(ino as u32),
+                    SetAttr {
+                        mode: Some(a.mode & 0o7777 & !drop),
+                        ..Default::default()
+                    },
+                )
+                .map_err(to_io)?;
+            self.invalidate_attributes(ino);
+        }
+        Ok(())
+    }
+
+    /// Makes a new inode of any type but directory and symlink (`mode` carries the type).
+    fn make_node(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Attr> {
+        let n = self.new_inode(ctx, parent, mode, umask)?;
+        let xattrs = n.xattr_refs();
+        self.fs
+            .mknod_with(
+                Ino(parent as u32),
+                cname(name),
+                n.mode,
+                rdev,
+                (n.uid, n.gid),
+                &xattrs,
+            )
+            .map_err(to_io)
+    }
+
+    /// CREATE of a name that another process created since the kernel looked it up: opens
+    /// that file as open(2) without O_EXCL would. The kernel takes a CREATE's file as new
+    /// and checks no permission and truncates nothing, so both are done here.
+    fn open_created_meanwhile(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: &CreateIn,
+    ) -> io::Result<Attr> {
+        let a = self
+            .fs
+            .lookup(Ino(parent as u32), cname(name))
+            .map_err(to_io)?;
+        match a.mode & S_IFMT {
+            S_IFREG => {}
+            S_IFDIR => return Err(errno(libc::EISDIR)),
+            // A FIFO, device or symlink cannot be opened through CREATE's reply.
+            _ => return Err(errno(libc::EEXIST)),
+        }
+        let caller = caller_of(ctx);
+        let trunc = args.flags & libc::O_TRUNC as u32 != 0;
+        let mut want = match args.flags & libc::O_ACCMODE as u32 {
+            f if f == libc::O_WRONLY as u32 => acl::WRITE,
+            f if f == libc::O_RDWR as u32 => acl::READ | acl::WRITE,
+            _ => acl::READ,
+        };
+        if trunc {
+            want |= acl::WRITE;
+        }
+        let file_acl = if self.acls_enabled() {
+            self.stored_acl(a.ino.0 as u64, acl::ACCESS_XATTR)?
+        } else {
+            None
+        };
+        if !acl::permission(
+            file_acl.as_ref(),
+            a.mode,
+            a.uid,
+            a.gid,
+            &caller,
+            want,
+            false,
+        ) {
+            return Err(errno(libc::EACCES));
+        }
+        if trunc {
+            let drop = suidgid_to_drop(a.mode, a.gid, &caller);
+            let s = SetAttr {
+                size: Some(0),
+                mode: (drop != 0).then_some(a.mode & 0o7777 & !drop),
+                ..Default::default()
+            };
+            return self.fs.setattr(a.ino, s).map_err(to_io);
+        }
+        Ok(a)
+    }
+
+    /// Sets (or with `None` removes) the ACL `name` of `ino` for `ctx`: an access ACL also
+    /// sets the mode bits it mirrors (and is not stored when the mode says it all), and
+    /// drops set-group-ID unless the caller is in the file's group or has CAP_FSETID
+    /// (`posix_acl_update_mode`). Permission to change it is the kernel's check.
+    fn set_acl(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        name: &[u8],
+        value: Option<&[u8]>,
+    ) -> io::Result<()> {
+        if !self.acls_enabled() {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_io)?;
+        let parsed = match value {
+            Some(v) => Acl::decode_for_setxattr(v).map_err(|_| errno(libc::EINVAL))?,
+            None => None,
+        };
+        let is_access = name == acl::ACCESS_XATTR;
+        if !is_access && a.mode & S_IFMT != S_IFDIR && parsed.is_some() {
+            return Err(errno(libc::EACCES));
+        }
+        let mut attrs = SetAttr::default();
+        let stored = match (&parsed, is_access) {
+            (Some(acl), true) => {
+                let (mode, keep) = acl::update_mode(acl, a.mode);
+                let mut mode = mode & 0o7777;
+                let caller = caller_of(ctx);
+                if !(caller.in_group(a.gid) || caller.cap_fsetid) {
+                    mode &= !S_ISGID;
+                }
+                attrs.mode = Some(mode);
+                keep.map(|k| k.encode())
+            }
+            (Some(acl), false) => Some(acl.encode()),
+            (None, _) => None,
+        };
+        self.fs
+            .setattr_with_xattr(Ino(ino as u32), attrs, Some((name, stored.as_deref())))
+            .map(|_| ())
+            .map_err(to_io)
+    }
+
+    /// The access ACL of `ino` after its mode became `mode` (chmod): `posix_acl_chmod`.
+    fn acl_after_chmod(&self, ino: u64, mode: u32) -> io::Result<Option<Vec<u8>>> {
+        if !self.acls_enabled() {
+            return Ok(None);
+        }
+        Ok(self
+            .stored_acl(ino, acl::ACCESS_XATTR)?
+            .map(|a| a.chmod(mode).encode()))
+    }
+
+    fn atime(&self) -> Atime {
+        atime_from_code(self.atime.load(Ordering::Relaxed))
+    }
+
+    /// Sets the access-time policy (the mount's atime option).
+    pub fn set_atime(&self, atime: Atime) {
+        self.atime.store(atime_code(atime), Ordering::Relaxed);
     }
 
     fn forget_one(&self, ino: u64, count: u64) {
@@ -412,30 +754,6 @@ impl MoltFuse {
         }
     }
 
-    /// Clears set-user-ID, and set-group-ID when group-executable, as a write or an
-    /// ownership change must.
-    fn kill_priv(&self, ino: u64) -> io::Result<()> {
-        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_io)?;
-        let mut mode = a.mode & 0o7777;
-        let before = mode;
-        mode &= !S_ISUID;
-        if mode & S_IXGRP != 0 {
-            mode &= !S_ISGID;
-        }
-        if mode != before {
-            self.fs
-                .setattr(
-                    Ino(ino as u32),
-                    SetAttr {
-                        mode: Some(mode),
-                        ..Default::default()
-                    },
-                )
-                .map_err(to_io)?;
-        }
-        Ok(())
-    }
-
     /// Lookup counts held by the kernel (for state transfer and checks).
     pub fn lookup_counts(&self) -> HashMap<u64, u64> {
         self.lookups.lock().expect("lookups").clone()
@@ -451,16 +769,26 @@ impl FileSystem for MoltFuse {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        Ok(capable & wanted_init_flags())
+        let enabled = capable & wanted_init_flags();
+        self.negotiated.store(enabled.bits(), Ordering::Relaxed);
+        Ok(enabled)
     }
 
     fn destroy(&self) {}
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        let a = self
-            .fs
-            .lookup(Ino(parent as u32), cname(name))
-            .map_err(to_io)?;
+        let ino = Ino(parent as u32);
+        let a = match cname(name) {
+            // Lookups by inode number: how the kernel turns a file handle (NFS export,
+            // open_by_handle_at) back into an inode. The kernel compares the generation.
+            b"." => self.fs.getattr_by_handle(ino),
+            b".." => self
+                .fs
+                .parent_of(ino)
+                .and_then(|p| self.fs.getattr_by_handle(p)),
+            other => self.fs.lookup(ino, other),
+        }
+        .map_err(to_io)?;
         Ok(self.counted(a))
     }
 
@@ -486,7 +814,7 @@ impl FileSystem for MoltFuse {
 
     fn setattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         attr: stat64,
         _h: Option<u64>,
@@ -552,20 +880,35 @@ impl FileSystem for MoltFuse {
             });
         }
         let chown = s.uid.is_some() || s.gid.is_some();
-        let kill = valid.contains(SetattrValid::KILL_SUIDGID) || (chown && s.mode.is_none());
-        if kill && s.mode.is_none() {
-            let cur = self.fs.getattr(ino).map_err(to_io)?;
-            if cur.mode & S_IFMT != S_IFDIR {
-                let mut mode = cur.mode & 0o7777 & !S_ISUID;
-                if mode & S_IXGRP != 0 {
-                    mode &= !S_ISGID;
-                }
-                if mode != cur.mode & 0o7777 {
-                    s.mode = Some(mode);
-                }
+        let cur = self.fs.getattr(ino).map_err(to_io)?;
+        if valid.contains(SetattrValid::KILL_SUIDGID) && cur.mode & (S_ISUID | S_ISGID) != 0 {
+            // Sent for every chown of a non-directory, and for a truncate by a caller
+            // without CAP_FSETID (HANDLE_KILLPRIV_V2).
+            let base = s.mode.unwrap_or(cur.mode) & 0o7777;
+            let drop = if chown {
+                suidgid_to_drop_on_chown(cur.mode, cur.gid, &caller_of(ctx))
+            } else {
+                let caller = Caller {
+                    cap_fsetid: false,
+                    ..caller_of(ctx)
+                };
+                suidgid_to_drop(cur.mode, cur.gid, &caller)
+            };
+            if base & drop != 0 {
+                s.mode = Some(base & !drop);
             }
         }
-        let a = self.fs.setattr(ino, s).map_err(to_io)?;
+        // A new mode reaches the ACL too: its mask (or group) entry mirrors the group bits.
+        let acl = match s.mode {
+            Some(mode) if valid.contains(SetattrValid::MODE) => self
+                .acl_after_chmod(inode, mode)?
+                .map(|v| (acl::ACCESS_XATTR, v)),
+            _ => None,
+        };
+        let a = self
+            .fs
+            .setattr_with_xattr(ino, s, acl.as_ref().map(|(n, v)| (*n, Some(v.as_slice()))))
+            .map_err(to_io)?;
         Ok((stat_of(&a), TTL))
     }
 
@@ -583,10 +926,16 @@ impl FileSystem for MoltFuse {
         if let Some(e) = self.replayed_entry(parent, name) {
             return Ok(e);
         }
-        let (uid, gid, _) = self.new_owner(ctx, parent, 0)?;
+        let n = self.new_inode(ctx, parent, formats::inode::S_IFLNK | 0o777, 0)?;
         let a = self
             .fs
-            .symlink(Ino(parent as u32), cname(name), cname(linkname), uid, gid)
+            .symlink(
+                Ino(parent as u32),
+                cname(name),
+                cname(linkname),
+                n.uid,
+                n.gid,
+            )
             .map_err(to_io)?;
         Ok(self.counted(a))
     }
@@ -598,16 +947,12 @@ impl FileSystem for MoltFuse {
         name: &CStr,
         mode: u32,
         rdev: u32,
-        _umask: u32,
+        umask: u32,
     ) -> io::Result<Entry> {
         if let Some(e) = self.replayed_entry(parent, name) {
             return Ok(e);
         }
-        let (uid, gid, mode) = self.new_owner(ctx, parent, mode)?;
-        let a = self
-            .fs
-            .mknod(Ino(parent as u32), cname(name), mode, rdev, uid, gid)
-            .map_err(to_io)?;
+        let a = self.make_node(ctx, parent, name, mode, rdev, umask)?;
         Ok(self.counted(a))
     }
 
@@ -617,15 +962,22 @@ impl FileSystem for MoltFuse {
         parent: u64,
         name: &CStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
     ) -> io::Result<Entry> {
         if let Some(e) = self.replayed_entry(parent, name) {
             return Ok(e);
         }
-        let (uid, gid, mode) = self.new_owner(ctx, parent, mode | S_IFDIR)?;
+        let n = self.new_inode(ctx, parent, (mode & 0o7777) | S_IFDIR, umask)?;
+        let xattrs = n.xattr_refs();
         let a = self
             .fs
-            .mkdir(Ino(parent as u32), cname(name), mode & 0o7777, uid, gid)
+            .mkdir_with(
+                Ino(parent as u32),
+                cname(name),
+                n.mode & 0o7777,
+                (n.uid, n.gid),
+                &xattrs,
+            )
             .map_err(to_io)?;
         die_after_completing(name);
         Ok(self.counted(a))
@@ -702,14 +1054,19 @@ impl FileSystem for MoltFuse {
 
     fn open(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let a = self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
         if a.mode & S_IFMT == S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        // Only with ATOMIC_O_TRUNC does an open carry O_TRUNC; without it (Molt's
+        // choice) the kernel truncates with a SETATTR of its own.
+        if flags & libc::O_TRUNC as u32 != 0 && fuse_flags & OPEN_KILL_SUIDGID != 0 {
+            self.drop_suidgid(ctx, inode, true)?;
         }
         let h = self.add_handle(Handle::File {
             ino: Ino(inode as u32),
@@ -745,12 +1102,16 @@ impl FileSystem for MoltFuse {
             .flatten();
         let a = match replayed {
             Some(a) => a,
-            None => {
-                let (uid, gid, mode) = self.new_owner(ctx, parent, mode)?;
-                self.fs
-                    .mknod(Ino(parent as u32), cname(name), mode, 0, uid, gid)
-                    .map_err(to_io)?
-            }
+            None => match self.make_node(ctx, parent, name, mode, 0, args.umask) {
+                Ok(a) => a,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EEXIST)
+                        && args.flags & libc::O_EXCL as u32 == 0 =>
+                {
+                    self.open_created_meanwhile(ctx, parent, name, &args)?
+                }
+                Err(e) => return Err(e),
+            },
         };
         let h = self.add_handle(Handle::File {
             ino: a.ino,
@@ -783,7 +1144,7 @@ impl FileSystem for MoltFuse {
         self.touch(_h, false);
         let data = self
             .fs
-            .read(Ino(inode as u32), offset, size)
+            .read_with(Ino(inode as u32), offset, size, self.atime())
             .map_err(to_io)?;
         w.write_all(&data)?;
         Ok(data.len())
@@ -791,25 +1152,32 @@ impl FileSystem for MoltFuse {
 
     fn write(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         _h: u64,
         r: &mut dyn ZeroCopyReader,
         size: u32,
         offset: u64,
         _lock: Option<u64>,
-        _delayed: bool,
+        delayed: bool,
         _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.touch(_h, true);
         let mut data = vec![0u8; size as usize];
         r.read_exact(&mut data)?;
-        if fuse_flags & WRITE_KILL_PRIV != 0 {
-            self.kill_priv(inode)?;
+        if fuse_flags & WRITE_KILL_SUIDGID != 0 {
+            self.drop_suidgid(ctx, inode, true)?;
         }
+        // A write-back of cached pages (delayed): the kernel stamped the times when the
+        // program wrote and sends them itself; stamping now would move mtime after the
+        // fact. Its pages cannot be written in part either.
+        let how = WriteMode {
+            stamp_times: !delayed,
+            whole: delayed,
+        };
         self.fs
-            .write(Ino(inode as u32), offset, &data)
+            .write_with(Ino(inode as u32), offset, &data, how)
             .map_err(to_io)
     }
 
@@ -823,13 +1191,17 @@ impl FileSystem for MoltFuse {
 
     fn fallocate(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         _h: u64,
         mode: u32,
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
+        // The kernel passes fallocate on without dropping set-id bits or saying whether
+        // the caller may keep them, so the caller's own capabilities decide (as
+        // `file_modified` does on a local filesystem).
+        self.drop_suidgid(ctx, inode, false)?;
         self.fs
             .fallocate(Ino(inode as u32), mode as i32, offset, length)
             .map_err(to_io)
@@ -867,7 +1239,7 @@ impl FileSystem for MoltFuse {
 
     fn setxattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         name: &CStr,
         value: &[u8],
@@ -878,6 +1250,9 @@ impl FileSystem for MoltFuse {
         }
         if replaying() {
             return Ok(());
+        }
+        if cname(name) == acl::ACCESS_XATTR || cname(name) == acl::DEFAULT_XATTR {
+            return self.set_acl(ctx, inode, cname(name), Some(value));
         }
         let f = XattrFlags {
             create: flags & libc::XATTR_CREATE as u32 != 0,
@@ -943,12 +1318,18 @@ impl FileSystem for MoltFuse {
         }
     }
 
-    fn removexattr(&self, _ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         if cname(name) == CRTIME_XATTR {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         if replaying() {
             return Ok(());
+        }
+        if cname(name) == acl::ACCESS_XATTR || cname(name) == acl::DEFAULT_XATTR {
+            if self.stored_acl(inode, cname(name))?.is_none() {
+                return Err(to_io(FsError::NoAttr));
+            }
+            return self.set_acl(ctx, inode, cname(name), None);
         }
         self.fs
             .removexattr(Ino(inode as u32), cname(name))
@@ -962,10 +1343,14 @@ impl FileSystem for MoltFuse {
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let ino = Ino(inode as u32);
-        let entries = self.listing(ino)?;
+        let a = self.fs.getattr(ino).map_err(to_io)?;
+        if a.mode & S_IFMT != S_IFDIR {
+            return Err(errno(libc::ENOTDIR));
+        }
+        // The listing is taken by the first read, at offset 0.
         let h = self.add_handle(Handle::Dir {
             ino,
-            entries: Arc::new(entries),
+            entries: Arc::new(Vec::new()),
         });
         Ok((Some(h), OpenOptions::empty()))
     }
@@ -984,6 +1369,20 @@ impl FileSystem for MoltFuse {
             _ => None,
         };
         let entries = match known {
+            // A read from the start (the first, or after rewinddir) lists the directory
+            // as it is now; later reads continue that listing, so a stream read forwards
+            // sees every name that exists throughout exactly once.
+            Some(_) if offset == 0 => {
+                let ino = Ino(_inode as u32);
+                let e = Arc::new(self.listing(ino)?);
+                if let Some(Handle::Dir { entries, .. }) =
+                    self.handles.lock().expect("handles").get_mut(&h)
+                {
+                    *entries = e.clone();
+                }
+                let _ = self.fs.note_access(ino, self.atime());
+                e
+            }
             Some(e) => e,
             // A handle given out before and not released (the kernel never uses a
             // released one) that this process does not know: a directory a crashed

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod component;
 pub mod control;
+pub mod credentials;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;

@@ -70,6 +70,10 @@ enum Command {
         /// Let this user (besides root) use the control socket; repeatable.
         #[arg(long = "allow-uid")]
         allowed_uids: Vec<u32>,
+        /// Mount options, comma-separated: dev|nodev, suid|nosuid, exec|noexec,
+        /// relatime|strictatime|noatime (default nodev,nosuid,exec,relatime).
+        #[arg(short = 'o', value_name = "OPTIONS", default_value = "", value_parser = parse_mount_flags)]
+        options: fsd::serve::MountFlags,
         /// Internal: descriptor on which the supervisor reports readiness.
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
@@ -103,6 +107,10 @@ fn inherited_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: the descriptor is open (checked above) and adopted exactly once.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn parse_mount_flags(s: &str) -> Result<fsd::serve::MountFlags, String> {
+    fsd::serve::MountFlags::parse(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -226,6 +234,7 @@ fn main() -> ExitCode {
             engine,
             keyring,
             allowed_uids,
+            options,
             ready_fd,
         } => {
             let opts = supervisor::MountOptions {
@@ -235,6 +244,7 @@ fn main() -> ExitCode {
                 engine,
                 keyring,
                 allowed_uids,
+                flags: options,
             };
             let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fsd"));
             let r = if foreground {

@@ -17,6 +17,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 
 use crate::fs::redo::RedoLog;
+use crate::fs::Atime;
 use crate::fuse::MoltFuse;
 
 /// The kernel marks a request it resends (FUSE_NOTIFY_RESEND) with this bit of `unique`.
@@ -38,8 +39,114 @@ pub fn open_fuse_device() -> io::Result<File> {
         .open("/dev/fuse")
 }
 
+/// The per-mount options `fsd mount -o` takes (as mount(8) spells them). Defaults: no
+/// device files and no set-id execution (the safe choice for images of unknown origin),
+/// programs may run, and `relatime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountFlags {
+    pub dev: bool,
+    pub suid: bool,
+    pub exec: bool,
+    pub atime: Atime,
+}
+
+impl Default for MountFlags {
+    fn default() -> MountFlags {
+        MountFlags {
+            dev: false,
+            suid: false,
+            exec: true,
+            atime: Atime::Relative,
+        }
+    }
+}
+
+impl MountFlags {
+    /// Parses a comma-separated option list; a later option overrides an earlier one. An
+    /// option this version does not know is refused with its name.
+    pub fn parse(list: &str) -> Result<MountFlags, String> {
+        let mut f = MountFlags::default();
+        for opt in list.split(',').filter(|o| !o.is_empty()) {
+            match opt {
+                "dev" => f.dev = true,
+                "nodev" => f.dev = false,
+                "suid" => f.suid = true,
+                "nosuid" => f.suid = false,
+                "exec" => f.exec = true,
+                "noexec" => f.exec = false,
+                "relatime" => f.atime = Atime::Relative,
+                "strictatime" => f.atime = Atime::Always,
+                "noatime" => f.atime = Atime::Never,
+                other => return Err(format!("unknown mount option {other:?}")),
+            }
+        }
+        Ok(f)
+    }
+
+    /// The option list that parses back to these flags.
+    pub fn to_options(self) -> String {
+        let atime = match self.atime {
+            Atime::Never => "noatime",
+            Atime::Relative => "relatime",
+            Atime::Always => "strictatime",
+        };
+        format!(
+            "{},{},{},{atime}",
+            if self.dev { "dev" } else { "nodev" },
+            if self.suid { "suid" } else { "nosuid" },
+            if self.exec { "exec" } else { "noexec" },
+        )
+    }
+
+    fn ms_flags(self) -> libc::c_ulong {
+        let mut ms = 0;
+        if !self.dev {
+            ms |= libc::MS_NODEV;
+        }
+        if !self.suid {
+            ms |= libc::MS_NOSUID;
+        }
+        if !self.exec {
+            ms |= libc::MS_NOEXEC;
+        }
+        ms | match self.atime {
+            Atime::Never => libc::MS_NOATIME,
+            Atime::Relative => libc::MS_RELATIME,
+            Atime::Always => libc::MS_STRICTATIME,
+        }
+    }
+}
+
+/// The access-time policy the mount at `mountpoint` has now (it follows a remount), read
+/// from this process's mount table; `None` if it is not mounted.
+pub fn atime_of_mount(mountpoint: &Path) -> Option<Atime> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.as_os_str().to_string_lossy();
+    // Fields: id parent dev root mountpoint options ...; octal escapes in paths.
+    table.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let point = fields.nth(4)?;
+        if crate::supervisor::unescape_mount_path(point) != want {
+            return None;
+        }
+        let opts = fields.next()?;
+        Some(if opts.split(',').any(|o| o == "noatime") {
+            Atime::Never
+        } else if opts.split(',').any(|o| o == "relatime") {
+            Atime::Relative
+        } else {
+            Atime::Always
+        })
+    })
+}
+
 /// Mounts a FUSE connection `dev` on `mountpoint` (root only).
-pub fn mount_fuse(dev: &File, mountpoint: &Path, fsname: &str) -> io::Result<()> {
+pub fn mount_fuse(
+    dev: &File,
+    mountpoint: &Path,
+    fsname: &str,
+    flags: MountFlags,
+) -> io::Result<()> {
     let meta = std::fs::metadata(mountpoint)?;
     if !meta.is_dir() {
         return Err(io::Error::new(
@@ -62,7 +169,7 @@ pub fn mount_fuse(dev: &File, mountpoint: &Path, fsname: &str) -> io::Result<()>
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mountpoint"))?;
     let fstype = c("fuse.molt")?;
     let data = c(&opts)?;
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    let flags = flags.ms_flags();
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
     let rc = unsafe {
         libc::mount(
@@ -248,15 +355,22 @@ impl Conversion {
 /// The server's background work while it serves: commits changes left in memory about a
 /// second old, and moves a format conversion in progress forward a batch at a time
 /// (resuming one a predecessor, a crash or an earlier mount left unfinished).
+/// `each_second` runs about once a second.
 fn background(
     fs: &crate::fs::Fs,
     conversion: &Conversion,
     stopped: &std::sync::mpsc::Receiver<()>,
+    each_second: &dyn Fn(),
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut pause = Duration::from_millis(100);
+    let mut last_tick = Instant::now();
     while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(pause) {
         let _ = fs.commit_older_than(Duration::from_secs(1));
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            each_second();
+        }
         pause = Duration::from_millis(100);
         if fs.conversion_target().is_none() {
             continue;
@@ -294,6 +408,13 @@ fn background(
             }
             Err(e) => eprintln!("fsd serve: conversion step failed: {e}"),
         }
+    }
+}
+
+/// Applies the options of the mount at `mnt` that the server implements (atime).
+fn follow_mount_options(molt: &MoltFuse, mnt: &Path) {
+    if let Some(atime) = atime_of_mount(mnt) {
+        molt.set_atime(atime);
     }
 }
 
@@ -503,6 +624,10 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         (fs, molt)
     };
 
+    if let Some(fuse) = session.get_fuse_file() {
+        molt.set_notifier(fuse.try_clone()?);
+    }
+
     if args.recover.is_some() {
         // Requests the dead predecessor had read go back to the queue, marked. Before this
         // process reads any: a resend also takes back requests being served, which would
@@ -542,8 +667,14 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         // Dropping the sender stops it at once (a drain must not wait for its sleep).
         let mut flusher = Some({
             let (fs, conversion) = (fs.clone(), conversion.clone());
+            let (molt, mnt) = (molt.clone(), args.mountpoint.clone());
             let (stop, stopped) = std::sync::mpsc::channel::<()>();
-            let handle = thread::spawn(move || background(&fs, &conversion, &stopped));
+            let handle = thread::spawn(move || {
+                // Follows a remount that changes the atime option.
+                let follow = || follow_mount_options(&molt, &mnt);
+                follow();
+                background(&fs, &conversion, &stopped, &follow)
+            });
             Flusher { stop, handle }
         });
         if retry.is_none() {

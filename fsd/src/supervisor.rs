@@ -74,6 +74,8 @@ pub struct MountOptions {
     pub keyring: PathBuf,
     /// Users besides root allowed on the control socket.
     pub allowed_uids: Vec<u32>,
+    /// Per-mount options (`-o`).
+    pub flags: serve::MountFlags,
 }
 
 /// Where trusted package keys live unless `fsd mount --keyring` says otherwise.
@@ -91,7 +93,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(1).map(unescape_mount_path).as_deref() == Some(&*want))
 }
 
-fn unescape_mount_path(s: &str) -> String {
+pub(crate) fn unescape_mount_path(s: &str) -> String {
     s.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\012", "\n")
@@ -157,6 +159,12 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
         .args(["--engine", opts.engine.as_str()])
         .arg("--keyring")
         .arg(&opts.keyring)
+        .args(["-o", &opts.flags.to_options()])
+        .args(
+            opts.allowed_uids
+                .iter()
+                .flat_map(|u| ["--allow-uid".to_string(), u.to_string()]),
+        )
         .args(["--ready-fd", "3"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -600,8 +608,13 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
             .server
             .expect("fs-ready", deadline, &never)
             .map_err(|e| MountError::Failed(e.to_string()))?;
-        serve::mount_fuse(&stack.fuse_dev, &mnt, &opts.image.to_string_lossy())
-            .map_err(|e| MountError::Os("mounting", e))?;
+        serve::mount_fuse(
+            &stack.fuse_dev,
+            &mnt,
+            &opts.image.to_string_lossy(),
+            opts.flags,
+        )
+        .map_err(|e| MountError::Os("mounting", e))?;
         stack
             .server
             .send("mounted")

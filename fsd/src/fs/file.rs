@@ -273,7 +273,14 @@ impl Inner {
     }
 
     /// Writes `data` at `offset`, allocating as needed. Leaves metadata dirty for commit.
-    pub(crate) fn file_write(&mut self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
+    /// `stamp_times` sets mtime and ctime to now.
+    pub(crate) fn file_write(
+        &mut self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        stamp_times: bool,
+    ) -> FsResult<usize> {
         if data.is_empty() {
             return Ok(0);
         }
@@ -307,7 +314,7 @@ impl Inner {
                         // and the caller still gets the error. A short count would be
                         // taken as success by the kernel's writeback.
                         Err(FsError::NoSpace) if fb > fb_start => {
-                            self.finish_write(ino, (fb * BS).min(end));
+                            self.finish_write(ino, (fb * BS).min(end), stamp_times);
                             return Err(FsError::NoSpace);
                         }
                         Err(e) => return Err(e),
@@ -342,7 +349,7 @@ impl Inner {
             }
             fb += n;
         }
-        self.finish_write(ino, end);
+        self.finish_write(ino, end, stamp_times);
         Ok(data.len())
     }
 
@@ -367,12 +374,14 @@ impl Inner {
     }
 
     /// Size and times after a write that reached byte `end`.
-    fn finish_write(&mut self, ino: Ino, end: u64) {
+    fn finish_write(&mut self, ino: Ino, end: u64, stamp_times: bool) {
         let now = crate::mkfs::now();
         if let Some(node) = self.nodes.get_mut(&ino.0) {
             node.inode.size = node.inode.size.max(end);
-            node.inode.mtime = now;
-            node.inode.ctime = now;
+            if stamp_times {
+                node.inode.mtime = now;
+                node.inode.ctime = now;
+            }
         }
         self.mark_dirty(ino);
     }

@@ -29,7 +29,7 @@ use formats::superblock::{FsState, Geometry, Superblock, ORPHAN_INO};
 
 pub use convert::Progress;
 pub use error::{FsError, FsResult};
-pub use ops::{Attr, SetAttr, StatFs, TimeSet, XattrFlags};
+pub use ops::{Atime, Attr, SetAttr, StatFs, TimeSet, WriteMode, XattrFlags};
 
 use crate::store::BlockStore;
 use alloc::Bitmap;

@@ -58,6 +58,52 @@ pub struct SetAttr {
     pub ctime: Option<Timespec>,
 }
 
+/// When an access updates the access time: the mount's `noatime`, `relatime` (the
+/// default) or `strictatime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Atime {
+    Never,
+    /// Only when the access time is not newer than the modification or change time, or
+    /// is a day old (so `mutt`-style "read since modified" checks work).
+    #[default]
+    Relative,
+    Always,
+}
+
+/// The age past which `Atime::Relative` updates the access time anyway.
+const RELATIME_MAX_AGE_SECS: i64 = 24 * 60 * 60;
+
+fn atime_due(policy: Atime, i: &Inode, now: Timespec) -> bool {
+    let key = |t: Timespec| (t.sec, t.nsec);
+    match policy {
+        Atime::Never => false,
+        Atime::Always => key(i.atime) != key(now),
+        Atime::Relative => {
+            key(i.atime) <= key(i.mtime)
+                || key(i.atime) <= key(i.ctime)
+                || now.sec.saturating_sub(i.atime.sec) >= RELATIME_MAX_AGE_SECS
+        }
+    }
+}
+
+/// How a write treats the file's limits and times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteMode {
+    /// Stamp mtime and ctime with the current time.
+    pub stamp_times: bool,
+    /// Refuse with EFBIG a write that would cross the largest file size, rather than
+    /// write the part below it.
+    pub whole: bool,
+}
+
+impl WriteMode {
+    /// A write(2) as a program makes it: stamps times, may be short at the size limit.
+    pub const DIRECT: WriteMode = WriteMode {
+        stamp_times: true,
+        whole: false,
+    };
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct XattrFlags {
     /// Fail with EEXIST if the attribute exists.
@@ -99,6 +145,26 @@ fn check_name(name: &[u8]) -> FsResult<()> {
         return Err(FsError::NameTooLong);
     }
     validate_name(name).map_err(FsError::Invalid)
+}
+
+fn check_xattr_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name.len() > formats::xattr::XATTR_NAME_MAX {
+        return Err(FsError::Range);
+    }
+    Ok(())
+}
+
+/// The extended attributes a new inode starts with, checked before anything changes.
+fn initial_xattrs(xattrs: &[(&[u8], &[u8])]) -> FsResult<Option<XattrSet>> {
+    if xattrs.is_empty() {
+        return Ok(None);
+    }
+    let mut set = XattrSet::default();
+    for (name, value) in xattrs {
+        check_xattr_name(name)?;
+        set.set(name, value).map_err(|_| FsError::NoSpace)?;
+    }
+    Ok(Some(set))
 }
 
 fn orphan_name(ino: Ino) -> Vec<u8> {
@@ -279,6 +345,20 @@ impl Fs {
         self.read_only(|g| g.attr(ino))
     }
 
+    /// The attributes of an inode named by number alone (a file handle): only inodes
+    /// that are part of the tree, so a handle of a removed file finds nothing (a reused
+    /// number carries a new generation, which the kernel compares).
+    pub fn getattr_by_handle(&self, ino: Ino) -> FsResult<Attr> {
+        if ino != ROOT_INO && ino.0 < formats::superblock::FIRST_FREE_INO {
+            return Err(FsError::NotFound);
+        }
+        let a = self.getattr(ino)?;
+        if a.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        Ok(a)
+    }
+
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
         self.read_only(|g| {
             if name.len() > MAX_NAME_LEN {
@@ -302,6 +382,20 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
+        self.mknod_with(parent, name, mode, rdev, (uid, gid), &[])
+    }
+
+    /// `mknod` of an inode that starts with extended attributes `xattrs` (inherited
+    /// ACLs), all in one transaction.
+    pub fn mknod_with(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        (uid, gid): (u32, u32),
+        xattrs: &[(&[u8], &[u8])],
+    ) -> FsResult<Attr> {
         if mode & S_IFMT == S_IFDIR || mode & S_IFMT == S_IFLNK {
             return Err(FsError::Invalid("mknod of a directory or symlink"));
         }
@@ -310,15 +404,35 @@ impl Fs {
         } else {
             mode
         };
+        let set = initial_xattrs(xattrs)?;
         self.mutate(|g| {
             let ino = g.new_node(parent, name, mode, rdev, uid, gid)?;
+            if let Some(set) = &set {
+                g.store_xattrs(ino, set)?;
+            }
             g.attr(ino)
         })
     }
 
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.mkdir_with(parent, name, mode, (uid, gid), &[])
+    }
+
+    /// `mkdir` of a directory that starts with extended attributes `xattrs`.
+    pub fn mkdir_with(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        (uid, gid): (u32, u32),
+        xattrs: &[(&[u8], &[u8])],
+    ) -> FsResult<Attr> {
+        let set = initial_xattrs(xattrs)?;
         self.mutate(|g| {
             let ino = g.new_node(parent, name, S_IFDIR | (mode & 0o7777), 0, uid, gid)?;
+            if let Some(set) = &set {
+                g.store_xattrs(ino, set)?;
+            }
             g.attr(ino)
         })
     }
@@ -344,7 +458,7 @@ impl Fs {
                 n.inode.inline = InlineArea::Symlink(target.to_vec());
                 n.inode.size = target.len() as u64;
             } else {
-                g.file_write(ino, 0, target)?;
+                g.file_write(ino, 0, target, true)?;
             }
             g.mark_dirty(ino);
             g.attr(ino)
@@ -601,47 +715,38 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: Ino, s: SetAttr) -> FsResult<Attr> {
+        self.setattr_with_xattr(ino, s, None)
+    }
+
+    /// `setattr` and a change of one extended attribute (`None` removes it) in one
+    /// transaction: how an ACL and the mode bits it mirrors change together.
+    pub fn setattr_with_xattr(
+        &self,
+        ino: Ino,
+        s: SetAttr,
+        xattr: Option<(&[u8], Option<&[u8]>)>,
+    ) -> FsResult<Attr> {
         self.mutate(|g| {
-            let now = crate::mkfs::now();
-            if let Some(size) = s.size {
-                let n = g.node(ino)?;
-                if n.inode.is_dir() {
-                    return Err(FsError::IsDir);
+            // Everything that can refuse the change is checked before anything changes.
+            let set = match xattr {
+                Some((name, value)) => {
+                    check_xattr_name(name)?;
+                    let mut set = Self::xattrs(g, ino)?;
+                    match value {
+                        Some(v) => set.set(name, v).map_err(|_| FsError::NoSpace)?,
+                        None => {
+                            set.remove(name);
+                        }
+                    }
+                    g.reserve(2)?;
+                    Some(set)
                 }
-                if !n.inode.is_reg() {
-                    return Err(FsError::Invalid("truncate of a special file"));
-                }
-                if size > MAX_FILE_SIZE {
-                    return Err(FsError::TooBig);
-                }
-                if size != n.inode.size || size == 0 {
-                    g.truncate(ino, size)?;
-                } else {
-                    n.inode.mtime = now;
-                }
+                None => None,
+            };
+            g.apply_setattr(ino, s)?;
+            if let Some(set) = set {
+                g.store_xattrs(ino, &set)?;
             }
-            let n = g.node(ino)?;
-            if let Some(mode) = s.mode {
-                n.inode.mode = (n.inode.mode & S_IFMT) | (mode & 0o7777);
-            }
-            if let Some(uid) = s.uid {
-                n.inode.uid = uid;
-            }
-            if let Some(gid) = s.gid {
-                n.inode.gid = gid;
-            }
-            match s.atime {
-                Some(TimeSet::Now) => n.inode.atime = now,
-                Some(TimeSet::At(t)) => n.inode.atime = t,
-                None => {}
-            }
-            match s.mtime {
-                Some(TimeSet::Now) => n.inode.mtime = now,
-                Some(TimeSet::At(t)) => n.inode.mtime = t,
-                None => {}
-            }
-            n.inode.ctime = s.ctime.unwrap_or(now);
-            g.mark_dirty(ino);
             g.attr(ino)
         })
     }
@@ -650,23 +755,49 @@ impl Fs {
     /// outside it, so reads proceed in parallel. Blocks freed meanwhile cannot be reused
     /// while a read holds the reuse guard (see `Inner::checkpoint`).
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.read_with(ino, offset, size, Atime::Never)
+    }
+
+    /// `read`, updating the access time as the mount's `atime` policy says.
+    pub fn read_with(&self, ino: Ino, offset: u64, size: u32, atime: Atime) -> FsResult<Vec<u8>> {
         let (plan, store, reuse) = {
             let mut g = self.lock();
-            (
-                g.read_plan(ino, offset, size)?,
-                g.store.clone(),
-                g.reuse.clone(),
-            )
+            let plan = g.read_plan(ino, offset, size)?;
+            g.note_access(ino, atime)?;
+            (plan, g.store.clone(), g.reuse.clone())
         };
         let _guard = reuse.read().unwrap_or_else(|p| p.into_inner());
         Ok(plan.execute(store.as_ref())?)
     }
 
+    /// Records an access to `ino` (a directory listed, a file read) under `atime`.
+    pub fn note_access(&self, ino: Ino, atime: Atime) -> FsResult<()> {
+        self.lock().note_access(ino, atime)
+    }
+
     /// Writes file data. The data goes to the device now; the metadata it changes (block
     /// map, bitmaps, size, times) joins the next commit, which every commit makes atomic
-    /// as a whole. A write the free space cannot hold is refused before anything is
-    /// written; one cut short by ENOSPC keeps the size of what it wrote and reports the error.
-    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
+    /// as a whole. A write the free space cannot hold, or that starts at or past the
+    /// largest file size, is refused before anything is written; one that crosses that
+    /// size is cut short at it (`whole` refuses it instead: a writeback of cached pages
+    /// cannot report a short count). One cut short by ENOSPC keeps the size of what it
+    /// wrote and reports the error. `times` says whether the write stamps mtime and ctime
+    /// (with the kernel's writeback cache the kernel owns them and sends them itself).
+    pub fn write_with(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        how: WriteMode,
+    ) -> FsResult<usize> {
+        if offset >= MAX_FILE_SIZE && !data.is_empty() {
+            return Err(FsError::TooBig);
+        }
+        let room = (MAX_FILE_SIZE - offset.min(MAX_FILE_SIZE)) as usize;
+        if data.len() > room && how.whole {
+            return Err(FsError::TooBig);
+        }
+        let data = &data[..data.len().min(room)];
         let mut g = self.lock();
         g.check_writable()?;
         if !g.node(ino)?.inode.is_reg() {
@@ -682,7 +813,7 @@ impl Fs {
         let mut done = 0;
         let mut result = Ok(());
         for chunk in data.chunks(1 << 20) {
-            match g.file_write(ino, offset + done as u64, chunk) {
+            match g.file_write(ino, offset + done as u64, chunk, how.stamp_times) {
                 Ok(n) => done += n,
                 Err(e) => {
                     result = Err(e);
@@ -691,7 +822,8 @@ impl Fs {
             }
         }
         match result {
-            Err(FsError::NoSpace) if g.changes == before => return Err(FsError::NoSpace),
+            // Refused before it changed anything: nothing to undo, nothing to latch.
+            Err(e) if g.changes == before => return Err(e),
             Err(FsError::NoSpace) => {
                 g.commit()?;
                 return Err(FsError::NoSpace);
@@ -705,6 +837,11 @@ impl Fs {
         }
         g.op_done()?;
         Ok(done)
+    }
+
+    /// A write as `write(2)` makes it (`WriteMode::DIRECT`).
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
+        self.write_with(ino, offset, data, WriteMode::DIRECT)
     }
 
     /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
@@ -793,9 +930,7 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: XattrFlags) -> FsResult<()> {
-        if name.is_empty() || name.len() > formats::xattr::XATTR_NAME_MAX {
-            return Err(FsError::Range);
-        }
+        check_xattr_name(name)?;
         self.mutate(|g| {
             let mut set = Self::xattrs(g, ino)?;
             let exists = set.get(name).is_some();
@@ -835,6 +970,67 @@ impl Fs {
 }
 
 impl Inner {
+    /// Updates the access time of `ino` if `policy` says the access is due one. The change
+    /// joins the next group commit: a read never waits for the journal.
+    fn note_access(&mut self, ino: Ino, policy: Atime) -> FsResult<()> {
+        if policy == Atime::Never || self.failed.is_some() {
+            return Ok(());
+        }
+        let now = crate::mkfs::now();
+        let n = self.node(ino)?;
+        if atime_due(policy, &n.inode, now) {
+            n.inode.atime = now;
+            self.mark_dirty(ino);
+        }
+        Ok(())
+    }
+
+    /// Applies a `setattr`: a size change first (it may fail), then the other fields.
+    fn apply_setattr(&mut self, ino: Ino, s: SetAttr) -> FsResult<()> {
+        let g = self;
+        let now = crate::mkfs::now();
+        if let Some(size) = s.size {
+            let n = g.node(ino)?;
+            if n.inode.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            if !n.inode.is_reg() {
+                return Err(FsError::Invalid("truncate of a special file"));
+            }
+            if size > MAX_FILE_SIZE {
+                return Err(FsError::TooBig);
+            }
+            if size != n.inode.size || size == 0 {
+                g.truncate(ino, size)?;
+            } else {
+                n.inode.mtime = now;
+            }
+        }
+        let n = g.node(ino)?;
+        if let Some(mode) = s.mode {
+            n.inode.mode = (n.inode.mode & S_IFMT) | (mode & 0o7777);
+        }
+        if let Some(uid) = s.uid {
+            n.inode.uid = uid;
+        }
+        if let Some(gid) = s.gid {
+            n.inode.gid = gid;
+        }
+        match s.atime {
+            Some(TimeSet::Now) => n.inode.atime = now,
+            Some(TimeSet::At(t)) => n.inode.atime = t,
+            None => {}
+        }
+        match s.mtime {
+            Some(TimeSet::Now) => n.inode.mtime = now,
+            Some(TimeSet::At(t)) => n.inode.mtime = t,
+            None => {}
+        }
+        n.inode.ctime = s.ctime.unwrap_or(now);
+        g.mark_dirty(ino);
+        Ok(())
+    }
+
     fn store_xattrs(&mut self, ino: Ino, set: &XattrSet) -> FsResult<()> {
         let now = crate::mkfs::now();
         let old = self.node(ino)?.inode.xattr_block;

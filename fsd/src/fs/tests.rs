@@ -424,3 +424,188 @@ fn random_operations_match_a_model() {
     }
     fs.unmount().unwrap();
 }
+
+/// Every operation a caller can make fail with bad input (sizes past the largest file,
+/// names and values too long, a directory where a file is needed, a full image) fails
+/// without changing anything, and leaves the filesystem writable for everyone else.
+#[test]
+fn refused_operations_latch_nothing() {
+    use super::file::MAX_FILE_SIZE;
+    let s = fresh(4096);
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let f = mk(&fs, ROOT_INO, "f");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap().ino;
+    let long = vec![b'n'; 256];
+    let refusals: Vec<(&str, FsResult<()>)> = vec![
+        (
+            "write at the largest size",
+            fs.write(f, MAX_FILE_SIZE, b"x").map(|_| ()),
+        ),
+        (
+            "write past it",
+            fs.write(f, 17 << 40, &[1; 4096]).map(|_| ()),
+        ),
+        (
+            "cached write crossing it",
+            fs.write_with(
+                f,
+                MAX_FILE_SIZE - 10,
+                &[1; 4096],
+                WriteMode {
+                    stamp_times: false,
+                    whole: true,
+                },
+            )
+            .map(|_| ()),
+        ),
+        (
+            "truncate past it",
+            fs.setattr(
+                f,
+                SetAttr {
+                    size: Some(MAX_FILE_SIZE + 1),
+                    ..Default::default()
+                },
+            )
+            .map(|_| ()),
+        ),
+        ("fallocate past it", fs.fallocate(f, 0, MAX_FILE_SIZE, 4096)),
+        (
+            "fallocate bigger than the image",
+            fs.fallocate(f, 0, 0, 1 << 30),
+        ),
+        (
+            "write bigger than the image",
+            fs.write(f, 0, &vec![7; 32 << 20]).map(|_| ()),
+        ),
+        (
+            "name too long",
+            fs.mknod(ROOT_INO, &long, S_IFREG | 0o644, 0, 0, 0)
+                .map(|_| ()),
+        ),
+        (
+            "mkdir of a taken name",
+            fs.mkdir(ROOT_INO, b"f", 0o755, 0, 0).map(|_| ()),
+        ),
+        (
+            "xattr name too long",
+            fs.setxattr(f, &long, b"v", XattrFlags::default()),
+        ),
+        (
+            "xattr value too big",
+            fs.setxattr(f, b"user.v", &vec![0; 70000], XattrFlags::default()),
+        ),
+        ("write to a directory", fs.write(d, 0, b"x").map(|_| ())),
+        (
+            "truncate of a directory",
+            fs.setattr(
+                d,
+                SetAttr {
+                    size: Some(0),
+                    ..Default::default()
+                },
+            )
+            .map(|_| ()),
+        ),
+        (
+            "symlink target too long",
+            fs.symlink(ROOT_INO, b"l", &vec![b't'; 5000], 0, 0)
+                .map(|_| ()),
+        ),
+        (
+            "rename into itself",
+            fs.rename(ROOT_INO, b"d", d, b"x", false, false).map(|_| ()),
+        ),
+        (
+            "unlink of nothing",
+            fs.unlink(ROOT_INO, b"none").map(|_| ()),
+        ),
+    ];
+    for (what, r) in refusals {
+        assert!(r.is_err(), "{what} must be refused");
+        assert!(!matches!(r, Err(FsError::ReadOnly(_))), "{what}: {r:?}");
+        fs.lock()
+            .check_writable()
+            .unwrap_or_else(|e| panic!("{what} latched the filesystem: {e}"));
+    }
+    // A write that crosses the largest size is cut short there, like write(2) on ext4.
+    assert_eq!(fs.write(f, MAX_FILE_SIZE - 10, &[1; 4096]).unwrap(), 10);
+    fs.setattr(
+        f,
+        SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let g = mk(&fs, ROOT_INO, "g");
+    fs.write(g, 0, &pattern(3, 100_000)).unwrap();
+    fs.sync().unwrap();
+    let fs = remount(fs, &s);
+    let g = fs.lookup(ROOT_INO, b"g").unwrap();
+    assert_eq!(fs.read(g.ino, 0, 100_000).unwrap(), pattern(3, 100_000));
+    assert_eq!(fs.getattr(f).unwrap().size, 0);
+}
+
+/// A write-back of cached pages leaves mtime and ctime to the kernel, which sent them.
+#[test]
+fn a_cached_write_leaves_the_times_alone() {
+    let s = fresh(4096);
+    let fs = Fs::mount(s as Arc<dyn BlockStore>).unwrap();
+    let f = mk(&fs, ROOT_INO, "f");
+    let t = formats::inode::Timespec { sec: 1000, nsec: 5 };
+    fs.setattr(
+        f,
+        SetAttr {
+            mtime: Some(TimeSet::At(t)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cached = WriteMode {
+        stamp_times: false,
+        whole: true,
+    };
+    fs.write_with(f, 0, b"later", cached).unwrap();
+    let a = fs.getattr(f).unwrap();
+    assert_eq!((a.mtime, a.size), (t, 5));
+    fs.write(f, 0, b"now").unwrap();
+    assert!(fs.getattr(f).unwrap().mtime.sec > 1000);
+}
+
+/// relatime: an access updates atime when it is not newer than mtime or ctime, or a day
+/// old; strictatime always; noatime never.
+#[test]
+fn access_times_follow_the_policy() {
+    use formats::inode::Timespec;
+    let s = fresh(4096);
+    let fs = Fs::mount(s as Arc<dyn BlockStore>).unwrap();
+    let f = mk(&fs, ROOT_INO, "f");
+    fs.write(f, 0, b"data").unwrap();
+    let set_atime = |sec: i64| {
+        fs.setattr(
+            f,
+            SetAttr {
+                atime: Some(TimeSet::At(Timespec { sec, nsec: 0 })),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let atime = || fs.getattr(f).unwrap().atime.sec;
+    let now = crate::mkfs::now().sec;
+    set_atime(now - 3600);
+    fs.read_with(f, 0, 4, Atime::Never).unwrap();
+    assert_eq!(atime(), now - 3600, "noatime");
+    fs.read_with(f, 0, 4, Atime::Relative).unwrap();
+    assert!(atime() >= now, "relatime: atime older than ctime");
+    let after = fs.getattr(f).unwrap().atime;
+    fs.read_with(f, 0, 4, Atime::Relative).unwrap();
+    assert_eq!(
+        fs.getattr(f).unwrap().atime,
+        after,
+        "relatime: no second update"
+    );
+    fs.read_with(f, 0, 4, Atime::Always).unwrap();
+    assert_ne!(fs.getattr(f).unwrap().atime, after, "strictatime");
+}
