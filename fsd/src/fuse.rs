@@ -227,6 +227,14 @@ fn atime_from_code(c: u8) -> Atime {
     }
 }
 
+/// The open flags of every file. O_DIRECT opens take the kernel's own direct-I/O path
+/// (not FOPEN_DIRECT_IO, which would refuse a shared mmap of the file with ENODEV): the
+/// kernel sends their reads and writes straight to the server all the same, after writing
+/// back any cached pages of the range.
+fn open_options() -> OpenOptions {
+    OpenOptions::empty()
+}
+
 fn stat_of(a: &Attr) -> stat64 {
     // SAFETY: stat64 is a plain C struct of integers; all-zero is a valid value.
     let mut st: stat64 = unsafe { std::mem::zeroed() };
@@ -1078,10 +1086,7 @@ impl FileSystem for MoltFuse {
         if !cfg!(feature = "usage-on-touch") {
             self.count_usage(inode);
         }
-        let mut opts = OpenOptions::empty();
-        if flags & libc::O_DIRECT as u32 != 0 {
-            opts |= OpenOptions::DIRECT_IO;
-        }
+        let opts = open_options();
         Ok((Some(h), opts, None))
     }
 
@@ -1123,10 +1128,7 @@ impl FileSystem for MoltFuse {
         if !cfg!(feature = "usage-on-touch") {
             self.count_usage(a.ino.0 as u64);
         }
-        let mut opts = OpenOptions::empty();
-        if args.flags & libc::O_DIRECT as u32 != 0 {
-            opts |= OpenOptions::DIRECT_IO;
-        }
+        let opts = open_options();
         Ok((self.counted(a), Some(h), opts, None))
     }
 
