@@ -7,5 +7,7 @@ mod crash;
 mod fio;
 mod live;
 mod mount;
+mod namespace;
+mod permissions;
 mod pjdfstest;
 mod posix;
