@@ -535,3 +535,111 @@ fn nix_statvfs(p: &Path) -> libc::statvfs {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
     st
 }
+
+/// The ACLs of a tree as `getfacl` prints them, paths relative to `dir`.
+fn acl_listing(dir: &Path) -> String {
+    let out = std::process::Command::new("getfacl")
+        .args(["-R", "-n", "-p", "."])
+        .current_dir(dir)
+        .output()
+        .expect("getfacl");
+    assert!(out.status.success(), "getfacl: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether uid/gid 65534 (no other groups) can read `path`.
+fn nobody_can_read(path: &Path) -> bool {
+    std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "cat",
+        ])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("setpriv")
+        .success()
+}
+
+/// POSIX ACLs are metadata like any other: an online conversion (a live update of the
+/// server), a kill -9 of the server with its recovery in place, and a remount keep every
+/// entry, and the kernel keeps enforcing them.
+#[test]
+fn acls_survive_a_conversion_a_crash_and_a_remount() {
+    let keys = Keyring::new("convert-acl-keys");
+    let img = TestImage::with_mkfs_args("convert-acl", "256M", &["--format-version", "1"]);
+    let m = mount_live(&img, &keys, None);
+    let tree = m.path().join("tree");
+    std::fs::create_dir(&tree).expect("mkdir tree");
+    let setfacl = |args: &[&str], path: &Path| {
+        let out = std::process::Command::new("setfacl")
+            .args(args)
+            .arg(path)
+            .output()
+            .expect("setfacl");
+        assert!(out.status.success(), "setfacl {args:?}: {}", text(&out));
+    };
+    let granted = tree.join("granted");
+    let denied = tree.join("denied");
+    for f in [&granted, &denied] {
+        std::fs::write(f, b"secret").expect("write");
+    }
+    std::fs::set_permissions(
+        &granted,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    setfacl(&["-m", "u:65534:r"], &granted);
+    setfacl(&["-m", "u:65534:-,o::r"], &denied);
+    let inherit = tree.join("inherit");
+    std::fs::create_dir(&inherit).expect("mkdir");
+    setfacl(&["-d", "-m", "u:65534:rwx,g::r-x,o::-"], &inherit);
+    std::fs::write(inherit.join("child"), b"x").expect("write child");
+    std::fs::create_dir(inherit.join("sub")).expect("mkdir sub");
+    let before = acl_listing(&tree);
+    assert!(
+        before.contains("user:65534:r--") && before.contains("default:user:65534:rwx"),
+        "the ACLs were not set:\n{before}"
+    );
+    let check = |dir: &Path, ctx: &str| {
+        assert_eq!(acl_listing(dir), before, "{ctx}: ACLs changed");
+        assert!(
+            nobody_can_read(&dir.join("granted")),
+            "{ctx}: named user lost read"
+        );
+        assert!(
+            !nobody_can_read(&dir.join("denied")),
+            "{ctx}: named user denial lost"
+        );
+    };
+    check(&tree, "before");
+    for (sequence, (from, to)) in [(1, (1, 2)), (2, (2, 3))] {
+        let pkg = conversion_package(&keys, img.dir.path(), sequence, from, to);
+        let a = apply(m.path(), &pkg, &[]);
+        assert_eq!(a.code, COMMITTED, "v{from} -> v{to}:\n{}", a.out);
+        assert_eq!(conversion_state(m.path()), (u64::from(to), false));
+        check(
+            &tree,
+            &format!("after the online conversion v{from} -> v{to}"),
+        );
+    }
+    let (sup, server, _) = m.stack_pids().expect("stack pids");
+    kill9(server);
+    assert!(
+        poll_until(Duration::from_secs(30), || m
+            .stack_pids()
+            .is_some_and(|(s, f, _)| s == sup && f != server)),
+        "the killed server was not replaced"
+    );
+    check(&tree, "after kill -9 of the server");
+    m.unmount();
+    img.assert_clean();
+    let m = img.mount();
+    check(&m.path().join("tree"), "after a remount");
+    m.unmount();
+    img.assert_clean();
+}
