@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 
-cargo build --release -p fsd -p blockdev -p molt-tests --bin molt-bench
+# Two builds: `--bin` would keep only molt-bench from every package named.
+cargo build --release -p fsd -p blockdev
+cargo build --release -p molt-tests --bin molt-bench
 target="${CARGO_TARGET_DIR:-target}"
 
 MOLT_BENCH_COMMAND="scripts/bench.sh${*:+ $*}" \

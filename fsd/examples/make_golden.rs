@@ -19,10 +19,10 @@ use formats::dir::DirHeader;
 use formats::inode::{Inode, INODE_SIZE, S_IFCHR, S_IFIFO, S_IFSOCK};
 use formats::superblock::{Superblock, MIN_BLOCKS, ROOT_INO};
 use formats::version::FormatVersion;
-use fsd::fs::{Fs, XattrFlags};
-use fsd::fsck::{self, FsckOptions};
-use fsd::mkfs::{mkfs, MkfsOptions};
-use fsd::store::{BlockStore, MemStore};
+use fsd_core::fs::{Fs, XattrFlags};
+use fsd_core::fsck::{self, FsckOptions};
+use fsd_core::mkfs::{mkfs, MkfsOptions};
+use fsd_core::store::{BlockStore, MemStore};
 
 const UID: u32 = 1000;
 const GID: u32 = 1000;

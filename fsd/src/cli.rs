@@ -12,10 +12,10 @@ use formats::superblock::{Geometry, Superblock};
 use formats::version::FormatVersion;
 use formats::BLOCK_SIZE;
 
-use crate::fs::{Fs, FsError, Progress};
-use crate::fsck::{self, FsckOptions, FsckReport};
-use crate::mkfs::{self, MkfsError, MkfsOptions};
-use crate::store::{self, FileStore};
+use fsd_core::fs::{Fs, FsError, Progress};
+use fsd_core::fsck::{self, FsckOptions, FsckReport};
+use fsd_core::mkfs::{self, MkfsError, MkfsOptions};
+use fsd_core::store::{self, FileStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -244,7 +244,7 @@ pub fn convert_image(
         .map_err(io_err)?;
     // Held until this function returns: the lock lives as long as a descriptor does.
     let lock = file.try_clone().map_err(io_err)?;
-    if !store::try_lock_exclusive(&lock).map_err(io_err)? {
+    if !crate::host::try_lock_exclusive(&lock).map_err(io_err)? {
         return Err(CliError::InUse(name));
     }
     let store = FileStore::new(file).map_err(io_err)?;

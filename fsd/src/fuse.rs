@@ -21,8 +21,8 @@ use fuse_backend_rs::api::filesystem::{
 
 use formats::acl::{self, Acl, Caller};
 
-use crate::fs::{Atime, Attr, Fs, FsError, SetAttr, TimeSet, WriteMode, XattrFlags};
 use crate::persist::{FsdStateV1, HandleV1};
+use fsd_core::fs::{Atime, Attr, Fs, FsError, SetAttr, TimeSet, WriteMode, XattrFlags};
 
 /// How long the kernel may cache attributes and names. Every change made through this
 /// mount passes through the kernel, which updates or invalidates its caches itself.
@@ -1432,5 +1432,19 @@ impl FileSystem for MoltFuse {
             .getattr(Ino(inode as u32))
             .map(|_| ())
             .map_err(to_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crtime_text_is_seconds_a_dot_and_nine_digits() {
+        let t = Timespec {
+            sec: 1_700_000_000,
+            nsec: 42,
+        };
+        assert_eq!(crtime_value(t), b"1700000000.000000042");
     }
 }

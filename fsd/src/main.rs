@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use fsd::cli;
-use fsd::fsck;
 use fsd::{serve, supervisor};
+use fsd_core::fsck;
 
 #[derive(Parser)]
 #[command(name = "fsd", version, about = "Molt filesystem daemon and tools")]
@@ -129,7 +129,7 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
     use std::io::Write;
     let name = image.display().to_string();
     let mut last = std::time::Instant::now();
-    let mut show = |p: &fsd::fs::Progress| {
+    let mut show = |p: &fsd_core::fs::Progress| {
         if p.finished || last.elapsed().as_millis() >= 100 {
             last = std::time::Instant::now();
             let pct = p.done_inodes * 100 / p.total_inodes.max(1);

@@ -16,9 +16,8 @@ use fuse_backend_rs::abi::fuse_abi::InHeader;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 
-use crate::fs::redo::RedoLog;
-use crate::fs::Atime;
 use crate::fuse::MoltFuse;
+use fsd_core::fs::Atime;
 
 /// The kernel marks a request it resends (FUSE_NOTIFY_RESEND) with this bit of `unique`.
 const RESEND_BIT: u64 = 1 << 63;
@@ -272,10 +271,10 @@ fn worker(
                     .read_obj::<InHeader>()
                     .map(|h| h.unique)
                     .unwrap_or(0);
-                crate::fs::redo::set_current_request(unique & !RESEND_BIT);
+                fsd_core::fs::redo::set_current_request(unique & !RESEND_BIT);
                 crate::fuse::set_replay(unique & RESEND_BIT != 0 && molt.completed_before(unique));
                 let r = server.handle_message(reader, writer.into(), None, None);
-                crate::fs::redo::set_current_request(0);
+                fsd_core::fs::redo::set_current_request(0);
                 crate::fuse::set_replay(false);
                 if let Err(e) = r {
                     if let fuse_backend_rs::Error::EncodeMessage(io_err) = &e {
@@ -316,14 +315,14 @@ struct Conversion {
 }
 
 impl Conversion {
-    fn started(&self, fs: &crate::fs::Fs) {
+    fn started(&self, fs: &fsd_core::fs::Fs) {
         let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
         if since.is_none() && fs.conversion_target().is_some() {
             *since = Some((Instant::now(), self.done.load(Ordering::Relaxed)));
         }
     }
 
-    fn record(&self, p: &crate::fs::convert::Progress) {
+    fn record(&self, p: &fsd_core::fs::Progress) {
         self.inodes.fetch_add(p.inodes_moved, Ordering::Relaxed);
         self.done.store(p.done_inodes, Ordering::Relaxed);
         self.total.store(p.total_inodes, Ordering::Relaxed);
@@ -332,7 +331,7 @@ impl Conversion {
 
     /// ` conv_target=N conv_done=.. conv_total=.. conv_rate=.. conv_bytes=..` while a
     /// conversion runs; empty otherwise.
-    fn status_fields(&self, fs: &crate::fs::Fs) -> String {
+    fn status_fields(&self, fs: &fsd_core::fs::Fs) -> String {
         let Some(target) = fs.conversion_target() else {
             return String::new();
         };
@@ -357,7 +356,7 @@ impl Conversion {
 /// (resuming one a predecessor, a crash or an earlier mount left unfinished).
 /// `each_second` runs about once a second.
 fn background(
-    fs: &crate::fs::Fs,
+    fs: &fsd_core::fs::Fs,
     conversion: &Conversion,
     stopped: &std::sync::mpsc::Receiver<()>,
     each_second: &dyn Fn(),
@@ -470,7 +469,7 @@ pub struct ServerArgs {
 
 /// Connects a ring client on duplicates of the ring descriptors (the originals stay, so
 /// the process can reconnect after a rolled-back update).
-fn connect(ring: &ServerRing) -> anyhow::Result<Arc<blockdev::Client>> {
+fn connect(ring: &ServerRing) -> anyhow::Result<Arc<crate::host::RingStore>> {
     let region = blockdev::ring::RingRegion::open(ring.ring.try_clone()?)?;
     // No pidfd: the driver may be replaced by a live update; liveness is the heartbeat's.
     let client = blockdev::Client::connect(
@@ -480,7 +479,7 @@ fn connect(ring: &ServerRing) -> anyhow::Result<Arc<blockdev::Client>> {
         None,
         Default::default(),
     )?;
-    Ok(Arc::new(client))
+    Ok(Arc::new(crate::host::RingStore(Arc::new(client))))
 }
 
 struct ServerRing {
@@ -583,9 +582,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             // Aborted: leave without touching the mount or the image.
             _ => std::process::exit(0),
         }
-        let adopted = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
-            let fs = Arc::new(crate::fs::Fs::adopt(connect(&ring)?, &state.withheld)?);
-            fs.attach_redo_log(RedoLog::open(&fds.redo)?);
+        let adopted = (|| -> anyhow::Result<(Arc<fsd_core::fs::Fs>, Arc<MoltFuse>)> {
+            let fs = Arc::new(fsd_core::fs::Fs::adopt(connect(&ring)?, &state.withheld)?);
+            fs.attach_redo_log(crate::host::open_redo_log(&fds.redo)?);
             let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
             Ok((fs, molt))
         })();
@@ -597,9 +596,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
     } else if let Some(recovery) = args.recover {
         // The predecessor died: the supervisor settled the ring; the kernel holds the
         // requests it had read until the resend below.
-        let recovered = (|| -> anyhow::Result<(Arc<crate::fs::Fs>, Arc<MoltFuse>)> {
+        let recovered = (|| -> anyhow::Result<(Arc<fsd_core::fs::Fs>, Arc<MoltFuse>)> {
             let (fs, completed) =
-                crate::fs::Fs::recover(connect(&ring)?, RedoLog::open(&fds.redo)?)?;
+                fsd_core::fs::Fs::recover(connect(&ring)?, crate::host::open_redo_log(&fds.redo)?)?;
             let fs = Arc::new(fs);
             let molt = Arc::new(MoltFuse::recovered(fs.clone(), completed, recovery));
             Ok((fs, molt))
@@ -609,9 +608,9 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             Err(e) => return Err(fail(&mut ctl, e)),
         }
     } else {
-        let mounted = (|| -> anyhow::Result<Arc<crate::fs::Fs>> {
-            let fs = crate::fs::Fs::mount(connect(&ring)?)?;
-            fs.attach_redo_log(RedoLog::open(&fds.redo)?);
+        let mounted = (|| -> anyhow::Result<Arc<fsd_core::fs::Fs>> {
+            let fs = fsd_core::fs::Fs::mount(connect(&ring)?)?;
+            fs.attach_redo_log(crate::host::open_redo_log(&fds.redo)?);
             Ok(Arc::new(fs))
         })();
         let fs = match mounted {

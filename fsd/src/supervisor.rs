@@ -26,7 +26,7 @@ use formats::FormatError;
 use crate::component::Component;
 use crate::runtime;
 use crate::serve;
-use crate::store::{BlockStore, FileStore};
+use fsd_core::store::{BlockStore, FileStore};
 
 /// Fd numbers `fsd serve` receives its descriptors on.
 pub const SERVE_RING_FD: i32 = 3;
@@ -565,7 +565,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
             return Err(MountError::Os("opening /dev/fuse", e));
         }
     };
-    let redo = match crate::fs::redo::create_log_file() {
+    let redo = match crate::host::create_redo_log_file() {
         Ok(f) => f,
         Err(e) => {
             driver.kill();

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use formats::inode::S_IFREG;
 use formats::superblock::{Superblock, ROOT_INO};
 use formats::version::FormatVersion;
-use fsd::fs::Fs;
-use fsd::store::{try_lock_exclusive, FileStore};
+use fsd::host::try_lock_exclusive;
+use fsd_core::fs::Fs;
+use fsd_core::store::FileStore;
 
 fn fsd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fsd"))

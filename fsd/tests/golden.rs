@@ -28,9 +28,9 @@ use formats::superblock::{
 };
 use formats::version::FormatVersion;
 use formats::xattr::XattrSet;
-use fsd::fs::{Attr, Fs};
-use fsd::fsck::{self, FsckError, FsckOptions, MetaRange, EXIT_ERRORS_LEFT, EXIT_OPERATIONAL};
-use fsd::store::{BlockStore, MemStore};
+use fsd_core::fs::{Attr, Fs};
+use fsd_core::fsck::{self, FsckError, FsckOptions, MetaRange, EXIT_ERRORS_LEFT, EXIT_OPERATIONAL};
+use fsd_core::store::{BlockStore, MemStore};
 
 static GOLDEN_V1: &[u8] = include_bytes!("../../formats/golden/v1.img");
 static GOLDEN_V2: &[u8] = include_bytes!("../../formats/golden/v2.img");

@@ -5,6 +5,7 @@ mod bench_quick;
 mod convert;
 mod crash;
 mod fio;
+mod layering;
 mod live;
 mod mount;
 mod namespace;

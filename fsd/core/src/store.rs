@@ -1,6 +1,6 @@
 //! The block storage boundary of the filesystem. Everything above it speaks in 4 KiB blocks;
-//! implementations are the blockdev ring client, a plain file, and an in-memory store that
-//! can simulate a power cut (for crash tests).
+//! implementations are a plain file and an in-memory store that can simulate a power cut
+//! (for crash tests) here, and the blockdev ring client in the filesystem server.
 
 use std::fs::File;
 use std::io;
@@ -36,24 +36,6 @@ fn check_range(num_blocks: u64, addr: u64, len: usize) -> io::Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Takes the exclusive `flock` that `fsd mount` holds on an image for as long as it is
-/// mounted, without waiting: `false` when another open description holds it. The lock
-/// lasts while any descriptor of `file`'s open description stays open.
-pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor `file` owns and keeps open for the call; no memory is
-    // involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
 }
 
 /// A regular file or block device accessed with plain positioned syscalls.
@@ -235,35 +217,6 @@ impl BlockStore for MemStore {
     fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()> {
         self.write(addr, &vec![0u8; nblocks as usize * BLOCK_SIZE])
     }
-}
-
-/// The blockdev driver, reached over the shared-memory ring.
-impl BlockStore for blockdev::Client {
-    fn num_blocks(&self) -> u64 {
-        blockdev::Client::num_blocks(self)
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        blockdev::Client::read(self, blockdev::Lba(addr), buf).map_err(block_error)
-    }
-    fn write(&self, addr: u64, buf: &[u8]) -> io::Result<()> {
-        blockdev::Client::write(self, blockdev::Lba(addr), buf).map_err(block_error)
-    }
-    fn flush(&self) -> io::Result<()> {
-        blockdev::Client::flush(self).map_err(block_error)
-    }
-    fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()> {
-        blockdev::Client::discard(self, blockdev::Lba(addr), nblocks).map_err(block_error)
-    }
-}
-
-fn block_error(e: blockdev::BlockError) -> io::Error {
-    use blockdev::BlockError as B;
-    let errno = match &e {
-        B::OutOfRange { .. } | B::Misaligned(_) => libc::EINVAL,
-        B::Io(_) | B::DriverGone(_) | B::Protocol(_) | B::Setup(_) => libc::EIO,
-        B::Os(io) => io.raw_os_error().unwrap_or(libc::EIO),
-    };
-    io::Error::new(io::Error::from_raw_os_error(errno).kind(), e.to_string())
 }
 
 #[cfg(test)]

@@ -405,12 +405,6 @@ mod tests {
         fs.unmount().unwrap();
         let fs = mount(&s);
         assert_eq!(fs.getattr(a.ino).unwrap().crtime, a.crtime);
-        // The xattr text: seconds, a dot, nine digits of nanoseconds.
-        let t = formats::inode::Timespec {
-            sec: 1_700_000_000,
-            nsec: 42,
-        };
-        assert_eq!(crate::fuse::crtime_value(t), b"1700000000.000000042");
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
+use std::ops::DerefMut;
 
 use formats::block::BLOCK_SIZE;
 
@@ -43,6 +43,12 @@ const RECORDS_OFF: usize = DONE_OFF + DONE_SLOTS * 8;
 const RECORD_HEADER: usize = 32;
 /// Size of the log the supervisor creates.
 pub const REDO_LOG_SIZE: u64 = 64 << 20;
+
+/// The memory a redo log lives in: in a server, a mapping of the supervisor's memfd, which
+/// outlives the process; in tests, plain memory.
+pub trait RedoRegion: DerefMut<Target = [u8]> + Send {}
+
+impl<T: DerefMut<Target = [u8]> + Send> RedoRegion for T {}
 
 thread_local! {
     /// The FUSE request the current thread is serving (0: none), recorded with the
@@ -70,24 +76,21 @@ pub struct Recovered {
 }
 
 pub struct RedoLog {
-    map: memmap2::MmapMut,
+    map: Box<dyn RedoRegion>,
     /// Where the next record goes.
     end: usize,
 }
 
 impl RedoLog {
-    /// Maps the log (a memfd of `REDO_LOG_SIZE` bytes or more). A region without a header
-    /// (new) is initialised; one with a header keeps its contents for `recover`.
-    pub fn open(file: &File) -> std::io::Result<RedoLog> {
-        let len = file.metadata()?.len();
-        if len < (RECORDS_OFF + RECORD_HEADER + BLOCK_SIZE) as u64 {
+    /// The log in `map` (`REDO_LOG_SIZE` bytes or more). A region without a header (new)
+    /// is initialised; one with a header keeps its contents for `recover`.
+    pub fn new(map: Box<dyn RedoRegion>) -> std::io::Result<RedoLog> {
+        let len = map.len();
+        if len < RECORDS_OFF + RECORD_HEADER + BLOCK_SIZE {
             return Err(std::io::Error::other(format!(
                 "redo log of {len} bytes is too small"
             )));
         }
-        // SAFETY: the memfd is shared only with the supervisor, which never writes it,
-        // and with a successor that runs only after this process stopped writing.
-        let map = unsafe { memmap2::MmapMut::map_mut(file)? };
         let mut log = RedoLog {
             map,
             end: RECORDS_OFF,
@@ -99,6 +102,11 @@ impl RedoLog {
             log.put_u64(OFF_DONE_COUNT, 0);
         }
         Ok(log)
+    }
+
+    /// Gives the memory back (a test reopens it as a successor would).
+    pub fn into_region(self) -> Box<dyn RedoRegion> {
+        self.map
     }
 
     fn u64_at(&self, off: usize) -> u64 {
@@ -230,20 +238,6 @@ fn record_crc(record: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// A memfd of `REDO_LOG_SIZE` bytes for a new mount (the supervisor keeps it).
-pub fn create_log_file() -> std::io::Result<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: memfd_create with a static NUL-terminated name; the fd is new and ours.
-    let fd = unsafe { libc::memfd_create(c"molt-redo".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(REDO_LOG_SIZE)?;
-    Ok(file)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,17 +246,23 @@ mod tests {
         [v; BLOCK_SIZE]
     }
 
+    fn fresh() -> RedoLog {
+        RedoLog::new(Box::new(vec![0u8; REDO_LOG_SIZE as usize])).unwrap()
+    }
+
+    fn reopen(log: RedoLog) -> RedoLog {
+        RedoLog::new(log.into_region()).unwrap()
+    }
+
     #[test]
     fn records_survive_and_the_later_image_wins() {
-        let f = create_log_file().unwrap();
-        let mut log = RedoLog::open(&f).unwrap();
+        let mut log = fresh();
         set_current_request(7);
         log.append(&[(5, &block(1)), (6, &block(2))]);
         set_current_request(8);
         log.append(&[(5, &block(3))]);
         set_current_request(0);
-        drop(log);
-        let mut again = RedoLog::open(&f).unwrap();
+        let mut again = reopen(log);
         let r = again.recover();
         assert_eq!(r.records, 2);
         assert_eq!(r.blocks[&5][0], 3);
@@ -272,13 +272,12 @@ mod tests {
 
     #[test]
     fn a_reset_log_replays_nothing_but_remembers_requests() {
-        let f = create_log_file().unwrap();
-        let mut log = RedoLog::open(&f).unwrap();
+        let mut log = fresh();
         set_current_request(9);
         log.append(&[(5, &block(1))]);
         log.reset();
         set_current_request(0);
-        let r = RedoLog::open(&f).unwrap().recover();
+        let r = reopen(log).recover();
         assert_eq!(r.records, 0);
         assert!(r.blocks.is_empty());
         assert!(r.completed.contains(&9));
@@ -286,8 +285,7 @@ mod tests {
 
     #[test]
     fn a_torn_record_ends_the_log() {
-        let f = create_log_file().unwrap();
-        let mut log = RedoLog::open(&f).unwrap();
+        let mut log = fresh();
         log.append(&[(5, &block(1))]);
         log.append(&[(6, &block(2))]);
         // Tear the second record's block image.
@@ -300,8 +298,6 @@ mod tests {
 
     #[test]
     fn a_small_region_is_refused() {
-        let f = create_log_file().unwrap();
-        f.set_len(4096).unwrap();
-        assert!(RedoLog::open(&f).is_err());
+        assert!(RedoLog::new(Box::new(vec![0u8; 4096])).is_err());
     }
 }

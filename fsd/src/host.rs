@@ -1,0 +1,82 @@
+//! What the filesystem daemon needs from the operating system beyond `std`: the image's
+//! exclusive lock, the redo log's shared memory, and the filesystem core's block store
+//! over the blockdev ring.
+
+use std::fs::File;
+use std::io;
+
+use fsd_core::fs::redo::{RedoLog, REDO_LOG_SIZE};
+use fsd_core::store::BlockStore;
+
+/// Takes the exclusive `flock` that `fsd mount` holds on an image for as long as it is
+/// mounted, without waiting: `false` when another open description holds it. The lock
+/// lasts while any descriptor of `file`'s open description stays open.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `file` owns and keeps open for the call; no memory is
+    // involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// A memfd of `REDO_LOG_SIZE` bytes for a new mount (the supervisor keeps it).
+pub fn create_redo_log_file() -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a static NUL-terminated name; the fd is new and ours.
+    let fd = unsafe { libc::memfd_create(c"molt-redo".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(REDO_LOG_SIZE)?;
+    Ok(file)
+}
+
+/// Maps the redo log memfd `file` and opens the log in it.
+pub fn open_redo_log(file: &File) -> io::Result<RedoLog> {
+    // SAFETY: the memfd is shared only with the supervisor, which never writes it, and
+    // with a successor that runs only after this process stopped writing.
+    let map = unsafe { memmap2::MmapMut::map_mut(file)? };
+    RedoLog::new(Box::new(map))
+}
+
+/// The blockdev driver, reached over the shared-memory ring, as the core's block store.
+pub struct RingStore(pub std::sync::Arc<blockdev::Client>);
+
+impl BlockStore for RingStore {
+    fn num_blocks(&self) -> u64 {
+        self.0.num_blocks()
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read(blockdev::Lba(addr), buf).map_err(block_error)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> io::Result<()> {
+        self.0.write(blockdev::Lba(addr), buf).map_err(block_error)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush().map_err(block_error)
+    }
+    fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()> {
+        self.0
+            .discard(blockdev::Lba(addr), nblocks)
+            .map_err(block_error)
+    }
+}
+
+fn block_error(e: blockdev::BlockError) -> io::Error {
+    use blockdev::BlockError as B;
+    let errno = match &e {
+        B::OutOfRange { .. } | B::Misaligned(_) => libc::EINVAL,
+        B::Io(_) | B::DriverGone(_) | B::Protocol(_) | B::Setup(_) => libc::EIO,
+        B::Os(io) => io.raw_os_error().unwrap_or(libc::EIO),
+    };
+    io::Error::new(io::Error::from_raw_os_error(errno).kind(), e.to_string())
+}
