@@ -65,6 +65,10 @@ enum Command {
         package: PathBuf,
         #[command(flatten)]
         target: Target,
+        /// Print every event as one JSON object per line (the protocol's `Event`) instead
+        /// of text; the exit code is the same.
+        #[arg(long)]
+        json: bool,
     },
     /// Apply PKG to the running mount.
     Apply {
@@ -78,6 +82,10 @@ enum Command {
         /// Return once the checks pass; follow with `updater status`.
         #[arg(long)]
         no_wait: bool,
+        /// Print every event (checks, phases, progress, the outcome) as one JSON object
+        /// per line instead of text; the exit code is the same.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the components, their versions and the update history.
     Status {
@@ -162,15 +170,20 @@ fn run(command: Command) -> anyhow::Result<i32> {
         }
         Command::Pack { manifest, key, out } => pack(&manifest, &key, &out),
         Command::Inspect { package, keyring } => inspect(&package, keyring.as_deref()),
-        Command::Check { package, target } => {
+        Command::Check {
+            package,
+            target,
+            json,
+        } => {
             let package = read_package(&package)?;
-            converse(&target, &Request::Check { package }, Mode::Outcome)
+            converse(&target, &Request::Check { package }, Mode::Outcome { json })
         }
         Command::Apply {
             package,
             target,
             deadline,
             no_wait,
+            json,
         } => {
             let package = read_package(&package)?;
             let deadline_ms = deadline.map(|d| d.as_millis().min(u64::MAX as u128) as u64);
@@ -179,7 +192,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 deadline_ms,
                 no_wait,
             };
-            converse(&target, &request, Mode::Outcome)
+            converse(&target, &request, Mode::Outcome { json })
         }
         Command::Status { target, json } => {
             converse(&target, &Request::Status, Mode::Status { json })
@@ -402,8 +415,10 @@ fn print_manifest(m: &updater::Manifest, verified: Option<&updater::VerifiedPack
 }
 
 enum Mode {
-    /// `check` / `apply`: events until `Done`.
-    Outcome,
+    /// `check` / `apply`: events until `Done`; `json` prints each as a JSON line.
+    Outcome {
+        json: bool,
+    },
     /// `abort`: `Done { Aborted }` is success.
     Abort,
     Status {
@@ -435,6 +450,9 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
         }
     };
     client.send(request)?;
+    if let Mode::Outcome { json: true } = mode {
+        return stream_events(&mut client);
+    }
     let mut progress = Progress::default();
     loop {
         let event = match client.next_event() {
@@ -484,6 +502,28 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
                 }
                 print_status(&report);
             }
+        }
+    }
+}
+
+/// Prints the events of a conversation as JSON lines until its `Done`, whose outcome is the
+/// exit code. A conversation the supervisor ends early prints nothing more and fails.
+fn stream_events(client: &mut ControlClient) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let event = match client.next_event() {
+            Ok(e) => e,
+            Err(ProtocolError::Closed) => {
+                eprintln!("updater: the supervisor closed the connection before the outcome");
+                return Ok(exit::FAILURE);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        writeln!(out, "{}", serde_json::to_string(&event)?)?;
+        out.flush()?;
+        if let Event::Done { outcome, .. } = event {
+            return Ok(outcome.exit_code());
         }
     }
 }

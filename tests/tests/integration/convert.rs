@@ -643,3 +643,69 @@ fn acls_survive_a_conversion_a_crash_and_a_remount() {
     m.unmount();
     img.assert_clean();
 }
+
+/// The events of a `--json` conversation: one JSON object per line, the last a `Done`.
+fn json_events(out: &std::process::Output) -> Vec<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON event ({e}): {l:?}"))
+        })
+        .collect();
+    assert!(
+        events.last().is_some_and(|e| e.get("Done").is_some()),
+        "the last event is not Done:\n{stdout}"
+    );
+    events
+}
+
+/// `updater check --json` and `updater apply --json` stream the protocol's events, so
+/// scripts read checks, phases and outcomes without parsing prose; the exit codes are
+/// those of the text mode.
+#[test]
+fn check_and_apply_stream_json_events() {
+    let keys = Keyring::new("convert-json-keys");
+    let img = TestImage::with_mkfs_args("convert-json", "64M", &["--format-version", "1"]);
+    let m = mount_live(&img, &keys, None);
+    let mnt = m.path().to_str().expect("utf-8").to_string();
+    let pkg = conversion_package(&keys, img.dir.path(), 1, 1, 2);
+    let pkg = pkg.to_str().expect("utf-8").to_string();
+    let check = molt_tests::harness::updater(&["check", &pkg, "--mount", &mnt, "--json"]);
+    assert_eq!(check.status.code(), Some(0), "check: {}", text(&check));
+    let events = json_events(&check);
+    assert!(
+        events.iter().any(|e| e["Check"]["passed"] == true),
+        "no passed check among {events:?}"
+    );
+    assert_eq!(events.last().unwrap()["Done"]["outcome"], "Passed");
+    let a = molt_tests::harness::updater(&["apply", &pkg, "--mount", &mnt, "--json"]);
+    assert_eq!(a.status.code(), Some(COMMITTED), "apply: {}", text(&a));
+    let events = json_events(&a);
+    let finished: Vec<&str> = events
+        .iter()
+        .filter(|e| e["Phase"]["state"] == "Finished")
+        .filter_map(|e| e["Phase"]["phase"].as_str())
+        .collect();
+    for phase in ["Conversion", "Replacement"] {
+        assert!(
+            finished.iter().any(|p| p.eq_ignore_ascii_case(phase)),
+            "phase {phase} did not finish: {finished:?}"
+        );
+    }
+    assert_eq!(events.last().unwrap()["Done"]["outcome"], "Committed");
+    // Applied once: the same sequence is refused, with exit code and event to match.
+    let again = molt_tests::harness::updater(&["apply", &pkg, "--mount", &mnt, "--json"]);
+    assert_eq!(
+        again.status.code(),
+        Some(REFUSED),
+        "again: {}",
+        text(&again)
+    );
+    assert_eq!(
+        json_events(&again).last().unwrap()["Done"]["outcome"],
+        "Refused"
+    );
+    m.unmount();
+    img.assert_clean();
+}
