@@ -404,14 +404,7 @@ impl Fs {
         } else {
             mode
         };
-        let set = initial_xattrs(xattrs)?;
-        self.mutate(|g| {
-            let ino = g.new_node(parent, name, mode, rdev, uid, gid)?;
-            if let Some(set) = &set {
-                g.store_xattrs(ino, set)?;
-            }
-            g.attr(ino)
-        })
+        self.create_node(parent, name, mode, rdev, (uid, gid), xattrs)
     }
 
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
@@ -427,9 +420,30 @@ impl Fs {
         (uid, gid): (u32, u32),
         xattrs: &[(&[u8], &[u8])],
     ) -> FsResult<Attr> {
+        self.create_node(
+            parent,
+            name,
+            S_IFDIR | (mode & 0o7777),
+            0,
+            (uid, gid),
+            xattrs,
+        )
+    }
+
+    /// Makes a new inode with its name and its initial extended attributes in one
+    /// transaction; the attributes are checked before anything changes.
+    fn create_node(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        (uid, gid): (u32, u32),
+        xattrs: &[(&[u8], &[u8])],
+    ) -> FsResult<Attr> {
         let set = initial_xattrs(xattrs)?;
         self.mutate(|g| {
-            let ino = g.new_node(parent, name, S_IFDIR | (mode & 0o7777), 0, uid, gid)?;
+            let ino = g.new_node(parent, name, mode, rdev, uid, gid)?;
             if let Some(set) = &set {
                 g.store_xattrs(ino, set)?;
             }
