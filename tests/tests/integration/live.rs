@@ -109,7 +109,12 @@ pub(super) fn pack(keys: &Keyring, dir: &Path, manifest: &str, files: &[(&str, &
 }
 
 /// An example package from `examples/updates/NAME`, with its payload.
-fn pack_example(keys: &Keyring, work: &Path, name: &str, files: &[(&str, &Path)]) -> PathBuf {
+pub(super) fn pack_example(
+    keys: &Keyring,
+    work: &Path,
+    name: &str,
+    files: &[(&str, &Path)],
+) -> PathBuf {
     let manifest = std::fs::read_to_string(
         repo_root()
             .join("examples/updates")

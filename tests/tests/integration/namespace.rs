@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use molt_tests::harness::{kill9, poll_until, run, Keyring, TempDir, TestImage, TestRng};
 
-use crate::live::{apply, component, mount_live, pack, repo_root, status, variants, COMMITTED};
+use crate::live::{apply, component, mount_live, pack_example, status, variants, COMMITTED};
 
 const BS: usize = 4096;
 
@@ -887,18 +887,6 @@ fn file_handles_are_stable_across_unmount_and_mount() {
     k.check(m.path(), "after unmount and mount of the same image");
     m.unmount();
     img.assert_clean();
-}
-
-/// `examples/updates/NAME` packed with its payload (a copy of `live.rs`'s private helper).
-fn pack_example(keys: &Keyring, work: &Path, name: &str, files: &[(&str, &Path)]) -> PathBuf {
-    let manifest = std::fs::read_to_string(
-        repo_root()
-            .join("examples/updates")
-            .join(name)
-            .join("manifest.toml"),
-    )
-    .unwrap_or_else(|e| panic!("example {name}: {e}"));
-    pack(keys, &work.join(name), &manifest, files)
 }
 
 /// Handles made before a live update of the filesystem server (the 04-global-algorithm
