@@ -244,7 +244,7 @@ pub fn convert_image(
         .map_err(io_err)?;
     // Held until this function returns: the lock lives as long as a descriptor does.
     let lock = file.try_clone().map_err(io_err)?;
-    if !crate::host::try_lock_exclusive(&lock).map_err(io_err)? {
+    if !fsd_server::host::try_lock_exclusive(&lock).map_err(io_err)? {
         return Err(CliError::InUse(name));
     }
     let store = FileStore::new(file).map_err(io_err)?;

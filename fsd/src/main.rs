@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use fsd::cli;
-use fsd::{serve, supervisor};
+mod cli;
+
 use fsd_core::fsck;
+use fsd_server::serve;
+use update_manager::supervisor;
 
 #[derive(Parser)]
 #[command(name = "fsd", version, about = "Molt filesystem daemon and tools")]
@@ -65,7 +67,7 @@ enum Command {
         #[arg(long, default_value = "uring")]
         engine: blockdev::engine::EngineKind,
         /// Directory of trusted live-update signing keys (root-owned, `*.pub`).
-        #[arg(long, default_value = fsd::supervisor::DEFAULT_KEYRING)]
+        #[arg(long, default_value = supervisor::DEFAULT_KEYRING)]
         keyring: PathBuf,
         /// Let this user (besides root) use the control socket; repeatable.
         #[arg(long = "allow-uid")]
@@ -73,7 +75,7 @@ enum Command {
         /// Mount options, comma-separated: dev|nodev, suid|nosuid, exec|noexec,
         /// relatime|strictatime|noatime (default nodev,nosuid,exec,relatime).
         #[arg(short = 'o', value_name = "OPTIONS", default_value = "", value_parser = parse_mount_flags)]
-        options: fsd::serve::MountFlags,
+        options: fsd_server::serve::MountFlags,
         /// Internal: descriptor on which the supervisor reports readiness.
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
@@ -109,8 +111,8 @@ fn inherited_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
-fn parse_mount_flags(s: &str) -> Result<fsd::serve::MountFlags, String> {
-    fsd::serve::MountFlags::parse(s)
+fn parse_mount_flags(s: &str) -> Result<fsd_server::serve::MountFlags, String> {
+    fsd_server::serve::MountFlags::parse(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -264,7 +266,7 @@ fn main() -> ExitCode {
             }
         }
         Command::ComponentVersion => {
-            println!("{}", fsd::persist::component_version());
+            println!("{}", fsd_server::persist::component_version());
             ExitCode::SUCCESS
         }
         Command::Unmount { mountpoint } => match supervisor::unmount(&mountpoint) {

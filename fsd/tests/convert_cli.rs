@@ -8,9 +8,9 @@ use std::sync::Arc;
 use formats::inode::S_IFREG;
 use formats::superblock::{Superblock, ROOT_INO};
 use formats::version::FormatVersion;
-use fsd::host::try_lock_exclusive;
 use fsd_core::fs::Fs;
 use fsd_core::store::FileStore;
+use fsd_server::host::try_lock_exclusive;
 
 fn fsd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fsd"))

@@ -252,7 +252,7 @@ impl Drop for Mount {
 }
 
 pub fn supervisor_pid(mnt: &Path) -> Option<i32> {
-    fsd::runtime::supervisor_pid(mnt)
+    update_manager::runtime::supervisor_pid(mnt)
 }
 
 pub fn alive(pid: i32) -> bool {
@@ -292,7 +292,7 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 }
 
 pub fn is_mounted(mnt: &Path) -> bool {
-    fsd::supervisor::is_mountpoint(mnt)
+    update_manager::supervisor::is_mountpoint(mnt)
 }
 
 /// The FUSE connection number of a mount (the minor of its device).
@@ -323,7 +323,7 @@ pub fn abort_connection(mnt: &Path) {
 /// Last resort: abort the connection and detach the mount.
 pub fn force_unmount(mnt: &Path) {
     abort_connection(mnt);
-    let _ = fsd::serve::unmount(mnt, true);
+    let _ = fsd_server::serve::unmount(mnt, true);
 }
 
 /// Aborts a mount's connection if the test has not finished by the deadline.

@@ -45,9 +45,23 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("formats", &[]),
     ("fsd-core", &["formats"]),
     ("blockdev", &["formats"]),
+    ("fsd-server", &["formats", "fsd-core", "blockdev"]),
     ("updater", &["formats"]),
-    ("fsd", &["formats", "fsd-core", "blockdev", "updater"]),
-    ("molt-tests", &["formats", "fsd"]),
+    (
+        "update-manager",
+        &["formats", "fsd-core", "fsd-server", "blockdev", "updater"],
+    ),
+    (
+        "fsd",
+        &[
+            "formats",
+            "fsd-core",
+            "fsd-server",
+            "update-manager",
+            "blockdev",
+        ],
+    ),
+    ("molt-tests", &["formats", "fsd-server", "update-manager"]),
 ];
 
 #[test]
@@ -90,4 +104,21 @@ fn the_filesystem_core_links_no_fuse_no_processes_no_crypto() {
         extra.is_empty(),
         "fsd-core gained dependencies {extra:?}; it holds the filesystem only"
     );
+}
+
+#[test]
+fn the_filesystem_server_links_no_crypto_and_no_package_code() {
+    let deps = dependencies();
+    for name in ["fsd-core", "fsd-server", "blockdev"] {
+        let bad: Vec<&String> = deps[name]
+            .iter()
+            .filter(|d| {
+                ["updater", "ed25519-dalek", "sha2", "toml", "indicatif"].contains(&d.as_str())
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{name} must not link {bad:?}: packages are the update manager's business"
+        );
+    }
 }

@@ -811,7 +811,7 @@ fn fault_tampered_package() {
             bytes[i] ^= 0x40;
             std::fs::write(&pkg, &bytes).expect("tampered package");
             let r = apply(mnt, &pkg, &[]);
-            let installed = fsd::runtime::dir_for(mnt).join("bin");
+            let installed = update_manager::runtime::dir_for(mnt).join("bin");
             assert!(
                 std::fs::read_dir(&installed)
                     .map(|d| d.count() == 0)
@@ -1071,7 +1071,7 @@ fn refused_nature(tag: &str, example: &str, want_text: &str) {
             "{c} must not be touched"
         );
     }
-    let installed = fsd::runtime::dir_for(m.path()).join("bin");
+    let installed = update_manager::runtime::dir_for(m.path()).join("bin");
     assert!(
         std::fs::read_dir(&installed)
             .map(|d| d.count() == 0)

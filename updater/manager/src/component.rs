@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use crate::control::{ControlLink, Msg};
+use fsd_server::{ControlLink, Msg};
 
 pub struct Component {
     pub child: Child,

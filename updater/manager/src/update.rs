@@ -12,8 +12,8 @@ use blockdev::spawn::StartMode;
 use std::time::{Duration, Instant};
 
 use crate::component::{reap_child, Component, LinkError};
-use crate::persist::FsdStateV1;
 use crate::supervisor::{spawn_driver, DriverProc, Stack};
+use fsd_server::persist::FsdStateV1;
 
 pub use updater::protocol::{Outcome, Phase, PhaseState, UpdateRecord};
 
@@ -246,7 +246,7 @@ fn resume_old(stack: &mut Stack) -> bool {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
         match stack.server.recv(deadline, &never) {
-            Ok(crate::control::Msg::Line(l))
+            Ok(fsd_server::Msg::Line(l))
                 if l == "serving" || l.starts_with("error: unexpected command") =>
             {
                 return true
@@ -640,7 +640,7 @@ pub(crate) fn server_request(stack: &mut Stack, line: &str, within: Duration) ->
     let reply = stack.server.recv(Instant::now() + within, &never);
     stack.server.want_status = false;
     match reply {
-        Ok(crate::control::Msg::Line(l)) => Some(l),
+        Ok(fsd_server::Msg::Line(l)) => Some(l),
         _ => None,
     }
 }

@@ -125,7 +125,7 @@ pub fn atime_of_mount(mountpoint: &Path) -> Option<Atime> {
     table.lines().rev().find_map(|line| {
         let mut fields = line.split(' ');
         let point = fields.nth(4)?;
-        if crate::supervisor::unescape_mount_path(point) != want {
+        if unescape_mount_path(point) != want {
             return None;
         }
         let opts = fields.next()?;
@@ -140,6 +140,14 @@ pub fn atime_of_mount(mountpoint: &Path) -> Option<Atime> {
 }
 
 /// Mounts a FUSE connection `dev` on `mountpoint` (root only).
+/// A path as `/proc/self/mounts` writes it, with its octal escapes undone.
+pub fn unescape_mount_path(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
 pub fn mount_fuse(
     dev: &File,
     mountpoint: &Path,

@@ -25,8 +25,8 @@ use formats::FormatError;
 
 use crate::component::Component;
 use crate::runtime;
-use crate::serve;
 use fsd_core::store::{BlockStore, FileStore};
+use fsd_server::serve;
 
 /// Fd numbers `fsd serve` receives its descriptors on.
 pub const SERVE_RING_FD: i32 = 3;
@@ -88,16 +88,13 @@ pub fn is_mountpoint(path: &Path) -> bool {
         return false;
     };
     let want = path.as_os_str().to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(1).map(unescape_mount_path).as_deref() == Some(&*want))
-}
-
-pub(crate) fn unescape_mount_path(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    mounts.lines().any(|l| {
+        l.split(' ')
+            .nth(1)
+            .map(serve::unescape_mount_path)
+            .as_deref()
+            == Some(&*want)
+    })
 }
 
 /// Checks everything that can be checked before starting processes, with clear errors.
@@ -367,7 +364,7 @@ fn spawn_server_on(
         binary.to_path_buf(),
         version,
         ctl,
-        crate::persist::STATE_CAP,
+        fsd_server::persist::STATE_CAP,
     )
     .map_err(|e| MountError::Os("control channel", e))
 }
@@ -565,7 +562,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
             return Err(MountError::Os("opening /dev/fuse", e));
         }
     };
-    let redo = match crate::host::create_redo_log_file() {
+    let redo = match fsd_server::host::create_redo_log_file() {
         Ok(f) => f,
         Err(e) => {
             driver.kill();

@@ -1,0 +1,16 @@
+//! The Molt supervisor and update manager (`fsd mount`).
+//!
+//! - [`supervisor`]: starts the block driver and the filesystem server as child processes,
+//!   keeps a duplicate of every descriptor that must outlive one, performs the mount, and
+//!   recovers a component that crashes;
+//! - [`manager`]: the control socket the `updater` CLI talks to: requirement checks,
+//!   package verification, and the update history;
+//! - `update`: the cooperative update's phases over the running components;
+//! - [`runtime`]: the per-mount runtime directory.
+
+mod component;
+pub mod manager;
+pub mod runtime;
+pub mod supervisor;
+mod sysinfo;
+mod update;
