@@ -113,10 +113,7 @@ done
 # Every binary must report the version the manifests name.
 expect() {
     local bin="$1" want="$2" got
-    case "$bin" in
-        fsd*) got="$("$out/bin/$bin" component-version)" ;;
-        blockdev*) got="$("$out/bin/$bin" --print-version | cut -d' ' -f1)" ;;
-    esac
+    got="$("$out/bin/$bin" component-info | python3 -c 'import json, sys; print(json.load(sys.stdin)["version"])')"
     if [ "$got" != "$want" ]; then
         echo "build-examples: bin/$bin reports version $got, expected $want" >&2
         exit 1

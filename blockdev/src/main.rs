@@ -33,15 +33,15 @@ fn long_version() -> String {
     version = COMPONENT_VERSION
 )]
 struct Cli {
-    /// Print "<component version> schema <n> ring <v> errcodes <t>" and exit.
-    #[arg(long)]
-    print_version: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Print what this build is (name, version, state schemas, ring protocol, error codes)
+    /// as one line of JSON: the update manager's probe.
+    ComponentInfo,
     /// Serve one client over a ring, with every resource passed as an inherited fd.
     Serve {
         #[arg(long)]
@@ -90,12 +90,10 @@ fn main() -> Result<()> {
     // (`--help` lists it) adds the schema and protocol versions.
     let long: &'static str = Box::leak(long_version().into_boxed_str());
     let cli = Cli::from_arg_matches(&Cli::command().long_version(long).get_matches())?;
-    if cli.print_version {
+    if let Some(Cmd::ComponentInfo) = cli.cmd {
         println!(
-            "{COMPONENT_VERSION} schema {} ring {} errcodes {}",
-            StateVersion::CURRENT.0,
-            ProtocolVersion::CURRENT.0,
-            StatusTable::CURRENT.0
+            "{}",
+            serde_json::to_string(&blockdev::persist::component_info())?
         );
         return Ok(());
     }
@@ -111,7 +109,7 @@ fn main() -> Result<()> {
         adopt: adopting,
     }) = cli.cmd
     else {
-        bail!("nothing to do: use `blockdev serve …` or `--print-version`");
+        bail!("nothing to do: use `blockdev serve …` or `blockdev component-info`");
     };
     let mut nums = vec![ring_fd, sq_eventfd, cq_eventfd, image_fd];
     nums.extend(ctl_fd);

@@ -47,9 +47,21 @@ impl StateVersion {
     }
 }
 
-/// The version of this driver build, as `blockdev --print-version` shows it. Pre-release
+/// The version of this driver build, as `blockdev component-info` shows it. Pre-release
 /// `-counters32` marks the old driver (u32 counters, schema 1); build metadata names the
 /// protocol variants (`+ring48`, `+errcodes2`).
+/// What this build is, for the update manager's probe (`blockdev component-info`).
+pub fn component_info() -> molt_control::ComponentInfo {
+    molt_control::ComponentInfo {
+        name: "blockdev".into(),
+        version: COMPONENT_VERSION.into(),
+        state_schema: StateVersion::CURRENT.0,
+        state_schema_reads: StateVersion::ACCEPTED.iter().map(|v| v.0).collect(),
+        ring: crate::ring::ProtocolVersion::CURRENT.0,
+        errcodes: crate::ring::StatusTable::CURRENT.0,
+    }
+}
+
 pub const COMPONENT_VERSION: &str = match (
     cfg!(feature = "legacy-counters-u32"),
     cfg!(feature = "ring48"),

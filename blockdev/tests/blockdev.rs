@@ -617,5 +617,6 @@ fn driver_stops_cleanly_when_its_client_vanishes() {
         .all(|&b| b == 0));
 }
 
+mod driver_control;
 mod handover;
 mod recovery;

@@ -12,7 +12,9 @@
 //! side by side (see `inode`).
 
 /// On-disk format version recorded in the superblock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct FormatVersion(pub u32);
 
 impl FormatVersion {

@@ -82,9 +82,9 @@ enum Command {
     },
     /// Unmount MOUNTPOINT and wait until the image is clean and every process has exited.
     Unmount { mountpoint: PathBuf },
-    /// Print this build's component version (packages name it).
-    #[command(hide = true)]
-    ComponentVersion,
+    /// Print what this build is (name, version, state schemas, ring protocol, error codes)
+    /// as one line of JSON: the update manager's probe.
+    ComponentInfo,
     /// Internal: the filesystem server process, started by the supervisor.
     #[command(hide = true)]
     Serve {
@@ -265,8 +265,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::ComponentVersion => {
-            println!("{}", fsd_server::persist::component_version());
+        Command::ComponentInfo => {
+            match serde_json::to_string(&fsd_server::component_info()) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("fsd: {e}");
+                    return ExitCode::from(1);
+                }
+            }
             ExitCode::SUCCESS
         }
         Command::Unmount { mountpoint } => match supervisor::unmount(&mountpoint) {
@@ -299,7 +305,7 @@ fn main() -> ExitCode {
                     redo: std::fs::File::from(inherited_fd(SERVE_REDO_FD)?),
                 })
             })();
-            match fds.and_then(|fds| serve::run_server(&args, fds)) {
+            match fds.and_then(|fds| fsd_server::run_server(&args, fds)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fsd serve: {e:#}");

@@ -543,6 +543,12 @@ fn phase_line(phase: Phase, state: PhaseState, elapsed_ms: u64, detail: &str) ->
 
 fn print_status(r: &StatusReport) {
     println!("format version {}", r.format_version);
+    if let Some(s) = &r.supervisor {
+        println!(
+            "supervisor version {:<8} pid {:<7} log {}",
+            s.version, s.pid, s.log
+        );
+    }
     for c in &r.components {
         let counters: Vec<String> = c.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
@@ -562,6 +568,12 @@ fn print_status(r: &StatusReport) {
         println!(
             "conversion: {}/{} inodes ({:.0}/s)",
             c.done, c.total, c.rate_per_s
+        );
+    }
+    if let Some(c) = &r.last_conversion {
+        println!(
+            "last conversion: to format v{}, {} inodes and {} bytes rewritten in {} ms ({} steps, longest {} us, mean {} us)",
+            c.to.0, c.inodes, c.bytes, c.millis, c.steps, c.longest_step_us, c.mean_step_us
         );
     }
     if !r.history.is_empty() {

@@ -121,44 +121,8 @@ impl fmt::Display for ComponentName {
     }
 }
 
-/// A state a component must reach (and hold) before it is replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RequiredState {
-    /// Nothing in flight anywhere in the component.
-    Quiescent,
-    NoReadsInFlight,
-    NoWritesInFlight,
-    NoOpenFiles,
-    /// fsd only: every open file has done at least one read or write.
-    EveryOpenFileTouched,
-}
-
-impl RequiredState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequiredState::Quiescent => "quiescent",
-            RequiredState::NoReadsInFlight => "no-reads-in-flight",
-            RequiredState::NoWritesInFlight => "no-writes-in-flight",
-            RequiredState::NoOpenFiles => "no-open-files",
-            RequiredState::EveryOpenFileTouched => "every-open-file-touched",
-        }
-    }
-
-    /// Whether `component` knows how to reach this state.
-    pub fn applies_to(self, component: ComponentName) -> bool {
-        match self {
-            RequiredState::EveryOpenFileTouched => component == ComponentName::Fsd,
-            _ => true,
-        }
-    }
-}
-
-impl fmt::Display for RequiredState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A state a component must reach before it is replaced (part of the control protocol).
+pub use molt_control::RequiredState;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,7 +307,7 @@ impl Manifest {
             }
             let mut states = BTreeSet::new();
             for s in &c.required_state {
-                if !s.applies_to(c.name) {
+                if s.filesystem_server_only() && c.name != ComponentName::Fsd {
                     return Err(format!(
                         "component {}: required state {s} is not one this component can reach",
                         c.name

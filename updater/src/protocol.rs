@@ -195,7 +195,11 @@ pub struct StatusReport {
     pub history: Vec<UpdateRecord>,
     /// Name of the package being applied.
     pub update_in_progress: Option<String>,
+    /// The online conversion in progress.
     pub conversion: Option<ConversionStatus>,
+    /// The last conversion the running server finished, as it measured it.
+    pub last_conversion: Option<molt_control::ConversionResult>,
+    pub supervisor: Option<SupervisorStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +229,15 @@ pub struct ConversionStatus {
     pub done: u64,
     pub total: u64,
     pub rate_per_s: f64,
+}
+
+/// The supervisor (and update manager) of a mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorStatus {
+    pub pid: u32,
+    pub version: String,
+    /// Where it and the components log.
+    pub log: String,
 }
 
 #[derive(Debug, Error)]
@@ -400,6 +413,20 @@ mod tests {
                     done: 1,
                     total: 2,
                     rate_per_s: 1.5,
+                }),
+                last_conversion: Some(molt_control::ConversionResult {
+                    to: formats::version::FormatVersion(3),
+                    inodes: 1,
+                    bytes: 2,
+                    millis: 3,
+                    steps: 4,
+                    longest_step_us: 5,
+                    mean_step_us: 6,
+                }),
+                supervisor: Some(SupervisorStatus {
+                    pid: 7,
+                    version: "0.1.0".into(),
+                    log: "/run/molt/x.log".into(),
                 }),
             }),
         ]

@@ -11,7 +11,6 @@
 //! ring over at once (no `state`, no `commit`: there is no predecessor to drain) and
 //! serves as [`serve_controlled`] does; `status` then says `phase=serving`.
 
-use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -19,9 +18,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use super::{read_line, StateBlob};
+use molt_control::{Command, ControlError, Link, LinkError, Reply, ServingPhase};
+
+use super::StateBlob;
 use crate::persist::{
-    Counters, DriverState, StateError, StateVersion, StopReason, COMPONENT_VERSION,
+    Counters, DriverState, StateError, StateVersion, StopReason, COMPONENT_VERSION, STATE_CAP,
 };
 use crate::ring::{ProtocolVersion, RingRegion, Status, StatusTable};
 use crate::server::{DriverError, Server, StopHandle};
@@ -62,48 +63,72 @@ const PHASE_SERVING: u8 = 0;
 const PHASE_DRAINING: u8 = 1;
 const PHASE_HELD: u8 = 2;
 
-fn phase_name(p: u8) -> &'static str {
+fn serving_phase(p: u8) -> ServingPhase {
     match p {
-        PHASE_SERVING => "serving",
-        PHASE_DRAINING => "draining",
-        _ => "held",
+        PHASE_SERVING => ServingPhase::Serving,
+        PHASE_DRAINING => ServingPhase::Draining,
+        _ => ServingPhase::Held,
     }
 }
 
-fn status_line(
-    phase: &str,
+/// The `status` reply: the driver's identity and its counters, by name.
+// The casts widen the counters of the variant built with 32-bit ones.
+#[allow(clippy::unnecessary_cast)]
+fn status_reply(
+    phase: ServingPhase,
     c: &Counters,
     latched: i32,
     positions: (u32, u32),
     epoch: u32,
-) -> String {
-    format!(
-        "status phase={phase} pid={} version={COMPONENT_VERSION} schema={} ring={} errcodes={} \
-         reads={} writes={} flushes={} discards={} bytes_read={} bytes_written={} errors={} \
-         in_flight={} latched={latched} sq_head={} cq_tail={} epoch={epoch}",
-        std::process::id(),
-        StateVersion::CURRENT.0,
-        ProtocolVersion::CURRENT.0,
-        StatusTable::CURRENT.0,
-        c.reads,
-        c.writes,
-        c.flushes,
-        c.discards,
-        c.bytes_read,
-        c.bytes_written,
-        c.errors,
-        c.in_flight,
-        positions.0,
-        positions.1,
-    )
+) -> Reply {
+    let counters = [
+        ("reads", c.reads as u64),
+        ("writes", c.writes as u64),
+        ("flushes", c.flushes as u64),
+        ("discards", c.discards as u64),
+        ("bytes_read", c.bytes_read as u64),
+        ("bytes_written", c.bytes_written as u64),
+        ("errors", c.errors as u64),
+        ("in_flight", c.in_flight as u64),
+        ("latched", latched as u64),
+        ("sq_head", positions.0 as u64),
+        ("cq_tail", positions.1 as u64),
+        ("epoch", epoch as u64),
+        ("ring", ProtocolVersion::CURRENT.0 as u64),
+        ("errcodes", StatusTable::CURRENT.0 as u64),
+    ];
+    Reply::Status(molt_control::Status {
+        phase,
+        pid: std::process::id(),
+        version: COMPONENT_VERSION.to_string(),
+        state_schema: StateVersion::CURRENT.0,
+        counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        format: None,
+        conversion: None,
+        last_conversion: None,
+    })
 }
 
-fn send(w: &mut UnixStream, line: &str) {
-    let mut bytes = Vec::with_capacity(line.len() + 1);
-    bytes.extend_from_slice(line.as_bytes());
-    bytes.push(b'\n');
-    // A supervisor that went away notices by itself; the driver keeps its own course.
-    let _ = w.write_all(&bytes);
+/// Sends one reply. A supervisor that went away notices by itself; the driver keeps its
+/// own course.
+fn send(w: &mut Link, reply: Reply) {
+    let _ = w.send(&reply);
+}
+
+fn refuse(w: &mut Link, e: ControlError) {
+    send(w, Reply::Error(e));
+}
+
+/// The next command; `None` when the supervisor is gone. A frame that is well formed but
+/// not a command is answered with an error and skipped.
+fn next_command(r: &mut Link, w: &mut Link) -> Option<Command> {
+    loop {
+        match r.recv::<Command>() {
+            Ok(c) => return Some(c),
+            Err(LinkError::Malformed(m)) => refuse(w, ControlError::Failed(m)),
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Main thread → control thread.
@@ -115,7 +140,7 @@ enum Event {
 }
 
 /// Control thread → main thread, while it holds.
-enum Command {
+enum Hold {
     Resume,
     Exit,
     SupervisorGone,
@@ -124,8 +149,9 @@ enum Command {
 /// Serves the ring and answers the control socket until the driver should exit. The
 /// server may be attached already ([`Server::new`]) or not (it attaches when it starts).
 pub fn serve_controlled(server: Server, ctl: UnixStream) -> Result<DriverExit, DriverError> {
-    let reader = BufReader::new(ctl.try_clone()?);
-    serve_with(server, reader, ctl)
+    let writer = Link::new(ctl, STATE_CAP);
+    let reader = writer.try_clone()?;
+    serve_with(server, reader, writer)
 }
 
 /// A successor: waits for `state`, imports it, waits for `commit`, then attaches and
@@ -135,8 +161,8 @@ pub fn serve_controlled(server: Server, ctl: UnixStream) -> Result<DriverExit, D
 /// Except when the ring's driver died while serving ([`Server::crashed_predecessor`],
 /// checked once, now): then it takes the ring over at once and serves.
 pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExit, DriverError> {
-    let mut reader = BufReader::new(ctl.try_clone()?);
-    let mut writer = ctl;
+    let mut writer = Link::new(ctl, STATE_CAP);
+    let mut reader = writer.try_clone()?;
     if let Some(dead) = server.crashed_predecessor() {
         server.take_over_crashed()?;
         eprintln!(
@@ -151,75 +177,68 @@ pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExi
     }
     let mut imported: Option<DriverState> = None;
     loop {
-        let Some(line) = read_line(&mut reader)? else {
+        let Some(cmd) = next_command(&mut reader, &mut writer) else {
             return Ok(DriverExit::SupervisorGone);
         };
-        let (cmd, arg) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         match cmd {
-            "status" => {
-                let phase = if imported.is_some() {
-                    "imported"
-                } else {
-                    "adopting"
-                };
-                let (c, latched, pos) = match &imported {
+            Command::Status => {
+                let (phase, c, latched, pos) = match &imported {
                     Some(s) => (
+                        ServingPhase::Imported,
                         s.counters,
                         s.latched.map_or(0, Status::code),
                         (s.sq_head, s.cq_tail),
                     ),
-                    None => (Counters::default(), 0, (0, 0)),
+                    None => (ServingPhase::Adopting, Counters::default(), 0, (0, 0)),
                 };
                 send(
                     &mut writer,
-                    &status_line(phase, &c, latched, pos, server.epoch()),
+                    status_reply(phase, &c, latched, pos, server.epoch()),
                 );
             }
-            "state" if imported.is_none() => {
-                let result = StateBlob::from_hex(arg)
-                    .and_then(|b| DriverState::import(b.as_bytes()))
-                    .and_then(|s| server.import_state(&s).map(|()| s));
+            Command::State(bytes) if imported.is_none() => {
+                let result =
+                    DriverState::import(&bytes).and_then(|s| server.import_state(&s).map(|()| s));
                 match result {
                     Ok(s) => {
                         imported = Some(s);
-                        send(&mut writer, "imported");
+                        send(&mut writer, Reply::Imported);
                     }
                     Err(e) => {
-                        let msg = match e {
-                            StateError::UnsupportedSchema(n) => {
-                                format!("unsupported state schema {n}")
-                            }
-                            other => other.to_string(),
-                        };
-                        send(&mut writer, &format!("error: {msg}"));
+                        let msg = e.to_string();
+                        refuse(
+                            &mut writer,
+                            match e {
+                                StateError::UnsupportedSchema(n) => {
+                                    ControlError::UnsupportedSchema(n)
+                                }
+                                other => ControlError::StateRefused(other.to_string()),
+                            },
+                        );
                         return Ok(DriverExit::ImportFailed(msg));
                     }
                 }
             }
-            "commit" if imported.is_some() => {
+            Command::Commit if imported.is_some() => {
                 if let Err(e) = server.attach() {
-                    send(&mut writer, &format!("error: {e}"));
+                    refuse(&mut writer, ControlError::Failed(e.to_string()));
                     return Ok(DriverExit::ImportFailed(e.to_string()));
                 }
-                send(&mut writer, "serving");
+                send(&mut writer, Reply::Serving);
                 return serve_with(server, reader, writer);
             }
-            "abort" => return Ok(DriverExit::Aborted),
-            _ => send(
+            Command::Abort => return Ok(DriverExit::Aborted),
+            other => refuse(
                 &mut writer,
-                &format!("error: unexpected {cmd:?} while adopting"),
+                ControlError::Unexpected(format!("{other:?} while adopting")),
             ),
         }
     }
 }
 
-fn serve_with(
-    mut server: Server,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-) -> Result<DriverExit, DriverError> {
+fn serve_with(mut server: Server, reader: Link, writer: Link) -> Result<DriverExit, DriverError> {
     let (event_tx, event_rx) = mpsc::channel::<Event>();
-    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Hold>();
     let phase = Arc::new(AtomicU8::new(PHASE_SERVING));
     let view = server.ring_view()?;
     let stop = server.stop_handle();
@@ -249,7 +268,7 @@ fn serve_with(
             // Hold until told; the ring is not touched meanwhile.
             loop {
                 match cmd_rx.recv() {
-                    Ok(Command::Resume) => {
+                    Ok(Hold::Resume) => {
                         let ok = server.check_can_resume().map_err(|e| e.to_string());
                         let resumed = ok.is_ok();
                         if resumed {
@@ -260,8 +279,8 @@ fn serve_with(
                             break;
                         }
                     }
-                    Ok(Command::Exit) => return Ok(DriverExit::HandedOver),
-                    Ok(Command::SupervisorGone) | Err(_) => return Ok(DriverExit::SupervisorGone),
+                    Ok(Hold::Exit) => return Ok(DriverExit::HandedOver),
+                    Ok(Hold::SupervisorGone) | Err(_) => return Ok(DriverExit::SupervisorGone),
                 }
             }
         }
@@ -270,21 +289,21 @@ fn serve_with(
 }
 
 fn control_thread(
-    mut reader: BufReader<UnixStream>,
-    mut writer: UnixStream,
+    mut reader: Link,
+    mut writer: Link,
     view: RingRegion,
     stop: StopHandle,
     phase: Arc<AtomicU8>,
     events: mpsc::Receiver<Event>,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Hold>,
 ) {
     let status = |phase: u8| {
         let pos = (
             view.sq_head().load(Ordering::Acquire),
             view.cq_tail().load(Ordering::Acquire),
         );
-        status_line(
-            phase_name(phase),
+        status_reply(
+            serving_phase(phase),
             &view.counters(),
             view.latched(),
             pos,
@@ -292,36 +311,29 @@ fn control_thread(
         )
     };
     loop {
-        let line = match read_line(&mut reader) {
-            Ok(Some(l)) => l,
-            Ok(None) | Err(_) => {
-                if phase.load(Ordering::Acquire) == PHASE_HELD {
-                    let _ = commands.send(Command::SupervisorGone);
-                }
-                // While serving, a lost supervisor changes nothing for the client.
-                return;
+        let Some(cmd) = next_command(&mut reader, &mut writer) else {
+            if phase.load(Ordering::Acquire) == PHASE_HELD {
+                let _ = commands.send(Hold::SupervisorGone);
             }
+            // While serving, a lost supervisor changes nothing for the client.
+            return;
         };
-        let (cmd, arg) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         let now = phase.load(Ordering::Acquire);
         match (cmd, now) {
-            ("status", _) => send(&mut writer, &status(now)),
-            ("prepare", PHASE_SERVING) => {
-                let Ok(ms) = arg.trim().parse::<u64>() else {
-                    send(
-                        &mut writer,
-                        "error: prepare needs a deadline in milliseconds",
-                    );
-                    continue;
-                };
+            (Command::Status, _) => send(&mut writer, status(now)),
+            // The driver holds every required state once drained: nothing is in flight.
+            (Command::Prepare { deadline_ms, .. }, PHASE_SERVING) => {
                 phase.store(PHASE_DRAINING, Ordering::Release);
                 stop.prepare();
-                let drained = match events.recv_timeout(Duration::from_millis(ms)) {
+                let drained = match events.recv_timeout(Duration::from_millis(deadline_ms)) {
                     Ok(e) => e,
                     Err(RecvTimeoutError::Timeout) => {
                         if stop.cancel_prepare() {
                             phase.store(PHASE_SERVING, Ordering::Release);
-                            send(&mut writer, "error: deadline");
+                            refuse(
+                                &mut writer,
+                                ControlError::Deadline("the ring did not drain".into()),
+                            );
                             continue;
                         }
                         // Drained just now: its state is on the way.
@@ -335,37 +347,37 @@ fn control_thread(
                 match drained {
                     Event::Drained(Ok(blob)) => {
                         phase.store(PHASE_HELD, Ordering::Release);
-                        send(&mut writer, &format!("ready {}", blob.to_hex()));
+                        send(&mut writer, Reply::Ready(blob.into_bytes()));
                     }
                     Event::Drained(Err(e)) => {
                         // The loop resumes by itself.
                         phase.store(PHASE_SERVING, Ordering::Release);
-                        send(&mut writer, &format!("error: state check failed: {e}"));
+                        refuse(&mut writer, ControlError::StateRefused(e));
                     }
                     Event::Resumed(_) => unreachable!("resume answered while draining"),
                 }
             }
-            ("resume", PHASE_HELD) => {
-                if commands.send(Command::Resume).is_err() {
+            (Command::Resume, PHASE_HELD) => {
+                if commands.send(Hold::Resume).is_err() {
                     return;
                 }
                 match events.recv() {
                     Ok(Event::Resumed(Ok(()))) => {
                         phase.store(PHASE_SERVING, Ordering::Release);
-                        send(&mut writer, "serving");
+                        send(&mut writer, Reply::Serving);
                     }
-                    Ok(Event::Resumed(Err(e))) => send(&mut writer, &format!("error: {e}")),
+                    Ok(Event::Resumed(Err(e))) => refuse(&mut writer, ControlError::Failed(e)),
                     Ok(Event::Drained(_)) => unreachable!("drained while held"),
                     Err(_) => return,
                 }
             }
-            ("exit", PHASE_HELD) => {
-                let _ = commands.send(Command::Exit);
+            (Command::Exit, PHASE_HELD) => {
+                let _ = commands.send(Hold::Exit);
                 return;
             }
-            _ => send(
+            (other, _) => refuse(
                 &mut writer,
-                &format!("error: unexpected {cmd:?} while {}", phase_name(now)),
+                ControlError::Unexpected(format!("{other:?} while {:?}", serving_phase(now))),
             ),
         }
     }

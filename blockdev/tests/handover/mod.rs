@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use blockdev::engine::{Engine, EngineKind, FaultPlan};
 use blockdev::handover::driver::{serve_controlled, DriverExit};
-use blockdev::handover::{DriverControl, HandoverError, StateBlob};
+use blockdev::handover::StateBlob;
+use molt_control::ServingPhase;
+
+use crate::driver_control::{DriverControl, HandoverError};
 use blockdev::image::{Image, ScratchImage};
 use blockdev::persist::{DriverState, STATE_MAGIC};
 use blockdev::ring::{
@@ -198,7 +201,7 @@ fn hand_over(
     let mut new = start_driver(setup, image, engine, StartMode::Adopt);
     // The successor is up (engine built, buffers registered) before the pause begins.
     let st = new.ctl.status().unwrap();
-    assert_eq!(st.get("phase"), Some("adopting"));
+    assert_eq!(st.phase, ServingPhase::Adopting);
     let start = Instant::now();
     let blob = old.ctl.prepare(Duration::from_secs(2)).unwrap();
     let state = blob.check().unwrap();
@@ -259,10 +262,10 @@ fn ten_handovers_under_load_lose_nothing() {
         assert!(c.reads + c.writes > last.counters.reads + last.counters.writes);
         assert_eq!(c.errors, 0);
         let st = driver.ctl.status().unwrap();
-        assert_eq!(st.get("phase"), Some("serving"));
-        assert!(st.number("writes").unwrap() >= c.writes);
+        assert_eq!(st.phase, ServingPhase::Serving);
+        assert!(st.counter("writes").unwrap() >= c.writes);
         assert_eq!(
-            st.number("pid"),
+            Some(st.pid as u64),
             Some(driver.child.id() as u64),
             "the successor serves"
         );
@@ -393,8 +396,8 @@ fn a_successor_touches_nothing_before_commit() {
     new.ctl.send_state(&blob).unwrap();
     new.ctl.wait_imported().unwrap();
     let st = new.ctl.status().unwrap();
-    assert_eq!(st.get("phase"), Some("imported"));
-    assert_eq!(st.number("writes"), Some(1));
+    assert_eq!(st.phase, ServingPhase::Imported);
+    assert_eq!(st.counter("writes"), Some(1));
     assert_eq!(snapshot(), before);
     new.ctl.abort().unwrap();
     assert!(wait_exit(&mut new.child).success());
@@ -443,7 +446,7 @@ fn a_missed_deadline_resumes_serving() {
     });
     let e = ctl.prepare(Duration::from_millis(100)).unwrap_err();
     assert!(matches!(e, HandoverError::Deadline), "{e}");
-    assert_eq!(ctl.status().unwrap().get("phase"), Some("serving"));
+    assert_eq!(ctl.status().unwrap().phase, ServingPhase::Serving);
     // Still serving: other requests complete while the slow one is held.
     client.write(Lba(2), &pattern(2, 1)).unwrap();
     slow.join().unwrap().unwrap();
@@ -562,7 +565,7 @@ fn update_from_the_u32_counter_build() {
         StartMode::Fresh,
         old_bin.clone().into(),
     );
-    assert_eq!(old.ctl.status().unwrap().get("schema"), Some("1"));
+    assert_eq!(old.ctl.status().unwrap().state_schema, 1);
     let client = connect(&setup, None);
     let load = start_load(client.clone(), 2, 64);
     load.progress(200);
@@ -576,8 +579,8 @@ fn update_from_the_u32_counter_build() {
     old.ctl.exit().unwrap();
     assert!(wait_exit(&mut old.child).success());
     let st = new.ctl.status().unwrap();
-    assert_eq!(st.get("schema"), Some("2"));
-    assert!(st.number("writes").unwrap() >= carried.writes);
+    assert_eq!(st.state_schema, 2);
+    assert!(st.counter("writes").unwrap() >= carried.writes);
     load.progress(200);
     // Back to the old build: it refuses the newer schema; the new driver serves on.
     let mut back = start_binary(

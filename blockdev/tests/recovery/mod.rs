@@ -14,13 +14,14 @@ use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::driver_control::DriverControl;
 use blockdev::engine::EngineKind;
-use blockdev::handover::DriverControl;
 use blockdev::image::{Image, ScratchImage};
 use blockdev::persist::Counters;
 use blockdev::ring::{DriverEpoch, DriverPhase, RingGeometry, RingRegion};
 use blockdev::spawn::{driver_command_with_control, DriverFds, RingSetup, StartMode};
 use blockdev::{BlockError, Client, ClientConfig, Lba, BLOCK_SIZE};
+use molt_control::ServingPhase;
 
 use super::{config, DEADLINE};
 
@@ -137,7 +138,7 @@ fn connect(setup: &RingSetup, pidfd: Option<OwnedFd>, cfg: ClientConfig) -> Arc<
 /// The pid of a process that has exited and been reaped.
 fn dead_pid() -> u32 {
     let mut c = Command::new(env!("CARGO_BIN_EXE_blockdev"))
-        .arg("--print-version")
+        .arg("component-info")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -535,11 +536,11 @@ fn a_taken_request_is_resubmitted_and_a_waiting_one_is_not() {
     assert_eq!(ring.sq_tail().load(Ordering::Acquire), 3);
     assert!(ring.heartbeat().load(Ordering::Relaxed) > 1000);
     let st = driver.ctl.status().unwrap();
-    assert_eq!(st.get("phase"), Some("serving"));
-    assert_eq!(st.number("epoch"), Some(8));
-    assert_eq!(st.number("pid"), Some(driver.child.id() as u64));
+    assert_eq!(st.phase, ServingPhase::Serving);
+    assert_eq!(st.counter("epoch"), Some(8));
+    assert_eq!(Some(st.pid as u64), Some(driver.child.id() as u64));
     assert_eq!(
-        (st.number("writes"), st.number("in_flight")),
+        (st.counter("writes"), st.counter("in_flight")),
         (Some(2), Some(0))
     );
     let mut b = vec![0u8; 2 * BLOCK_SIZE];
@@ -558,12 +559,17 @@ fn an_adopting_driver_takes_over_only_from_a_dead_one() {
     let image = img.open().unwrap();
     let dead = dead_pid();
     let cases = [
-        (DriverPhase::Serving, std::process::id(), 0, "adopting"),
-        (DriverPhase::Quiesced, dead, 0, "adopting"),
-        (DriverPhase::NotStarted, dead, 0, "adopting"),
-        (DriverPhase::Rejected, dead, 0, "adopting"),
-        (DriverPhase::Quiesced, dead, 2, "serving"),
-        (DriverPhase::Serving, dead, 0, "serving"),
+        (
+            DriverPhase::Serving,
+            std::process::id(),
+            0,
+            ServingPhase::Adopting,
+        ),
+        (DriverPhase::Quiesced, dead, 0, ServingPhase::Adopting),
+        (DriverPhase::NotStarted, dead, 0, ServingPhase::Adopting),
+        (DriverPhase::Rejected, dead, 0, ServingPhase::Adopting),
+        (DriverPhase::Quiesced, dead, 2, ServingPhase::Serving),
+        (DriverPhase::Serving, dead, 0, ServingPhase::Serving),
     ];
     for (phase, pid, in_flight, want) in cases {
         let setup = RingSetup::new(GEOMETRY).unwrap();
@@ -582,8 +588,8 @@ fn an_adopting_driver_takes_over_only_from_a_dead_one() {
         let mut d = start_driver(&setup, &image, EngineKind::Uring, StartMode::Adopt);
         let st = d.ctl.status().unwrap();
         let case = format!("{phase:?} pid {pid} in_flight {in_flight}");
-        assert_eq!(st.get("phase"), Some(want), "{case}");
-        if want == "serving" {
+        assert_eq!(st.phase, want, "{case}");
+        if want == ServingPhase::Serving {
             assert_eq!(ring.driver_epoch().epoch, 4, "{case}");
             // Attached before it answers; the loop publishes the phase as it starts.
             wait_until("the phase to say serving", || {
@@ -591,7 +597,7 @@ fn an_adopting_driver_takes_over_only_from_a_dead_one() {
             });
             // Counters carried over, nothing in flight.
             assert_eq!(
-                (st.number("writes"), st.number("in_flight")),
+                (st.counter("writes"), st.counter("in_flight")),
                 (Some(9), Some(0))
             );
             d.stop();

@@ -2,18 +2,33 @@
 //! (`fsd-core`), whose blocks travel through the block driver's ring, and the server's end
 //! of a live update.
 //!
-//! - [`serve`]: the process: its descriptors, the FUSE session, the worker threads, and
-//!   the control loop the supervisor drives;
+//! - [`serve`]: the FUSE connection: the device, `mount(2)`, the worker threads;
+//! - `handover`: the process's start modes and its end of the supervisor's control link
+//!   (`molt-control`): the cooperative update's phases as the server runs them;
+//! - `background`: commits left in memory, the online format conversion;
 //! - `fuse`: the FUSE operations over [`fsd_core::fs::Fs`];
 //! - [`persist`]: the state a server hands its successor;
 //! - [`host`]: the operating-system pieces the core leaves out (the ring store, the redo
 //!   log file, file locks).
 
-mod control;
+mod background;
 mod credentials;
 mod fuse;
+mod handover;
 pub mod host;
 pub mod persist;
 pub mod serve;
 
-pub use control::{ControlLink, Msg};
+pub use handover::run_server;
+
+/// What this build is, for the update manager's probe (`fsd component-info`).
+pub fn component_info() -> molt_control::ComponentInfo {
+    molt_control::ComponentInfo {
+        name: "fsd".into(),
+        version: persist::component_version(),
+        state_schema: persist::STATE_SCHEMA,
+        state_schema_reads: persist::STATE_SCHEMA_READS.to_vec(),
+        ring: blockdev::ring::ProtocolVersion::CURRENT.0,
+        errcodes: blockdev::ring::StatusTable::CURRENT.0,
+    }
+}

@@ -29,10 +29,11 @@ use super::live::{apply, mount_live, pack, status, text, Load, COMMITTED, EXPIRE
 /// The version string of the fsd binary under test.
 fn fsd_version() -> String {
     let o = std::process::Command::new(bin("fsd"))
-        .arg("component-version")
+        .arg("component-info")
         .output()
-        .expect("fsd component-version");
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
+        .expect("fsd component-info");
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).expect("component-info JSON");
+    info["version"].as_str().expect("a version").to_string()
 }
 
 /// A package whose fsd (this build) converts the image from format `from` to `to`.

@@ -495,12 +495,13 @@ fn fault_case(
     img.assert_clean();
 }
 
-/// Stands in for a new fsd that dies while importing the state: it says "spawned",
-/// reads the first byte of the state blob, and exits 1.
+/// Stands in for a new fsd that dies while importing the state: it answers the probe as
+/// the real one does, says `Spawned` (a frame: length 1, variant 0), reads the first byte
+/// of the state's frame, and exits 1.
 const CRASH_IN_IMPORT: &str = "#!/bin/sh\n\
 # A new fsd that dies while importing the state (live-update fault test).\n\
-if [ \"$1\" = component-version ]; then echo 0.1.0; exit 0; fi\n\
-printf 'spawned\\n' >&7\n\
+if [ \"$1\" = component-info ]; then exec @REAL@ component-info; fi\n\
+printf '\\001\\000\\000\\000\\000' >&7\n\
 head -c 1 <&7 >/dev/null\n\
 exit 1\n";
 
@@ -510,7 +511,9 @@ fn fault_new_version_crashes_during_import() {
         "live-crash",
         |mnt, keys, work| {
             let script = work.join("crash-in-import");
-            std::fs::write(&script, CRASH_IN_IMPORT).expect("script");
+            let real = bin("fsd");
+            let text = CRASH_IN_IMPORT.replace("@REAL@", real.to_str().expect("utf-8"));
+            std::fs::write(&script, text).expect("script");
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
                 .expect("chmod");
             let pkg = pack(
@@ -527,7 +530,9 @@ fn fault_new_version_crashes_during_import() {
 }
 
 /// A new fsd that runs the real one behind its control link (fd 7) and relays the link
-/// both ways, changing a state blob as MODE says:
+/// both ways, frame by frame (`[u32 length][message]`; a `State` command is variant 4 and
+/// a `Ready` reply variant 2, each a varint length and the blob), changing a state blob
+/// as MODE says:
 /// - `pass`: nothing;
 /// - `state-flip`: flips a bit in the middle of the state sent to it (its frame CRC no
 ///   longer matches);
@@ -545,7 +550,7 @@ use Compress::Zlib ();
 
 my $real = '@REAL@';
 my $mode = '@MODE@';
-if (@ARGV && $ARGV[0] eq 'component-version') { exec($real, @ARGV) or die "exec: $!"; }
+if (@ARGV && $ARGV[0] eq 'component-info') { exec($real, @ARGV) or die "exec: $!"; }
 
 sub die_with_parent { syscall(157, 1, 9) if $^O eq 'linux'; }    # PR_SET_PDEATHSIG, SIGKILL (x86_64)
 
@@ -583,24 +588,39 @@ sub mutate {
     return $blob;
 }
 
+sub varint_encode {
+    my ($v) = @_;
+    return chr($v) if $v < 251;
+    return chr(251) . pack('v', $v) if $v < 65536;
+    return chr(252) . pack('V', $v) if $v < 4294967296;
+    return chr(253) . pack('Q<', $v);
+}
+
+sub read_exactly {
+    my ($from, $n) = @_;
+    my $buf = '';
+    while (length($buf) < $n) {
+        my $r = read($from, $buf, $n - length($buf), length($buf));
+        POSIX::_exit(0) unless $r;
+    }
+    return $buf;
+}
+
+# Relays frames; the blob of a message with variant $variant (-1: none) is mutated.
 sub relay {
-    my ($from, $to, $tag) = @_;
+    my ($from, $to, $variant) = @_;
     die_with_parent();
     $to->autoflush(1);
-    while (defined(my $line = <$from>)) {
-        if ($line =~ /^(state|ready) (\d+)\n\z/) {
-            my ($t, $n, $blob) = ($1, $2, '');
-            while (length($blob) < $n) {
-                my $r = read($from, $blob, $n - length($blob), length($blob));
-                POSIX::_exit(0) unless $r;
-            }
-            $blob = mutate($blob) if $t eq $tag;
-            print $to "$t " . length($blob) . "\n" . $blob or POSIX::_exit(0);
-        } else {
-            print $to $line or POSIX::_exit(0);
+    while (1) {
+        my $len = unpack('V', read_exactly($from, 4));
+        my $body = read_exactly($from, $len);
+        if ($variant >= 0 && ord(substr($body, 0, 1)) == $variant) {
+            my ($n, $l) = varint($body, 1);
+            my $blob = mutate(substr($body, 1 + $l, $n));
+            $body = chr($variant) . varint_encode(length $blob) . $blob;
         }
+        print $to pack('V', length $body) . $body or POSIX::_exit(0);
     }
-    POSIX::_exit(0);
 }
 
 socketpair(my $mine, my $theirs, AF_UNIX, SOCK_STREAM, 0) or die "socketpair: $!";
@@ -614,9 +634,9 @@ if ($pid == 0) {
 close $theirs;
 open(my $sup, '+<&=', 7) or die "fd 7: $!";
 my $up = fork() // die "fork: $!";
-relay($mine, $sup, $mode =~ /^ready-/ ? 'ready' : '') if $up == 0;
+relay($mine, $sup, $mode =~ /^ready-/ ? 2 : -1) if $up == 0;
 my $down = fork() // die "fork: $!";
-relay($sup, $mine, $mode =~ /^state-/ ? 'state' : '') if $down == 0;
+relay($sup, $mine, $mode =~ /^state-/ ? 4 : -1) if $down == 0;
 waitpid($pid, 0);
 my $status = $?;
 kill 'KILL', $up, $down;

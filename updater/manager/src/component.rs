@@ -1,64 +1,89 @@
-//! A component process as the supervisor sees it: the child, its control link (read by a
-//! dedicated thread so every wait can have a deadline and be aborted), and its version.
+//! A component process as the supervisor sees it, the same for the block driver and the
+//! filesystem server: the child, what its binary said of itself, and its control link
+//! (`molt-control`), read by a dedicated thread so that every wait has a deadline and can
+//! be aborted.
 
 use std::io;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::Child;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use fsd_server::{ControlLink, Msg};
+use molt_control::{Command, ComponentInfo, ControlError, Link, LinkError, Reply};
 
-pub struct Component {
+pub struct ComponentProc {
     pub child: Child,
     pub binary: PathBuf,
-    pub version: String,
-    link: ControlLink,
-    inbox: Receiver<io::Result<Msg>>,
-    /// A `status` exchange is in progress (its reply is wanted).
-    pub want_status: bool,
+    pub info: ComponentInfo,
+    link: Link,
+    inbox: Receiver<Result<Reply, LinkError>>,
+    /// A status exchange is in progress (its reply is wanted).
+    want_status: bool,
 }
 
+/// Why an exchange with a component failed.
 #[derive(Debug, thiserror::Error)]
-pub enum LinkError {
+pub enum ExchangeError {
     #[error("deadline passed")]
     Deadline,
     #[error("aborted")]
     Aborted,
     #[error("the component exited")]
     Gone,
+    /// The component answered with an error.
     #[error("{0}")]
-    Said(String),
+    Said(ControlError),
     #[error("unexpected reply: {0}")]
     Unexpected(String),
-    #[error("control link: {0}")]
-    Io(#[from] io::Error),
+    #[error("{0}")]
+    Link(#[from] LinkError),
 }
 
-impl Component {
+/// Asks a component binary what it is (`<binary> component-info`).
+pub fn probe(binary: &Path) -> Result<ComponentInfo, String> {
+    let out = Process::new(binary)
+        .arg("component-info")
+        .output()
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} does not say what it is (component-info exited with {})",
+            binary.display(),
+            out.status
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "{} does not say what it is (component-info: {e})",
+            binary.display()
+        )
+    })
+}
+
+impl ComponentProc {
     pub fn new(
         child: Child,
         binary: PathBuf,
-        version: String,
+        info: ComponentInfo,
         stream: UnixStream,
-        blob_cap: u64,
-    ) -> io::Result<Component> {
-        let link = ControlLink::new(stream, blob_cap)?;
+        state_cap: u64,
+    ) -> io::Result<ComponentProc> {
+        let link = Link::new(stream, state_cap);
         let mut reader = link.try_clone()?;
         let (tx, inbox) = mpsc::channel();
         std::thread::spawn(move || loop {
-            let m = reader.recv();
-            let end = m.is_err();
+            let m = reader.recv::<Reply>();
+            let end = matches!(m, Err(LinkError::Closed | LinkError::Io(_)));
             if tx.send(m).is_err() || end {
                 return;
             }
         });
-        Ok(Component {
+        Ok(ComponentProc {
             child,
             binary,
-            version,
+            info,
             link,
             inbox,
             want_status: false,
@@ -69,78 +94,78 @@ impl Component {
         self.child.id()
     }
 
-    pub fn send(&mut self, line: &str) -> io::Result<()> {
-        self.link.send(line)
+    pub fn send(&mut self, command: &Command) -> Result<(), ExchangeError> {
+        Ok(self.link.send(command)?)
     }
 
-    pub fn send_blob(&mut self, tag: &str, bytes: &[u8]) -> io::Result<()> {
-        self.link.send_blob(tag, bytes)
-    }
-
-    /// Discards messages that arrived unasked or too late for an earlier exchange.
+    /// Discards replies that arrived unasked or too late for an earlier exchange.
     pub fn drain_inbox(&mut self) {
         while let Ok(Ok(_)) = self.inbox.try_recv() {}
     }
 
-    /// The next message, by `deadline`, unless `abort` is raised first. Status lines
-    /// answering an earlier, timed-out `status` are skipped.
-    pub fn recv(&mut self, deadline: Instant, abort: &AtomicBool) -> Result<Msg, LinkError> {
+    /// The next reply, by `deadline`, unless `abort` is raised first. An error reply is
+    /// [`ExchangeError::Said`]. Status replies answering an earlier, timed-out status
+    /// request are skipped.
+    pub fn recv(&mut self, deadline: Instant, abort: &AtomicBool) -> Result<Reply, ExchangeError> {
         loop {
             if abort.load(Ordering::SeqCst) {
-                return Err(LinkError::Aborted);
+                return Err(ExchangeError::Aborted);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(LinkError::Deadline);
+                return Err(ExchangeError::Deadline);
             }
             match self
                 .inbox
                 .recv_timeout((deadline - now).min(Duration::from_millis(20)))
             {
-                Ok(Ok(Msg::Line(l))) if l.starts_with("status ") && !self.want_status => continue,
-                Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Err(LinkError::Gone)
+                Ok(Ok(Reply::Status(_))) if !self.want_status => continue,
+                Ok(Ok(Reply::Error(e))) => return Err(ExchangeError::Said(e)),
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(LinkError::Closed)) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ExchangeError::Gone)
                 }
-                Ok(Err(e)) => return Err(LinkError::Io(e)),
+                Ok(Err(e)) => return Err(ExchangeError::Link(e)),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err(LinkError::Gone),
             }
         }
     }
 
-    /// Waits for the line `want`.
+    /// Waits for the reply `want` (one without data: spawned, serving, imported…).
     pub fn expect(
         &mut self,
-        want: &str,
+        want: &Reply,
         deadline: Instant,
         abort: &AtomicBool,
-    ) -> Result<(), LinkError> {
+    ) -> Result<(), ExchangeError> {
         match self.recv(deadline, abort)? {
-            Msg::Line(l) if l == want => Ok(()),
-            Msg::Line(l) => match l.strip_prefix("error: ") {
-                Some(why) => Err(LinkError::Said(why.to_string())),
-                None => Err(LinkError::Unexpected(l)),
-            },
-            Msg::Blob(t, _) => Err(LinkError::Unexpected(format!("{t} blob"))),
+            r if &r == want => Ok(()),
+            r => Err(ExchangeError::Unexpected(format!("{r:?}"))),
         }
     }
 
-    /// Waits for a blob tagged `want`.
-    pub fn expect_blob(
+    /// Waits for a prepared component's exported state.
+    pub fn expect_ready(
         &mut self,
-        want: &str,
         deadline: Instant,
         abort: &AtomicBool,
-    ) -> Result<Vec<u8>, LinkError> {
+    ) -> Result<Vec<u8>, ExchangeError> {
         match self.recv(deadline, abort)? {
-            Msg::Blob(t, b) if t == want => Ok(b),
-            Msg::Line(l) => match l.strip_prefix("error: ") {
-                Some(why) => Err(LinkError::Said(why.to_string())),
-                None => Err(LinkError::Unexpected(l)),
-            },
-            Msg::Blob(t, _) => Err(LinkError::Unexpected(format!("{t} blob"))),
+            Reply::Ready(blob) => Ok(blob),
+            r => Err(ExchangeError::Unexpected(format!("{r:?}"))),
         }
+    }
+
+    /// Sends `command` and returns the reply, within `within` (status, conversion
+    /// requests). Earlier unread replies are discarded first.
+    pub fn request(&mut self, command: &Command, within: Duration) -> Result<Reply, ExchangeError> {
+        let never = AtomicBool::new(false);
+        self.drain_inbox();
+        self.send(command)?;
+        self.want_status = matches!(command, Command::Status);
+        let reply = self.recv(Instant::now() + within, &never);
+        self.want_status = false;
+        reply
     }
 
     /// Kills the process and reaps it.
@@ -151,19 +176,13 @@ impl Component {
 
     /// Waits up to `within` for the process to exit by itself; kills it after that.
     pub fn reap(&mut self, within: Duration) {
-        reap_child(&mut self.child, within);
-    }
-}
-
-/// Waits up to `within` for a child to exit by itself; kills and reaps it after that.
-pub fn reap_child(child: &mut Child, within: Duration) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(2));
+        self.kill();
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

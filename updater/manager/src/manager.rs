@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use updater::manifest::{ComponentName, Manifest, Nature};
+use updater::manifest::{ComponentName, Manifest};
 use updater::protocol::{
     self, ComponentStatus, ConversionStatus, Event, Outcome, Request, StatusReport, UpdateRecord,
 };
@@ -22,10 +22,14 @@ use updater::{
 };
 
 use crate::supervisor::Stack;
-use crate::update::{FsdUpdate, PhaseEvent, Phases};
+use crate::update::{PhaseEvent, Phases, Replacement, Update};
+use formats::version::FormatVersion;
+use molt_control::{Command, Reply};
 
 /// What the control socket shares with the running update.
 pub struct Control {
+    /// The mount this supervisor serves.
+    pub mountpoint: PathBuf,
     /// Raised by `updater abort`; the running update checks it between and during phases.
     pub abort: AtomicBool,
     /// Name of the package being applied.
@@ -267,26 +271,25 @@ fn conversion_space_check(
     let name = "conversion space";
     let reply = {
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
-        crate::update::server_request(&mut s, &format!("space {}", change.to), REQUEST_TIMEOUT)
+        s.server.request(
+            &Command::ConversionSpace(FormatVersion(change.to)),
+            REQUEST_TIMEOUT,
+        )
     };
-    let field = |l: &str, k: &str| crate::update::field(&crate::update::numeric_fields(l), k);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     match reply {
-        Some(l) if l.starts_with("space ") => match (field(&l, "needed"), field(&l, "free")) {
-            (Some(needed), Some(free)) => CheckItem::new(
-                name,
-                needed <= free,
-                format!(
-                    "converting to format v{} needs {:.1} MiB free in the image, it has {:.1} MiB",
-                    change.to,
-                    mib(needed),
-                    mib(free)
-                ),
+        Ok(Reply::Space { needed, free }) => CheckItem::new(
+            name,
+            needed <= free,
+            format!(
+                "converting to format v{} needs {:.1} MiB free in the image, it has {:.1} MiB",
+                change.to,
+                mib(needed),
+                mib(free)
             ),
-            _ => CheckItem::new(name, false, format!("unreadable answer: {l}")),
-        },
-        Some(l) => CheckItem::new(name, false, l),
-        None => CheckItem::new(name, false, "the server did not answer".to_string()),
+        ),
+        Ok(other) => CheckItem::new(name, false, format!("unexpected answer: {other:?}")),
+        Err(e) => CheckItem::new(name, false, format!("the server did not answer: {e}")),
     }
 }
 
@@ -295,14 +298,14 @@ fn running_system(s: &Stack) -> updater::RunningSystem {
         components: vec![
             updater::RunningComponent {
                 name: ComponentName::Fsd,
-                version: s.server.version.clone(),
-                state_schema: fsd_server::persist::STATE_SCHEMA,
-                ring_protocol: Some(s.driver.info.ring),
+                version: s.server.info.version.clone(),
+                state_schema: s.server.info.state_schema,
+                ring_protocol: Some(s.server.info.ring),
             },
             updater::RunningComponent {
                 name: ComponentName::Blockdev,
                 version: s.driver.info.version.clone(),
-                state_schema: s.driver.info.schema,
+                state_schema: s.driver.info.state_schema,
                 ring_protocol: Some(s.driver.info.ring),
             },
         ],
@@ -424,78 +427,21 @@ fn apply(
     };
     let mut phases = Phases::new(&mut report);
     let mnt = s.mnt.clone();
-    let (outcome, message) = match components_of(&m) {
-        (Some(fsd), None) => match verified
-            .binary(ComponentName::Fsd)
-            .map(|b| install_binary(&mnt, "fsd", b))
-        {
-            Some(Ok(binary)) => {
-                let u = FsdUpdate {
-                    binary,
-                    deadline,
-                    required_states: fsd
-                        .required_state
-                        .iter()
-                        .map(|r| r.as_str().to_string())
-                        .collect(),
-                };
-                crate::update::update_fsd(&mut s, &u, &control.abort, &mut phases)
-            }
-            Some(Err(e)) => (Outcome::Failed, format!("installing the fsd binary: {e}")),
-            None => (Outcome::Refused, "the package carries no fsd binary".into()),
-        },
-        (None, Some(_)) => match verified
-            .binary(ComponentName::Blockdev)
-            .map(|b| install_binary(&mnt, "blockdev", b))
-        {
-            Some(Ok(binary)) => {
-                crate::update::update_driver(&mut s, &binary, deadline, &control.abort, &mut phases)
-            }
-            Some(Err(e)) => (
-                Outcome::Failed,
-                format!("installing the blockdev binary: {e}"),
-            ),
-            None => (
-                Outcome::Refused,
-                "the package carries no blockdev binary".into(),
-            ),
-        },
-        (Some(fsd), Some(_)) => {
-            let bins = (
-                verified
-                    .binary(ComponentName::Fsd)
-                    .map(|b| install_binary(&mnt, "fsd", b)),
-                verified
-                    .binary(ComponentName::Blockdev)
-                    .map(|b| install_binary(&mnt, "blockdev", b)),
-            );
-            match bins {
-                (Some(Ok(f)), Some(Ok(d))) => {
-                    let u = FsdUpdate {
-                        binary: f,
-                        deadline,
-                        required_states: fsd
-                            .required_state
-                            .iter()
-                            .map(|r| r.as_str().to_string())
-                            .collect(),
-                    };
-                    crate::update::update_both(
-                        &mut s,
-                        &u,
-                        &d,
-                        m.package.nature == Nature::Interaction,
-                        &control.abort,
-                        &mut phases,
-                    )
-                }
-                _ => (
-                    Outcome::Failed,
-                    "the package must carry both binaries".into(),
-                ),
-            }
+    let (outcome, message) = match replacements(&verified, &m, &mnt) {
+        Ok(replacements) => {
+            let required = m
+                .components
+                .iter()
+                .flat_map(|c| c.required_state.iter().copied())
+                .collect();
+            let update = Update {
+                replacements,
+                deadline,
+                required,
+            };
+            crate::update::run(&mut s, update, &control.abort, &mut phases)
         }
-        (None, None) => (Outcome::Refused, "the package names no component".into()),
+        Err(refusal) => refusal,
     };
     let record = phases.into_record();
     if outcome == Outcome::Committed {
@@ -543,7 +489,8 @@ fn convert_after_update(
     });
     let started = {
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
-        crate::update::server_request(&mut s, &format!("convert {}", change.to), REQUEST_TIMEOUT)
+        s.server
+            .request(&Command::Convert(FormatVersion(change.to)), REQUEST_TIMEOUT)
     };
     let end = |out: &mut dyn FnMut(Event), stack: &Arc<Mutex<Stack>>, ok: bool, detail: String| {
         let elapsed_ms = t0.elapsed().as_millis() as u64;
@@ -565,13 +512,13 @@ fn convert_after_update(
             r.message = format!("{}; {detail}", r.message);
         }
     };
-    match started.as_deref() {
-        Some("converting") => {}
+    match started {
+        Ok(Reply::Converting) => {}
         other => {
-            let why = format!(
-                "committed, but the conversion did not start: {}",
-                other.unwrap_or("no answer from the server")
-            );
+            let why = match other {
+                Ok(r) => format!("committed, but the conversion did not start: {r:?}"),
+                Err(e) => format!("committed, but the conversion did not start: {e}"),
+            };
             end(out, stack, false, why.clone());
             return (Outcome::Failed, why);
         }
@@ -583,18 +530,21 @@ fn convert_after_update(
     }
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let counters = {
+        let status = {
             let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
-            crate::update::server_status(&mut s)
+            server_status(&mut s)
         };
-        let get = |k: &str| crate::update::field(&counters, k);
-        match (get("conv_target"), get("format")) {
-            (Some(_), _) => out(Event::Progress {
+        let Some(status) = status else {
+            // No answer: the server is being replaced after a crash; ask again.
+            continue;
+        };
+        match (status.conversion, status.format) {
+            (Some(c), _) => out(Event::Progress {
                 what: what.clone(),
-                done: get("conv_done").unwrap_or(0),
-                total: get("conv_total").unwrap_or(0),
+                done: c.done,
+                total: c.total,
             }),
-            (None, Some(f)) if f == u64::from(change.to) => {
+            (None, Some(f)) if f.0 == change.to => {
                 let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
                 s.format_version = change.to;
                 drop(s);
@@ -606,24 +556,48 @@ fn convert_after_update(
                 end(out, stack, true, msg.clone());
                 return (Outcome::Committed, msg);
             }
-            // No answer: the server is being replaced after a crash; ask again.
             _ => {}
         }
     }
 }
 
-fn components_of(
+/// The components a package replaces, server first, each binary installed in the
+/// runtime directory.
+fn replacements(
+    verified: &VerifiedPackage,
     m: &Manifest,
-) -> (
-    Option<&updater::manifest::Component>,
-    Option<&updater::manifest::Component>,
-) {
-    (
-        m.components.iter().find(|c| c.name == ComponentName::Fsd),
-        m.components
-            .iter()
-            .find(|c| c.name == ComponentName::Blockdev),
-    )
+    mnt: &Path,
+) -> Result<Vec<Replacement>, (Outcome, String)> {
+    let mut out = Vec::new();
+    for name in [ComponentName::Fsd, ComponentName::Blockdev] {
+        if !m.components.iter().any(|c| c.name == name) {
+            continue;
+        }
+        let label = name.as_str();
+        let binary = match verified.binary(name).map(|b| install_binary(mnt, label, b)) {
+            Some(Ok(path)) => path,
+            Some(Err(e)) => {
+                return Err((
+                    Outcome::Failed,
+                    format!("installing the {label} binary: {e}"),
+                ))
+            }
+            None => {
+                return Err((
+                    Outcome::Refused,
+                    format!("the package carries no {label} binary"),
+                ))
+            }
+        };
+        out.push(match name {
+            ComponentName::Fsd => Replacement::of_server(binary),
+            ComponentName::Blockdev => Replacement::of_driver(binary),
+        });
+    }
+    if out.is_empty() {
+        return Err((Outcome::Refused, "the package names no component".into()));
+    }
+    Ok(out)
 }
 
 fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
@@ -651,39 +625,67 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
             history: Vec::new(),
             update_in_progress: in_progress,
             conversion: None,
+            last_conversion: None,
+            supervisor: Some(supervisor_status(&control.mountpoint)),
         };
     };
-    let server_counters = crate::update::server_status(&mut s);
-    let driver_counters = crate::update::driver_status(&mut s);
-    let counter = |k: &str| crate::update::field(&server_counters, k);
-    if let Some(f) = counter("format") {
-        s.format_version = f as u32;
+    let server = server_status(&mut s);
+    let driver = status_of(&mut s.driver);
+    if let Some(f) = server.as_ref().and_then(|st| st.format) {
+        s.format_version = f.0;
     }
-    let conversion = counter("conv_target").map(|_| ConversionStatus {
-        done: counter("conv_done").unwrap_or(0),
-        total: counter("conv_total").unwrap_or(0),
-        rate_per_s: counter("conv_rate").unwrap_or(0) as f64,
-    });
+    let conversion = server
+        .as_ref()
+        .and_then(|st| st.conversion.as_ref())
+        .map(|c| ConversionStatus {
+            done: c.done,
+            total: c.total,
+            rate_per_s: c.rate_per_s as f64,
+        });
+    let last_conversion = server.as_ref().and_then(|st| st.last_conversion.clone());
+    let counters = |st: Option<molt_control::Status>| st.map(|st| st.counters).unwrap_or_default();
     StatusReport {
         components: vec![
             ComponentStatus {
                 name: "fsd".into(),
-                version: s.server.version.clone(),
+                version: s.server.info.version.clone(),
                 pid: s.server.pid(),
-                state_schema: fsd_server::persist::STATE_SCHEMA,
-                counters: server_counters,
+                state_schema: s.server.info.state_schema,
+                counters: counters(server),
             },
             ComponentStatus {
                 name: "blockdev".into(),
                 version: s.driver.info.version.clone(),
-                pid: s.driver.child.id(),
-                state_schema: s.driver.info.schema,
-                counters: driver_counters,
+                pid: s.driver.pid(),
+                state_schema: s.driver.info.state_schema,
+                counters: counters(driver),
             },
         ],
         format_version: s.format_version,
         history: s.history.clone(),
         update_in_progress: in_progress,
         conversion,
+        last_conversion,
+        supervisor: Some(supervisor_status(&s.mnt)),
+    }
+}
+
+/// A component's status, asked over its control link; `None` if it does not answer.
+fn status_of(c: &mut crate::component::ComponentProc) -> Option<molt_control::Status> {
+    match c.request(&Command::Status, Duration::from_secs(2)) {
+        Ok(Reply::Status(st)) => Some(st),
+        _ => None,
+    }
+}
+
+fn server_status(s: &mut Stack) -> Option<molt_control::Status> {
+    status_of(&mut s.server)
+}
+
+fn supervisor_status(mnt: &Path) -> updater::protocol::SupervisorStatus {
+    updater::protocol::SupervisorStatus {
+        pid: std::process::id(),
+        version: fsd_server::persist::component_version(),
+        log: crate::supervisor::log_path(mnt).display().to_string(),
     }
 }

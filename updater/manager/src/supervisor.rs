@@ -23,10 +23,11 @@ use blockdev::spawn::{DriverConfig, DriverFds, RingSetup};
 use formats::superblock::{FsState, Superblock};
 use formats::FormatError;
 
-use crate::component::Component;
+use crate::component::{probe, ComponentProc};
 use crate::runtime;
 use fsd_core::store::{BlockStore, FileStore};
 use fsd_server::serve;
+use molt_control::{Command as ControlCommand, Reply};
 
 /// Fd numbers `fsd serve` receives its descriptors on.
 pub const SERVE_RING_FD: i32 = 3;
@@ -198,9 +199,8 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
     ))
 }
 
-fn log_file(mnt: &Path) -> io::Result<File> {
-    let root = runtime::run_root();
-    std::fs::create_dir_all(&root)?;
+/// Where the supervisor of the mount at `mnt` and its components log.
+pub fn log_path(mnt: &Path) -> PathBuf {
     let name = format!(
         "{}.log",
         runtime::dir_for(mnt)
@@ -208,10 +208,15 @@ fn log_file(mnt: &Path) -> io::Result<File> {
             .unwrap_or_default()
             .to_string_lossy()
     );
+    runtime::run_root().join(name)
+}
+
+fn log_file(mnt: &Path) -> io::Result<File> {
+    std::fs::create_dir_all(runtime::run_root())?;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(root.join(name))
+        .open(log_path(mnt))
 }
 
 /// Tells the waiting `fsd mount` how the start went (no-op in plain foreground mode).
@@ -253,8 +258,8 @@ pub struct Stack {
     pub fuse_dev: File,
     /// The servers' redo log: acknowledged operations not yet in the journal.
     pub redo: File,
-    pub server: Component,
-    pub driver: DriverProc,
+    pub server: ComponentProc,
+    pub driver: ComponentProc,
     /// On-disk format version of the image.
     pub format_version: u32,
     /// Live updates applied or attempted, in order.
@@ -279,7 +284,7 @@ pub enum ServerStart {
 
 impl Stack {
     /// Starts a filesystem server from `binary` on this stack's descriptors.
-    pub fn spawn_server(&self, binary: &Path, adopt: bool) -> Result<Component, MountError> {
+    pub fn spawn_server(&self, binary: &Path, adopt: bool) -> Result<ComponentProc, MountError> {
         let start = if adopt {
             ServerStart::Adopt
         } else {
@@ -303,7 +308,11 @@ struct ServerEnv<'a> {
     redo: &'a File,
 }
 
-fn spawn_server(stack: &Stack, binary: &Path, start: ServerStart) -> Result<Component, MountError> {
+fn spawn_server(
+    stack: &Stack,
+    binary: &Path,
+    start: ServerStart,
+) -> Result<ComponentProc, MountError> {
     spawn_server_on(
         &ServerEnv {
             mnt: &stack.mnt,
@@ -321,7 +330,7 @@ fn spawn_server_on(
     env: &ServerEnv<'_>,
     binary: &Path,
     start: ServerStart,
-) -> Result<Component, MountError> {
+) -> Result<ComponentProc, MountError> {
     let ServerEnv {
         mnt,
         opts,
@@ -329,6 +338,7 @@ fn spawn_server_on(
         fuse_dev,
         redo,
     } = *env;
+    let info = probe(binary).map_err(MountError::Failed)?;
     let (ctl, child_ctl) =
         UnixStream::pair().map_err(|e| MountError::Os("creating the control channel", e))?;
     let fds = [
@@ -358,11 +368,10 @@ fn spawn_server_on(
         spawn_component(cmd).map_err(|e| MountError::Os("starting the filesystem server", e))?;
     drop(guard);
     drop(child_ctl);
-    let version = component_version_of(binary).unwrap_or_else(|| "unknown".into());
-    Component::new(
+    ComponentProc::new(
         child,
         binary.to_path_buf(),
-        version,
+        info,
         ctl,
         fsd_server::persist::STATE_CAP,
     )
@@ -400,54 +409,6 @@ pub fn spawn_component(cmd: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("spawner thread gone"))?
 }
 
-/// The block driver process and its control link.
-pub struct DriverProc {
-    pub child: Child,
-    pub ctl: blockdev::handover::DriverControl,
-    pub binary: PathBuf,
-    pub info: DriverInfo,
-}
-
-/// What a driver binary says of itself (`blockdev --print-version`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriverInfo {
-    pub version: String,
-    pub schema: u32,
-    pub ring: u32,
-    pub errcodes: u32,
-}
-
-impl DriverInfo {
-    pub fn of(binary: &Path) -> Option<DriverInfo> {
-        let out = Command::new(binary).arg("--print-version").output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let words: Vec<&str> = text.split_whitespace().collect();
-        let field = |name: &str| {
-            words
-                .iter()
-                .position(|w| *w == name)
-                .and_then(|i| words.get(i + 1))
-                .and_then(|v| v.parse().ok())
-        };
-        Some(DriverInfo {
-            version: words.first()?.to_string(),
-            schema: field("schema")?,
-            ring: field("ring")?,
-            errcodes: field("errcodes")?,
-        })
-    }
-}
-
-impl DriverProc {
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts a block driver from `binary` on a stack's descriptors.
 pub fn spawn_driver(
     ring: &RingSetup,
@@ -455,7 +416,8 @@ pub fn spawn_driver(
     engine: blockdev::engine::EngineKind,
     binary: &Path,
     mode: blockdev::spawn::StartMode,
-) -> Result<DriverProc, MountError> {
+) -> Result<ComponentProc, MountError> {
+    let info = probe(binary).map_err(MountError::Failed)?;
     let config = DriverConfig {
         engine,
         binary: Some(binary.to_path_buf()),
@@ -480,31 +442,14 @@ pub fn spawn_driver(
     let child = spawn_component(cmd).map_err(|e| MountError::Os("starting the block driver", e))?;
     drop(guard);
     drop(child_ctl);
-    let info = DriverInfo::of(binary).ok_or_else(|| {
-        MountError::Failed(format!(
-            "{} does not say what it is (--print-version)",
-            binary.display()
-        ))
-    })?;
-    let ctl = blockdev::handover::DriverControl::new(ctl)
-        .map_err(|e| MountError::Os("driver control channel", e))?;
-    Ok(DriverProc {
+    ComponentProc::new(
         child,
-        ctl,
-        binary: binary.to_path_buf(),
+        binary.to_path_buf(),
         info,
-    })
-}
-
-/// Asks a binary for its component version (`fsd version`).
-pub fn component_version_of(binary: &Path) -> Option<String> {
-    let out = Command::new(binary)
-        .arg("component-version")
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        ctl,
+        blockdev::persist::STATE_CAP,
+    )
+    .map_err(|e| MountError::Os("driver control channel", e))
 }
 
 fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<(), MountError> {
@@ -518,6 +463,7 @@ fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<
     }
     let stack = Arc::new(Mutex::new(stack));
     let control = Arc::new(crate::manager::Control {
+        mountpoint: mnt.clone(),
         abort: AtomicBool::new(false),
         in_progress: Mutex::new(None),
         keyring_dir: opts.keyring.clone(),
@@ -603,7 +549,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let started = (|| {
         stack
             .server
-            .expect("fs-ready", deadline, &never)
+            .expect(&Reply::FsReady, deadline, &never)
             .map_err(|e| MountError::Failed(e.to_string()))?;
         serve::mount_fuse(
             &stack.fuse_dev,
@@ -614,11 +560,11 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         .map_err(|e| MountError::Os("mounting", e))?;
         stack
             .server
-            .send("mounted")
-            .map_err(|e| MountError::Os("control channel", e))?;
+            .send(&ControlCommand::Mounted)
+            .map_err(|e| MountError::Failed(e.to_string()))?;
         stack
             .server
-            .expect("serving", deadline, &never)
+            .expect(&Reply::Serving, deadline, &never)
             .map_err(|e| MountError::Failed(e.to_string()))?;
         std::fs::metadata(&mnt).map_err(|e| MountError::Os("checking the new mount", e))?;
         Ok(())
@@ -737,7 +683,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             let binary = s.server.binary.clone();
             let mut new = spawn_server(s, &binary, ServerStart::Recover(n))?;
             let never = AtomicBool::new(false);
-            if let Err(e) = new.expect("serving", Instant::now() + START_TIMEOUT, &never) {
+            if let Err(e) = new.expect(&Reply::Serving, Instant::now() + START_TIMEOUT, &never) {
                 new.kill();
                 return Err(MountError::Failed(format!(
                     "the recovering server failed: {e}"
@@ -749,7 +695,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             eprintln!("fsd: filesystem server recovered (pid {})", s.server.pid());
             format!(
                 "fsd (pid {dead_pid}) died ({status}); {} (pid {}) recovered its state",
-                s.server.version,
+                s.server.info.version,
                 s.server.pid()
             )
         }

@@ -1,0 +1,510 @@
+//! The filesystem server's end of the supervisor's control link (`molt-control`): how a
+//! server process starts, and the cooperative update's phases as the server runs them.
+//!
+//! Start-up, by how the supervisor started the process:
+//! - mount: the image is mounted over the ring → [`Reply::FsReady`]; the supervisor makes
+//!   the FUSE mount → [`Command::Mounted`]; serving → [`Reply::Serving`].
+//! - adopt (a live update's successor): its FUSE session exists → [`Reply::Spawned`];
+//!   [`Command::State`] is checked and imported without touching the ring or the image →
+//!   [`Reply::Imported`]; [`Command::Commit`] → serving, [`Reply::Serving`]; anything else
+//!   ends the process untouched.
+//! - recover (the predecessor died): the redo log is replayed, the kernel resends what the
+//!   dead one had read, and it serves → [`Reply::Serving`].
+//!
+//! While serving it answers [`Command::Status`], [`Command::ConversionSpace`],
+//! [`Command::Convert`] and [`Command::Prepare`]: it converges to the required states while
+//! serving (or answers [`ControlError::Deadline`] and serves on), stops its workers between
+//! requests, makes the image consistent and answers [`Reply::Ready`] with its state. It
+//! then holds: [`Command::Resume`] serves again, [`Command::Exit`] ends the process without
+//! touching the mount. When the kernel ends the connection (unmount) it makes the image
+//! clean and exits.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fsd_core::fs::Fs;
+use fuse_backend_rs::transport::FuseSession;
+use molt_control::{
+    Command, ControlError, Link, LinkError, Reply, RequiredState, ServingPhase, Status,
+};
+
+use crate::background::{background, follow_mount_options, Conversion, Flusher};
+use crate::fuse::MoltFuse;
+use crate::persist::{FsdStateV1, STATE_CAP, STATE_SCHEMA};
+use crate::serve::{
+    notify_resend, open_channels, serve, stop_serving, ServerArgs, ServerFds, StopReason,
+};
+
+/// The ring's descriptors, kept so that the server can connect again after a rolled-back
+/// update (a successor may have moved the ring's positions).
+struct ServerRing {
+    ring: OwnedFd,
+    sq_eventfd: OwnedFd,
+    cq_eventfd: OwnedFd,
+}
+
+impl ServerRing {
+    /// A ring client on duplicates of the descriptors.
+    fn connect(&self) -> anyhow::Result<Arc<crate::host::RingStore>> {
+        let region = blockdev::ring::RingRegion::open(self.ring.try_clone()?)?;
+        // No pidfd: the driver may be replaced by a live update; liveness is the heartbeat's.
+        let client = blockdev::Client::connect(
+            region,
+            self.sq_eventfd.try_clone()?,
+            self.cq_eventfd.try_clone()?,
+            None,
+            Default::default(),
+        )?;
+        Ok(Arc::new(crate::host::RingStore(Arc::new(client))))
+    }
+}
+
+/// The filesystem server process: starts as `args` say, then serves until unmounted (or
+/// until told to exit after a prepare).
+pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
+    let mut link = Link::new(fds.ctl, STATE_CAP);
+    let ring = ServerRing {
+        ring: fds.ring,
+        sq_eventfd: fds.sq_eventfd,
+        cq_eventfd: fds.cq_eventfd,
+    };
+    let started = open_session(args, fds.fuse).and_then(|session| {
+        let (fs, molt) = start(args, &mut link, &ring, &fds.redo)?;
+        Ok((session, fs, molt))
+    });
+    let (session, fs, molt) = match started {
+        Ok(v) => v,
+        Err(e) => return Err(fail(&mut link, e)),
+    };
+    if let Some(fuse) = session.get_fuse_file() {
+        molt.set_notifier(fuse.try_clone()?);
+    }
+    if args.recover.is_some() {
+        // Requests the dead predecessor had read go back to the queue, marked. Before this
+        // process reads any: a resend also takes back requests being served, which would
+        // then run twice.
+        if let Err(e) = notify_resend(&session) {
+            let e = anyhow::anyhow!("resending the dead server's requests: {e}");
+            return Err(fail(&mut link, e));
+        }
+    }
+    let commands = inbox(&link)?;
+    let mut server = ControlledServer {
+        args: args.clone(),
+        link,
+        commands,
+        session,
+        ring,
+        fs,
+        molt,
+        conversion: Arc::new(Conversion::default()),
+        retry: None,
+    };
+    server.serve_until_unmounted()
+}
+
+/// Reports a start-up failure to the supervisor and returns it.
+fn fail(link: &mut Link, e: anyhow::Error) -> anyhow::Error {
+    let _ = link.send(&Reply::Error(ControlError::Failed(format!("{e:#}"))));
+    e
+}
+
+/// The FUSE session on the connection the supervisor passed. It checks that its path is a
+/// directory; after a crash nobody answers on the mountpoint, so a recovering server names
+/// another one (it never mounts). A session unmounts by path when dropped, and the mount
+/// outlives every server process (a successor or the kernel ends it), so it is never
+/// dropped.
+fn open_session(
+    args: &ServerArgs,
+    fuse: File,
+) -> anyhow::Result<Arc<std::mem::ManuallyDrop<FuseSession>>> {
+    let path: &Path = if args.recover.is_some() {
+        Path::new("/")
+    } else {
+        &args.mountpoint
+    };
+    let mut session =
+        FuseSession::new(path, "molt", "molt", false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    session.set_fuse_file(fuse);
+    Ok(Arc::new(std::mem::ManuallyDrop::new(session)))
+}
+
+/// The filesystem and its FUSE side, by start mode.
+fn start(
+    args: &ServerArgs,
+    link: &mut Link,
+    ring: &ServerRing,
+    redo: &File,
+) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>)> {
+    if args.adopt {
+        return adopt(link, ring, redo);
+    }
+    if let Some(recovery) = args.recover {
+        // The predecessor died: the supervisor settled the ring; the kernel holds the
+        // requests it had read until the resend.
+        let (fs, completed) = Fs::recover(ring.connect()?, crate::host::open_redo_log(redo)?)?;
+        let fs = Arc::new(fs);
+        let molt = Arc::new(MoltFuse::recovered(fs.clone(), completed, recovery));
+        return Ok((fs, molt));
+    }
+    let fs = Fs::mount(ring.connect()?)?;
+    fs.attach_redo_log(crate::host::open_redo_log(redo)?);
+    let fs = Arc::new(fs);
+    link.send(&Reply::FsReady)?;
+    match link.recv::<Command>()? {
+        Command::Mounted => {}
+        other => anyhow::bail!("expected Mounted, got {other:?}"),
+    }
+    let molt = Arc::new(MoltFuse::new(fs.clone()));
+    Ok((fs, molt))
+}
+
+/// A live update's successor: imports the predecessor's state (writing nothing), then
+/// takes over at the commit. An abort (or a lost supervisor) ends the process untouched.
+fn adopt(
+    link: &mut Link,
+    ring: &ServerRing,
+    redo: &File,
+) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>)> {
+    link.send(&Reply::Spawned)?;
+    let blob = match link.recv::<Command>()? {
+        Command::State(b) => b,
+        Command::Abort => std::process::exit(0),
+        other => anyhow::bail!("expected the state, got {other:?}"),
+    };
+    let state = match import(&blob) {
+        Ok(s) => s,
+        Err(refusal) => {
+            let _ = link.send(&Reply::Error(refusal.clone()));
+            return Err(refusal.into());
+        }
+    };
+    link.send(&Reply::Imported)?;
+    match link.recv::<Command>() {
+        Ok(Command::Commit) => {}
+        _ => std::process::exit(0),
+    }
+    let fs = Arc::new(Fs::adopt(ring.connect()?, &state.withheld)?);
+    fs.attach_redo_log(crate::host::open_redo_log(redo)?);
+    let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
+    Ok((fs, molt))
+}
+
+/// Decodes and checks a predecessor's state for this build.
+fn import(blob: &[u8]) -> Result<FsdStateV1, ControlError> {
+    let state = FsdStateV1::decode(blob).map_err(|e| match e {
+        crate::persist::StateError::UnsupportedSchema(n) => ControlError::UnsupportedSchema(n),
+        e => ControlError::StateRefused(e.to_string()),
+    })?;
+    let wanted = crate::fuse::wanted_init_flags().bits();
+    if state.init_flags != wanted {
+        return Err(ControlError::StateRefused(format!(
+            "the connection was negotiated with INIT flags {:#x}, this version needs {wanted:#x}",
+            state.init_flags
+        )));
+    }
+    Ok(state)
+}
+
+/// Commands arrive on their own thread so that the server also notices an unmount.
+fn inbox(link: &Link) -> std::io::Result<Receiver<Result<Command, LinkError>>> {
+    let mut reader = link.try_clone()?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || loop {
+        let m = reader.recv::<Command>();
+        let end = matches!(m, Err(LinkError::Closed | LinkError::Io(_)));
+        if tx.send(m).is_err() || end {
+            return;
+        }
+    });
+    Ok(rx)
+}
+
+/// A serving server and its control link.
+struct ControlledServer {
+    args: ServerArgs,
+    link: Link,
+    commands: Receiver<Result<Command, LinkError>>,
+    session: Arc<std::mem::ManuallyDrop<FuseSession>>,
+    ring: ServerRing,
+    fs: Arc<Fs>,
+    molt: Arc<MoltFuse>,
+    conversion: Arc<Conversion>,
+    /// A prepare whose required state was lost during the drain: retried (serving again
+    /// meanwhile) until its deadline; the supervisor keeps waiting for `Ready`.
+    retry: Option<(Instant, Vec<RequiredState>)>,
+}
+
+/// The workers and the background thread of one serving period (from start, or a resume,
+/// to a drain or the unmount).
+struct Period {
+    stopping: Arc<AtomicBool>,
+    workers: thread::JoinHandle<std::io::Result<StopReason>>,
+    flusher: Option<Flusher>,
+    /// Drained and holding after a `Ready`.
+    prepared: bool,
+}
+
+/// What a command leaves the serving period to do.
+enum Next {
+    Serve,
+    /// End the period: a resume, a retried or failed preparation.
+    EndPeriod,
+}
+
+impl ControlledServer {
+    fn serve_until_unmounted(&mut self) -> anyhow::Result<()> {
+        loop {
+            let announce = self.retry.is_none();
+            let mut period = self.start_period()?;
+            if announce {
+                self.link.send(&Reply::Serving)?;
+            }
+            self.answer_commands(&mut period)?;
+            period.stopping.store(true, Ordering::SeqCst);
+            if let Some(f) = period.flusher.take() {
+                f.finish();
+            }
+            let reason = period
+                .workers
+                .join()
+                .map_err(|_| anyhow::anyhow!("serve loop panicked"))??;
+            if reason == StopReason::Disconnected && !period.prepared {
+                // Unmounted: make the image clean.
+                self.fs.unmount()?;
+                return Ok(());
+            }
+        }
+    }
+
+    fn start_period(&self) -> anyhow::Result<Period> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let channels = open_channels(&self.session, self.args.threads)?;
+        let workers = {
+            let (molt, stopping) = (self.molt.clone(), stopping.clone());
+            thread::spawn(move || serve(molt, channels, stopping))
+        };
+        // Commits times left in memory by overwrites within about a second, and runs an
+        // on-disk format conversion in progress, one short batch at a time. Dropping the
+        // sender stops it at once (a drain must not wait for its sleep).
+        let (fs, conversion) = (self.fs.clone(), self.conversion.clone());
+        let (molt, mnt) = (self.molt.clone(), self.args.mountpoint.clone());
+        let (stop, stopped) = mpsc::channel::<()>();
+        let handle = thread::spawn(move || {
+            // Follows a remount that changes the atime option.
+            let follow = || follow_mount_options(&molt, &mnt);
+            follow();
+            background(&fs, &conversion, &stopped, &follow)
+        });
+        Ok(Period {
+            stopping,
+            workers,
+            flusher: Some(Flusher { stop, handle }),
+            prepared: false,
+        })
+    }
+
+    /// Answers commands until the period ends (or the workers stop: an unmount).
+    fn answer_commands(&mut self, period: &mut Period) -> anyhow::Result<()> {
+        loop {
+            if period.workers.is_finished() && !period.prepared {
+                return Ok(());
+            }
+            let command = match self.retry.take() {
+                Some((deadline, required)) => Command::Prepare {
+                    deadline_ms: deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64,
+                    required,
+                },
+                None => match self.commands.recv_timeout(Duration::from_millis(20)) {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(LinkError::Malformed(m))) => {
+                        self.refuse(ControlError::Failed(m))?;
+                        continue;
+                    }
+                    Ok(Err(_)) | Err(RecvTimeoutError::Timeout) => continue,
+                    // The supervisor is gone; keep serving (it kills us if it means to).
+                    Err(RecvTimeoutError::Disconnected) => {
+                        if period.workers.is_finished() {
+                            return Ok(());
+                        }
+                        thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                },
+            };
+            if let Next::EndPeriod = self.answer(command, period)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn answer(&mut self, command: Command, period: &mut Period) -> anyhow::Result<Next> {
+        match (command, period.prepared) {
+            (Command::Status, prepared) => {
+                let status = self.status(prepared);
+                self.link.send(&Reply::Status(status))?;
+            }
+            (Command::ConversionSpace(to), _) => {
+                let reply = match self.fs.conversion_space_needed(to) {
+                    Ok(needed) => Reply::Space {
+                        needed,
+                        free: self.fs.statfs().free_blocks * formats::BLOCK_SIZE as u64,
+                    },
+                    Err(e) => Reply::Error(ControlError::Failed(e.to_string())),
+                };
+                self.link.send(&reply)?;
+            }
+            (Command::Convert(to), false) => {
+                let reply = match self.fs.start_conversion(to) {
+                    Ok(()) => {
+                        self.conversion.started(&self.fs);
+                        Reply::Converting
+                    }
+                    Err(e) => Reply::Error(ControlError::Failed(e.to_string())),
+                };
+                self.link.send(&reply)?;
+            }
+            (
+                Command::Prepare {
+                    deadline_ms,
+                    required,
+                },
+                false,
+            ) => {
+                let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+                return self.prepare(period, deadline, required);
+            }
+            (Command::Resume, true) => {
+                // A successor may have used the ring: reconnect from its current positions.
+                self.fs.replace_store(self.ring.connect()?);
+                return Ok(Next::EndPeriod);
+            }
+            (Command::Exit, true) => std::process::exit(0),
+            (other, _) => self.refuse(ControlError::Unexpected(format!("{other:?}")))?,
+        }
+        Ok(Next::Serve)
+    }
+
+    fn refuse(&mut self, e: ControlError) -> anyhow::Result<()> {
+        Ok(self.link.send(&Reply::Error(e))?)
+    }
+
+    /// Notification and preparation: converge while serving, drain, re-check, export.
+    fn prepare(
+        &mut self,
+        period: &mut Period,
+        deadline: Instant,
+        required: Vec<RequiredState>,
+    ) -> anyhow::Result<Next> {
+        if let Err(why) = self.converge(&required, deadline) {
+            self.refuse(ControlError::Deadline(why))?;
+            return Ok(Next::Serve);
+        }
+        eprintln!("fsd serve: prepare: state reached, draining");
+        stop_serving(&self.session, &period.stopping)?;
+        while !period.workers.is_finished() {
+            thread::sleep(Duration::from_micros(200));
+        }
+        if let Some(f) = period.flusher.take() {
+            f.finish();
+        }
+        period.prepared = true;
+        eprintln!("fsd serve: prepare: drained");
+        // Re-check: a request served during the drain may have changed it (a file opened
+        // and not yet read). Serve again and retry.
+        if self.reached(&required).is_err() && Instant::now() < deadline {
+            self.retry = Some((deadline, required));
+            period.prepared = false;
+            return Ok(Next::EndPeriod);
+        }
+        let exported = self
+            .reached(&required)
+            .map_err(anyhow::Error::msg)
+            .and_then(|()| self.fs.quiesce().map_err(anyhow::Error::from))
+            .map(|withheld| {
+                let mut st = self.molt.export();
+                st.withheld = withheld;
+                st
+            });
+        match exported {
+            Ok(st) => {
+                self.link.send(&Reply::Ready(st.encode()))?;
+                Ok(Next::Serve)
+            }
+            Err(e) => {
+                // Serves again by itself; a resume is then answered as unexpected.
+                self.refuse(ControlError::Failed(format!("{e:#}")))?;
+                Ok(Next::EndPeriod)
+            }
+        }
+    }
+
+    /// Waits, serving, until every required state holds or the deadline passes.
+    fn converge(&self, required: &[RequiredState], deadline: Instant) -> Result<(), String> {
+        loop {
+            match self.reached(required) {
+                Ok(()) => return Ok(()),
+                Err(why) if Instant::now() >= deadline => return Err(why),
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Whether the required states hold now. The server drains every request before it
+    /// exports, so the in-flight states hold once drained.
+    fn reached(&self, required: &[RequiredState]) -> Result<(), String> {
+        for r in required {
+            match r {
+                RequiredState::Quiescent
+                | RequiredState::NoReadsInFlight
+                | RequiredState::NoWritesInFlight => {}
+                RequiredState::NoOpenFiles => {
+                    let n = self.molt.open_handles().len();
+                    if n > 0 {
+                        return Err(format!("{n} files or directories are open"));
+                    }
+                }
+                RequiredState::EveryOpenFileTouched => {
+                    let n = self.molt.export().untouched_files();
+                    if n > 0 {
+                        return Err(format!(
+                            "{n} open files have not been read or written since they were opened"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self, prepared: bool) -> Status {
+        let st = self.molt.export();
+        let counters = [
+            ("lookups", st.lookups.len() as u64),
+            ("handles", st.handles.len() as u64),
+            ("requests", st.requests),
+        ];
+        Status {
+            phase: if prepared {
+                ServingPhase::Held
+            } else {
+                ServingPhase::Serving
+            },
+            pid: std::process::id(),
+            version: st.version,
+            state_schema: STATE_SCHEMA,
+            counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            format: Some(self.fs.format_version()),
+            conversion: self.conversion.progress(&self.fs),
+            last_conversion: self.conversion.finished(),
+        }
+    }
+}
