@@ -220,4 +220,67 @@ mod tests {
             Err(StateError::UnsupportedSchema(_))
         ));
     }
+
+    /// A schema 1 blob as this build writes it, byte for byte: a later build must still
+    /// read what this one exports (the live update from it), so these bytes never change.
+    const SCHEMA_1_GOLDEN: &str = concat!(
+        "4d46534401000000630000000000000005302e312e30fdab896745230100000305020701fb2c01",
+        "fc7011010003010005fb02800103fd000000000001000002010704012e0704022e2e0104016109",
+        "0803737562fb2c01040401010005020501090cfc9f860100026404fd0000000002000000020cb6",
+        "b50e",
+    );
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn schema_1_wire_bytes_are_pinned() {
+        let s = FsdStateV1 {
+            version: "0.1.0".into(),
+            init_flags: 0x0123_4567_89ab,
+            lookups: vec![(5, 2), (7, 1), (300, 70000)],
+            handles: vec![
+                (
+                    1,
+                    HandleV1::File {
+                        ino: 5,
+                        flags: 0x8002,
+                        touched: true,
+                        reads: 3,
+                        writes: 1 << 40,
+                    },
+                ),
+                (
+                    2,
+                    HandleV1::Dir {
+                        ino: 7,
+                        entries: vec![
+                            (b".".to_vec(), 7, 4),
+                            (b"..".to_vec(), 1, 4),
+                            (b"a".to_vec(), 9, 8),
+                            (b"sub".to_vec(), 300, 4),
+                        ],
+                    },
+                ),
+                (
+                    4,
+                    HandleV1::Dir {
+                        ino: 1,
+                        entries: vec![],
+                    },
+                ),
+            ],
+            next_handle: 5,
+            usage: vec![(5, 1), (9, 12)],
+            requests: 99999,
+            withheld: vec![(100, 4), (1 << 33, 2)],
+        };
+        let golden = unhex(SCHEMA_1_GOLDEN);
+        assert_eq!(s.encode(), golden);
+        assert_eq!(FsdStateV1::decode(&golden).unwrap(), s);
+    }
 }
