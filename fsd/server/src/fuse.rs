@@ -21,7 +21,7 @@ use fuse_backend_rs::api::filesystem::{
 
 use formats::acl::{self, Acl, Caller};
 
-use crate::persist::{FsdStateV1, HandleV1};
+use crate::persist::{self, FsdState};
 use fsd_core::fs::{Atime, Attr, Fs, FsError, SetAttr, TimeSet, WriteMode, XattrFlags};
 
 /// How long the kernel may cache attributes and names. Every change made through this
@@ -313,44 +313,42 @@ impl MoltFuse {
     }
 
     /// Rebuilds the kernel-facing state a predecessor exported.
-    pub fn import(fs: Arc<Fs>, state: &FsdStateV1) -> MoltFuse {
+    pub fn import(fs: Arc<Fs>, state: &FsdState) -> MoltFuse {
         let handles = state
             .handles
             .iter()
             .map(|(id, h)| {
                 let h = match h {
-                    HandleV1::File {
+                    persist::Handle::File {
                         ino,
                         flags,
                         touched,
                         reads,
                         writes,
                     } => Handle::File {
-                        ino: Ino(*ino as u32),
+                        ino: *ino,
                         flags: *flags,
                         touched: *touched,
                         reads: *reads,
                         writes: *writes,
                     },
-                    HandleV1::Dir { ino, entries } => Handle::Dir {
-                        ino: Ino(*ino as u32),
-                        entries: Arc::new(
-                            entries
-                                .iter()
-                                .map(|(n, i, t)| (n.clone(), Ino(*i as u32), *t))
-                                .collect(),
-                        ),
+                    persist::Handle::Dir { ino, entries } => Handle::Dir {
+                        ino: *ino,
+                        entries: Arc::new(entries.clone()),
                     },
                 };
                 (*id, h)
             })
             .collect();
+        let map = |m: &std::collections::BTreeMap<u64, u64>| {
+            m.iter().map(|(k, v)| (*k, *v)).collect::<HashMap<_, _>>()
+        };
         MoltFuse {
             fs,
-            lookups: Mutex::new(state.lookups.iter().copied().collect()),
+            lookups: Mutex::new(map(&state.lookups)),
             handles: Mutex::new(handles),
             next_handle: AtomicU64::new(state.next_handle),
-            usage: Mutex::new(state.usage.iter().copied().collect()),
+            usage: Mutex::new(map(&state.usage)),
             requests: AtomicU64::new(state.requests),
             completed: Default::default(),
             atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
@@ -359,17 +357,17 @@ impl MoltFuse {
         }
     }
 
-    /// The state a successor needs. Call only when no request is being served.
-    pub fn export(&self) -> FsdStateV1 {
-        let mut lookups: Vec<(u64, u64)> = self
-            .lookups
-            .lock()
-            .expect("lookups")
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        lookups.sort_unstable();
-        let mut handles: Vec<(u64, HandleV1)> = self
+    /// The state a successor needs (without the withheld blocks, which the filesystem
+    /// reports when it quiesces). Call only when no request is being served.
+    pub fn export(&self) -> FsdState {
+        let map = |m: &Mutex<HashMap<u64, u64>>| {
+            m.lock()
+                .expect("kernel state")
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect()
+        };
+        let handles = self
             .handles
             .lock()
             .expect("handles")
@@ -382,40 +380,28 @@ impl MoltFuse {
                         touched,
                         reads,
                         writes,
-                    } => HandleV1::File {
-                        ino: ino.0 as u64,
+                    } => persist::Handle::File {
+                        ino: *ino,
                         flags: *flags,
                         touched: *touched,
                         reads: *reads,
                         writes: *writes,
                     },
-                    Handle::Dir { ino, entries } => HandleV1::Dir {
-                        ino: ino.0 as u64,
-                        entries: entries
-                            .iter()
-                            .map(|(n, i, t)| (n.clone(), i.0 as u64, *t))
-                            .collect(),
+                    Handle::Dir { ino, entries } => persist::Handle::Dir {
+                        ino: *ino,
+                        entries: entries.to_vec(),
                     },
                 };
                 (*id, h)
             })
             .collect();
-        handles.sort_by_key(|(id, _)| *id);
-        let mut usage: Vec<(u64, u64)> = self
-            .usage
-            .lock()
-            .expect("usage")
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        usage.sort_unstable();
-        FsdStateV1 {
-            version: crate::persist::component_version(),
+        FsdState {
+            version: persist::component_version(),
             init_flags: wanted_init_flags().bits(),
-            lookups,
+            lookups: map(&self.lookups),
             handles,
             next_handle: self.next_handle.load(Ordering::SeqCst),
-            usage,
+            usage: map(&self.usage),
             requests: self.requests.load(Ordering::SeqCst),
             withheld: Vec::new(),
         }

@@ -534,7 +534,7 @@ fn required_state_reached(molt: &MoltFuse, states: &[String]) -> Result<(), Stri
 /// When the kernel ends the connection (unmount) it makes the image clean and exits.
 pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
     use crate::control::{ControlLink, Msg};
-    use crate::persist::{FsdStateV1, STATE_CAP};
+    use crate::persist::{self, StateVersion, STATE_CAP};
     let mut ctl = ControlLink::new(fds.ctl, STATE_CAP)?;
     let ring = ServerRing {
         ring: fds.ring,
@@ -569,7 +569,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         };
         // Import: decode and check the state; nothing touches the ring or the image until
         // the commit, so the predecessor (or a predecessor driver) can still resume.
-        let state = match FsdStateV1::decode(&blob)
+        let state = match persist::import_accepting(&blob, StateVersion::ACCEPTED)
             .map_err(anyhow::Error::from)
             .and_then(|state| {
                 if state.init_flags != crate::fuse::wanted_init_flags().bits() {
@@ -724,7 +724,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     ctl.send(&format!(
                         "status version={} schema={} lookups={} handles={} requests={} format={}{}",
                         st.version,
-                        crate::persist::STATE_SCHEMA,
+                        StateVersion::CURRENT,
                         st.lookups.len(),
                         st.handles.len(),
                         st.requests,
@@ -804,13 +804,13 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
                     let state = required_state_reached(&molt, &states)
                         .map_err(anyhow::Error::msg)
                         .and_then(|()| fs.quiesce().map_err(anyhow::Error::from))
-                        .map(|withheld| {
+                        .and_then(|withheld| {
                             let mut st = molt.export();
                             st.withheld = withheld;
-                            st
+                            Ok(persist::export(&st, StateVersion::CURRENT)?)
                         });
                     match state {
-                        Ok(st) => ctl.send_blob("ready", &st.encode())?,
+                        Ok(blob) => ctl.send_blob("ready", &blob)?,
                         Err(e) => {
                             ctl.send(&format!("error: {e:#}"))?;
                             break 'commands;

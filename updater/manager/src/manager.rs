@@ -296,7 +296,7 @@ fn running_system(s: &Stack) -> updater::RunningSystem {
             updater::RunningComponent {
                 name: ComponentName::Fsd,
                 version: s.server.version.clone(),
-                state_schema: fsd_server::persist::STATE_SCHEMA,
+                state_schema: fsd_server::persist::StateVersion::CURRENT.0,
                 ring_protocol: Some(s.driver.info.ring),
             },
             updater::RunningComponent {
@@ -670,7 +670,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
                 name: "fsd".into(),
                 version: s.server.version.clone(),
                 pid: s.server.pid(),
-                state_schema: fsd_server::persist::STATE_SCHEMA,
+                state_schema: fsd_server::persist::StateVersion::CURRENT.0,
                 counters: server_counters,
             },
             ComponentStatus {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::component::{reap_child, Component, LinkError};
 use crate::supervisor::{spawn_driver, DriverProc, Stack};
-use fsd_server::persist::FsdStateV1;
+use fsd_server::persist;
 
 pub use updater::protocol::{Outcome, Phase, PhaseState, UpdateRecord};
 
@@ -175,7 +175,7 @@ fn run_fsd_update(
 
     // State checking.
     p.start(Phase::StateChecking, "checking the exported state");
-    let checked = FsdStateV1::decode(&blob);
+    let checked = persist::check(&blob);
     if let Err(e) = checked {
         p.end(false, &e.to_string());
         return rollback(stack, new, format!("state check failed: {e}"));
@@ -513,7 +513,7 @@ pub(crate) fn update_both(
     );
 
     p.start(Phase::StateChecking, "checking both states");
-    let checked = FsdStateV1::decode(&fsd_blob)
+    let checked = persist::check(&fsd_blob)
         .map(|_| ())
         .map_err(|e| e.to_string())
         .and_then(|()| driver_blob.check().map(|_| ()).map_err(|e| e.to_string()));
