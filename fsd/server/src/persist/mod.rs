@@ -17,10 +17,11 @@
 //! grows by the fields schema 2 adds; schema 1's conversion refuses a state that uses
 //! them rather than dropping them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use formats::block::Ino;
+use formats::dir::{is_stored_dtype, validate_name, DT_DIR};
 use formats::superblock::ROOT_INO;
 
 pub mod v1;
@@ -123,6 +124,9 @@ pub fn component_version() -> String {
     v
 }
 
+/// An entry of a directory listing: name, inode, `DT_*` type.
+pub type ListingEntry = (Vec<u8>, Ino, u8);
+
 /// An open file or directory as the kernel knows it (by handle number).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handle {
@@ -135,10 +139,10 @@ pub enum Handle {
         writes: u64,
     },
     /// A directory with the listing taken by its last read from offset 0 (readdir
-    /// offsets index it): name, inode, `DT_*` type. Empty until that first read.
+    /// offsets index it). Empty until that first read.
     Dir {
         ino: Ino,
-        entries: Vec<(Vec<u8>, Ino, u8)>,
+        entries: Vec<ListingEntry>,
     },
 }
 
@@ -179,12 +183,21 @@ impl FsdState {
     /// The invariants of a state taken between requests ([`check`] lists them).
     pub fn check(&self) -> Result<(), StateError> {
         let bad = |m: String| Err(StateError::Inconsistent(m));
+        let real = |ino: u64| ino != 0 && ino <= u64::from(u32::MAX);
         for (ino, n) in &self.lookups {
-            if *ino == 0 {
-                return bad("inode 0 has a lookup count".into());
+            if !real(*ino) {
+                return bad(format!("inode {ino} has a lookup count"));
             }
             if *n == 0 {
                 return bad(format!("inode {ino} has lookup count 0"));
+            }
+        }
+        for (ino, n) in &self.usage {
+            if !real(*ino) {
+                return bad(format!("inode {ino} has a usage counter"));
+            }
+            if *n == 0 {
+                return bad(format!("inode {ino} has usage counter 0"));
             }
         }
         for (id, h) in &self.handles {
@@ -202,6 +215,43 @@ impl FsdState {
                     ino.0
                 ));
             }
+            match h {
+                Handle::File {
+                    touched,
+                    reads,
+                    writes,
+                    ..
+                } => {
+                    if *touched != (*reads > 0 || *writes > 0) {
+                        return bad(format!(
+                            "file handle {id} is {}touched after {reads} reads and {writes} writes",
+                            if *touched { "" } else { "not " }
+                        ));
+                    }
+                }
+                Handle::Dir { ino, entries } => {
+                    if let Err(why) = check_listing(*ino, entries) {
+                        return bad(format!("the listing of directory handle {id}: {why}"));
+                    }
+                }
+            }
+        }
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(self.withheld.len());
+        for &(start, len) in &self.withheld {
+            match start.checked_add(len) {
+                None => return bad(format!("withheld blocks {start}+{len} end beyond 2^64")),
+                Some(_) if len == 0 => {}
+                Some(end) => ranges.push((start, end)),
+            }
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return bad(format!(
+                    "withheld blocks {}..{} and {}..{} overlap",
+                    w[0].0, w[0].1, w[1].0, w[1].1
+                ));
+            }
         }
         Ok(())
     }
@@ -213,6 +263,48 @@ impl FsdState {
             .filter(|h| matches!(h, Handle::File { touched: false, .. }))
             .count()
     }
+}
+
+/// A directory listing as the FUSE layer takes it: empty (opened, not read yet), or "."
+/// (the directory itself), ".." (its parent), then the directory's entries, each once,
+/// as the image stores them: a storable name, an inode number, a stored `DT_*` type.
+fn check_listing(dir: Ino, entries: &[ListingEntry]) -> Result<(), String> {
+    let shown = |(name, ino, dtype): &ListingEntry| {
+        format!(
+            "{:?} (inode {}, type {dtype})",
+            String::from_utf8_lossy(name),
+            ino.0
+        )
+    };
+    let Some((dot, rest)) = entries.split_first() else {
+        return Ok(());
+    };
+    if *dot != (b".".to_vec(), dir, DT_DIR) {
+        return Err(format!(
+            "it begins with {}, not the directory itself",
+            shown(dot)
+        ));
+    }
+    match rest.first() {
+        Some((name, ino, dtype)) if name == b".." && ino.0 != 0 && *dtype == DT_DIR => {}
+        Some(other) => return Err(format!("{} where its parent belongs", shown(other))),
+        None => return Err("its parent is missing".into()),
+    }
+    let mut names = HashSet::with_capacity(entries.len());
+    for (name, ino, dtype) in &rest[1..] {
+        let shown = String::from_utf8_lossy(name);
+        validate_name(name).map_err(|why| format!("entry {shown:?}: {why}"))?;
+        if ino.0 == 0 || !is_stored_dtype(*dtype) {
+            return Err(format!(
+                "entry {shown:?} has inode {} and type {dtype}",
+                ino.0
+            ));
+        }
+        if !names.insert(name.as_slice()) {
+            return Err(format!("entry {shown:?} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 /// Encodes `state` in schema `v` (an older one for a downgrade). Fails if this build does
@@ -245,17 +337,30 @@ pub fn import_accepting(bytes: &[u8], accepted: &[StateVersion]) -> Result<FsdSt
 /// reads ([`StateVersion::ACCEPTED`]) and checks that it is a state taken between
 /// requests:
 ///
-/// - every inode with a lookup count is a real inode number (not 0), held at least once
-///   (count above 0), and listed once;
+/// - every inode with a lookup count is a real inode number (neither 0 nor beyond 32
+///   bits), held at least once (count above 0), and listed once;
 /// - every handle number is listed once, is not 0, and is below `next_handle` (numbers
 ///   are given out from 1 upwards, so a successor never gives out one in use);
 /// - every handle is open on an inode the kernel holds: one with a lookup count, or the
-///   root, which the kernel holds without one.
+///   root, which the kernel holds without one;
+/// - every inode with a usage counter is a real inode number, listed once, and has been
+///   used (counters only count up, from 1);
+/// - a file handle is marked touched exactly when it has done a read or a write (the
+///   `every-open-file-touched` required state relies on the mark);
+/// - a directory handle's listing is empty (opened, not read yet) or is ".", the
+///   directory itself, "..", a directory, then entries as the image stores them (a
+///   storable name, each once; a non-zero inode number; a stored `DT_*` type);
+/// - the withheld block ranges do not run past 2^64 and do not overlap (a block is freed
+///   once, then withheld until the journal is checkpointed).
 ///
-/// Duplicates cannot be held by [`FsdState`]; they are refused while converting from
-/// the schema. An inode number of a handle or a listing that does not fit 32 bits is
-/// corruption ([`StateError::Corrupted`]); every other failure is
-/// [`StateError::Inconsistent`].
+/// A handle or listing entry naming an inode beyond 32 bits is refused while converting
+/// from the schema, as corrupt ([`StateError::Corrupted`]); so are duplicates, which
+/// [`FsdState`] cannot hold, as [`StateError::Inconsistent`] like every other broken
+/// invariant.
+///
+/// A server recovered after a crash restarts its lookup counts at zero, so a directory
+/// handle it rebuilt for the kernel may name an inode without one: such a state fails
+/// the check, and the update is refused with the running server serving on.
 pub fn check(bytes: &[u8]) -> Result<FsdState, StateError> {
     import_accepting(bytes, StateVersion::ACCEPTED)
 }
@@ -552,6 +657,104 @@ mod tests {
             },
             "entry \"a\" of handle 2",
         );
+    }
+
+    #[test]
+    fn check_refuses_inode_numbers_that_are_not_real() {
+        let mut s = sample();
+        s.lookups.insert(1 << 32, 1);
+        inconsistent(&s, "inode 4294967296 has a lookup count");
+        let mut s = sample();
+        s.usage.insert(0, 1);
+        inconsistent(&s, "inode 0 has a usage counter");
+        let mut s = sample();
+        s.usage.insert(u64::MAX, 1);
+        inconsistent(&s, "has a usage counter");
+    }
+
+    #[test]
+    fn check_refuses_a_usage_counter_of_0() {
+        let mut s = sample();
+        s.usage.insert(9, 0);
+        inconsistent(&s, "inode 9 has usage counter 0");
+    }
+
+    #[test]
+    fn check_refuses_a_touched_mark_that_disagrees_with_the_counters() {
+        let file = |touched, reads, writes| Handle::File {
+            ino: Ino(5),
+            flags: 0,
+            touched,
+            reads,
+            writes,
+        };
+        let mut s = sample();
+        s.handles.insert(3, file(true, 0, 0));
+        inconsistent(&s, "file handle 3 is touched after 0 reads and 0 writes");
+        s.handles.insert(3, file(false, 0, 2));
+        inconsistent(
+            &s,
+            "file handle 3 is not touched after 0 reads and 2 writes",
+        );
+        s.handles.insert(3, file(false, 0, 0));
+        check(&blob(&s)).unwrap();
+    }
+
+    #[test]
+    fn check_refuses_a_malformed_directory_listing() {
+        let with = |edit: &dyn Fn(&mut Vec<ListingEntry>), says: &str| {
+            let mut s = sample();
+            if let Some(Handle::Dir { entries, .. }) = s.handles.get_mut(&2) {
+                edit(entries);
+            }
+            inconsistent(&s, "the listing of directory handle 2");
+            inconsistent(&s, says);
+        };
+        with(
+            &|e| e[0].1 = Ino(9),
+            "it begins with \".\" (inode 9, type 4), not the directory itself",
+        );
+        with(&|e| e[0].2 = DT_REG, "not the directory itself");
+        with(&|e| e.swap(0, 1), "not the directory itself");
+        with(&|e| e.truncate(1), "its parent is missing");
+        with(
+            &|e| e[1].2 = DT_REG,
+            "\"..\" (inode 1, type 8) where its parent belongs",
+        );
+        with(&|e| e[1].1 = Ino(0), "where its parent belongs");
+        with(
+            &|e| e[2].0 = b"x/y".to_vec(),
+            "entry \"x/y\": name contains '/'",
+        );
+        with(&|e| e[2].0 = Vec::new(), "entry \"\": empty name");
+        with(&|e| e[2].0 = b"..".to_vec(), "entry \"..\"");
+        with(&|e| e[2].0 = vec![b'n'; 256], "longer than 255 bytes");
+        with(&|e| e[2].1 = Ino(0), "entry \"a\" has inode 0 and type 8");
+        with(&|e| e[2].2 = 0, "entry \"a\" has inode 9 and type 0");
+        with(&|e| e[3].0 = b"a".to_vec(), "entry \"a\" is listed twice");
+        // A directory opened and not read yet has no listing at all.
+        let mut s = sample();
+        if let Some(Handle::Dir { entries, .. }) = s.handles.get_mut(&2) {
+            entries.clear();
+        }
+        check(&blob(&s)).unwrap();
+    }
+
+    #[test]
+    fn check_refuses_withheld_ranges_that_overflow_or_overlap() {
+        let mut s = sample();
+        s.withheld.push((u64::MAX - 1, 2));
+        inconsistent(&s, "withheld blocks 18446744073709551614+2 end beyond 2^64");
+        let mut s = sample();
+        s.withheld.push((102, 1));
+        inconsistent(&s, "withheld blocks 100..104 and 102..103 overlap");
+        let mut s = sample();
+        s.withheld.insert(0, (98, 3));
+        inconsistent(&s, "withheld blocks 98..101 and 100..104 overlap");
+        // Adjacent ranges and empty ones are fine.
+        let mut s = sample();
+        s.withheld.extend([(104, 1), (96, 4), (101, 0)]);
+        check(&blob(&s)).unwrap();
     }
 
     #[test]
