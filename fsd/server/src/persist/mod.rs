@@ -9,13 +9,13 @@
 //! [`v1::FsdStateV1`]). A changed field is a new schema; an old schema's file is never
 //! edited.
 //!
-//! Adding schema 2 takes one file, `v2.rs`: the frozen `FsdStateV2`, its
-//! `StateVersion::V2`, its conversions (`TryFrom<&FsdState>`, refusing with
-//! [`StateError::DoesNotFit`] what it cannot hold, and `TryFrom<FsdStateV2>`) and its
-//! `SCHEMA` entry; then `mod v2;` and `v2::SCHEMA` in the `SCHEMAS` list below, and
+//! Adding schema 2 takes one file, `v2.rs`, with the frozen `FsdStateV2`, its
+//! `StateVersion::V2`, its conversions from and to [`FsdState`] and its `SCHEMA` entry;
+//! then `mod v2;` and `v2::SCHEMA` in the `SCHEMAS` list below, and
 //! [`StateVersion::CURRENT`] moved to it once this build should write it. [`FsdState`]
-//! grows by the fields schema 2 adds; schema 1's conversion refuses a state that uses
-//! them rather than dropping them.
+//! grows by the fields schema 2 adds; `v1.rs` is not edited: importing schema 1 leaves
+//! them at their defaults, and exporting it refuses ([`StateError::DoesNotFit`]) a state
+//! that schema 1 would not give back whole, rather than dropping what it cannot hold.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;

@@ -20,8 +20,17 @@ pub(super) const SCHEMA: Schema = Schema {
     decode,
 };
 
+/// Refuses a state schema 1 would not give back whole (one using a field added to
+/// [`FsdState`] for a later schema) rather than dropping what it cannot hold.
 fn encode(state: &FsdState) -> Result<Vec<u8>, StateError> {
-    Ok(FsdStateV1::from(state).encode())
+    let v1 = FsdStateV1::from(state);
+    match FsdState::try_from(v1.clone()) {
+        Ok(back) if back == *state => Ok(v1.encode()),
+        _ => Err(StateError::DoesNotFit {
+            schema: StateVersion::V1.0,
+            what: "the state holds more than schema 1 has fields for".into(),
+        }),
+    }
 }
 
 fn decode(payload: &[u8]) -> Result<FsdState, StateError> {
@@ -126,7 +135,8 @@ impl From<&FsdState> for FsdStateV1 {
 }
 
 /// Refuses an inode number beyond 32 bits (corruption: inode numbers are 32-bit) and a
-/// key listed twice (a broken invariant: the maps have one entry per key).
+/// key listed twice (a broken invariant: the maps have one entry per key). Fields added
+/// to [`FsdState`] for later schemas take their defaults.
 impl TryFrom<FsdStateV1> for FsdState {
     type Error = StateError;
     fn try_from(s: FsdStateV1) -> Result<Self, StateError> {
@@ -181,6 +191,8 @@ impl TryFrom<FsdStateV1> for FsdState {
                 )));
             }
         }
+        // The update is needless until `FsdState` grows a field schema 1 lacks.
+        #[allow(clippy::needless_update)]
         Ok(FsdState {
             version: s.version,
             init_flags: s.init_flags,
@@ -190,6 +202,7 @@ impl TryFrom<FsdStateV1> for FsdState {
             usage: map(s.usage, "usage counters")?,
             requests: s.requests,
             withheld: s.withheld,
+            ..FsdState::default()
         })
     }
 }
