@@ -1433,4 +1433,60 @@ mod tests {
         };
         assert_eq!(crtime_value(t), b"1700000000.000000042");
     }
+
+    /// What the FUSE layer exports after opens, a listing and lookups passes the state
+    /// check, and a successor rebuilt from it exports the same state.
+    #[test]
+    fn the_exported_state_passes_the_state_check() {
+        use crate::persist::StateVersion;
+        use fsd_core::mkfs::{mkfs, MkfsOptions};
+        use fsd_core::store::{BlockStore, MemStore};
+        let store = Arc::new(MemStore::new(4096));
+        mkfs(store.as_ref(), "mem", &MkfsOptions::default()).unwrap();
+        let fs = Arc::new(Fs::mount(store as Arc<dyn BlockStore>).unwrap());
+        let m = MoltFuse::new(fs.clone());
+        let ctx = Context {
+            uid: 0,
+            gid: 0,
+            pid: std::process::id() as libc::pid_t,
+        };
+        let name = |s: &str| std::ffi::CString::new(s).unwrap();
+        let d = m.mkdir(&ctx, 1, &name("d"), S_IFDIR | 0o755, 0).unwrap();
+        let create = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: S_IFREG | 0o644,
+            umask: 0o022,
+            fuse_flags: 0,
+        };
+        let (f, fh, ..) = m.create(&ctx, d.inode, &name("f"), create).unwrap();
+        let (dh, _) = m.opendir(&ctx, d.inode, 0).unwrap();
+        let mut listed = 0;
+        m.readdir(&ctx, d.inode, dh.unwrap(), 4096, 0, &mut |_| {
+            listed += 1;
+            Ok(1)
+        })
+        .unwrap();
+        assert_eq!(listed, 3, ". .. f");
+        let (root, _) = m.opendir(&ctx, 1, 0).unwrap();
+        m.lookup(&ctx, d.inode, &name("f")).unwrap();
+        m.forget(&ctx, f.inode, 1);
+
+        let mut st = m.export();
+        st.withheld = fs.quiesce().unwrap();
+        assert_eq!(st.handles.len(), 3);
+        assert!(st.handles.contains_key(&fh.unwrap()) && st.handles.contains_key(&root.unwrap()));
+        assert_eq!(st.lookups.get(&f.inode), Some(&1));
+        let blob = crate::persist::export(&st, StateVersion::CURRENT).unwrap();
+        let checked = crate::persist::check(&blob).unwrap();
+        assert_eq!(checked, st);
+        let again = MoltFuse::import(fs, &checked).export();
+        assert_eq!(again.withheld, Vec::new());
+        assert_eq!(
+            again,
+            crate::persist::FsdState {
+                withheld: Vec::new(),
+                ..st
+            }
+        );
+    }
 }
