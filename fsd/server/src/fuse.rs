@@ -21,7 +21,7 @@ use fuse_backend_rs::api::filesystem::{
 
 use formats::acl::{self, Acl, Caller};
 
-use crate::persist::{FsdStateV1, HandleV1};
+use crate::persist::{self, FsdState};
 use fsd_core::fs::{Atime, Attr, Fs, FsError, SetAttr, TimeSet, WriteMode, XattrFlags};
 
 /// How long the kernel may cache attributes and names. Every change made through this
@@ -313,44 +313,42 @@ impl MoltFuse {
     }
 
     /// Rebuilds the kernel-facing state a predecessor exported.
-    pub fn import(fs: Arc<Fs>, state: &FsdStateV1) -> MoltFuse {
+    pub fn import(fs: Arc<Fs>, state: &FsdState) -> MoltFuse {
         let handles = state
             .handles
             .iter()
             .map(|(id, h)| {
                 let h = match h {
-                    HandleV1::File {
+                    persist::Handle::File {
                         ino,
                         flags,
                         touched,
                         reads,
                         writes,
                     } => Handle::File {
-                        ino: Ino(*ino as u32),
+                        ino: *ino,
                         flags: *flags,
                         touched: *touched,
                         reads: *reads,
                         writes: *writes,
                     },
-                    HandleV1::Dir { ino, entries } => Handle::Dir {
-                        ino: Ino(*ino as u32),
-                        entries: Arc::new(
-                            entries
-                                .iter()
-                                .map(|(n, i, t)| (n.clone(), Ino(*i as u32), *t))
-                                .collect(),
-                        ),
+                    persist::Handle::Dir { ino, entries } => Handle::Dir {
+                        ino: *ino,
+                        entries: Arc::new(entries.clone()),
                     },
                 };
                 (*id, h)
             })
             .collect();
+        let map = |m: &std::collections::BTreeMap<u64, u64>| {
+            m.iter().map(|(k, v)| (*k, *v)).collect::<HashMap<_, _>>()
+        };
         MoltFuse {
             fs,
-            lookups: Mutex::new(state.lookups.iter().copied().collect()),
+            lookups: Mutex::new(map(&state.lookups)),
             handles: Mutex::new(handles),
             next_handle: AtomicU64::new(state.next_handle),
-            usage: Mutex::new(state.usage.iter().copied().collect()),
+            usage: Mutex::new(map(&state.usage)),
             requests: AtomicU64::new(state.requests),
             completed: Default::default(),
             atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
@@ -359,17 +357,17 @@ impl MoltFuse {
         }
     }
 
-    /// The state a successor needs. Call only when no request is being served.
-    pub fn export(&self) -> FsdStateV1 {
-        let mut lookups: Vec<(u64, u64)> = self
-            .lookups
-            .lock()
-            .expect("lookups")
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        lookups.sort_unstable();
-        let mut handles: Vec<(u64, HandleV1)> = self
+    /// The state a successor needs (without the withheld blocks, which the filesystem
+    /// reports when it quiesces). Call only when no request is being served.
+    pub fn export(&self) -> FsdState {
+        let map = |m: &Mutex<HashMap<u64, u64>>| {
+            m.lock()
+                .expect("kernel state")
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect()
+        };
+        let handles = self
             .handles
             .lock()
             .expect("handles")
@@ -382,40 +380,28 @@ impl MoltFuse {
                         touched,
                         reads,
                         writes,
-                    } => HandleV1::File {
-                        ino: ino.0 as u64,
+                    } => persist::Handle::File {
+                        ino: *ino,
                         flags: *flags,
                         touched: *touched,
                         reads: *reads,
                         writes: *writes,
                     },
-                    Handle::Dir { ino, entries } => HandleV1::Dir {
-                        ino: ino.0 as u64,
-                        entries: entries
-                            .iter()
-                            .map(|(n, i, t)| (n.clone(), i.0 as u64, *t))
-                            .collect(),
+                    Handle::Dir { ino, entries } => persist::Handle::Dir {
+                        ino: *ino,
+                        entries: entries.to_vec(),
                     },
                 };
                 (*id, h)
             })
             .collect();
-        handles.sort_by_key(|(id, _)| *id);
-        let mut usage: Vec<(u64, u64)> = self
-            .usage
-            .lock()
-            .expect("usage")
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        usage.sort_unstable();
-        FsdStateV1 {
-            version: crate::persist::component_version(),
+        FsdState {
+            version: persist::component_version(),
             init_flags: wanted_init_flags().bits(),
-            lookups,
+            lookups: map(&self.lookups),
             handles,
             next_handle: self.next_handle.load(Ordering::SeqCst),
-            usage,
+            usage: map(&self.usage),
             requests: self.requests.load(Ordering::SeqCst),
             withheld: Vec::new(),
         }
@@ -1446,5 +1432,61 @@ mod tests {
             nsec: 42,
         };
         assert_eq!(crtime_value(t), b"1700000000.000000042");
+    }
+
+    /// What the FUSE layer exports after opens, a listing and lookups passes the state
+    /// check, and a successor rebuilt from it exports the same state.
+    #[test]
+    fn the_exported_state_passes_the_state_check() {
+        use crate::persist::StateVersion;
+        use fsd_core::mkfs::{mkfs, MkfsOptions};
+        use fsd_core::store::{BlockStore, MemStore};
+        let store = Arc::new(MemStore::new(4096));
+        mkfs(store.as_ref(), "mem", &MkfsOptions::default()).unwrap();
+        let fs = Arc::new(Fs::mount(store as Arc<dyn BlockStore>).unwrap());
+        let m = MoltFuse::new(fs.clone());
+        let ctx = Context {
+            uid: 0,
+            gid: 0,
+            pid: std::process::id() as libc::pid_t,
+        };
+        let name = |s: &str| std::ffi::CString::new(s).unwrap();
+        let d = m.mkdir(&ctx, 1, &name("d"), S_IFDIR | 0o755, 0).unwrap();
+        let create = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: S_IFREG | 0o644,
+            umask: 0o022,
+            fuse_flags: 0,
+        };
+        let (f, fh, ..) = m.create(&ctx, d.inode, &name("f"), create).unwrap();
+        let (dh, _) = m.opendir(&ctx, d.inode, 0).unwrap();
+        let mut listed = 0;
+        m.readdir(&ctx, d.inode, dh.unwrap(), 4096, 0, &mut |_| {
+            listed += 1;
+            Ok(1)
+        })
+        .unwrap();
+        assert_eq!(listed, 3, ". .. f");
+        let (root, _) = m.opendir(&ctx, 1, 0).unwrap();
+        m.lookup(&ctx, d.inode, &name("f")).unwrap();
+        m.forget(&ctx, f.inode, 1);
+
+        let mut st = m.export();
+        st.withheld = fs.quiesce().unwrap();
+        assert_eq!(st.handles.len(), 3);
+        assert!(st.handles.contains_key(&fh.unwrap()) && st.handles.contains_key(&root.unwrap()));
+        assert_eq!(st.lookups.get(&f.inode), Some(&1));
+        let blob = crate::persist::export(&st, StateVersion::CURRENT).unwrap();
+        let checked = crate::persist::check(&blob).unwrap();
+        assert_eq!(checked, st);
+        let again = MoltFuse::import(fs, &checked).export();
+        assert_eq!(again.withheld, Vec::new());
+        assert_eq!(
+            again,
+            crate::persist::FsdState {
+                withheld: Vec::new(),
+                ..st
+            }
+        );
     }
 }

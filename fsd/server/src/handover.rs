@@ -36,7 +36,7 @@ use molt_control::{
 
 use crate::background::{background, follow_mount_options, Conversion, Flusher};
 use crate::fuse::MoltFuse;
-use crate::persist::{FsdStateV1, STATE_CAP, STATE_SCHEMA};
+use crate::persist::{self, FsdState, StateError, StateVersion, STATE_CAP};
 use crate::serve::{
     notify_resend, open_channels, serve, stop_serving, ServerArgs, ServerFds, StopReason,
 };
@@ -197,9 +197,9 @@ fn adopt(
 }
 
 /// Decodes and checks a predecessor's state for this build.
-fn import(blob: &[u8]) -> Result<FsdStateV1, ControlError> {
-    let state = FsdStateV1::decode(blob).map_err(|e| match e {
-        crate::persist::StateError::UnsupportedSchema(n) => ControlError::UnsupportedSchema(n),
+fn import(blob: &[u8]) -> Result<FsdState, ControlError> {
+    let state = persist::import_accepting(blob, StateVersion::ACCEPTED).map_err(|e| match e {
+        StateError::UnsupportedSchema { schema, .. } => ControlError::UnsupportedSchema(schema),
         e => ControlError::StateRefused(e.to_string()),
     })?;
     let wanted = crate::fuse::wanted_init_flags().bits();
@@ -429,14 +429,14 @@ impl ControlledServer {
             .reached(&required)
             .map_err(anyhow::Error::msg)
             .and_then(|()| self.fs.quiesce().map_err(anyhow::Error::from))
-            .map(|withheld| {
+            .and_then(|withheld| {
                 let mut st = self.molt.export();
                 st.withheld = withheld;
-                st
+                Ok(persist::export(&st, StateVersion::CURRENT)?)
             });
         match exported {
-            Ok(st) => {
-                self.link.send(&Reply::Ready(st.encode()))?;
+            Ok(blob) => {
+                self.link.send(&Reply::Ready(blob))?;
                 Ok(Next::Serve)
             }
             Err(e) => {
@@ -500,7 +500,7 @@ impl ControlledServer {
             },
             pid: std::process::id(),
             version: st.version,
-            state_schema: STATE_SCHEMA,
+            state_schema: StateVersion::CURRENT.0,
             counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             format: Some(self.fs.format_version()),
             conversion: self.conversion.progress(&self.fs),

@@ -26,8 +26,11 @@ pub fn component_info() -> molt_control::ComponentInfo {
     molt_control::ComponentInfo {
         name: "fsd".into(),
         version: persist::component_version(),
-        state_schema: persist::STATE_SCHEMA,
-        state_schema_reads: persist::STATE_SCHEMA_READS.to_vec(),
+        state_schema: persist::StateVersion::CURRENT.0,
+        state_schema_reads: persist::StateVersion::ACCEPTED
+            .iter()
+            .map(|v| v.0)
+            .collect(),
         ring: blockdev::ring::ProtocolVersion::CURRENT.0,
         errcodes: blockdev::ring::StatusTable::CURRENT.0,
     }

@@ -120,7 +120,7 @@ impl Replaceable for FsServer {
     }
 
     fn check_state(&self, blob: &[u8]) -> Result<(), String> {
-        fsd_server::persist::FsdStateV1::decode(blob)
+        fsd_server::persist::check(blob)
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
