@@ -19,8 +19,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::persist::Counters;
 use crate::ring::codec::{self, NO_SLOT, SQE_SIZE};
+use crate::ring::Counters;
 use crate::ring::{DriverEpoch, DriverPhase, Op, Request, RingGeometry, RingRegion, Status};
 use crate::{sys, BlockError, Lba, BLOCK_SIZE};
 

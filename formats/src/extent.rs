@@ -17,6 +17,10 @@ use crate::bytes::*;
 use crate::error::{FormatError, Result};
 use crate::version::FormatVersion;
 
+/// Bytes of an inode's inline area (`inode::OFF_INLINE`): extent records or a symlink
+/// target.
+pub const INLINE_SIZE: usize = 144;
+
 /// A run of `len` file blocks starting at file block `logical`, stored at `physical`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Extent {
@@ -131,7 +135,7 @@ impl ExtentCodec {
 
     /// Records the inode's inline area holds: as many whole records as fit in it.
     pub fn inline_capacity(&self) -> usize {
-        crate::inode::INLINE_SIZE / self.record_size()
+        INLINE_SIZE / self.record_size()
     }
 
     pub fn records_per_block(&self) -> usize {

@@ -61,7 +61,9 @@ pub const OFF_RESERVED0: usize = OFF_RDEV + 4;
 pub const OFF_XATTR_BLOCK_HI: usize = OFF_RESERVED0;
 pub const OFF_EXTENT_BLOCK_HI: usize = OFF_XATTR_BLOCK_HI + 2;
 pub const OFF_INLINE: usize = OFF_RESERVED0 + 4;
-pub const INLINE_SIZE: usize = 144;
+/// Bytes of the inline area (extent records or a symlink target); the extent codec sizes
+/// its inline records by it.
+pub use crate::extent::INLINE_SIZE;
 pub const OFF_RESERVED1: usize = OFF_INLINE + INLINE_SIZE;
 /// CRTIME layout: the creation time in `reserved1`.
 pub const OFF_CRTIME_SEC: usize = OFF_RESERVED1;

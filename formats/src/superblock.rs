@@ -74,11 +74,7 @@ pub const SUPER_FIELDS_END: usize = OFF_CONVERSION_TARGET + 4;
 pub const BYTES_PER_INODE: u64 = 16 * 1024;
 /// Smallest image mkfs accepts: 1 MiB (256 blocks).
 pub const MIN_BLOCKS: u64 = 256;
-/// Largest image format v1 (and v2) can address: 32-bit block numbers in the block map.
-pub const MAX_BLOCKS_V1: u64 = 1 << 32;
-/// Largest v3 image: 48-bit block maps, bounded by the u32 `block_bitmap_blocks`
-/// (2^46 blocks need 2^46 / 32640 < 2^32 bitmap blocks).
-pub const MAX_BLOCKS_V3: u64 = 1 << 46;
+pub use crate::version::{MAX_BLOCKS_V1, MAX_BLOCKS_V3};
 /// Items one bitmap block covers.
 pub const BITS_PER_BITMAP_BLOCK: u64 = (PAYLOAD_SIZE * 8) as u64;
 pub const INODES_PER_BLOCK: u64 = (BLOCK_SIZE / INODE_SIZE) as u64;

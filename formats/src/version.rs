@@ -11,6 +11,12 @@
 //! layout its fields use, so that a conversion can leave converted and unconverted inodes
 //! side by side (see `inode`).
 
+/// Largest image format v1 (and v2) can address: 32-bit block numbers in the block map.
+pub const MAX_BLOCKS_V1: u64 = 1 << 32;
+/// Largest v3 image: 48-bit block maps, bounded by the superblock's u32
+/// `block_bitmap_blocks` (2^46 blocks need 2^46 / 32640 < 2^32 bitmap blocks).
+pub const MAX_BLOCKS_V3: u64 = 1 << 46;
+
 /// On-disk format version recorded in the superblock.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -61,9 +67,9 @@ impl FormatVersion {
     /// v3 what the superblock's u32 `block_bitmap_blocks` can cover.
     pub fn max_blocks(self) -> u64 {
         if self.block_map_address_bits() > 32 {
-            crate::superblock::MAX_BLOCKS_V3
+            MAX_BLOCKS_V3
         } else {
-            crate::superblock::MAX_BLOCKS_V1
+            MAX_BLOCKS_V1
         }
     }
 }

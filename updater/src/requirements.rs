@@ -6,11 +6,37 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Requirements;
-
 /// The kernel FUSE ABI assumed when the supervisor does not know it (what the machines this
 /// project runs on speak).
 pub const DEFAULT_FUSE_ABI: &str = "7.40";
+
+/// What the machine must offer. Every field is optional; an absent field is not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requirements {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_disk_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size_min_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size_max_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_min: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_abi_min: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub io_uring_ops: Vec<String>,
+}
+
+impl Requirements {
+    pub fn is_empty(&self) -> bool {
+        *self == Requirements::default()
+    }
+}
 
 const MIB: u64 = 1 << 20;
 

@@ -3,10 +3,12 @@
 //! slots. `blockdev/RING.md` is the normative byte-level description.
 
 pub mod codec;
+mod counters;
 pub mod layout;
 mod shm;
 
 pub use codec::{Completion, Op, ProtocolVersion, Request};
+pub use counters::Counters;
 pub use layout::RingGeometry;
 pub use shm::{DriverEpoch, DriverPhase, RingRegion};
 

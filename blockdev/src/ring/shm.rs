@@ -14,8 +14,8 @@ use memmap2::{MmapOptions, MmapRaw};
 
 use super::codec::{CQE_SIZE, SQE_SIZE};
 use super::layout::*;
+use super::Counters;
 use super::{ProtocolVersion, RingError, StatusTable};
-use crate::persist::Counters;
 use crate::BLOCK_SIZE;
 
 /// What the driver is doing, as published in the header.

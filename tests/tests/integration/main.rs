@@ -7,6 +7,7 @@ mod crash;
 mod fio;
 mod layering;
 mod live;
+mod modules;
 mod mount;
 mod namespace;
 mod permissions;
