@@ -46,34 +46,34 @@ pub const DEFAULT_XATTR: &[u8] = b"system.posix_acl_default";
 
 /// Tag values (`e_tag`), uapi `linux/posix_acl.h`. Their numeric order is the canonical
 /// order of the entries.
-pub const ACL_USER_OBJ: u16 = 0x01;
-pub const ACL_USER: u16 = 0x02;
-pub const ACL_GROUP_OBJ: u16 = 0x04;
-pub const ACL_GROUP: u16 = 0x08;
-pub const ACL_MASK: u16 = 0x10;
-pub const ACL_OTHER: u16 = 0x20;
+pub(crate) const ACL_USER_OBJ: u16 = 0x01;
+pub(crate) const ACL_USER: u16 = 0x02;
+pub(crate) const ACL_GROUP_OBJ: u16 = 0x04;
+pub(crate) const ACL_GROUP: u16 = 0x08;
+pub(crate) const ACL_MASK: u16 = 0x10;
+pub(crate) const ACL_OTHER: u16 = 0x20;
 
 /// Permission bits (`e_perm`), the same values as the kernel's `MAY_READ`, `MAY_WRITE`,
 /// `MAY_EXEC` and as each `rwx` triple of a mode.
 pub const READ: u8 = 4;
 pub const WRITE: u8 = 2;
-pub const EXECUTE: u8 = 1;
+pub(crate) const EXECUTE: u8 = 1;
 /// All permission bits an entry may carry.
-pub const RWX: u8 = READ | WRITE | EXECUTE;
+pub(crate) const RWX: u8 = READ | WRITE | EXECUTE;
 
 /// `a_version` of every value (`POSIX_ACL_XATTR_VERSION`).
-pub const ACL_XATTR_VERSION: u32 = 2;
+pub(crate) const ACL_XATTR_VERSION: u32 = 2;
 /// The `e_id` of the entries that have no id.
-pub const ACL_UNDEFINED_ID: u32 = u32::MAX;
+pub(crate) const ACL_UNDEFINED_ID: u32 = u32::MAX;
 
 /// Bytes of the header.
 pub const HEADER_SIZE: usize = 4;
 /// Bytes of one entry.
-pub const ENTRY_SIZE: usize = 8;
+pub(crate) const ENTRY_SIZE: usize = 8;
 /// Largest value decoded: Linux's `XATTR_SIZE_MAX`, the most any setxattr can pass.
-pub const MAX_VALUE_SIZE: usize = 65536;
+pub(crate) const MAX_VALUE_SIZE: usize = 65536;
 /// Most entries an ACL has: as many as fit in [`MAX_VALUE_SIZE`].
-pub const MAX_ENTRIES: usize = (MAX_VALUE_SIZE - HEADER_SIZE) / ENTRY_SIZE;
+pub(crate) const MAX_ENTRIES: usize = (MAX_VALUE_SIZE - HEADER_SIZE) / ENTRY_SIZE;
 
 /// Linux errno values for [`AclError::errno`].
 const EINVAL: i32 = 22;
@@ -295,7 +295,7 @@ impl Acl {
     }
 
     /// Has a mask or named entries: what the kernel calls "not equivalent" to a mode.
-    pub fn is_extended(&self) -> bool {
+    pub(crate) fn is_extended(&self) -> bool {
         self.entries
             .iter()
             .any(|e| e.tag == Tag::Mask || e.tag.is_named())
@@ -304,7 +304,7 @@ impl Acl {
     /// The permission bits (`0o777`) the mode shows for this ACL: owner from
     /// `ACL_USER_OBJ`, group from `ACL_MASK` if there is one, else from `ACL_GROUP_OBJ`,
     /// other from `ACL_OTHER`. 0 for the empty ACL.
-    pub fn mode_bits(&self) -> u32 {
+    pub(crate) fn mode_bits(&self) -> u32 {
         let p = |tag| self.perm(tag).unwrap_or(0) as u32;
         let group = self.mask().map_or_else(|| p(Tag::GroupObj), u32::from);
         (p(Tag::UserObj) << 6) | (group << 3) | p(Tag::Other)
@@ -315,7 +315,9 @@ impl Acl {
     /// entry makes an ACL non-equivalent, not only named entries: `u::rw-,g::r--,m::rw-,
     /// o::---` is kept as an ACL (its mode shows group `rw-`, from the mask). `None` for the
     /// empty ACL too, which has no bits of its own.
-    pub fn equiv_mode(&self) -> Option<u32> {
+    // The kernel's rule, stated and tested here; the server has no use for it.
+    #[cfg(test)]
+    pub(crate) fn equiv_mode(&self) -> Option<u32> {
         if self.is_empty() || self.is_extended() {
             None
         } else {
@@ -392,7 +394,7 @@ impl Acl {
     }
 
     /// Bytes of the encoded value.
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         HEADER_SIZE + ENTRY_SIZE * self.entries.len()
     }
 
@@ -490,7 +492,9 @@ pub fn update_mode(acl: &Acl, mode: u32) -> (u32, Option<Acl>) {
 /// Whether setting a (non-empty) access ACL clears `S_ISGID` from the mode, as the kernel's
 /// `posix_acl_update_mode` does, like chmod: unless the caller is in the file's owning
 /// group (fsgid or a supplementary group: [`Caller::in_group`]) or has `CAP_FSETID`.
-pub fn should_kill_sgid_on_acl_set(
+// The kernel's rule, stated and tested here; the server has no use for it.
+#[cfg(test)]
+pub(crate) fn should_kill_sgid_on_acl_set(
     caller_in_owning_group: bool,
     caller_has_cap_fsetid: bool,
 ) -> bool {
@@ -505,7 +509,7 @@ pub fn should_kill_sgid_on_acl_set(
 /// entries (named ones, and `ACL_GROUP_OBJ` under a mask) are inherited unchanged. The
 /// rest of the mode (file type, set-id and sticky bits) is kept. An empty default ACL gives
 /// `(mode, empty)`; [`inherit`] treats it as no default ACL.
-pub fn create_masq(default_acl: &Acl, mode: u32) -> (u32, Acl) {
+pub(crate) fn create_masq(default_acl: &Acl, mode: u32) -> (u32, Acl) {
     if default_acl.is_empty() {
         return (mode, Acl::default());
     }
@@ -598,7 +602,9 @@ impl Caller {
 
     /// `inode_owner_or_capable`: the caller owns an inode owned by `owner_uid` or has
     /// `CAP_FOWNER`; what setting either ACL (and chmod) requires.
-    pub fn is_owner_or_capable(&self, owner_uid: u32) -> bool {
+    // The kernel's rule, stated and tested here; the server has no use for it.
+    #[cfg(test)]
+    pub(crate) fn is_owner_or_capable(&self, owner_uid: u32) -> bool {
         self.uid == owner_uid || self.cap_fowner
     }
 }

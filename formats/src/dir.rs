@@ -202,7 +202,7 @@ pub struct DirEntry {
 }
 
 impl DirEntry {
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         ENTRY_HEADER + self.name.len()
     }
 }

@@ -53,11 +53,11 @@ pub const REC_OFF_LOGICAL: usize = 0;
 pub const REC_V1_OFF_PHYSICAL: usize = REC_OFF_LOGICAL + 4;
 pub const REC_V1_OFF_LEN: usize = REC_V1_OFF_PHYSICAL + 4;
 pub const REC_V1_OFF_FLAGS: usize = REC_V1_OFF_LEN + 2;
-pub const REC_V1_SIZE: usize = REC_V1_OFF_FLAGS + 2;
+pub(crate) const REC_V1_SIZE: usize = REC_V1_OFF_FLAGS + 2;
 pub const REC_V3_OFF_PHYSICAL: usize = REC_OFF_LOGICAL + 4;
 pub const REC_V3_OFF_LEN: usize = REC_V3_OFF_PHYSICAL + 8;
 pub const REC_V3_OFF_FLAGS: usize = REC_V3_OFF_LEN + 2;
-pub const REC_V3_SIZE: usize = REC_V3_OFF_FLAGS + 2;
+pub(crate) const REC_V3_SIZE: usize = REC_V3_OFF_FLAGS + 2;
 
 // Extent block of v1 and v2.
 pub const EXTENT_BLOCK_OFF_NEXT: usize = 0;
@@ -119,7 +119,7 @@ impl ExtentCodec {
     }
 
     /// Offset of the first record in an extent block.
-    pub fn records_offset(&self) -> usize {
+    pub(crate) fn records_offset(&self) -> usize {
         self.block_offsets().2
     }
 
@@ -227,7 +227,12 @@ impl ExtentCodec {
     }
 
     /// Decodes `count` records from `b`, checking they are sorted and disjoint.
-    pub fn decode_list(&self, b: &[u8], count: usize, what: &'static str) -> Result<Vec<Extent>> {
+    pub(crate) fn decode_list(
+        &self,
+        b: &[u8],
+        count: usize,
+        what: &'static str,
+    ) -> Result<Vec<Extent>> {
         let rs = self.record_size();
         if count.checked_mul(rs).is_none_or(|n| n > b.len()) {
             return Err(FormatError::corrupted(
@@ -254,7 +259,7 @@ impl ExtentCodec {
 
     /// Encodes `extents` packed from the start of `b`, zeroing the rest. Refuses what
     /// `decode_list` rejects: records that do not fit, unsorted or overlapping runs.
-    pub fn encode_list(&self, extents: &[Extent], b: &mut [u8]) -> Result<()> {
+    pub(crate) fn encode_list(&self, extents: &[Extent], b: &mut [u8]) -> Result<()> {
         let rs = self.record_size();
         if extents.len() * rs > b.len() {
             return Err(FormatError::Full {

@@ -76,10 +76,10 @@ pub const INODE_FLAG_CRTIME: u32 = 1 << 1;
 /// The inode's block map uses 48-bit addresses (layout v3).
 pub const INODE_FLAG_MAP48: u32 = 1 << 2;
 /// Every flag bit a reader knows.
-pub const INODE_FLAGS_KNOWN: u32 = INODE_FLAG_INLINE | INODE_FLAG_CRTIME | INODE_FLAG_MAP48;
+pub(crate) const INODE_FLAGS_KNOWN: u32 = INODE_FLAG_INLINE | INODE_FLAG_CRTIME | INODE_FLAG_MAP48;
 
 /// The layout flags of a live inode of layout `v`.
-pub fn layout_flags(v: FormatVersion) -> u32 {
+pub(crate) fn layout_flags(v: FormatVersion) -> u32 {
     let mut f = 0;
     if v.has_crtime() {
         f |= INODE_FLAG_CRTIME;
@@ -91,7 +91,7 @@ pub fn layout_flags(v: FormatVersion) -> u32 {
 }
 
 /// The layout named by an inode's flags, `None` for a combination no version uses.
-pub fn layout_of_flags(flags: u32) -> Option<FormatVersion> {
+pub(crate) fn layout_of_flags(flags: u32) -> Option<FormatVersion> {
     let layout = flags & (INODE_FLAG_CRTIME | INODE_FLAG_MAP48);
     FormatVersion::ALL
         .into_iter()
@@ -116,7 +116,7 @@ pub const S_IFIFO: u32 = 0o010000;
 
 /// Whether `mode` is a storable mode of a live inode: one of the seven POSIX file types,
 /// and no bit outside the type and permission bits. (Mode 0 marks a freed slot.)
-pub fn is_valid_mode(mode: u32) -> bool {
+pub(crate) fn is_valid_mode(mode: u32) -> bool {
     mode & !MODE_MASK == 0
         && matches!(
             mode & S_IFMT,

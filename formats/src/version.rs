@@ -38,7 +38,7 @@ impl FormatVersion {
 
     /// Width in bits of a block address inside the block map (records, the inode's
     /// `xattr_block` and `extent_block`, an extent block's `next`).
-    pub fn block_map_address_bits(self) -> u32 {
+    pub(crate) fn block_map_address_bits(self) -> u32 {
         if self.0 >= 3 {
             48
         } else {

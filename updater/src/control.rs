@@ -33,7 +33,7 @@ pub fn mount_key(canonical_mountpoint: &Path) -> String {
 }
 
 /// The control socket of the mount at `canonical_mountpoint` (already canonical).
-pub fn socket_path_for(canonical_mountpoint: &Path) -> PathBuf {
+pub(crate) fn socket_path_for(canonical_mountpoint: &Path) -> PathBuf {
     run_root()
         .join(mount_key(canonical_mountpoint))
         .join(SOCKET_NAME)

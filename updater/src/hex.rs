@@ -12,7 +12,7 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Exactly `N` bytes from `2 * N` hex digits (either case); surrounding whitespace is
 /// ignored.
-pub fn decode_array<const N: usize>(text: &str) -> Result<[u8; N], String> {
+pub(crate) fn decode_array<const N: usize>(text: &str) -> Result<[u8; N], String> {
     let t = text.trim().as_bytes();
     if t.len() != 2 * N {
         return Err(format!("expected {} hex digits, found {}", 2 * N, t.len()));

@@ -63,7 +63,7 @@ impl Keyring {
     }
 
     /// As [`Keyring::load`], with `owner` as the required owner of the directory and files.
-    pub fn load_owned_by(dir: &Path, owner: u32) -> Result<Keyring, KeyringError> {
+    pub(crate) fn load_owned_by(dir: &Path, owner: u32) -> Result<Keyring, KeyringError> {
         let meta = fs::metadata(dir).map_err(io_err(dir))?;
         if !meta.is_dir() {
             return Err(KeyringError::Insecure {
@@ -156,7 +156,7 @@ fn read_small(path: &Path) -> Result<String, KeyringError> {
 }
 
 /// Reads a public key file (hex of 32 bytes). Does not check permissions.
-pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyringError> {
+pub(crate) fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyringError> {
     let bad = |detail: String| KeyringError::BadKey {
         path: path.into(),
         detail,
@@ -203,7 +203,7 @@ pub fn write_key_pair(path: &Path, key: &SigningKey) -> Result<PathBuf, KeyringE
 }
 
 /// `KEY` → `KEY.pub`.
-pub fn public_path(secret: &Path) -> PathBuf {
+pub(crate) fn public_path(secret: &Path) -> PathBuf {
     let mut s = secret.as_os_str().to_owned();
     s.push(".pub");
     PathBuf::from(s)

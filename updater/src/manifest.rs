@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::requirements::{parse_release, IO_URING_OPS};
 
 /// Deadline for reaching the required state when the manifest names none.
-pub const DEFAULT_DEADLINE_MS: u64 = 5000;
+pub(crate) const DEFAULT_DEADLINE_MS: u64 = 5000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,11 +167,11 @@ pub struct FileEntry {
 }
 
 /// Longest payload path, in bytes (the package's `name_len` cap).
-pub const MAX_NAME: usize = 256;
+pub(crate) const MAX_NAME: usize = 256;
 
 /// A payload path is relative, normalised and plain: no empty, `.` or `..` components, no
 /// leading `/`, no NUL or control characters, at most [`MAX_NAME`] bytes.
-pub fn check_path(path: &str) -> Result<(), String> {
+pub(crate) fn check_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.len() > MAX_NAME {
         return Err(format!("file path {path:?}: must be 1..={MAX_NAME} bytes"));
     }
@@ -198,7 +198,7 @@ impl Manifest {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
     }
 
-    pub fn to_toml(&self) -> String {
+    pub(crate) fn to_toml(&self) -> String {
         toml::to_string(self).expect("a manifest always serializes")
     }
 

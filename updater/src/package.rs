@@ -27,22 +27,22 @@ use crate::keyring::{fingerprint, Keyring, TrustedKey};
 use crate::manifest::{check_path, ComponentName, Manifest, MAX_NAME};
 
 pub const MAGIC: [u8; 8] = *b"MOLTLUP\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 /// Prefix of every signed message: binds a signature to this use and format version.
-pub const SIGNING_CONTEXT: &[u8] = b"molt-lup-v1";
+pub(crate) const SIGNING_CONTEXT: &[u8] = b"molt-lup-v1";
 
-pub const MAGIC_OFF: usize = 0;
-pub const VERSION_OFF: usize = MAGIC_OFF + MAGIC.len();
-pub const KEY_OFF: usize = VERSION_OFF + 4;
-pub const SIGNATURE_OFF: usize = KEY_OFF + 32;
-pub const MANIFEST_LEN_OFF: usize = SIGNATURE_OFF + 64;
+pub(crate) const MAGIC_OFF: usize = 0;
+pub(crate) const VERSION_OFF: usize = MAGIC_OFF + MAGIC.len();
+pub(crate) const KEY_OFF: usize = VERSION_OFF + 4;
+pub(crate) const SIGNATURE_OFF: usize = KEY_OFF + 32;
+pub(crate) const MANIFEST_LEN_OFF: usize = SIGNATURE_OFF + 64;
 /// Bytes before the manifest.
 pub const HEADER_LEN: usize = MANIFEST_LEN_OFF + 4;
 
 /// Default cap on a whole package, bytes.
 pub const DEFAULT_MAX_PACKAGE: u64 = 512 << 20;
 /// Default cap on the manifest, bytes.
-pub const DEFAULT_MAX_MANIFEST: u32 = 64 << 10;
+pub(crate) const DEFAULT_MAX_MANIFEST: u32 = 64 << 10;
 
 /// Caps applied before anything is read or allocated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +191,7 @@ impl<'a> Package<'a> {
 
     /// Whether the signature verifies under `key` (strict: no malleable signatures, no
     /// weak keys).
-    pub fn signature_valid_for(&self, key: &VerifyingKey) -> bool {
+    pub(crate) fn signature_valid_for(&self, key: &VerifyingKey) -> bool {
         let sig = Signature::from_bytes(&self.signature);
         key.verify_strict(&signed_message(self.manifest), &sig)
             .is_ok()
@@ -274,7 +274,7 @@ impl<'a> Package<'a> {
     /// keyring; the signature; only then the manifest is parsed; the payload files match
     /// the manifest's list exactly (names, sizes, SHA-256); the manifest's semantic rules;
     /// the expiry against `now_unix`.
-    pub fn verify_with(
+    pub(crate) fn verify_with(
         bytes: Vec<u8>,
         keyring: &Keyring,
         limits: &Limits,

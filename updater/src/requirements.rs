@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// The kernel FUSE ABI assumed when the supervisor does not know it (what the machines this
 /// project runs on speak).
-pub const DEFAULT_FUSE_ABI: &str = "7.40";
+pub(crate) const DEFAULT_FUSE_ABI: &str = "7.40";
 
 /// What the machine must offer. Every field is optional; an absent field is not checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,8 +41,8 @@ impl Requirements {
 const MIB: u64 = 1 << 20;
 
 /// io_uring opcode names, indexed by opcode number (`IORING_OP_*` in lower case, without
-/// the prefix), so a probe's supported opcode numbers map to names with [`io_uring_op_name`].
-pub const IO_URING_OPS: &[&str] = &[
+/// the prefix), so a probe's supported opcode number indexes its name.
+pub(crate) const IO_URING_OPS: &[&str] = &[
     "nop",
     "readv",
     "writev",
@@ -102,11 +102,6 @@ pub const IO_URING_OPS: &[&str] = &[
     "bind",
     "listen",
 ];
-
-/// The name of io_uring opcode `code`, if this table knows it.
-pub fn io_uring_op_name(code: u8) -> Option<&'static str> {
-    IO_URING_OPS.get(code as usize).copied()
-}
 
 /// The outcome of one compatibility or requirement check, as the CLI prints it
 /// (`PASS name: detail` / `FAIL name: detail`).
@@ -196,7 +191,7 @@ impl MachineContext {
 }
 
 /// `MemAvailable` in bytes from the text of `/proc/meminfo`.
-pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
+pub(crate) fn parse_mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let mut words = line.split_whitespace().skip(1);
     let n: u64 = words.next()?.parse().ok()?;
@@ -208,7 +203,7 @@ pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
 }
 
 /// The first `flags` (x86) or `Features` (arm) line of `/proc/cpuinfo`.
-pub fn parse_cpu_flags(cpuinfo: &str) -> Option<Vec<String>> {
+pub(crate) fn parse_cpu_flags(cpuinfo: &str) -> Option<Vec<String>> {
     cpuinfo.lines().find_map(|l| {
         let (key, value) = l.split_once(':')?;
         matches!(key.trim(), "flags" | "Features")
@@ -218,13 +213,13 @@ pub fn parse_cpu_flags(cpuinfo: &str) -> Option<Vec<String>> {
 
 /// CPU flags compare in lower case with `.` read as `_` (so "sse4.2" names the cpuinfo
 /// flag "sse4_2").
-pub fn normalise_cpu_flag(flag: &str) -> String {
+pub(crate) fn normalise_cpu_flag(flag: &str) -> String {
     flag.trim().to_ascii_lowercase().replace('.', "_")
 }
 
 /// The leading dotted numbers of a release ("6.1.0-18-amd64" → [6, 1, 0]; "7.31" →
 /// [7, 31]); `None` when it does not start with one.
-pub fn parse_release(s: &str) -> Option<Vec<u32>> {
+pub(crate) fn parse_release(s: &str) -> Option<Vec<u32>> {
     let s = s.trim();
     let end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -525,9 +520,9 @@ mod tests {
         let cpuinfo =
             "processor\t: 0\nflags\t\t: fpu SSE4_2 avx2\n\nprocessor\t: 1\nflags\t: fpu\n";
         assert_eq!(parse_cpu_flags(cpuinfo).unwrap(), ["fpu", "sse4_2", "avx2"]);
-        assert_eq!(io_uring_op_name(4), Some("read_fixed"));
-        assert_eq!(io_uring_op_name(57), Some("listen"));
-        assert_eq!(io_uring_op_name(200), None);
+        assert_eq!(IO_URING_OPS.get(4), Some(&"read_fixed"));
+        assert_eq!(IO_URING_OPS.get(57), Some(&"listen"));
+        assert_eq!(IO_URING_OPS.get(200), None);
     }
 
     #[test]

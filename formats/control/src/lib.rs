@@ -26,7 +26,7 @@
 mod link;
 mod message;
 
-pub use link::{Link, LinkError, FRAME_OVERHEAD};
+pub use link::{Link, LinkError};
 pub use message::{
     Command, ComponentInfo, ControlError, ConversionProgress, ConversionResult, Reply,
     RequiredState, ServingPhase, Status,

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Bytes a frame adds to its message (the length field).
-pub const FRAME_OVERHEAD: u64 = 4;
+const FRAME_OVERHEAD: u64 = 4;
 
 /// Room for a message's own encoding (variant tags, lengths) on top of the state blob a
 /// message may carry.

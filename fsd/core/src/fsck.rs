@@ -30,8 +30,8 @@ use crate::store::BlockStore;
 use check::{Checker, Pass, Plan};
 
 /// Exit codes, as e2fsck defines them.
-pub const EXIT_CLEAN: i32 = 0;
-pub const EXIT_REPAIRED: i32 = 1;
+pub(crate) const EXIT_CLEAN: i32 = 0;
+pub(crate) const EXIT_REPAIRED: i32 = 1;
 pub const EXIT_ERRORS_LEFT: i32 = 4;
 pub const EXIT_OPERATIONAL: i32 = 8;
 

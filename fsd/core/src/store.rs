@@ -152,13 +152,15 @@ impl MemStore {
         self.inner.lock().expect("mem store lock").volatile.clone()
     }
 
-    /// After `n` more successful writes, every write and flush fails with EIO.
-    pub fn fail_after_writes(&self, n: u64) {
+    /// After `n` more successful writes, every write and flush fails with EIO (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_after_writes(&self, n: u64) {
         self.inner.lock().expect("mem store lock").fail_after_writes = Some(n);
     }
 
-    /// The image a power cut now would leave. `dice(k)` returns a number below `k`.
-    pub fn crash_image(&self, dice: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
+    /// The image a power cut now would leave (tests). `dice(k)` returns a number below `k`.
+    #[cfg(test)]
+    pub(crate) fn crash_image(&self, dice: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
         let inner = self.inner.lock().expect("mem store lock");
         let mut img = inner.durable.clone();
         for (addr, data) in &inner.pending {

@@ -42,7 +42,7 @@ impl Bitmap {
         self.free
     }
 
-    pub fn is_set(&self, i: u64) -> bool {
+    pub(crate) fn is_set(&self, i: u64) -> bool {
         i >= self.items || bitmap::get_bit(&self.bits, i as usize)
     }
 
@@ -61,7 +61,7 @@ impl Bitmap {
 
     /// Finds a run of up to `want` free items at or after `goal` (wrapping), preferring the
     /// first free item found. Returns (start, len) without marking it.
-    pub fn find_run(&mut self, goal: u64, want: u64) -> Option<(u64, u64)> {
+    pub(crate) fn find_run(&mut self, goal: u64, want: u64) -> Option<(u64, u64)> {
         if self.free <= self.withheld_count() || want == 0 {
             return None;
         }
@@ -120,27 +120,27 @@ impl Bitmap {
     }
 
     /// Clears the bits of a freed range but keeps it from being allocated until `release`.
-    pub fn free_withheld(&mut self, start: u64, len: u64) {
+    pub(crate) fn free_withheld(&mut self, start: u64, len: u64) {
         for i in start..start + len {
             self.set(i, false);
         }
         self.withheld.push((start, len));
     }
 
-    pub fn dirty_count(&self) -> usize {
+    pub(crate) fn dirty_count(&self) -> usize {
         self.dirty.len()
     }
 
-    pub fn is_dirty(&self) -> bool {
+    pub(crate) fn is_dirty(&self) -> bool {
         !self.dirty.is_empty()
     }
 
     /// Free items that may be allocated now.
-    pub fn allocatable(&self) -> u64 {
+    pub(crate) fn allocatable(&self) -> u64 {
         self.free - self.withheld_count()
     }
 
-    pub fn has_withheld(&self) -> bool {
+    pub(crate) fn has_withheld(&self) -> bool {
         !self.withheld.is_empty()
     }
 
@@ -151,7 +151,7 @@ impl Bitmap {
 
     /// Keeps an already-free range from being allocated until `release` (adopting a
     /// predecessor's withheld blocks).
-    pub fn withhold(&mut self, start: u64, len: u64) {
+    pub(crate) fn withhold(&mut self, start: u64, len: u64) {
         self.withheld.push((start, len));
     }
 
@@ -161,12 +161,12 @@ impl Bitmap {
     }
 
     /// Payload of bitmap block `index`.
-    pub fn block_payload(&self, index: u64) -> &[u8] {
+    pub(crate) fn block_payload(&self, index: u64) -> &[u8] {
         let off = index as usize * PAYLOAD_SIZE;
         &self.bits[off..off + PAYLOAD_SIZE]
     }
 
-    pub fn take_dirty(&mut self) -> Vec<u64> {
+    pub(crate) fn take_dirty(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.dirty).into_iter().collect()
     }
 }

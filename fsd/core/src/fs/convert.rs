@@ -29,7 +29,7 @@ use crate::store::BlockStore;
 const MAX_SLOTS_PER_STEP: u64 = 65536;
 /// Free blocks a conversion leaves beyond what it allocates, so that operations running
 /// alongside keep the reserve a file creation needs.
-pub const HEADROOM_BLOCKS: u64 = 16;
+pub(crate) const HEADROOM_BLOCKS: u64 = 16;
 
 /// Where a conversion stands after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use super::{FsError, FsResult, Inner, Node};
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest file size: file block numbers are 32-bit in every format version.
-pub const MAX_FILE_SIZE: u64 = (1u64 << 32) * BS;
+pub(crate) const MAX_FILE_SIZE: u64 = (1u64 << 32) * BS;
 /// Extents removed per transaction when shrinking a file, to bound transaction size.
 const FREE_EXTENTS_PER_TX: usize = 128;
 

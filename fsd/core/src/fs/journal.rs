@@ -15,16 +15,14 @@ use crate::store::BlockStore;
 
 /// One complete transaction found in the log.
 #[derive(Debug, Clone)]
-pub struct ReplayTx {
-    pub sequence: u64,
+pub(crate) struct ReplayTx {
     pub blocks: Vec<(u64, Vec<u8>)>,
 }
 
 /// What the log holds: the complete transactions to apply, in order, and the sequence
 /// number the next transaction must carry.
 #[derive(Debug, Clone)]
-pub struct LogScan {
-    pub super_sequence: u64,
+pub(crate) struct LogScan {
     pub transactions: Vec<ReplayTx>,
     pub next_sequence: u64,
     /// Journal block (relative to the region) where the next transaction would start.
@@ -80,7 +78,7 @@ fn read_block(store: &dyn BlockStore, addr: u64) -> io::Result<Vec<u8>> {
 /// Reads the log without changing anything. A transaction is complete when its
 /// descriptor, every block image and its commit are present and the commit's data
 /// checksum matches; the scan stops at the first block that is not.
-pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalError> {
+pub(crate) fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalError> {
     let start = geo.journal_start;
     let jsb = JournalSuper::decode(&read_block(store, start)?, BlockAddr(start))
         .map_err(JournalError::Super)?;
@@ -138,15 +136,11 @@ pub fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalEr
                 });
             }
         }
-        txs.push(ReplayTx {
-            sequence: seq,
-            blocks,
-        });
+        txs.push(ReplayTx { blocks });
         pos += journal::tx_footprint(targets.len());
         seq += 1;
     }
     Ok(LogScan {
-        super_sequence: jsb.sequence,
         transactions: txs,
         next_sequence: seq,
         head: pos,
@@ -169,7 +163,7 @@ pub fn replay(store: &dyn BlockStore, geo: &Geometry) -> Result<(usize, u64), Jo
 
 /// Retires the log: the next transaction is `sequence` at journal block 1.
 /// Call only when every transaction written so far is durable in place.
-pub fn reset(store: &dyn BlockStore, geo: &Geometry, sequence: u64) -> io::Result<()> {
+pub(crate) fn reset(store: &dyn BlockStore, geo: &Geometry, sequence: u64) -> io::Result<()> {
     let jsb = JournalSuper {
         blocks: geo.journal_blocks,
         sequence,
@@ -182,7 +176,7 @@ pub fn reset(store: &dyn BlockStore, geo: &Geometry, sequence: u64) -> io::Resul
 }
 
 /// Appends transactions to the log. Not thread-safe by itself: the filesystem serialises.
-pub struct JournalWriter {
+pub(crate) struct JournalWriter {
     start: u64,
     blocks: u64,
     head: u64,
@@ -202,7 +196,7 @@ impl JournalWriter {
 
     /// A writer that continues a log a predecessor left: the next transaction goes at
     /// `head` with `sequence` (live update; nothing is checkpointed in between).
-    pub fn continuing(geo: &Geometry, head: u64, sequence: u64) -> JournalWriter {
+    pub(crate) fn continuing(geo: &Geometry, head: u64, sequence: u64) -> JournalWriter {
         JournalWriter {
             start: geo.journal_start,
             blocks: geo.journal_blocks as u64,
@@ -212,7 +206,7 @@ impl JournalWriter {
     }
 
     /// Most block images one transaction may carry in this journal.
-    pub fn max_tx_blocks(&self) -> usize {
+    pub(crate) fn max_tx_blocks(&self) -> usize {
         MAX_TX_BLOCKS.min((self.blocks - 3) as usize)
     }
 
@@ -222,12 +216,8 @@ impl JournalWriter {
     }
 
     /// Fraction of the region in use.
-    pub fn used_fraction(&self) -> f64 {
+    pub(crate) fn used_fraction(&self) -> f64 {
         self.head as f64 / self.blocks as f64
-    }
-
-    pub fn sequence(&self) -> u64 {
-        self.sequence
     }
 
     /// Writes one transaction (not flushed). The caller checked `fits`.
@@ -266,7 +256,7 @@ impl JournalWriter {
     }
 
     /// Restarts the log at block 1 (the caller has made every in-place write durable).
-    pub fn reset(&mut self, store: &dyn BlockStore, geo: &Geometry) -> io::Result<()> {
+    pub(crate) fn reset(&mut self, store: &dyn BlockStore, geo: &Geometry) -> io::Result<()> {
         reset(store, geo, self.sequence)?;
         self.head = 1;
         Ok(())

@@ -13,7 +13,7 @@ use super::{Fs, FsError, FsResult, Inner, Node};
 /// Most hard links one inode may have.
 pub const LINK_MAX: u32 = 65000;
 /// Longest symlink target.
-pub const SYMLINK_MAX: usize = BLOCK_SIZE - 1;
+pub(crate) const SYMLINK_MAX: usize = BLOCK_SIZE - 1;
 /// Free blocks an operation that creates a name must see before it starts, so that it
 /// cannot run out of space half-way (directory split, overflow, extent block, xattr).
 const CREATE_RESERVE: u64 = 16;
@@ -98,7 +98,7 @@ pub struct WriteMode {
 
 impl WriteMode {
     /// A write(2) as a program makes it: stamps times, may be short at the size limit.
-    pub const DIRECT: WriteMode = WriteMode {
+    pub(crate) const DIRECT: WriteMode = WriteMode {
         stamp_times: true,
         whole: false,
     };

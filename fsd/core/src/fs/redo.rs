@@ -105,7 +105,8 @@ impl RedoLog {
     }
 
     /// Gives the memory back (a test reopens it as a successor would).
-    pub fn into_region(self) -> Box<dyn RedoRegion> {
+    #[cfg(test)]
+    pub(crate) fn into_region(self) -> Box<dyn RedoRegion> {
         self.map
     }
 
@@ -161,7 +162,7 @@ impl RedoLog {
 
     /// Remembers that the current request's operation completed (changes, if any, are
     /// in the log or the journal).
-    pub fn complete_current(&mut self) {
+    pub(crate) fn complete_current(&mut self) {
         let unique = current_request();
         self.note_completed(unique);
     }
@@ -177,7 +178,7 @@ impl RedoLog {
 
     /// Forgets every record: their blocks are now in a journal transaction. The
     /// completed request ids stay.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         let g = self.generation();
         self.put_u64(OFF_GENERATION, g + 1);
         self.end = RECORDS_OFF;
