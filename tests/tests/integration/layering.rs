@@ -43,13 +43,24 @@ fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
 /// Each workspace crate, bottom first, with the workspace crates it may use.
 const LAYERS: &[(&str, &[&str])] = &[
     ("formats", &[]),
+    ("molt-control", &["formats"]),
     ("fsd-core", &["formats"]),
-    ("blockdev", &["formats"]),
-    ("fsd-server", &["formats", "fsd-core", "blockdev"]),
-    ("updater", &["formats"]),
+    ("blockdev", &["formats", "molt-control"]),
+    (
+        "fsd-server",
+        &["formats", "molt-control", "fsd-core", "blockdev"],
+    ),
+    ("updater", &["formats", "molt-control"]),
     (
         "update-manager",
-        &["formats", "fsd-core", "fsd-server", "blockdev", "updater"],
+        &[
+            "formats",
+            "molt-control",
+            "fsd-core",
+            "fsd-server",
+            "blockdev",
+            "updater",
+        ],
     ),
     (
         "fsd",
