@@ -42,6 +42,7 @@ fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
 
 /// Each workspace crate, bottom first, with the workspace crates it may use.
 const LAYERS: &[(&str, &[&str])] = &[
+    ("molt-sys", &[]),
     ("formats", &[]),
     ("fsd-core", &["formats"]),
     ("blockdev", &["formats"]),
