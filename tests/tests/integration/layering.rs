@@ -45,7 +45,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("molt-sys", &[]),
     ("formats", &[]),
     ("fsd-core", &["formats"]),
-    ("blockdev", &["formats"]),
+    ("blockdev", &["molt-sys", "formats"]),
     ("fsd-server", &["formats", "fsd-core", "blockdev"]),
     ("updater", &["formats"]),
     (
