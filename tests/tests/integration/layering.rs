@@ -46,7 +46,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("formats", &[]),
     ("fsd-core", &["formats"]),
     ("blockdev", &["molt-sys", "formats"]),
-    ("fsd-server", &["formats", "fsd-core", "blockdev"]),
+    (
+        "fsd-server",
+        &["molt-sys", "formats", "fsd-core", "blockdev"],
+    ),
     ("updater", &["formats"]),
     (
         "update-manager",
