@@ -53,11 +53,19 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("updater", &["formats"]),
     (
         "update-manager",
-        &["formats", "fsd-core", "fsd-server", "blockdev", "updater"],
+        &[
+            "molt-sys",
+            "formats",
+            "fsd-core",
+            "fsd-server",
+            "blockdev",
+            "updater",
+        ],
     ),
     (
         "fsd",
         &[
+            "molt-sys",
             "formats",
             "fsd-core",
             "fsd-server",
