@@ -73,7 +73,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "blockdev",
         ],
     ),
-    ("molt-tests", &["formats", "fsd-server", "update-manager"]),
+    (
+        "molt-tests",
+        &["molt-sys", "formats", "fsd-server", "update-manager"],
+    ),
 ];
 
 #[test]
