@@ -6,8 +6,12 @@
 //! [`Engine::wait`] sleeps until a completion, a doorbell or a timeout. Requests in flight
 //! at the same time are not ordered with respect to each other (like a disk queue): a
 //! caller that needs ordering waits for the earlier completion first.
+//!
+//! Apart from them, [`FileRing`] is a small safe io_uring over ordinary files, one request
+//! per slot, for tools that do I/O on many files at once (the stress tool).
 
 mod fault;
+mod file_ring;
 mod sync;
 mod uring;
 
@@ -17,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use fault::{FaultPlan, FaultyEngine};
+pub use file_ring::{FileCompletion, FileOp, FileRing};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
