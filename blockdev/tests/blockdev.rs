@@ -1,5 +1,7 @@
 //! Integration tests of the block layer: driver process, ring protocol, client.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

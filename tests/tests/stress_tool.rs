@@ -4,6 +4,8 @@
 //! it must: a corrupted block, a truncated file, a stalled or stuck operation, bad
 //! arguments. No test depends on how fast the machine is.
 
+#![forbid(unsafe_code)]
+
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

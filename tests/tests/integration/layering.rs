@@ -75,7 +75,13 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "molt-tests",
-        &["molt-sys", "formats", "fsd-server", "update-manager"],
+        &[
+            "molt-sys",
+            "formats",
+            "blockdev",
+            "fsd-server",
+            "update-manager",
+        ],
     ),
 ];
 
