@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use crate::ring::codec::{self, NO_SLOT, SQE_SIZE};
 use crate::ring::Counters;
 use crate::ring::{DriverEpoch, DriverPhase, Op, Request, RingGeometry, RingRegion, Status};
-use crate::{sys, BlockError, Lba, BLOCK_SIZE};
+use crate::{BlockError, Lba, BLOCK_SIZE};
+use molt_sys as sys;
 
 /// Client tunables.
 #[derive(Debug, Clone)]

@@ -2,11 +2,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::{sys, BLOCK_SIZE};
+use crate::BLOCK_SIZE;
+use molt_sys as sys;
 
 /// How the image implements discard so that discarded blocks read back as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +55,7 @@ impl Image {
     fn from_file(file: File) -> io::Result<Image> {
         let meta = file.metadata()?;
         let bytes = if meta.file_type().is_block_device() {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which is a live local.
-            let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-            if ret < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            size
+            sys::block_device_size(file.as_fd())?
         } else if meta.file_type().is_file() {
             meta.len()
         } else {
@@ -69,9 +64,7 @@ impl Image {
                 "image must be a regular file or a block device",
             ));
         };
-        // SAFETY: F_GETFL only reads the open file description's flags.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
+        let direct = sys::status_flags(file.as_fd()).is_ok_and(|f| f & libc::O_DIRECT != 0);
         let discard = probe_discard(&file, bytes, meta.file_type().is_block_device());
         Ok(Image {
             file,
@@ -100,8 +93,6 @@ impl Image {
     }
 }
 
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-
 /// Decides how to discard without touching data: punching a hole past the end of a
 /// regular file is a no-op where it is supported and `EOPNOTSUPP` where it is not.
 /// Block devices support `PUNCH_HOLE | KEEP_SIZE` (zeroing) in every kernel we target.
@@ -111,7 +102,7 @@ fn probe_discard(file: &File, bytes: u64, is_blockdev: bool) -> DiscardMode {
     }
     let end = bytes.next_multiple_of(BLOCK_SIZE as u64);
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    match sys::fallocate(file.as_raw_fd(), mode, end, BLOCK_SIZE as u64) {
+    match sys::fallocate(file.as_fd(), mode, end, BLOCK_SIZE as u64) {
         Ok(()) => DiscardMode::PunchHole,
         Err(_) => DiscardMode::WriteZeros,
     }

@@ -10,18 +10,26 @@
 //! - [`spawn`]: starts the `blockdev` driver process and returns a connected client.
 //! - [`persist`]: the driver's exported state and its versioned schemas;
 //!   [`handover`]: the live update control protocol, both ends.
+//!
+//! Unsafe code is denied but in three modules: [`ring`] (the shared mapping), [`engine`]
+//! (I/O into caller memory and the kernel's io_uring) and [`buffer`] (aligned heap
+//! buffers). Every other system call goes through the safe wrappers of `molt-sys`.
 
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
 pub mod buffer;
 pub mod client;
+#[allow(unsafe_code)]
 pub mod engine;
 mod error;
 pub mod handover;
 pub mod image;
 pub mod persist;
+#[allow(unsafe_code)]
 pub mod ring;
 pub mod server;
 pub mod spawn;
-mod sys;
 
 pub use client::{Batch, Client, ClientConfig, RecoveryStats};
 pub use error::BlockError;

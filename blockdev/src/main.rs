@@ -4,11 +4,13 @@
 //! control socket), 1 operational error (including a refused state import, or a
 //! supervisor lost during a handover), 3 the client broke the ring protocol.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+#![forbid(unsafe_code)]
+
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use blockdev::engine::{Engine, EngineKind};
 use blockdev::handover::driver::{adopt_controlled, serve_controlled, DriverExit};
 use blockdev::image::Image;
@@ -76,13 +78,8 @@ fn adopt(fd: i32, what: &str) -> Result<OwnedFd> {
     if fd < 3 {
         bail!("{what}: fd {fd} is a standard stream");
     }
-    // SAFETY: F_GETFD only inspects the descriptor table.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        bail!("{what}: fd {fd} is not open");
-    }
-    // SAFETY: the fd is open (checked above), was passed to us for this purpose, and is
-    // adopted exactly once (clap arguments are distinct uses checked in `main`).
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // Each number is adopted once: `main` checks that the arguments are distinct.
+    molt_sys::adopt_inherited_fd(fd).map_err(|e| anyhow!("{what}: fd {fd} is not open ({e})"))
 }
 
 fn main() -> Result<()> {

@@ -34,7 +34,8 @@ use crate::ring::ProtocolVersion;
 use crate::ring::{
     Completion, DriverEpoch, DriverPhase, Op, Request, RingError, RingRegion, Status,
 };
-use crate::{sys, Lba, BLOCK_SIZE};
+use crate::{Lba, BLOCK_SIZE};
+use molt_sys as sys;
 
 /// Errors that end the serve loop (as opposed to errors reported to the client).
 #[derive(Debug, thiserror::Error)]
@@ -205,9 +206,7 @@ impl Server {
                 depth: g.queue_depth,
             });
         }
-        // SAFETY: the slot regions lie inside `ring`'s mapping, which this server owns and
-        // drops after the engine (field order above), so they stay mapped while registered.
-        unsafe { engine.register_buffers(&ring.slot_regions())? };
+        engine.register_ring_slots(&ring)?;
         let num_blocks = engine
             .num_blocks()
             .min(ProtocolVersion::CURRENT.max_blocks());

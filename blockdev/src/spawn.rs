@@ -5,8 +5,7 @@
 //! them, [`driver_command`] builds the command that passes them as fds 3–6, and
 //! [`Client::connect`] attaches a client.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -15,7 +14,8 @@ use crate::client::{Client, ClientConfig};
 use crate::engine::EngineKind;
 use crate::image::Image;
 use crate::ring::{RingError, RingGeometry, RingRegion};
-use crate::{sys, BlockError};
+use crate::BlockError;
+use molt_sys as sys;
 
 /// Environment variable naming the `blockdev` binary.
 pub const BIN_ENV: &str = "MOLT_BLOCKDEV_BIN";
@@ -153,15 +153,12 @@ fn build_command(
     client_pid: Option<u32>,
     ctl: Option<(BorrowedFd<'_>, StartMode)>,
 ) -> std::io::Result<(Command, Vec<OwnedFd>)> {
-    // Move the sources above the target numbers so dup2 in the child cannot clobber one
-    // source with another.
-    let mut sources = vec![
-        sys::dup_at_least(fds.ring, 100)?,
-        sys::dup_at_least(fds.sq_eventfd, 100)?,
-        sys::dup_at_least(fds.cq_eventfd, 100)?,
-        sys::dup_at_least(fds.image, 100)?,
+    let mut pass = vec![
+        (fds.ring, RING_FD),
+        (fds.sq_eventfd, SQ_EVENTFD),
+        (fds.cq_eventfd, CQ_EVENTFD),
+        (fds.image, IMAGE_FD),
     ];
-    let mut targets = vec![RING_FD, SQ_EVENTFD, CQ_EVENTFD, IMAGE_FD];
     let mut cmd = Command::new(driver_binary(config));
     cmd.arg("serve")
         .args(["--ring-fd", &RING_FD.to_string()])
@@ -174,27 +171,13 @@ fn build_command(
         cmd.args(["--client-pid", &pid.to_string()]);
     }
     if let Some((ctl, mode)) = ctl {
-        sources.push(sys::dup_at_least(ctl, 100)?);
-        targets.push(CTL_FD);
+        pass.push((ctl, CTL_FD));
         cmd.args(["--ctl-fd", &CTL_FD.to_string()]);
         if mode == StartMode::Adopt {
             cmd.arg("--adopt");
         }
     }
-    let raw: Vec<(i32, i32)> = sources.iter().map(|f| f.as_raw_fd()).zip(targets).collect();
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
-    // is async-signal-safe; it captures a vector allocated before the fork and only reads
-    // it (no allocation, no locks).
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(src, dst) in &raw {
-                if libc::dup2(src, dst) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let sources = sys::pass_fds(&mut cmd, &pass, sys::ChildOptions::default())?;
     Ok((cmd, sources))
 }
 

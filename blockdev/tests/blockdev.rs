@@ -1,6 +1,8 @@
 //! Integration tests of the block layer: driver process, ring protocol, client.
 
-use std::os::fd::{AsFd, AsRawFd};
+#![forbid(unsafe_code)]
+
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
@@ -498,8 +500,7 @@ fn driver_death_fails_waiting_calls() {
 }
 
 fn send_signal(pid: u32, sig: i32) -> i32 {
-    // SAFETY: kill takes plain integers; `pid` is a child of this process.
-    unsafe { libc::kill(pid as i32, sig) }
+    molt_sys::kill(pid as i32, sig).map_or(-1, |()| 0)
 }
 
 #[test]
@@ -552,51 +553,34 @@ fn driver_stops_cleanly_when_its_client_vanishes() {
     })
     .unwrap();
     let image = img.open().unwrap();
-    // Prepare everything the vanishing client does before forking: it may only touch
-    // shared memory and make async-signal-safe syscalls.
+    // The client is a process of its own that exits when its stdin (the gate) closes; its
+    // last request is already in the ring by then.
+    let mut vanishing = std::process::Command::new("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let gate = vanishing.stdin.take().unwrap();
+    let pid = vanishing.id();
     setup.ring.copy_to_slot(0, 0, &pattern(5, 1));
     let entry = raw_entry(2, 1, 5, 1, 0);
-    let ring_ptr = &setup.ring;
-    let sq_fd = setup.sq_eventfd.as_raw_fd();
-    let mut gate = [0i32; 2];
-    // SAFETY: pipe writes two fds into the live two-element array.
-    assert_eq!(unsafe { libc::pipe(gate.as_mut_ptr()) }, 0);
-    // SAFETY: the child only reads the gate pipe, writes into the shared mapping with
-    // volatile/atomic stores, calls write(2) on an eventfd and _exit(2): all
-    // async-signal-safe, no allocation.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        let mut byte = 0u8;
-        // SAFETY: reads one byte into a live local; blocks until the parent opens the gate.
-        unsafe { libc::read(gate[0], (&mut byte as *mut u8).cast(), 1) };
-        ring_ptr.write_sqe(0, &entry);
-        ring_ptr.sq_tail().store(1, Ordering::Release);
-        let one = 1u64;
-        // SAFETY: writes a live u64 to an eventfd, then exits without unwinding.
-        unsafe {
-            libc::write(sq_fd, (&one as *const u64).cast(), 8);
-            libc::_exit(0);
-        }
-    }
     let fds = DriverFds {
         ring: setup.ring.fd(),
         sq_eventfd: setup.sq_eventfd.as_fd(),
         cq_eventfd: setup.cq_eventfd.as_fd(),
         image: image.file().as_fd(),
     };
-    let (mut cmd, guard) =
-        driver_command(fds, &config(EngineKind::Uring), Some(pid as u32)).unwrap();
+    let (mut cmd, guard) = driver_command(fds, &config(EngineKind::Uring), Some(pid)).unwrap();
     let mut driver = cmd.spawn().unwrap();
     drop(guard);
     wait_until("the driver to serve", || {
         setup.ring.driver_phase() == Some(DriverPhase::Serving)
     });
-    // SAFETY: writes one byte from a live local to the pipe we created.
-    assert_eq!(unsafe { libc::write(gate[1], [1u8].as_ptr().cast(), 1) }, 1);
-    let mut status = 0;
-    // SAFETY: waits for our own forked child; `status` is a live local.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    setup.ring.write_sqe(0, &entry);
+    setup.ring.sq_tail().store(1, Ordering::Release);
+    molt_sys::eventfd_signal(setup.sq_eventfd.as_fd()).unwrap();
+    drop(gate);
+    assert!(vanishing.wait().unwrap().success());
     let start = Instant::now();
     let exit = loop {
         if let Some(s) = driver.try_wait().unwrap() {

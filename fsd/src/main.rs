@@ -1,6 +1,8 @@
 //! `fsd`: the Molt filesystem tool. A thin shell: parse arguments, call the library, map
 //! the outcome to an exit code.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -102,13 +104,8 @@ enum Command {
 
 /// Adopts a descriptor this process was started with.
 fn inherited_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: F_GETFD only inspects the descriptor table.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        anyhow::bail!("descriptor {fd} was not passed to this process");
-    }
-    // SAFETY: the descriptor is open (checked above) and adopted exactly once.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    molt_sys::adopt_inherited_fd(fd)
+        .map_err(|_| anyhow::anyhow!("descriptor {fd} was not passed to this process"))
 }
 
 fn parse_mount_flags(s: &str) -> Result<fsd_server::serve::MountFlags, String> {

@@ -244,8 +244,8 @@ impl Drop for Mount {
                 std::thread::sleep(Duration::from_millis(10));
             }
             for p in children_of(pid).into_iter().chain([pid]) {
-                // SAFETY: kill(2) with a pid we started; no memory is involved.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                // A pid we started.
+                let _ = molt_sys::kill(p, libc::SIGKILL);
             }
         }
     }
@@ -387,8 +387,7 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Sends SIGKILL to `pid` (a process of a stack the test started).
 pub fn kill9(pid: i32) {
-    // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = molt_sys::kill(pid, libc::SIGKILL);
 }
 
 /// The command name of a process (`/proc/PID/comm`), if it is still there.

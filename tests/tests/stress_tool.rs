@@ -4,6 +4,8 @@
 //! it must: a corrupted block, a truncated file, a stalled or stuck operation, bad
 //! arguments. No test depends on how fast the machine is.
 
+#![forbid(unsafe_code)]
+
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -402,9 +404,9 @@ fn sigterm_stops_the_run_cleanly_with_results() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let pid = child.id() as libc::pid_t;
-    // SAFETY: plain kill(2) on the pid of a child this test spawned and has not waited
-    // for, so the pid cannot have been reused.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The pid of a child this test spawned and has not waited for, so the pid cannot have
+    // been reused.
+    let rc = molt_sys::kill(pid, libc::SIGTERM).map_or(-1, |()| 0);
     assert_eq!(rc, 0);
     let out = child.wait_with_output().expect("molt-stress exits");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -2,6 +2,8 @@
 //! the ring + driver process, the in-process io_uring engine, and fio's io_uring engine.
 //! Prints a markdown table of medians over several repetitions.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

@@ -6,22 +6,30 @@
 //! [`Engine::wait`] sleeps until a completion, a doorbell or a timeout. Requests in flight
 //! at the same time are not ordered with respect to each other (like a disk queue): a
 //! caller that needs ordering waits for the earlier completion first.
+//!
+//! Apart from them, [`FileRing`] is a small safe io_uring over ordinary files, one request
+//! per slot, for tools that do I/O on many files at once (the stress tool).
 
 mod fault;
+mod file_ring;
 mod sync;
 mod uring;
 
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use fault::{FaultPlan, FaultyEngine};
+pub use file_ring::{FileCompletion, FileOp, FileRing};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
 use crate::buffer::AlignedBuf;
 use crate::image::Image;
+use crate::ring::RingRegion;
 use crate::{Lba, BLOCK_SIZE};
+use memmap2::MmapRaw;
 
 /// A positive `errno` value reported by an I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +47,8 @@ pub enum IoBuf {
     /// A heap buffer the engine owns while the request is in flight and gives back in the
     /// completion.
     Owned(AlignedBuf),
-    /// The first `len` bytes of registered buffer `index` (see [`Engine::register_buffers`]).
+    /// The first `len` bytes of registered buffer `index` (see
+    /// [`Engine::register_ring_slots`]).
     Fixed { index: u32, len: u32 },
 }
 
@@ -220,22 +229,34 @@ impl Engine {
         }
     }
 
-    /// Registers memory regions that [`IoBuf::Fixed`] refers to by index (io_uring fixed
-    /// buffers: pinned once, no per-request page mapping).
-    ///
+    /// Registers the data slots of `ring` as the memory [`IoBuf::Fixed`] refers to: index
+    /// `i` is slot `i` (io_uring fixed buffers: pinned once, no per-request page mapping).
+    /// The engine holds on to the ring's mapping from here until it is dropped, so the
+    /// slots stay mapped for as long as it may read or write them.
+    pub fn register_ring_slots(&mut self, ring: &RingRegion) -> io::Result<()> {
+        let regions = ring.slot_regions();
+        // SAFETY: every region is a data slot, inside `ring.mapping()`, which the engine
+        // keeps from here until it is dropped; the mapping is readable and writable.
+        unsafe { self.register_buffers(&regions, ring.mapping()) }
+    }
+
     /// # Safety
-    /// Every `(address, length)` region must stay mapped, readable and writable until the
-    /// engine is dropped. Other processes may change its contents concurrently.
-    pub unsafe fn register_buffers(&mut self, regions: &[(usize, usize)]) -> io::Result<()> {
+    /// Every `(address, length)` region must lie inside `mapping`, readable and writable.
+    /// Other processes may change its contents concurrently.
+    unsafe fn register_buffers(
+        &mut self,
+        regions: &[(usize, usize)],
+        mapping: Arc<MmapRaw>,
+    ) -> io::Result<()> {
         match self {
             // SAFETY: the caller's contract is passed on unchanged.
-            Engine::Uring(e) => unsafe { e.register_buffers(regions) },
+            Engine::Uring(e) => unsafe { e.register_buffers(regions, mapping) },
             Engine::Sync(e) => {
-                e.register_buffers(regions);
+                e.register_buffers(regions, mapping);
                 Ok(())
             }
             // SAFETY: the caller's contract is passed on unchanged.
-            Engine::Faulty(e) => unsafe { e.inner_mut().register_buffers(regions) },
+            Engine::Faulty(e) => unsafe { e.inner_mut().register_buffers(regions, mapping) },
         }
     }
 

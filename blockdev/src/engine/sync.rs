@@ -3,13 +3,17 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
+
+use memmap2::MmapRaw;
 
 use super::{validate, Errno, IoBuf, IoCompletion, IoOp, IoRequest, WaitOutcome};
 use crate::buffer::AlignedBuf;
 use crate::image::{DiscardMode, Image};
-use crate::{sys, BLOCK_SIZE};
+use crate::BLOCK_SIZE;
+use molt_sys as sys;
 
 #[derive(Debug)]
 pub struct SyncEngine {
@@ -17,6 +21,8 @@ pub struct SyncEngine {
     capacity: usize,
     fixed: Vec<(usize, usize)>,
     done: VecDeque<IoCompletion>,
+    /// The mappings `fixed` lies in, kept mapped while the engine lives.
+    mappings: Vec<Arc<MmapRaw>>,
 }
 
 impl SyncEngine {
@@ -26,6 +32,7 @@ impl SyncEngine {
             capacity: depth.max(1) as usize,
             fixed: Vec::new(),
             done: VecDeque::new(),
+            mappings: Vec::new(),
         }
     }
 
@@ -41,8 +48,9 @@ impl SyncEngine {
         self.done.len()
     }
 
-    pub(super) fn register_buffers(&mut self, regions: &[(usize, usize)]) {
+    pub(super) fn register_buffers(&mut self, regions: &[(usize, usize)], mapping: Arc<MmapRaw>) {
         self.fixed = regions.to_vec();
+        self.mappings.push(mapping);
     }
 
     /// Runs the request at once; its completion waits in the queue until reaped.
@@ -68,20 +76,20 @@ impl SyncEngine {
                 let (ptr, len) = self.buf_ptr(buf);
                 // SAFETY: `buf_ptr` returns an owned buffer's memory or a registered region
                 // whose bounds `validate` checked; both are writable for `len` bytes.
-                unsafe { sys::pread_all(fd, ptr, len, lba.byte_offset()) }
+                unsafe { pread_all(fd, ptr, len, lba.byte_offset()) }
             }
             IoOp::Write { lba, buf } => {
                 let (ptr, len) = self.buf_ptr(buf);
                 // SAFETY: as for reads; the region is readable for `len` bytes.
-                unsafe { sys::pwrite_all(fd, ptr, len, lba.byte_offset()) }
+                unsafe { pwrite_all(fd, ptr, len, lba.byte_offset()) }
             }
-            IoOp::Flush => sys::fdatasync(fd),
+            IoOp::Flush => sys::fdatasync(self.image.file().as_fd()),
             IoOp::Discard { lba, nblocks } => {
                 let off = lba.byte_offset();
                 let len = *nblocks * BLOCK_SIZE as u64;
                 match self.image.discard_mode() {
                     DiscardMode::PunchHole => sys::fallocate(
-                        fd,
+                        self.image.file().as_fd(),
                         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                         off,
                         len,
@@ -135,9 +143,71 @@ pub(super) fn write_zeros(fd: i32, mut off: u64, mut len: u64) -> io::Result<()>
     while len > 0 {
         let n = len.min(zeros.len() as u64) as usize;
         // SAFETY: `zeros` is a live buffer of at least `n` bytes.
-        unsafe { sys::pwrite_all(fd, zeros.as_ptr(), n, off)? };
+        unsafe { pwrite_all(fd, zeros.as_ptr(), n, off)? };
         off += n as u64;
         len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads exactly `len` bytes at `off` into raw memory.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+unsafe fn pread_all(fd: RawFd, ptr: *mut u8, len: usize, off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the caller guarantees `ptr..ptr+len` is writable; `done < len`.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                ptr.add(done).cast(),
+                len - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Writes exactly `len` bytes from raw memory at `off`.
+///
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes for the duration of the call.
+unsafe fn pwrite_all(fd: RawFd, ptr: *const u8, len: usize, off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the caller guarantees `ptr..ptr+len` is readable; `done < len`.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                ptr.add(done).cast(),
+                len - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        done += n as usize;
     }
     Ok(())
 }

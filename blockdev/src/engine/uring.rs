@@ -9,9 +9,11 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use memmap2::MmapRaw;
 
 use super::{validate, Errno, IoBuf, IoCompletion, IoOp, IoRequest, WaitOutcome};
 use crate::buffer::AlignedBuf;
@@ -60,6 +62,9 @@ pub struct UringEngine {
     doorbell_armed: bool,
     doorbell_fired: bool,
     cancel_pending: bool,
+    /// The mappings the registered buffers lie in: kept mapped until the ring (and its
+    /// registration) is gone. Last, so it is dropped after the ring.
+    mappings: Vec<Arc<MmapRaw>>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -96,6 +101,7 @@ impl UringEngine {
             doorbell_armed: false,
             doorbell_fired: false,
             cancel_pending: false,
+            mappings: Vec::new(),
         })
     }
 
@@ -113,7 +119,11 @@ impl UringEngine {
 
     /// # Safety
     /// See [`super::Engine::register_buffers`].
-    pub(super) unsafe fn register_buffers(&mut self, regions: &[(usize, usize)]) -> io::Result<()> {
+    pub(super) unsafe fn register_buffers(
+        &mut self,
+        regions: &[(usize, usize)],
+        mapping: Arc<MmapRaw>,
+    ) -> io::Result<()> {
         if regions.len() > u16::MAX as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -130,10 +140,12 @@ impl UringEngine {
         if !self.fixed.is_empty() {
             self.ring.submitter().unregister_buffers()?;
         }
-        // SAFETY: the caller guarantees every region stays mapped until the engine (and so
-        // the ring holding the registration) is dropped.
+        // SAFETY: the caller guarantees every region lies inside `mapping`, which is kept
+        // in `self.mappings` until the engine (and so the ring holding the registration)
+        // is dropped.
         unsafe { self.ring.submitter().register_buffers(&iovecs)? };
         self.fixed = regions.to_vec();
+        self.mappings.push(mapping);
         Ok(())
     }
 
@@ -454,6 +466,7 @@ impl Drop for UringEngine {
                     // Cannot wait: leak the buffers rather than free memory the kernel
                     // may still write into.
                     std::mem::forget(std::mem::take(&mut self.table));
+                    std::mem::forget(std::mem::take(&mut self.mappings));
                     return;
                 }
             }

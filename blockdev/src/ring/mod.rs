@@ -170,7 +170,7 @@ impl std::fmt::Display for Status {
 
 /// Signals a ring doorbell eventfd (adds 1 to its counter).
 pub fn ring_doorbell(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    crate::sys::eventfd_signal(fd)
+    molt_sys::eventfd_signal(fd)
 }
 
 #[cfg(test)]

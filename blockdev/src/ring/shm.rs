@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -71,7 +72,7 @@ impl DriverEpoch {
 /// A mapped ring region.
 #[derive(Debug)]
 pub struct RingRegion {
-    map: MmapRaw,
+    map: Arc<MmapRaw>,
     fd: OwnedFd,
     geometry: RingGeometry,
     version: ProtocolVersion,
@@ -213,7 +214,7 @@ impl RingRegion {
             .len(len as usize)
             .map_raw(&File::from(fd.try_clone()?))?;
         Ok(RingRegion {
-            map,
+            map: Arc::new(map),
             fd,
             geometry: RingGeometry {
                 queue_depth: 1,
@@ -525,6 +526,12 @@ impl RingRegion {
     }
 
     /// `(address, length)` of every data slot, for engine buffer registration.
+    /// The mapping itself, for an engine that must keep the data slots mapped for as long
+    /// as they are registered with it.
+    pub(crate) fn mapping(&self) -> Arc<MmapRaw> {
+        Arc::clone(&self.map)
+    }
+
     pub fn slot_regions(&self) -> Vec<(usize, usize)> {
         (0..self.geometry.queue_depth)
             .map(|s| (self.slot_ptr(s) as usize, self.geometry.slot_size as usize))

@@ -311,11 +311,7 @@ fn client_with_a_pidfd_follows_the_successor() {
 }
 
 fn blockdev_pidfd(pid: u32) -> std::os::fd::OwnedFd {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    assert!(fd >= 0);
-    // SAFETY: the syscall returned a new descriptor that nothing else owns.
-    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }
+    molt_sys::pidfd_open(pid as libc::pid_t).unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"))
 }
 
 #[test]

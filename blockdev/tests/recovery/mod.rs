@@ -6,7 +6,7 @@
 //! driver processes in guards that kill and reap them, even on panic. The drivers are
 //! started with `--client-pid` of this process, so an abort leaves none behind either.
 
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -122,11 +122,7 @@ fn start_driver(setup: &RingSetup, image: &Image, engine: EngineKind, mode: Star
 }
 
 fn pidfd(pid: u32) -> OwnedFd {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    assert!(fd >= 0, "pidfd_open({pid})");
-    // SAFETY: the syscall returned a new descriptor that nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    molt_sys::pidfd_open(pid as libc::pid_t).unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"))
 }
 
 fn connect(setup: &RingSetup, pidfd: Option<OwnedFd>, cfg: ClientConfig) -> Arc<Client> {
@@ -633,8 +629,8 @@ fn a_kill_without_successor_fails_waiters_in_time() {
         let client = connect(&setup, watch_pid.then(|| pidfd(driver.child.id())), cfg);
         client.write(Lba(1), &block(1, 1)).unwrap();
         // Stopped, so that the next requests certainly wait.
-        // SAFETY: kill takes plain integers; the pid is our child's, not yet reaped.
-        let stopped = unsafe { libc::kill(driver.child.id() as i32, libc::SIGSTOP) };
+        // The pid is our child's, not yet reaped.
+        let stopped = molt_sys::kill(driver.child.id() as i32, libc::SIGSTOP).map_or(-1, |()| 0);
         assert_eq!(stopped, 0);
         let (tx, rx) = mpsc::channel();
         for i in 0..4u64 {

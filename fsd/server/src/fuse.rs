@@ -151,8 +151,7 @@ fn die_after_completing(name: &CStr) {
     });
     if target.as_deref() == Some(cname(name)) {
         eprintln!("fsd serve: fault injection: dying before replying for {name:?}");
-        // SAFETY: kill(2) of this very process; no memory is involved.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        let _ = molt_sys::kill(std::process::id() as libc::pid_t, libc::SIGKILL);
     }
 }
 
@@ -236,8 +235,7 @@ fn open_options() -> OpenOptions {
 }
 
 fn stat_of(a: &Attr) -> stat64 {
-    // SAFETY: stat64 is a plain C struct of integers; all-zero is a valid value.
-    let mut st: stat64 = unsafe { std::mem::zeroed() };
+    let mut st: stat64 = molt_sys::zeroed_stat64();
     st.st_ino = a.ino.0 as u64;
     st.st_mode = a.mode;
     st.st_nlink = a.nlink as _;
@@ -1211,8 +1209,7 @@ impl FileSystem for MoltFuse {
 
     fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
         let s = self.fs.statfs();
-        // SAFETY: statvfs64 is a plain C struct of integers; all-zero is a valid value.
-        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
+        let mut st: statvfs64 = molt_sys::zeroed_statvfs64();
         st.f_bsize = s.block_size as _;
         st.f_frsize = s.block_size as _;
         st.f_blocks = s.blocks;

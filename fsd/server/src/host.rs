@@ -12,39 +12,19 @@ use fsd_core::store::BlockStore;
 /// mounted, without waiting: `false` when another open description holds it. The lock
 /// lasts while any descriptor of `file`'s open description stays open.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor `file` owns and keeps open for the call; no memory is
-    // involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    molt_sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(file))
 }
 
 /// A memfd of `REDO_LOG_SIZE` bytes for a new mount (the supervisor keeps it).
 pub fn create_redo_log_file() -> io::Result<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: memfd_create with a static NUL-terminated name; the fd is new and ours.
-    let fd = unsafe { libc::memfd_create(c"molt-redo".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(REDO_LOG_SIZE)?;
-    Ok(file)
+    molt_sys::memfd_create(c"molt-redo", REDO_LOG_SIZE)
 }
 
 /// Maps the redo log memfd `file` and opens the log in it.
 pub fn open_redo_log(file: &File) -> io::Result<RedoLog> {
-    // SAFETY: the memfd is shared only with the supervisor, which never writes it, and
-    // with a successor that runs only after this process stopped writing.
-    let map = unsafe { memmap2::MmapMut::map_mut(file)? };
+    // The memfd is shared only with the supervisor, which never writes it, and with a
+    // successor that maps it only after this process stopped writing.
+    let map = molt_sys::map_memfd(file)?;
     RedoLog::new(Box::new(map))
 }
 

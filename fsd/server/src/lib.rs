@@ -10,6 +10,10 @@
 //! - [`persist`]: the state a server hands its successor;
 //! - [`host`]: the operating-system pieces the core leaves out (the ring store, the redo
 //!   log file, file locks).
+//!
+//! No unsafe code: the system calls go through `molt-sys`.
+
+#![forbid(unsafe_code)]
 
 mod background;
 mod credentials;

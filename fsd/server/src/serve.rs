@@ -176,20 +176,7 @@ pub fn mount_fuse(
     let fstype = c("fuse.molt")?;
     let data = c(&opts)?;
     let flags = flags.ms_flags();
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    molt_sys::mount(&source, &target, &fstype, flags, &data)
 }
 
 /// Detaches a mount. `lazy` uses MNT_DETACH.
@@ -197,11 +184,7 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
     let target = CString::new(mountpoint.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mountpoint"))?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: `target` is a NUL-terminated string that outlives the call.
-    if unsafe { libc::umount2(target.as_ptr(), flags) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    molt_sys::unmount(&target, flags)
 }
 
 /// Why the serve loop returned.

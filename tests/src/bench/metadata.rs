@@ -29,8 +29,8 @@ fn path_c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("paths built here have no NUL")
 }
 
-fn last_err(what: &str, p: &Path) -> BenchError {
-    BenchError::io(p, std::io::Error::last_os_error()).context(what)
+fn os_err(what: &str, p: &Path, e: rustix::io::Errno) -> BenchError {
+    BenchError::io(p, e.into()).context(what)
 }
 
 fn file_path(dir: &Path, i: u64) -> PathBuf {
@@ -40,12 +40,7 @@ fn file_path(dir: &Path, i: u64) -> PathBuf {
 
 fn syncfs(dir: &Path) -> Result<(), BenchError> {
     let f = std::fs::File::open(dir).map_err(|e| BenchError::io(dir, e))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: syncfs(2) on a descriptor `f` owns for the duration of the call.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(last_err("syncfs", dir));
-    }
-    Ok(())
+    rustix::fs::syncfs(&f).map_err(|e| os_err("syncfs", dir, e))
 }
 
 /// Runs `rounds` rounds of the three phases over `files / rounds` files each, in `dir`
@@ -85,27 +80,28 @@ fn round_phases(dir: &Path, files: u64) -> Result<(f64, f64, f64), BenchError> {
         }
         let p = file_path(dir, i);
         let c = path_c(&p);
-        // SAFETY: open(2) with a NUL-terminated path that lives across the call.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-                0o644,
-            )
+        // Plain open(2), write(2) and close(2): what the benchmark measures.
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            c.as_c_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(|e| os_err("create", &p, e))?;
+        let write_err = match rustix::io::write(&fd, &payload) {
+            Ok(n) if n == FILE_BYTES => None,
+            Ok(n) => Some(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("wrote {n} of {FILE_BYTES} bytes"),
+            )),
+            Err(e) => Some(e.into()),
         };
-        if fd < 0 {
-            return Err(last_err("create", &p));
-        }
-        // SAFETY: write(2) of `payload`, which outlives the call, on the fd just opened.
-        let n = unsafe { libc::write(fd, payload.as_ptr().cast(), payload.len()) };
-        let write_err = (n != FILE_BYTES as isize).then(std::io::Error::last_os_error);
-        // SAFETY: closes the fd opened above exactly once.
-        let closed = unsafe { libc::close(fd) };
+        let closed = molt_sys::close(fd);
         if let Some(e) = write_err {
             return Err(BenchError::io(&p, e).context("write"));
         }
-        if closed != 0 {
-            return Err(last_err("close", &p));
+        if let Err(e) = closed {
+            return Err(BenchError::io(&p, e).context("close"));
         }
     }
     syncfs(dir)?;

@@ -221,8 +221,8 @@ impl MoltMount {
         }
         for p in harness::children_of(sup).into_iter().chain([sup]) {
             if harness::alive(p) {
-                // SAFETY: kill(2) on a process of the stack this guard mounted.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                // A process of the stack this guard mounted.
+                let _ = molt_sys::kill(p, libc::SIGKILL);
             }
         }
         r.map(|_| ())

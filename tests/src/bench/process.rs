@@ -147,9 +147,9 @@ pub fn run_ok(cmd: &mut Command, deadline: Duration) -> Result<Finished, BenchEr
 }
 
 fn kill_group(pgid: i32) {
-    // SAFETY: kill(2) on the process group of a child this module spawned with
-    // `process_group(0)`, so the group id is that child's pid; no memory is involved.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    // The process group of a child this module spawned with `process_group(0)`, so the
+    // group id is that child's pid.
+    let _ = molt_sys::kill_group(pgid, libc::SIGKILL);
 }
 
 pub fn describe(cmd: &Command) -> String {

@@ -4,6 +4,8 @@
 //! docs/BENCHMARKS.md. Exit codes: 0 every job worked, 1 some job failed, 2 usage or setup
 //! error, 130 interrupted.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

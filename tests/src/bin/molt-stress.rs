@@ -4,6 +4,8 @@
 //! run it, print the summary, write the JSON report, exit with a documented code
 //! (0 ok, 1 verification/I/O errors, 2 usage or setup error; see docs/stress.md).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;

@@ -110,8 +110,18 @@ impl AlignedBuf {
         &mut self.raw[self.off..self.off + self.len]
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    /// The whole allocation and the usable range in it (to hand the buffer to a ring).
+    pub fn into_parts(self) -> (Vec<u8>, std::ops::Range<usize>) {
+        (self.raw, self.off..self.off + self.len)
+    }
+
+    /// Back from [`AlignedBuf::into_parts`].
+    pub fn from_parts(raw: Vec<u8>, range: std::ops::Range<usize>) -> AlignedBuf {
+        AlignedBuf {
+            raw,
+            off: range.start,
+            len: range.end - range.start,
+        }
     }
 }
 

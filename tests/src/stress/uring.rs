@@ -2,14 +2,17 @@
 //! outstanding. Metadata operations, opens, closes and flushes stay synchronous on the
 //! worker thread while its data requests are in flight.
 //!
-//! Every buffer and file a request uses is owned by the in-flight table entry of that
-//! request until its completion has been reaped; if waiting for completions ever fails,
-//! the table and ring are leaked rather than freed under the kernel.
+//! The ring is the block driver's safe [`FileRing`]: it owns each request's buffer until
+//! the completion is reaped, and holds its own reference to the request's file. The
+//! in-flight table keeps the handle the worker opened for the request until then, so a
+//! per-request file is closed (and timed) after its I/O, as in the sync engine; if
+//! waiting for completions ever fails, the table and ring are leaked.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::ops::Range;
+use std::os::fd::AsFd;
 
-use io_uring::{opcode, types, IoUring};
+use blockdev::engine::{FileOp, FileRing};
 
 use super::block;
 use super::config::OpKind;
@@ -29,17 +32,21 @@ struct InFlight<'a> {
 }
 
 pub struct UringEngine {
-    ring: IoUring,
-    bufs: Vec<AlignedBuf>,
+    ring: FileRing,
+    /// Each slot's buffer while no request of the slot is in flight (the ring holds it
+    /// meanwhile), and the usable range of its allocation.
+    bufs: Vec<Option<AlignedBuf>>,
+    ranges: Vec<Range<usize>>,
 }
 
 impl UringEngine {
     pub fn new(queue_depth: u32, block_size: u32) -> io::Result<UringEngine> {
-        let ring = IoUring::new(queue_depth.next_power_of_two().max(2))?;
+        let ring = FileRing::new(queue_depth)?;
         let bufs = (0..queue_depth)
-            .map(|_| AlignedBuf::new(block_size as usize))
+            .map(|_| Some(AlignedBuf::new(block_size as usize)))
             .collect();
-        Ok(UringEngine { ring, bufs })
+        let ranges = vec![0..0; queue_depth as usize];
+        Ok(UringEngine { ring, bufs, ranges })
     }
 
     pub fn run(mut self, w: &mut Worker<'_>) {
@@ -94,35 +101,29 @@ impl UringEngine {
                         format!("io_uring wait failed: {e}"),
                     );
                     w.sh.halt(StopReason::Errors);
-                    // The kernel may still write into the buffers of the outstanding
-                    // requests: never free them.
+                    // The kernel may still use the outstanding requests' buffers and
+                    // files: leak them with the ring rather than wait for them in its drop.
                     std::mem::forget(table);
                     std::mem::forget(self);
                     return;
                 }
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (idx, res) in done {
-                let idx = idx as usize;
+            for c in self.ring.reap() {
+                let idx = c.slot;
+                let range = self.ranges[idx].clone();
+                self.bufs[idx] = Some(AlignedBuf::from_parts(c.buf, range));
                 let Some(f) = table.get_mut(idx).and_then(Option::take) else {
                     continue;
                 };
                 outstanding -= 1;
-                let res = if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
-                } else {
-                    Ok(res as usize)
-                };
+                let res = c.result;
                 match f.kind {
                     OpKind::Write => {
                         w.complete_write(idx, f.start, f.g, f.seq, res, f.handle.file())
                     }
                     _ => {
-                        w.complete_read(idx, f.start, f.g, f.before, res, self.bufs[idx].as_slice())
+                        let buf = self.bufs[idx].as_ref().expect("given back");
+                        w.complete_read(idx, f.start, f.g, f.before, res, buf.as_slice())
                     }
                 }
                 w.release(f.handle, f.file);
@@ -147,7 +148,8 @@ impl UringEngine {
             return None;
         };
         if kind == OpKind::Write {
-            block::fill(self.bufs[idx].as_mut_slice(), file, off, seq);
+            let buf = self.bufs[idx].as_mut().expect("a free slot's buffer");
+            block::fill(buf.as_mut_slice(), file, off, seq);
         }
         let start = w.begin(idx, kind, Some(file), Some(off));
         let before = w.sh.ledger.snapshot(g);
@@ -162,24 +164,29 @@ impl UringEngine {
         })
     }
 
-    /// Queues the request of table slot `idx`; false if the submission queue is full.
+    /// Queues the request of table slot `idx`; false if the ring cannot take it (its
+    /// submission queue is full).
     fn push(&mut self, w: &Worker<'_>, idx: usize, table: &[Option<InFlight<'_>>]) -> bool {
         let f = table[idx].as_ref().expect("slot filled");
         let (_, off) = w.locate(f.g);
-        let fd = types::Fd(f.handle.file().as_raw_fd());
-        let buf = &mut self.bufs[idx];
-        let len = buf.len() as u32;
-        let ptr = buf.as_mut_slice().as_mut_ptr();
-        let entry = match f.kind {
-            OpKind::Write => opcode::Write::new(fd, ptr, len).offset(off).build(),
-            _ => opcode::Read::new(fd, ptr, len).offset(off).build(),
+        let (raw, range) = self.bufs[idx]
+            .take()
+            .expect("a free slot's buffer")
+            .into_parts();
+        self.ranges[idx] = range.clone();
+        let op = match f.kind {
+            OpKind::Write => FileOp::Write,
+            _ => FileOp::Read,
+        };
+        match self
+            .ring
+            .push(idx, op, f.handle.file().as_fd(), off, raw, range.clone())
+        {
+            Ok(()) => true,
+            Err(raw) => {
+                self.bufs[idx] = Some(AlignedBuf::from_parts(raw, range));
+                false
+            }
         }
-        .user_data(idx as u64);
-        // SAFETY: the buffer `self.bufs[idx]` (heap memory that does not move) and the
-        // file behind `fd` (owned by, or borrowed for the whole run through,
-        // `table[idx]`) stay alive and untouched until the completion with user data
-        // `idx` is reaped in `run`; slot `idx` is not reused before that, and `run`
-        // leaks both rather than dropping them if it can no longer wait.
-        unsafe { self.ring.submission().push(&entry).is_ok() }
     }
 }

@@ -3,7 +3,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::IntoRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -338,15 +337,7 @@ impl<'a> Worker<'a> {
         let Handle::Owned(f) = h else { return };
         let slot = self.sync_slot;
         let start = self.begin(slot, OpKind::Close, Some(file), None);
-        let fd = f.into_raw_fd();
-        // SAFETY: `fd` came from `into_raw_fd`, so this function owns it and it is
-        // closed exactly once, here.
-        let rc = unsafe { libc::close(fd) };
-        let res = if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        };
+        let res = molt_sys::close(f.into());
         self.finish(slot, OpKind::Close, start, res.is_ok(), 0);
         if let Err(e) = res {
             self.io_error(OpKind::Close, Some(file), None, None, &e);

@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -143,53 +142,35 @@ fn populate(dir: &Path, files: usize, seed: u64) {
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
-    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
-    let n = CString::new(name).expect("name");
-    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
+    let r = rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty());
+    assert!(
+        r.is_ok(),
         "setxattr {path:?}: {}",
-        std::io::Error::last_os_error()
+        std::io::Error::from(r.unwrap_err())
     );
 }
 
 /// User xattrs of `path` except Molt's virtual ones, sorted.
 fn user_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
     let mut names = vec![0u8; 4096];
-    // SAFETY: valid path and a buffer of the given length.
-    let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    let n = rustix::fs::llistxattr(path, &mut names[..]);
     assert!(
-        n >= 0,
+        n.is_ok(),
         "listxattr {path:?}: {}",
-        std::io::Error::last_os_error()
+        std::io::Error::from(n.unwrap_err())
     );
+    let n = n.unwrap();
     let mut out = Vec::new();
-    for name in names[..n as usize]
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-    {
+    for name in names[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
         let s = String::from_utf8_lossy(name).into_owned();
         if !s.starts_with("user.") || s.starts_with("user.molt.") {
             continue;
         }
         let c = CString::new(name).expect("name");
         let mut v = vec![0u8; 4096];
-        // SAFETY: valid strings and a buffer of the given length.
-        let len =
-            unsafe { libc::lgetxattr(p.as_ptr(), c.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(len >= 0, "getxattr {path:?} {s}");
-        v.truncate(len as usize);
+        let len = rustix::fs::lgetxattr(path, c.as_c_str(), &mut v[..]);
+        assert!(len.is_ok(), "getxattr {path:?} {s}");
+        v.truncate(len.unwrap());
         out.push((s, v));
     }
     out.sort();
@@ -311,17 +292,14 @@ fn online_conversion_v1_to_v3_under_load() {
 }
 
 fn xattr_text(path: &Path, name: &str) -> String {
-    let p = CString::new(path.as_os_str().as_bytes()).expect("path");
-    let n = CString::new(name).expect("name");
     let mut v = vec![0u8; 256];
-    // SAFETY: valid strings and a buffer of the given length.
-    let len = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    let len = rustix::fs::lgetxattr(path, name, &mut v[..]);
     assert!(
-        len >= 0,
+        len.is_ok(),
         "getxattr {name}: {}",
-        std::io::Error::last_os_error()
+        std::io::Error::from(len.unwrap_err())
     );
-    v.truncate(len as usize);
+    v.truncate(len.unwrap());
     String::from_utf8(v).expect("utf-8")
 }
 
@@ -484,11 +462,13 @@ fn conversion_without_room_is_refused() {
     let mut end = 0i64;
     for piece in [1i64 << 20, 64 << 10, 4 << 10] {
         loop {
-            // SAFETY: fallocate on an open descriptor; no memory is involved.
-            let r =
-                unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&filler), 0, end, piece) };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
+            let r = molt_sys::fallocate(
+                std::os::fd::AsFd::as_fd(&filler),
+                0,
+                end as u64,
+                piece as u64,
+            );
+            if let Err(e) = r {
                 assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "fallocate: {e}");
                 break;
             }
@@ -528,13 +508,10 @@ fn conversion_without_room_is_refused() {
     assert_eq!(image_version(&img.image), 2);
 }
 
-fn nix_statvfs(p: &Path) -> libc::statvfs {
-    let c = CString::new(p.as_os_str().as_bytes()).expect("path");
-    // SAFETY: statvfs is a plain C struct; zeroed is valid and statvfs fills it.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and out pointer.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    st
+fn nix_statvfs(p: &Path) -> rustix::fs::StatVfs {
+    let st = rustix::fs::statvfs(p);
+    assert!(st.is_ok());
+    st.unwrap()
 }
 
 /// The ACLs of a tree as `getfacl` prints them, paths relative to `dir`.

@@ -1039,24 +1039,16 @@ fn nature_global_data_errcodes() {
 
 /// The usage counter of a file (`user.molt.usage`).
 fn usage(path: &Path) -> u64 {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
     let mut buf = [0u8; 32];
-    // SAFETY: both names are NUL-terminated and `buf` is valid for `buf.len()` bytes.
-    let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
-            c"user.molt.usage".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
+    let r = rustix::fs::getxattr(path, c"user.molt.usage", &mut buf[..]);
     assert!(
-        n >= 0,
+        r.is_ok(),
         "getxattr {}: {}",
         path.display(),
-        std::io::Error::last_os_error()
+        std::io::Error::from(r.unwrap_err())
     );
-    String::from_utf8_lossy(&buf[..n as usize])
+    let n = r.unwrap();
+    String::from_utf8_lossy(&buf[..n])
         .trim()
         .parse()
         .expect("usage is a number")

@@ -1,6 +1,8 @@
 //! Molt's integration tests: one binary, one module per area. Tests that mount FUSE need
 //! root; every mount is undone by a guard, and every test has a deadline.
 
+#![forbid(unsafe_code)]
+
 mod bench_quick;
 mod convert;
 mod crash;

@@ -141,24 +141,19 @@ fn mount_errors_are_clear() {
 
 /// One extended-attribute call on `path`: its result (bytes, or -1 with errno).
 fn xattr_call(path: &std::path::Path, op: &str, name: &std::ffi::CStr) -> (isize, Vec<u8>, i32) {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    use rustix::fs::XattrFlags;
     let mut buf = vec![0u8; 4096];
-    // SAFETY: the path and name are NUL-terminated; `buf` is valid for `buf.len()` bytes
-    // and a set or remove reads at most its first byte (a 1-byte value).
-    let n = unsafe {
-        match op {
-            "get" => libc::getxattr(
-                c.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            ),
-            "list" => libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()),
-            "set" => libc::setxattr(c.as_ptr(), name.as_ptr(), buf.as_ptr().cast(), 1, 0) as isize,
-            _ => libc::removexattr(c.as_ptr(), name.as_ptr()) as isize,
-        }
+    // A set writes a 1-byte value (the buffer's first byte).
+    let r = match op {
+        "get" => rustix::fs::getxattr(path, name, &mut buf[..]),
+        "list" => rustix::fs::listxattr(path, &mut buf[..]),
+        "set" => rustix::fs::setxattr(path, name, &buf[..1], XattrFlags::empty()).map(|()| 0),
+        _ => rustix::fs::removexattr(path, name).map(|()| 0),
     };
-    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let (n, errno) = match r {
+        Ok(n) => (n as isize, 0),
+        Err(e) => (-1, e.raw_os_error()),
+    };
     buf.truncate(n.max(0) as usize);
     (n, buf, errno)
 }

@@ -7,10 +7,9 @@
 //! modes the kernel's FUSE module refuses, and shared mappings of O_DIRECT files.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,14 +23,6 @@ use molt_tests::harness::{kill9, poll_until, run, Keyring, TempDir, TestImage, T
 use crate::live::{apply, component, mount_live, pack_example, status, variants, COMMITTED};
 
 const BS: usize = 4096;
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
-}
-
-fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
 
 /// "ESTALE (Stale file handle)"-style text for an errno.
 fn strerror(e: i32) -> String {
@@ -523,43 +514,42 @@ fn racing_create_by_another_user_never_gets_roots_0600_file_writable() {
 
 // ---- directory streams ------------------------------------------------------------------
 
-/// A libc directory stream (opendir / readdir / rewinddir / closedir).
+/// A directory stream (open / getdents / rewind / close).
 struct DirStream {
-    dirp: *mut libc::DIR,
+    dir: rustix::fs::Dir,
     path: PathBuf,
 }
 
 impl DirStream {
     fn open(p: &Path) -> DirStream {
-        let c = cpath(p);
-        // SAFETY: `c` is a NUL-terminated path that outlives the call.
-        let dirp = unsafe { libc::opendir(c.as_ptr()) };
+        use rustix::fs::{Mode, OFlags};
+        let dir = rustix::fs::open(
+            p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(rustix::fs::Dir::new);
         assert!(
-            !dirp.is_null(),
+            dir.is_ok(),
             "opendir {p:?}: {}",
-            io::Error::last_os_error()
+            io::Error::from(*dir.as_ref().unwrap_err())
         );
         DirStream {
-            dirp,
+            dir: dir.unwrap(),
             path: p.to_path_buf(),
         }
     }
 
     /// The next name, or None at the end of the stream.
     fn next_name(&mut self) -> Option<Vec<u8>> {
-        // SAFETY: errno is this thread's; setting it tells an error from the end below.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: `dirp` is an open stream used by this thread only.
-        let e = unsafe { libc::readdir(self.dirp) };
-        if e.is_null() {
-            let err = errno();
-            assert_eq!(err, 0, "readdir {:?}: {}", self.path, strerror(err));
-            return None;
+        match self.dir.read()? {
+            Ok(e) => Some(e.file_name().to_bytes().to_vec()),
+            Err(e) => {
+                let err = e.raw_os_error();
+                assert_eq!(err, 0, "readdir {:?}: {}", self.path, strerror(err));
+                None
+            }
         }
-        // SAFETY: readdir returned an entry whose d_name is NUL-terminated and stays valid
-        // until the next call on this stream; it is copied out here.
-        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) };
-        Some(name.to_bytes().to_vec())
     }
 
     /// Every name from here to the end, without "." and "..".
@@ -575,15 +565,7 @@ impl DirStream {
     }
 
     fn rewind(&mut self) {
-        // SAFETY: `dirp` is an open stream used by this thread only.
-        unsafe { libc::rewinddir(self.dirp) };
-    }
-}
-
-impl Drop for DirStream {
-    fn drop(&mut self) {
-        // SAFETY: `dirp` came from opendir and is closed exactly once, here.
-        unsafe { libc::closedir(self.dirp) };
+        self.dir.rewind();
     }
 }
 
@@ -707,71 +689,22 @@ fn a_directory_stream_under_concurrent_changes_lists_no_name_twice_and_misses_no
 // ---- file handles -----------------------------------------------------------------------
 
 /// A `struct file_handle` with room for the largest handle (MAX_HANDLE_SZ bytes).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct FileHandle {
-    handle_bytes: u32,
-    handle_type: i32,
-    f_handle: [u8; 128],
-}
-
-impl std::fmt::Debug for FileHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = (self.handle_bytes as usize).min(self.f_handle.len());
-        write!(f, "handle type {:#x} [", self.handle_type)?;
-        for b in &self.f_handle[..n] {
-            write!(f, "{b:02x}")?;
-        }
-        write!(f, "]")
-    }
-}
+use molt_sys::FileHandle;
 
 /// name_to_handle_at(AT_FDCWD, p, .., 0).
 fn handle_of(p: &Path) -> FileHandle {
-    let mut h = FileHandle {
-        handle_bytes: 128,
-        handle_type: 0,
-        f_handle: [0; 128],
-    };
-    let mut mount_id = 0;
-    let c = cpath(p);
-    // SAFETY: `c` is NUL-terminated; `h` is a file_handle header followed by
-    // `handle_bytes` bytes of room, and `mount_id` a valid out pointer.
-    let r = unsafe {
-        libc::name_to_handle_at(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            (&mut h as *mut FileHandle).cast(),
-            &mut mount_id,
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
+    let r = FileHandle::of(p);
+    assert!(
+        r.is_ok(),
         "name_to_handle_at {p:?}: {}",
-        io::Error::last_os_error()
+        r.as_ref().unwrap_err()
     );
-    h
+    r.unwrap().0
 }
 
 /// open_by_handle_at(mount, h, flags): the file, or the errno.
 fn open_by_handle(mount: &File, h: &FileHandle, flags: i32) -> Result<File, i32> {
-    let mut h = *h;
-    // SAFETY: `h` is a complete file_handle (header and `handle_bytes` bytes) that outlives
-    // the call; `mount` is an open descriptor.
-    let fd = unsafe {
-        libc::open_by_handle_at(
-            mount.as_raw_fd(),
-            (&mut h as *mut FileHandle).cast(),
-            flags | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    h.open(mount.as_fd(), flags).map_err(|e| os_err(&e))
 }
 
 /// A regular file and a directory (holding a file) known by their handles.
@@ -1066,22 +999,20 @@ fn file_handle_stays_stale_after_its_inode_number_is_reused() {
 /// (atime, mtime) in ns since the epoch, asked of the server (AT_STATX_FORCE_SYNC: not
 /// from the kernel's attribute cache).
 fn times(p: &Path) -> (i128, i128) {
-    let c = cpath(p);
-    // SAFETY: statx is a plain C struct of integers; all-zero is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `stx` is a valid out pointer.
-    let r = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_STATX_FORCE_SYNC,
-            libc::STATX_ATIME | libc::STATX_MTIME,
-            &mut stx,
-        )
-    };
-    assert_eq!(r, 0, "statx {p:?}: {}", io::Error::last_os_error());
-    let ns =
-        |t: libc::statx_timestamp| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
+    use rustix::fs::{AtFlags, StatxFlags, StatxTimestamp, CWD};
+    let r = rustix::fs::statx(
+        CWD,
+        p,
+        AtFlags::STATX_FORCE_SYNC,
+        StatxFlags::ATIME | StatxFlags::MTIME,
+    );
+    assert!(
+        r.is_ok(),
+        "statx {p:?}: {}",
+        io::Error::from(*r.as_ref().unwrap_err())
+    );
+    let stx = r.unwrap();
+    let ns = |t: StatxTimestamp| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
     (ns(stx.stx_atime), ns(stx.stx_mtime))
 }
 
@@ -1285,10 +1216,19 @@ fn strictatime_mount_option_updates_atime_on_every_read() {
 /// A character device node like /dev/null (1, 3) in the mount's root.
 fn null_device(mnt: &Path) -> PathBuf {
     let p = mnt.join("null");
-    let c = cpath(&p);
-    // SAFETY: `c` is a NUL-terminated path; no other memory is involved.
-    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
-    assert_eq!(r, 0, "mknod {p:?} c 1 3: {}", io::Error::last_os_error());
+    use rustix::fs::{FileType, Mode, CWD};
+    let r = rustix::fs::mknodat(
+        CWD,
+        &p,
+        FileType::CharacterDevice,
+        Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    );
+    assert!(
+        r.is_ok(),
+        "mknod {p:?} c 1 3: {}",
+        io::Error::from(r.unwrap_err())
+    );
     let md = std::fs::metadata(&p).expect("stat");
     assert_eq!(
         (md.mode() & libc::S_IFMT, md.rdev()),
@@ -1348,12 +1288,7 @@ fn device_nodes_cannot_be_opened_by_default() {
 // ---- fallocate modes --------------------------------------------------------------------
 
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    molt_sys::fallocate(f.as_fd(), mode, off, len)
 }
 
 /// FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE and FALLOC_FL_UNSHARE_RANGE never reach
@@ -1436,26 +1371,6 @@ fn fallocate_collapse_insert_and_unshare_are_refused_by_the_kernel_with_eopnotsu
 
 // ---- shared mappings of O_DIRECT files --------------------------------------------------
 
-/// A shared mapping; unmapped when dropped.
-struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mapping {
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` bytes, readable and writable, until drop.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made for this value, once; nothing refers to it after.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// A file opened with O_DIRECT maps MAP_SHARED read+write; what is written through the
 /// mapping and msynced is in the file: through a fresh buffered open, an O_DIRECT read (the
 /// server) and after a remount.
@@ -1472,29 +1387,18 @@ fn mmap_shared_of_an_o_direct_file_writes_reach_the_file() {
         .custom_flags(libc::O_DIRECT)
         .open(&p)
         .expect("open O_DIRECT");
-    // SAFETY: a fresh shared mapping of `len` bytes of a file we own; nothing else maps it.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(
-        ptr,
-        libc::MAP_FAILED,
+    let map = molt_sys::SharedMapping::new(&f);
+    assert!(
+        map.is_ok(),
         "mmap(MAP_SHARED, PROT_READ|PROT_WRITE) of a file opened with O_DIRECT: {}",
-        io::Error::last_os_error()
+        map.as_ref().unwrap_err()
     );
-    let mut map = Mapping { ptr, len };
+    let map = map.unwrap();
+    assert_eq!(map.len(), len, "the mapping covers the file");
     let data = pattern(72, len);
-    map.as_mut().copy_from_slice(&data);
-    // SAFETY: msync of the mapping made above, which is still mapped.
-    let r = unsafe { libc::msync(map.ptr, len, libc::MS_SYNC) };
-    assert_eq!(r, 0, "msync: {}", io::Error::last_os_error());
+    map.write_at(0, &data).expect("writing through the mapping");
+    let r = map.sync();
+    assert!(r.is_ok(), "msync: {}", r.unwrap_err());
     drop(map);
     drop(f);
     assert_bytes(

@@ -3,11 +3,9 @@
 //! shared mappings, attribute freshness, rename flags, extended attributes, space
 //! accounting, huge directories, a full image, and fsync against a killed server.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,14 +13,6 @@ use std::time::{Duration, Instant};
 use molt_tests::harness::{alive, comm, kill9, poll_until, Mount, TestImage, TestRng};
 
 const BS: usize = 4096;
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
-}
-
-fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
 
 fn os_err(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
@@ -44,35 +34,21 @@ fn wait_ok(mut c: std::process::Child, what: &str) {
     assert!(st.success(), "{what}: {st}");
 }
 
-fn statvfs(p: &Path) -> libc::statvfs {
-    let c = cpath(p);
-    // SAFETY: statvfs is a plain C struct of integers; all-zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` is a valid out pointer.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    assert_eq!(r, 0, "statvfs {p:?}: {}", io::Error::last_os_error());
-    st
+fn statvfs(p: &Path) -> rustix::fs::StatVfs {
+    rustix::fs::statvfs(p).unwrap_or_else(|e| panic!("statvfs {p:?}: {}", io::Error::from(e)))
 }
 
 fn truncate_path(p: &Path, len: u64) {
-    let c = cpath(p);
-    // SAFETY: `c` is a NUL-terminated path; no other memory is involved.
-    let r = unsafe { libc::truncate(c.as_ptr(), len as i64) };
-    assert_eq!(
-        r,
-        0,
+    let r = molt_sys::truncate(p, len);
+    assert!(
+        r.is_ok(),
         "truncate {p:?} to {len}: {}",
-        io::Error::last_os_error()
+        r.as_ref().unwrap_err()
     );
 }
 
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    molt_sys::fallocate(f.as_fd(), mode, off, len)
 }
 
 /// `len` bytes of a pattern that differs at every offset of every file (by `seed`).
@@ -461,30 +437,23 @@ fn processes_writing_disjoint_regions_of_one_file() {
 
 // ---- direct I/O and mappings ------------------------------------------------------------
 
-/// A zeroed buffer aligned for O_DIRECT.
+/// A zeroed buffer aligned for O_DIRECT: `len` bytes at the first aligned offset of a
+/// vector one alignment longer.
 struct Aligned {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
 }
 
 impl Aligned {
     fn new(len: usize) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len, BS).expect("layout");
-        // SAFETY: `layout` has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        Aligned { ptr, layout }
+        let raw = vec![0u8; len + BS];
+        let off = raw.as_ptr().align_offset(BS);
+        assert!(off < BS);
+        Aligned { raw, off, len }
     }
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `layout.size()` initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+        &mut self.raw[self.off..self.off + self.len]
     }
 }
 
@@ -556,36 +525,14 @@ fn mmap_shared_writes_reach_read_and_survive_a_remount() {
         .unwrap();
     f.set_len(len as u64).unwrap();
     let data = pattern(31, len);
-    // SAFETY: a fresh shared mapping of `len` bytes of a file we own; nothing else maps it.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(
-        ptr,
-        libc::MAP_FAILED,
-        "mmap: {}",
-        io::Error::last_os_error()
-    );
-    // SAFETY: the mapping is `len` bytes, readable and writable, until munmap below.
-    let map = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
-    map.copy_from_slice(&data);
-    // SAFETY: msync and munmap of the mapping made above; `map` is not used afterwards.
-    unsafe {
-        assert_eq!(
-            libc::msync(ptr, len, libc::MS_SYNC),
-            0,
-            "msync: {}",
-            errno()
-        );
-        assert_eq!(libc::munmap(ptr, len), 0);
-    }
+    let map = molt_sys::SharedMapping::new(&f);
+    assert!(map.is_ok(), "mmap: {}", map.as_ref().unwrap_err());
+    let map = map.unwrap();
+    assert_eq!(map.len(), len, "the mapping covers the file");
+    map.write_at(0, &data).expect("writing through the mapping");
+    let r = map.sync();
+    assert!(r.is_ok(), "msync: {}", r.unwrap_err());
+    drop(map);
     drop(f);
     assert_bytes(&std::fs::read(&p).unwrap(), &data, "read after msync");
     let m = remount(&img, m);
@@ -722,20 +669,8 @@ fn attributes_are_fresh_after_links_renames_chmod_and_other_writers() {
 // ---- rename flags -----------------------------------------------------------------------
 
 fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
-    let (a, b) = (cpath(from), cpath(to));
-    // SAFETY: two NUL-terminated paths; AT_FDCWD with absolute paths.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            flags,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use rustix::fs::{RenameFlags, CWD};
+    rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::from_bits_retain(flags))?;
     Ok(())
 }
 
@@ -831,60 +766,34 @@ fn renameat2_noreplace_and_exchange() {
 // ---- extended attributes ----------------------------------------------------------------
 
 fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: NUL-terminated path and name; `value` is a live slice of its length.
-    let r = unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
+    rustix::fs::setxattr(p, name, value, flags)?;
     Ok(())
 }
 
 /// getxattr with a buffer of `size` bytes (0 asks for the length).
 fn getxattr(p: &Path, name: &str, size: usize) -> io::Result<Vec<u8>> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    let mut buf = vec![0u8; size];
-    // SAFETY: NUL-terminated path and name; `buf` has `size` writable bytes.
-    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), size) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if size == 0 {
-        return Ok(vec![0; r as usize]);
+        return Ok(vec![0; rustix::fs::getxattr_query(p, name)?]);
     }
-    buf.truncate(r as usize);
+    let mut buf = vec![0u8; size];
+    let n = rustix::fs::getxattr(p, name, &mut buf[..])?;
+    buf.truncate(n);
     Ok(buf)
 }
 
 fn listxattr(p: &Path, size: usize) -> io::Result<Vec<u8>> {
-    let c = cpath(p);
-    let mut buf = vec![0u8; size];
-    // SAFETY: NUL-terminated path; `buf` has `size` writable bytes.
-    let r = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), size) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if size == 0 {
-        return Ok(vec![0; r as usize]);
+        return Ok(vec![0; rustix::fs::listxattr_query(p)?]);
     }
-    buf.truncate(r as usize);
+    let mut buf = vec![0u8; size];
+    let n = rustix::fs::listxattr(p, &mut buf[..])?;
+    buf.truncate(n);
     Ok(buf)
 }
 
 fn removexattr(p: &Path, name: &str) -> io::Result<()> {
-    let (c, n) = (cpath(p), CString::new(name).unwrap());
-    // SAFETY: NUL-terminated path and name.
-    if unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::fs::removexattr(p, name)?;
     Ok(())
 }
 
@@ -1030,10 +939,16 @@ fn mknod_all(dir: &Path, names: &[String], threads: usize) {
         for part in names.chunks(names.len().div_ceil(threads)) {
             s.spawn(move || {
                 for n in part {
-                    let c = cpath(&dir.join(n));
-                    // SAFETY: NUL-terminated path; a regular file needs no device number.
-                    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFREG | 0o644, 0) };
-                    assert_eq!(r, 0, "mknod {n}: {}", io::Error::last_os_error());
+                    use rustix::fs::{FileType, Mode, CWD};
+                    // A regular file needs no device number.
+                    let r = rustix::fs::mknodat(
+                        CWD,
+                        dir.join(n),
+                        FileType::RegularFile,
+                        Mode::from_raw_mode(0o644),
+                        0,
+                    );
+                    assert!(r.is_ok(), "mknod {n}: {}", io::Error::from(r.unwrap_err()));
                 }
             });
         }

@@ -7,6 +7,10 @@
 //!   package verification, and the update history;
 //! - `update`: the cooperative update's phases over the running components;
 //! - [`runtime`]: the per-mount runtime directory.
+//!
+//! No unsafe code: the system calls go through `molt-sys`.
+
+#![forbid(unsafe_code)]
 
 mod component;
 pub mod manager;

@@ -4,7 +4,7 @@
 //! update at a time, and answers status and abort requests.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -61,27 +61,7 @@ pub fn start(stack: &Arc<Mutex<Stack>>, control: Arc<Control>) -> io::Result<Pat
 
 /// The uid of the process at the other end of a Unix socket.
 fn peer_uid(conn: &UnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes and describe a buffer of exactly
-    // `size_of::<ucred>()` bytes, as SO_PEERCRED requires.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    molt_sys::peer_credentials(conn.as_fd()).map(|c| c.uid)
 }
 
 fn serve_connection(

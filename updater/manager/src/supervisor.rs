@@ -9,9 +9,8 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -147,7 +146,6 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
     let mnt = precheck(opts)?;
     let (mut rd, wr) = UnixStream::pair().map_err(|e| MountError::Os("creating a pipe", e))?;
     let log = log_file(&mnt);
-    let wr_fd = wr.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("mount")
         .arg(&opts.image)
@@ -167,20 +165,17 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
-    // SAFETY: runs in the forked child before exec: setsid and dup2 are async-signal-safe
-    // and only plain integers are captured.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::dup2(wr_fd, 3) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let session = molt_sys::ChildOptions {
+        new_session: true,
+        die_with_parent: false,
+    };
+    let wr_dup = molt_sys::pass_fds(&mut cmd, &[(wr.as_fd(), 3)], session)
+        .map_err(|e| MountError::Os("starting the supervisor", e))?;
     let mut child = cmd
         .spawn()
         .map_err(|e| MountError::Os("starting the supervisor", e))?;
     drop(wr);
+    drop(wr_dup);
     let mut msg = String::new();
     let _ = rd.read_to_string(&mut msg);
     let msg = msg.trim();
@@ -767,11 +762,7 @@ fn settle_abandoned_ring(ring: &RingSetup, deadline: Instant) -> Result<(), Moun
 }
 
 fn signal(child: &Child, sig: i32) -> io::Result<()> {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    if unsafe { libc::kill(child.id() as i32, sig) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    molt_sys::kill(child.id() as i32, sig)
 }
 
 /// Takes an exclusive lock on the image so that two mounts never share it; waits a while
@@ -779,8 +770,7 @@ fn signal(child: &Child, sig: i32) -> io::Result<()> {
 fn lock_image(fd: BorrowedFd<'_>, path: &Path) -> Result<(), MountError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if matches!(molt_sys::try_lock_exclusive(fd), Ok(true)) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -794,34 +784,15 @@ fn lock_image(fd: BorrowedFd<'_>, path: &Path) -> Result<(), MountError> {
 /// and for the child to die with the supervisor. Returns duplicates that must live until
 /// the command is spawned.
 pub fn pass_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>], first: i32) -> io::Result<Vec<OwnedFd>> {
-    let mut sources = Vec::new();
-    for fd in fds {
-        // Above every target number, so dup2 in the child cannot clobber a source.
-        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
-        let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `n` is a fresh descriptor returned above and owned by nobody else.
-        sources.push(unsafe { OwnedFd::from_raw_fd(n) });
-    }
-    let raw: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
-    // SAFETY: runs in the forked child before exec; dup2 and prctl are async-signal-safe
-    // and the closure captures only a vector allocated before the fork, which it reads.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (i, src) in raw.iter().enumerate() {
-                if libc::dup2(*src, first + i as i32) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(sources)
+    let targets = fds
+        .iter()
+        .enumerate()
+        .map(|(i, fd)| (*fd, first + i as i32));
+    let die_with_us = molt_sys::ChildOptions {
+        new_session: false,
+        die_with_parent: true,
+    };
+    molt_sys::pass_fds(cmd, &targets.collect::<Vec<_>>(), die_with_us)
 }
 
 /// `fsd unmount`: unmounts, then waits for the stack to make the image clean and exit.
@@ -841,8 +812,8 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     if let Some(pid) = pid {
         let deadline = Instant::now() + START_TIMEOUT;
         let pid_file = runtime::dir_for(&mnt).join("pid");
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        while pid_file.exists() && unsafe { libc::kill(pid, 0) } == 0 {
+        // Signal 0 only checks that the process exists.
+        while pid_file.exists() && molt_sys::kill(pid, 0).is_ok() {
             if Instant::now() >= deadline {
                 return Err(MountError::Failed(format!(
                     "the supervisor (pid {pid}) did not finish within {START_TIMEOUT:?}"

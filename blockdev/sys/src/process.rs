@@ -1,0 +1,175 @@
+//! Processes: pidfds, signals, and what a child starts with.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{cvt, dup_at_least, poll_readable};
+
+/// Opens a pidfd for `pid` (readable once the process has exited).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the process behind `pidfd` has exited.
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    matches!(poll_readable(&[pidfd.as_raw_fd()], Duration::ZERO), Ok(v) if v[0])
+}
+
+/// Whether no process `pid` runs: it never existed, was reaped, or is a zombie. An error
+/// other than "no such process" counts as running (the caller must not take over from a
+/// process that may be alive).
+pub fn process_gone(pid: u32) -> bool {
+    // Larger than any pid the kernel hands out.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    match pidfd_open(pid) {
+        Ok(fd) => pidfd_exited(fd.as_fd()),
+        Err(e) => e.raw_os_error() == Some(libc::ESRCH),
+    }
+}
+
+/// Sends signal `sig` to process `pid` (`sig` 0 only checks that it exists and may be
+/// signalled). `pid` must name one process: 0 and negative numbers, which kill(2) reads
+/// as process groups or as every process, are refused with `EINVAL` (see [`kill_group`]).
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    if pid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: kill takes two integers; no memory is involved.
+    cvt(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+/// Sends signal `sig` to every process of process group `pgid` (which must be positive).
+pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    if pgid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: kill takes two integers; no memory is involved.
+    cvt(unsafe { libc::kill(-pgid, sig) }).map(|_| ())
+}
+
+/// What a child does between fork and exec, besides taking its descriptors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChildOptions {
+    /// Start a new session (`setsid`), so the child outlives its parent's terminal.
+    pub new_session: bool,
+    /// Have the kernel kill the child with SIGKILL when the thread that spawned it exits
+    /// (`PR_SET_PDEATHSIG`).
+    pub die_with_parent: bool,
+}
+
+/// Arranges for the child that `cmd` spawns to have each `(fd, number)` of `fds` as
+/// descriptor `number` (not close-on-exec), and to do what `options` asks.
+///
+/// Returns the duplicates the child's descriptors are made from: close-on-exec copies
+/// numbered above every target (so making one target cannot clobber another's source).
+/// Keep them until `cmd` has spawned; dropping them closes this process's copies.
+pub fn pass_fds(
+    cmd: &mut Command,
+    fds: &[(BorrowedFd<'_>, RawFd)],
+    options: ChildOptions,
+) -> io::Result<Vec<OwnedFd>> {
+    if fds.iter().any(|&(_, n)| n < 0) {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    let floor = fds
+        .iter()
+        .map(|&(_, n)| n.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+        .max(100);
+    let mut sources = Vec::with_capacity(fds.len());
+    for &(fd, _) in fds {
+        sources.push(dup_at_least(fd, floor)?);
+    }
+    let pairs: Vec<(RawFd, RawFd)> = sources
+        .iter()
+        .zip(fds)
+        .map(|(src, &(_, dst))| (src.as_raw_fd(), dst))
+        .collect();
+    let ChildOptions {
+        new_session,
+        die_with_parent,
+    } = options;
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it calls only setsid, dup2 and prctl, which are,
+    // and reads a vector allocated before the fork (no allocation, no locks). The sources
+    // it duplicates are this process's to keep open until the spawn (see above); were they
+    // closed early, dup2 would fail with EBADF and the spawn with it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for &(src, dst) in &pairs {
+                if libc::dup2(src, dst) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(sources)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reaped_child_is_gone_and_a_running_one_is_not() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        assert!(!process_gone(pid));
+        kill(pid as libc::pid_t, 0).unwrap();
+        kill(pid as libc::pid_t, libc::SIGKILL).unwrap();
+        child.wait().unwrap();
+        assert!(process_gone(pid));
+        assert!(process_gone(u32::MAX));
+    }
+
+    #[test]
+    fn kill_refuses_groups_and_broadcasts() {
+        for pid in [0, -1, -2] {
+            let e = kill(pid, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        }
+        assert_eq!(
+            kill_group(0, 0).unwrap_err().raw_os_error(),
+            Some(libc::EINVAL)
+        );
+    }
+
+    #[test]
+    fn a_child_gets_the_descriptors_at_their_numbers() {
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "test -r /proc/self/fd/7 && ! test -e /proc/self/fd/8"]);
+        let guard = pass_fds(&mut cmd, &[(file.as_fd(), 7)], ChildOptions::default()).unwrap();
+        assert!(guard.iter().all(|g| g.as_raw_fd() >= 100));
+        let status = cmd.status().unwrap();
+        drop(guard);
+        assert!(status.success());
+    }
+
+    #[test]
+    fn a_pidfd_turns_readable_when_the_process_exits() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let fd = pidfd_open(child.id() as libc::pid_t).unwrap();
+        child.wait().unwrap();
+        assert!(pidfd_exited(fd.as_fd()));
+    }
+}
