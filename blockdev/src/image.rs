@@ -11,7 +11,7 @@ use molt_sys as sys;
 
 /// How the image implements discard so that discarded blocks read back as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiscardMode {
+pub(crate) enum DiscardMode {
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`.
     PunchHole,
     /// The backing cannot punch holes: write zeros instead.
@@ -23,7 +23,6 @@ pub enum DiscardMode {
 pub struct Image {
     file: File,
     num_blocks: u64,
-    direct: bool,
     discard: DiscardMode,
 }
 
@@ -64,12 +63,10 @@ impl Image {
                 "image must be a regular file or a block device",
             ));
         };
-        let direct = sys::status_flags(file.as_fd()).is_ok_and(|f| f & libc::O_DIRECT != 0);
         let discard = probe_discard(&file, bytes, meta.file_type().is_block_device());
         Ok(Image {
             file,
             num_blocks: bytes / BLOCK_SIZE as u64,
-            direct,
             discard,
         })
     }
@@ -79,12 +76,13 @@ impl Image {
         self.num_blocks
     }
 
-    /// Whether the image was opened with `O_DIRECT`.
-    pub fn is_direct(&self) -> bool {
-        self.direct
+    /// Whether the image was opened with `O_DIRECT` (tests report it).
+    #[cfg(test)]
+    pub(crate) fn is_direct(&self) -> bool {
+        sys::status_flags(self.file.as_fd()).is_ok_and(|f| f & libc::O_DIRECT != 0)
     }
 
-    pub fn discard_mode(&self) -> DiscardMode {
+    pub(crate) fn discard_mode(&self) -> DiscardMode {
         self.discard
     }
 
@@ -110,7 +108,8 @@ fn probe_discard(file: &File, bytes: u64, is_blockdev: bool) -> DiscardMode {
 
 impl Image {
     /// Overrides how discards are carried out (tests exercise both ways).
-    pub fn with_discard_mode(mut self, mode: DiscardMode) -> Image {
+    #[cfg(test)]
+    pub(crate) fn with_discard_mode(mut self, mode: DiscardMode) -> Image {
         self.discard = mode;
         self
     }

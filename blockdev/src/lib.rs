@@ -47,7 +47,7 @@ pub struct Lba(pub u64);
 
 impl Lba {
     /// Byte offset of this block on the image.
-    pub fn byte_offset(self) -> u64 {
+    pub(crate) fn byte_offset(self) -> u64 {
         self.0 * BLOCK_SIZE as u64
     }
 }

@@ -37,11 +37,6 @@ impl StateVersion {
     #[cfg(not(feature = "legacy-counters-u32"))]
     pub const ACCEPTED: &'static [StateVersion] = &[StateVersion::V1, StateVersion::V2];
 
-    /// Whether the I/O counters are stored as u64.
-    pub fn has_wide_counters(self) -> bool {
-        self == StateVersion::V2
-    }
-
     pub fn is_importable(self) -> bool {
         StateVersion::ACCEPTED.contains(&self)
     }
@@ -111,7 +106,7 @@ pub type Count = u64;
 
 /// The driver's own I/O counters, in this build's width.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IoCounters {
+pub(crate) struct IoCounters {
     pub reads: Count,
     pub writes: Count,
     pub flushes: Count,
@@ -125,7 +120,7 @@ impl IoCounters {
     /// Adds `n` to a counter, wrapping at the counter's width.
     // The cast truncates in the u32 build (that is the wrap) and is a no-op otherwise.
     #[allow(clippy::unnecessary_cast)]
-    pub fn bump(c: &mut Count, n: u64) {
+    pub(crate) fn bump(c: &mut Count, n: u64) {
         *c = c.wrapping_add(n as Count);
     }
 
@@ -146,7 +141,7 @@ impl IoCounters {
     }
 
     /// Takes counters over from a view; fails if one does not fit this build's width.
-    pub fn from_view(c: &Counters) -> Result<IoCounters, StateError> {
+    pub(crate) fn from_view(c: &Counters) -> Result<IoCounters, StateError> {
         let fit = |v: u64, name: &str| {
             Count::try_from(v).map_err(|_| StateError::DoesNotFit {
                 schema: StateVersion::CURRENT.0,
@@ -238,7 +233,7 @@ impl DriverState {
 
     /// Checks the state and encodes it in schema `v` (an older one for a downgrade: fails
     /// if a counter does not fit).
-    pub fn export_as(&self, v: StateVersion) -> Result<Vec<u8>, StateError> {
+    pub(crate) fn export_as(&self, v: StateVersion) -> Result<Vec<u8>, StateError> {
         self.check()?;
         let wide = v2::DriverStateV2::from(self);
         let payload = match v {
@@ -314,7 +309,7 @@ impl Fields<'_> {
 
 /// Fields common to both schemas (offsets 0..40 of the payload).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommonV1 {
+pub(crate) struct CommonV1 {
     pub ring_version: u32,
     /// Status code table `latched` is written in.
     pub status_table: u32,
@@ -379,7 +374,7 @@ pub mod v1 {
     /// Payload: [`CommonV1`] (40 bytes), `in_flight` u32, then reads, writes, flushes,
     /// discards, bytes_read, bytes_written, errors as u32. 72 bytes.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct DriverStateV1 {
+    pub(crate) struct DriverStateV1 {
         pub common: CommonV1,
         pub in_flight: u32,
         pub counters: [u32; 7],
@@ -420,7 +415,7 @@ pub mod v2 {
     /// Payload: [`CommonV1`] (40 bytes), `in_flight` u64, then the seven counters as u64.
     /// 104 bytes.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct DriverStateV2 {
+    pub(crate) struct DriverStateV2 {
         pub common: CommonV1,
         pub in_flight: u64,
         pub counters: [u64; 7],

@@ -100,7 +100,7 @@ impl StopHandle {
 
     /// Cancels a prepare that has not drained yet; the loop then takes entries again.
     /// Returns false if the loop already drained (it returns, or has returned, its state).
-    pub fn cancel_prepare(&self) -> bool {
+    pub(crate) fn cancel_prepare(&self) -> bool {
         let cancelled = !matches!(
             self.prepare.compare_exchange(
                 PREPARE_REQUESTED,
@@ -122,7 +122,7 @@ impl StopHandle {
 
 /// A driver that left a ring by dying, as [`Server::crashed_predecessor`] found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CrashedDriver {
+pub(crate) struct CrashedDriver {
     pub pid: u32,
     pub phase: DriverPhase,
     /// The `in_flight` counter it published last.
@@ -316,7 +316,7 @@ impl Server {
     /// serving (or quiesced with requests in flight) and its `driver_pid` no longer runs
     /// (never existed, reaped, or a zombie). A predecessor that is alive (a live update) or
     /// that stopped cleanly is not one. `None` once this server is attached.
-    pub fn crashed_predecessor(&self) -> Option<CrashedDriver> {
+    pub(crate) fn crashed_predecessor(&self) -> Option<CrashedDriver> {
         if self.attached {
             return None;
         }
@@ -347,7 +347,7 @@ impl Server {
     /// of its requests (they died with it: the client resubmits those it had taken;
     /// `attach` completes their entries with [`codec::ABANDONED_TAG`]), and attaches. Only
     /// before attaching.
-    pub fn take_over_crashed(&mut self) -> Result<(), DriverError> {
+    pub(crate) fn take_over_crashed(&mut self) -> Result<(), DriverError> {
         if self.attached || self.outstanding() != 0 {
             return Err(StateError::Mismatch(
                 "a crashed driver's ring can only be taken over before attaching".into(),
@@ -367,10 +367,6 @@ impl Server {
         self.attach()
     }
 
-    pub fn is_attached(&self) -> bool {
-        self.attached
-    }
-
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             flag: self.stop.clone(),
@@ -386,7 +382,7 @@ impl Server {
     /// Carries counters, a latched error and the queue positions over from a
     /// predecessor's exported state, after checking that it describes this ring and this
     /// image. Before [`Server::attach`] nothing is written to the ring.
-    pub fn import_state(&mut self, state: &DriverState) -> Result<(), StateError> {
+    pub(crate) fn import_state(&mut self, state: &DriverState) -> Result<(), StateError> {
         state.check()?;
         let mismatch = |m: String| Err(StateError::Mismatch(m));
         if state.geometry != self.ring.geometry() {
@@ -441,7 +437,7 @@ impl Server {
 
     /// The state to hand over, checked against the ring: nothing in flight, and the
     /// positions in the header are the driver's own. Only meaningful after `run` returned.
-    pub fn export_state(&self) -> Result<Vec<u8>, StateError> {
+    pub(crate) fn export_state(&self) -> Result<Vec<u8>, StateError> {
         let state = self.state(StopReason::Prepare);
         let ring = (
             self.ring.sq_head().load(Ordering::Acquire),
@@ -481,20 +477,20 @@ impl Server {
     /// Forgets a finished prepare, so that the next one can be requested; a stop requested
     /// meanwhile (e.g. by a signal) is kept. Call before telling anyone that the driver
     /// serves again, then `run`.
-    pub fn clear_prepare(&mut self) {
+    pub(crate) fn clear_prepare(&mut self) {
         self.prepare.store(PREPARE_IDLE, Ordering::SeqCst);
     }
 
     /// Whether `run` would accept the ring now (after a hold, the supervisor may have
     /// relabelled it for an update that was then rolled back).
-    pub fn check_can_resume(&self) -> Result<(), DriverError> {
+    pub(crate) fn check_can_resume(&self) -> Result<(), DriverError> {
         self.ring.check_speaks()?;
         Ok(())
     }
 
     /// A second, read-only by convention, mapping of the ring (e.g. to report status from
     /// another thread).
-    pub fn ring_view(&self) -> Result<RingRegion, DriverError> {
+    pub(crate) fn ring_view(&self) -> Result<RingRegion, DriverError> {
         Ok(self.ring.try_clone()?)
     }
 

@@ -18,15 +18,15 @@ use crate::BlockError;
 use molt_sys as sys;
 
 /// Environment variable naming the `blockdev` binary.
-pub const BIN_ENV: &str = "MOLT_BLOCKDEV_BIN";
+pub(crate) const BIN_ENV: &str = "MOLT_BLOCKDEV_BIN";
 
 /// Fd numbers the driver receives its descriptors on.
-pub const RING_FD: i32 = 3;
-pub const SQ_EVENTFD: i32 = 4;
-pub const CQ_EVENTFD: i32 = 5;
-pub const IMAGE_FD: i32 = 6;
+pub(crate) const RING_FD: i32 = 3;
+pub(crate) const SQ_EVENTFD: i32 = 4;
+pub(crate) const CQ_EVENTFD: i32 = 5;
+pub(crate) const IMAGE_FD: i32 = 6;
 /// Fd of the control socket (live update), when there is one.
-pub const CTL_FD: i32 = 7;
+pub(crate) const CTL_FD: i32 = 7;
 
 /// How a driver started with a control socket begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

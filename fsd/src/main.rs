@@ -292,7 +292,7 @@ fn main() -> ExitCode {
                 recover,
             };
             let fds = (|| -> anyhow::Result<serve::ServerFds> {
-                use supervisor::*;
+                use fsd_server::serve::*;
                 Ok(serve::ServerFds {
                     ring: inherited_fd(SERVE_RING_FD)?,
                     sq_eventfd: inherited_fd(SERVE_SQ_FD)?,

@@ -50,7 +50,7 @@ impl FaultyEngine {
         &self.inner
     }
 
-    pub fn inner_mut(&mut self) -> &mut Engine {
+    pub(crate) fn inner_mut(&mut self) -> &mut Engine {
         &mut self.inner
     }
 

@@ -233,7 +233,7 @@ impl Engine {
     /// `i` is slot `i` (io_uring fixed buffers: pinned once, no per-request page mapping).
     /// The engine holds on to the ring's mapping from here until it is dropped, so the
     /// slots stay mapped for as long as it may read or write them.
-    pub fn register_ring_slots(&mut self, ring: &RingRegion) -> io::Result<()> {
+    pub(crate) fn register_ring_slots(&mut self, ring: &RingRegion) -> io::Result<()> {
         let regions = ring.slot_regions();
         // SAFETY: every region is a data slot, inside `ring.mapping()`, which the engine
         // keeps from here until it is dropped; the mapping is readable and writable.
@@ -303,7 +303,7 @@ impl Engine {
 
     /// Stops watching the doorbell (cancels the armed poll, reaping its completion), so
     /// that the engine holds no kernel request except data I/O.
-    pub fn disarm_doorbell(&mut self) -> io::Result<()> {
+    pub(crate) fn disarm_doorbell(&mut self) -> io::Result<()> {
         match self {
             Engine::Uring(e) => e.disarm_doorbell(),
             Engine::Sync(_) => Ok(()),
@@ -312,7 +312,8 @@ impl Engine {
     }
 
     /// Pushes, submits and waits for one request: a convenience for tests and tools.
-    pub fn run_one(&mut self, op: IoOp) -> io::Result<IoCompletion> {
+    #[cfg(test)]
+    pub(crate) fn run_one(&mut self, op: IoOp) -> io::Result<IoCompletion> {
         let user_data = u64::MAX - 7;
         self.push(IoRequest { user_data, op })
             .map_err(|_| io::Error::other("engine full"))?;

@@ -438,7 +438,7 @@ impl UringEngine {
         })
     }
 
-    pub fn disarm_doorbell(&mut self) -> io::Result<()> {
+    pub(crate) fn disarm_doorbell(&mut self) -> io::Result<()> {
         if self.doorbell_armed && !self.cancel_pending {
             self.push_entry(opcode::AsyncCancel::new(DOORBELL).build().user_data(CANCEL));
             self.cancel_pending = true;

@@ -11,13 +11,13 @@ use crate::Lba;
 /// Bytes per submission entry.
 pub const SQE_SIZE: usize = 32;
 /// Bytes per completion entry.
-pub const CQE_SIZE: usize = 16;
+pub(crate) const CQE_SIZE: usize = 16;
 /// Slot field value of requests that carry no data (flush, discard).
 pub const NO_SLOT: u32 = u32::MAX;
 /// Tag of the completion a successor posts (result 0) for each entry a driver that died
 /// had taken and not completed, so that every entry taken still yields one completion.
 /// Reserved: a client never gives a request this tag.
-pub const ABANDONED_TAG: u64 = 0;
+pub(crate) const ABANDONED_TAG: u64 = 0;
 
 // v1 submission entry layout.
 const SQE_OP: usize = 0; // u8
@@ -61,7 +61,7 @@ impl ProtocolVersion {
 
     /// Versions whose entries this code can encode and decode. The region layout is the
     /// same for all of them, so a supervisor can relabel a quiet ring between them.
-    pub fn is_known(self) -> bool {
+    pub(crate) fn is_known(self) -> bool {
         self == ProtocolVersion::V1 || self == ProtocolVersion::V2
     }
 
@@ -71,7 +71,7 @@ impl ProtocolVersion {
     }
 
     /// Width of the block address in a submission entry.
-    pub fn lba_bits(self) -> u32 {
+    pub(crate) fn lba_bits(self) -> u32 {
         if self == ProtocolVersion::V2 {
             48
         } else {
@@ -128,7 +128,7 @@ pub struct Completion {
 /// Why a submission entry could not be decoded: the status to complete it with, and the
 /// tag as read (best effort: a corrupted entry may carry a corrupted tag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodeError {
+pub(crate) struct DecodeError {
     pub tag: u64,
     pub status: Status,
 }
@@ -145,7 +145,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
-pub fn encode_request(v: ProtocolVersion, r: &Request) -> Result<[u8; SQE_SIZE], RingError> {
+pub(crate) fn encode_request(v: ProtocolVersion, r: &Request) -> Result<[u8; SQE_SIZE], RingError> {
     if !v.is_known() {
         return Err(RingError::UnsupportedVersion(v.0));
     }
@@ -172,7 +172,10 @@ pub fn encode_request(v: ProtocolVersion, r: &Request) -> Result<[u8; SQE_SIZE],
 
 /// Decodes an entry copied out of shared memory. Checks the crc first, then the op code
 /// and the reserved fields.
-pub fn decode_request(v: ProtocolVersion, b: &[u8; SQE_SIZE]) -> Result<Request, DecodeError> {
+pub(crate) fn decode_request(
+    v: ProtocolVersion,
+    b: &[u8; SQE_SIZE],
+) -> Result<Request, DecodeError> {
     let tag = u64_at(b, SQE_TAG);
     let fail = |status| DecodeError { tag, status };
     if !v.is_known() {
@@ -206,7 +209,7 @@ pub fn decode_request(v: ProtocolVersion, b: &[u8; SQE_SIZE]) -> Result<Request,
     })
 }
 
-pub fn encode_completion(c: &Completion) -> [u8; CQE_SIZE] {
+pub(crate) fn encode_completion(c: &Completion) -> [u8; CQE_SIZE] {
     let mut b = [0u8; CQE_SIZE];
     b[CQE_TAG..CQE_TAG + 8].copy_from_slice(&c.tag.to_le_bytes());
     b[CQE_RESULT..CQE_RESULT + 4].copy_from_slice(&c.result.to_le_bytes());
@@ -222,7 +225,8 @@ pub fn decode_completion(b: &[u8; CQE_SIZE]) -> Completion {
 
 /// Builds a raw v1 entry with arbitrary field values and a valid crc (tests craft bad
 /// requests with it).
-pub fn raw_v1_entry(op: u8, tag: u64, lba: u32, nblocks: u32, slot: u32) -> [u8; SQE_SIZE] {
+#[cfg(test)]
+pub(crate) fn raw_v1_entry(op: u8, tag: u64, lba: u32, nblocks: u32, slot: u32) -> [u8; SQE_SIZE] {
     raw_entry(ProtocolVersion::V1, op, tag, lba as u64, nblocks, slot)
 }
 

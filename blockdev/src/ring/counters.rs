@@ -18,7 +18,7 @@ pub struct Counters {
 
 impl Counters {
     /// The order of the counters in the ring header (`RING.md`).
-    pub fn to_array(&self) -> [u64; 8] {
+    pub(crate) fn to_array(self) -> [u64; 8] {
         [
             self.reads,
             self.writes,
@@ -31,7 +31,7 @@ impl Counters {
         ]
     }
 
-    pub fn from_array(a: [u64; 8]) -> Counters {
+    pub(crate) fn from_array(a: [u64; 8]) -> Counters {
         Counters {
             reads: a[0],
             writes: a[1],
@@ -45,7 +45,7 @@ impl Counters {
     }
 
     /// The seven I/O counters (without `in_flight`), in header order.
-    pub(crate) fn io(&self) -> [u64; 7] {
+    pub(crate) fn io(self) -> [u64; 7] {
         let a = self.to_array();
         [a[0], a[1], a[2], a[3], a[4], a[5], a[6]]
     }

@@ -7,60 +7,64 @@ use crate::BLOCK_SIZE;
 
 /// "MOLTRING" little endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MOLTRING");
-pub const PAGE: usize = 4096;
-pub const CACHE_LINE: usize = 64;
+pub(crate) const PAGE: usize = 4096;
+pub(crate) const CACHE_LINE: usize = 64;
 pub const HEADER_SIZE: usize = PAGE;
 
 // Line 0: geometry, written once by the creator.
 pub const OFF_MAGIC: usize = 0; // u64
 pub const OFF_VERSION: usize = OFF_MAGIC + 8; // u32
-pub const OFF_QUEUE_DEPTH: usize = OFF_VERSION + 4; // u32
-pub const OFF_SLOT_SIZE: usize = OFF_QUEUE_DEPTH + 4; // u32
-pub const OFF_SQE_SIZE: usize = OFF_SLOT_SIZE + 4; // u16
-pub const OFF_CQE_SIZE: usize = OFF_SQE_SIZE + 2; // u16
-pub const OFF_SQ_OFFSET: usize = OFF_CQE_SIZE + 2; // u32
-pub const OFF_CQ_OFFSET: usize = OFF_SQ_OFFSET + 4; // u32
-pub const OFF_DATA_OFFSET: usize = OFF_CQ_OFFSET + 4; // u64
-pub const OFF_TOTAL_SIZE: usize = OFF_DATA_OFFSET + 8; // u64
-                                                       // Status code table version (0 in rings from builds before the field: table 1).
-pub const OFF_STATUS_TABLE: usize = OFF_TOTAL_SIZE + 8; // u32
-pub const GEOMETRY_END: usize = OFF_STATUS_TABLE + 4; // 52; 52..64 reserved (zero)
+pub(crate) const OFF_QUEUE_DEPTH: usize = OFF_VERSION + 4; // u32
+pub(crate) const OFF_SLOT_SIZE: usize = OFF_QUEUE_DEPTH + 4; // u32
+pub(crate) const OFF_SQE_SIZE: usize = OFF_SLOT_SIZE + 4; // u16
+pub(crate) const OFF_CQE_SIZE: usize = OFF_SQE_SIZE + 2; // u16
+pub(crate) const OFF_SQ_OFFSET: usize = OFF_CQE_SIZE + 2; // u32
+pub(crate) const OFF_CQ_OFFSET: usize = OFF_SQ_OFFSET + 4; // u32
+pub(crate) const OFF_DATA_OFFSET: usize = OFF_CQ_OFFSET + 4; // u64
+pub(crate) const OFF_TOTAL_SIZE: usize = OFF_DATA_OFFSET + 8; // u64
+                                                              // Status code table version (0 in rings from builds before the field: table 1).
+pub(crate) const OFF_STATUS_TABLE: usize = OFF_TOTAL_SIZE + 8; // u32
+#[cfg(test)]
+pub(crate) const GEOMETRY_END: usize = OFF_STATUS_TABLE + 4; // 52; 52..64 reserved (zero)
 
 // Line 1: driver information, written by the driver.
-pub const OFF_DRIVER_PHASE: usize = CACHE_LINE; // u32
-pub const OFF_DRIVER_PID: usize = OFF_DRIVER_PHASE + 4; // u32
-pub const OFF_NUM_BLOCKS: usize = OFF_DRIVER_PID + 4; // u64
+pub(crate) const OFF_DRIVER_PHASE: usize = CACHE_LINE; // u32
+pub(crate) const OFF_DRIVER_PID: usize = OFF_DRIVER_PHASE + 4; // u32
+pub(crate) const OFF_NUM_BLOCKS: usize = OFF_DRIVER_PID + 4; // u64
 pub const OFF_BLOCK_SIZE: usize = OFF_NUM_BLOCKS + 8; // u32
-pub const OFF_LATCHED: usize = OFF_BLOCK_SIZE + 4; // i32
-pub const OFF_HEARTBEAT: usize = OFF_LATCHED + 4; // u64
-                                                  // Driver epoch (u32) and the sq_head that driver started from (u32), stored together as
-                                                  // one u64 so that a reader never pairs one driver's epoch with another's position.
-pub const OFF_DRIVER_EPOCH: usize = OFF_HEARTBEAT + 8; // u32
-pub const OFF_EPOCH_SQ_HEAD: usize = OFF_DRIVER_EPOCH + 4; // u32
-pub const DRIVER_END: usize = OFF_EPOCH_SQ_HEAD + 4; // 104; 104..128 reserved
+pub(crate) const OFF_LATCHED: usize = OFF_BLOCK_SIZE + 4; // i32
+pub(crate) const OFF_HEARTBEAT: usize = OFF_LATCHED + 4; // u64
+                                                         // Driver epoch (u32) and the sq_head that driver started from (u32), stored together as
+                                                         // one u64 so that a reader never pairs one driver's epoch with another's position.
+pub(crate) const OFF_DRIVER_EPOCH: usize = OFF_HEARTBEAT + 8; // u32
+#[cfg(test)]
+pub(crate) const OFF_EPOCH_SQ_HEAD: usize = OFF_DRIVER_EPOCH + 4; // u32
+#[cfg(test)]
+pub(crate) const DRIVER_END: usize = OFF_EPOCH_SQ_HEAD + 4; // 104; 104..128 reserved
 
 // Queue indices and doorbell flags, one cache line each so producer and consumer do not
 // share a line.
-pub const OFF_SQ_HEAD: usize = 2 * CACHE_LINE; // u32, written by the driver
-pub const OFF_SQ_TAIL: usize = OFF_SQ_HEAD + CACHE_LINE; // u32, written by the client
-pub const OFF_CQ_HEAD: usize = OFF_SQ_TAIL + CACHE_LINE; // u32, written by the client
-pub const OFF_CQ_TAIL: usize = OFF_CQ_HEAD + CACHE_LINE; // u32, written by the driver
-pub const OFF_SQ_NEED_WAKEUP: usize = OFF_CQ_TAIL + CACHE_LINE; // u32, set by the driver
-pub const OFF_CQ_NEED_WAKEUP: usize = OFF_SQ_NEED_WAKEUP + CACHE_LINE; // u32, set by the client
+pub(crate) const OFF_SQ_HEAD: usize = 2 * CACHE_LINE; // u32, written by the driver
+pub(crate) const OFF_SQ_TAIL: usize = OFF_SQ_HEAD + CACHE_LINE; // u32, written by the client
+pub(crate) const OFF_CQ_HEAD: usize = OFF_SQ_TAIL + CACHE_LINE; // u32, written by the client
+pub(crate) const OFF_CQ_TAIL: usize = OFF_CQ_HEAD + CACHE_LINE; // u32, written by the driver
+pub(crate) const OFF_SQ_NEED_WAKEUP: usize = OFF_CQ_TAIL + CACHE_LINE; // u32, set by the driver
+pub(crate) const OFF_CQ_NEED_WAKEUP: usize = OFF_SQ_NEED_WAKEUP + CACHE_LINE; // u32, set by the client
 
 // Counters, written by the driver: 8 × u64.
-pub const OFF_COUNTERS: usize = OFF_CQ_NEED_WAKEUP + CACHE_LINE; // 512
-pub const COUNTER_COUNT: usize = 8;
-pub const COUNTERS_END: usize = OFF_COUNTERS + COUNTER_COUNT * 8; // 576
+pub(crate) const OFF_COUNTERS: usize = OFF_CQ_NEED_WAKEUP + CACHE_LINE; // 512
+pub(crate) const COUNTER_COUNT: usize = 8;
+#[cfg(test)]
+pub(crate) const COUNTERS_END: usize = OFF_COUNTERS + COUNTER_COUNT * 8; // 576
 
 /// Limits accepted by [`RingGeometry::validate`].
-pub const MAX_QUEUE_DEPTH: u32 = 1024;
-pub const MAX_SLOT_SIZE: u32 = 64 << 20;
-pub const MAX_TOTAL_SIZE: u64 = 2 << 30;
+pub(crate) const MAX_QUEUE_DEPTH: u32 = 1024;
+pub(crate) const MAX_SLOT_SIZE: u32 = 64 << 20;
+pub(crate) const MAX_TOTAL_SIZE: u64 = 2 << 30;
 
 /// Default slot size: 1 MiB.
-pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
-pub const DEFAULT_QUEUE_DEPTH: u32 = 32;
+pub(crate) const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
+pub(crate) const DEFAULT_QUEUE_DEPTH: u32 = 32;
 
 /// The shape of a ring: how many requests can be in flight and how large a data slot is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,24 +111,24 @@ impl RingGeometry {
         Ok(())
     }
 
-    pub fn sq_offset(&self) -> u64 {
+    pub(crate) fn sq_offset(&self) -> u64 {
         HEADER_SIZE as u64
     }
 
-    pub fn cq_offset(&self) -> u64 {
+    pub(crate) fn cq_offset(&self) -> u64 {
         self.sq_offset() + round_up(self.queue_depth as u64 * SQE_SIZE as u64, PAGE as u64)
     }
 
-    pub fn data_offset(&self) -> u64 {
+    pub(crate) fn data_offset(&self) -> u64 {
         self.cq_offset() + round_up(self.queue_depth as u64 * CQE_SIZE as u64, PAGE as u64)
     }
 
-    pub fn total_size(&self) -> u64 {
+    pub(crate) fn total_size(&self) -> u64 {
         self.data_offset() + self.queue_depth as u64 * self.slot_size as u64
     }
 
     /// Largest block count one read or write request can carry.
-    pub fn max_blocks_per_request(&self) -> u32 {
+    pub(crate) fn max_blocks_per_request(&self) -> u32 {
         self.slot_size / BLOCK_SIZE as u32
     }
 }

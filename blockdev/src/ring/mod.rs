@@ -83,7 +83,7 @@ impl StatusTable {
     pub const CURRENT: StatusTable = StatusTable::V2;
 
     /// Tables this code can translate (whether or not it uses them).
-    pub fn is_known(self) -> bool {
+    pub(crate) fn is_known(self) -> bool {
         self == StatusTable::V1 || self == StatusTable::V2
     }
 
@@ -140,7 +140,7 @@ impl Status {
     }
 
     /// Maps an errno from the image to the status reported to the client.
-    pub fn from_errno(errno: i32) -> Status {
+    pub(crate) fn from_errno(errno: i32) -> Status {
         match errno {
             libc::ENOSPC | libc::EDQUOT => Status::NoSpace,
             libc::ERANGE => Status::OutOfRange,

@@ -246,12 +246,12 @@ impl RingRegion {
 
     /// Takes the header's current protocol version as this mapping's (a successor adopting
     /// a ring the supervisor relabelled while it was quiet).
-    pub fn reload_version(&mut self) {
+    pub(crate) fn reload_version(&mut self) {
         self.version = self.header_version();
     }
 
     /// The protocol version the header says now.
-    pub fn header_version(&self) -> ProtocolVersion {
+    pub(crate) fn header_version(&self) -> ProtocolVersion {
         ProtocolVersion(self.u32_at(OFF_VERSION).load(Ordering::Acquire))
     }
 
@@ -266,7 +266,7 @@ impl RingRegion {
     /// Checks that this build speaks the ring's protocol version and status code table, as
     /// the header says now. Drivers check before they attach and before they resume,
     /// clients before they connect.
-    pub fn check_speaks(&self) -> Result<(), RingError> {
+    pub(crate) fn check_speaks(&self) -> Result<(), RingError> {
         let v = self.header_version();
         for seen in [v, self.version] {
             if !seen.is_supported() {
@@ -288,7 +288,7 @@ impl RingRegion {
 
     /// Whether the ring is quiet: no driver serving, no entry waiting in either queue,
     /// nothing in flight. Only then may the supervisor relabel it.
-    pub fn check_quiet(&self) -> Result<(), RingError> {
+    pub(crate) fn check_quiet(&self) -> Result<(), RingError> {
         if self.driver_phase() == Some(DriverPhase::Serving) {
             return Err(RingError::NotQuiet("a driver is serving it".into()));
         }
@@ -409,12 +409,12 @@ impl RingRegion {
     }
     /// Set by the driver before it sleeps; a client that sees it set after publishing
     /// entries clears it and signals the submission eventfd.
-    pub fn sq_need_wakeup(&self) -> &AtomicU32 {
+    pub(crate) fn sq_need_wakeup(&self) -> &AtomicU32 {
         self.u32_at(OFF_SQ_NEED_WAKEUP)
     }
     /// Set by a client before it sleeps; the driver clears it and signals the completion
     /// eventfd after publishing completions.
-    pub fn cq_need_wakeup(&self) -> &AtomicU32 {
+    pub(crate) fn cq_need_wakeup(&self) -> &AtomicU32 {
         self.u32_at(OFF_CQ_NEED_WAKEUP)
     }
     pub fn heartbeat(&self) -> &AtomicU64 {
@@ -462,7 +462,7 @@ impl RingRegion {
         self.u32_at(OFF_DRIVER_PID).store(pid, Ordering::Relaxed);
     }
 
-    pub fn publish_latched(&self, code: i32) {
+    pub(crate) fn publish_latched(&self, code: i32) {
         self.u32_at(OFF_LATCHED)
             .store(code as u32, Ordering::Release);
     }
@@ -496,7 +496,7 @@ impl RingRegion {
     }
 
     /// Copies submission entry `index` (a free-running counter) out of shared memory.
-    pub fn read_sqe(&self, index: u32) -> [u8; SQE_SIZE] {
+    pub(crate) fn read_sqe(&self, index: u32) -> [u8; SQE_SIZE] {
         // SAFETY: `sqe_ptr` masks the index into the SQ area, which lies inside the mapping
         // and is valid for SQE_SIZE bytes; a volatile copy of plain bytes is sound even if
         // the peer writes concurrently (a torn entry fails its crc).
@@ -513,13 +513,13 @@ impl RingRegion {
         unsafe { std::ptr::read_volatile(self.cqe_ptr(index) as *const [u8; CQE_SIZE]) }
     }
 
-    pub fn write_cqe(&self, index: u32, bytes: &[u8; CQE_SIZE]) {
+    pub(crate) fn write_cqe(&self, index: u32, bytes: &[u8; CQE_SIZE]) {
         // SAFETY: as in `read_cqe`.
         unsafe { std::ptr::write_volatile(self.cqe_ptr(index) as *mut [u8; CQE_SIZE], *bytes) }
     }
 
     /// Address of data slot `slot`. Panics if `slot >= queue_depth`.
-    pub fn slot_ptr(&self, slot: u32) -> *mut u8 {
+    pub(crate) fn slot_ptr(&self, slot: u32) -> *mut u8 {
         assert!(slot < self.geometry.queue_depth, "slot {slot} out of range");
         let off = self.geometry.data_offset() + slot as u64 * self.geometry.slot_size as u64;
         self.map.as_mut_ptr().wrapping_add(off as usize)
@@ -532,7 +532,7 @@ impl RingRegion {
         Arc::clone(&self.map)
     }
 
-    pub fn slot_regions(&self) -> Vec<(usize, usize)> {
+    pub(crate) fn slot_regions(&self) -> Vec<(usize, usize)> {
         (0..self.geometry.queue_depth)
             .map(|s| (self.slot_ptr(s) as usize, self.geometry.slot_size as usize))
             .collect()
@@ -562,7 +562,7 @@ impl RingRegion {
     }
 
     /// A duplicate of the region's fd (e.g. to keep while a driver is replaced).
-    pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
+    pub(crate) fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
         self.fd.try_clone()
     }
 

@@ -74,11 +74,6 @@ impl FileHandle {
         Ok((h, mount_id))
     }
 
-    /// The handle's type (filesystem specific).
-    pub fn handle_type(&self) -> libc::c_int {
-        self.handle_type
-    }
-
     /// The handle's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.f_handle[..(self.handle_bytes as usize).min(MAX_HANDLE_SZ)]

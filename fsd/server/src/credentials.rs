@@ -19,7 +19,7 @@ const CAP_FSETID: u32 = 4;
 
 /// The credentials of request sender `pid` whose header carried `uid`/`gid` (the fsuid
 /// and fsgid the kernel checks with).
-pub fn of_request(pid: u32, uid: u32, gid: u32) -> Caller {
+pub(crate) fn of_request(pid: u32, uid: u32, gid: u32) -> Caller {
     let unprivileged = Caller {
         uid,
         gid,

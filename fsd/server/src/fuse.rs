@@ -45,7 +45,7 @@ const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 /// left the server no way to know the caller's privilege). POSIX_ACL: the kernel
 /// enforces ACLs (with default_permissions) and leaves the umask to the server, which
 /// applies default ACLs instead when the parent has one; DONT_MASK hands it the umask.
-pub fn wanted_init_flags() -> FsOptions {
+pub(crate) fn wanted_init_flags() -> FsOptions {
     FsOptions::ASYNC_READ
         | FsOptions::BIG_WRITES
         | FsOptions::WRITEBACK_CACHE
@@ -129,7 +129,7 @@ thread_local! {
 }
 
 /// Marks the request this thread serves as the resend of a completed one (or not).
-pub fn set_replay(on: bool) {
+pub(crate) fn set_replay(on: bool) {
     REPLAY.with(|r| r.set(on));
 }
 
@@ -182,14 +182,14 @@ pub struct MoltFuse {
 const RECOVERY_HANDLE_SHIFT: u32 = 44;
 
 /// The virtual, read-only extended attribute holding a file's usage counter.
-pub const USAGE_XATTR: &[u8] = b"user.molt.usage";
+pub(crate) const USAGE_XATTR: &[u8] = b"user.molt.usage";
 /// The virtual, read-only extended attribute holding an inode's creation time (format v2
 /// and later) as decimal `SEC.NSEC`; absent on inodes without one. (Not `statx` btime:
 /// the FUSE binding speaks protocol 7.33, and `FUSE_STATX` arrived in 7.39.)
-pub const CRTIME_XATTR: &[u8] = b"user.molt.crtime";
+pub(crate) const CRTIME_XATTR: &[u8] = b"user.molt.crtime";
 
 /// The value of `CRTIME_XATTR`: seconds, a dot, nanoseconds as nine digits.
-pub fn crtime_value(t: Timespec) -> Vec<u8> {
+pub(crate) fn crtime_value(t: Timespec) -> Vec<u8> {
     format!("{}.{:09}", t.sec, t.nsec).into_bytes()
 }
 
@@ -297,7 +297,7 @@ impl MoltFuse {
     }
 
     /// Whether `unique` (a resent request) completed in the server that died.
-    pub fn completed_before(&self, unique: u64) -> bool {
+    pub(crate) fn completed_before(&self, unique: u64) -> bool {
         self.completed.contains(&(unique & !(1 << 63)))
     }
 
@@ -523,7 +523,7 @@ impl MoltFuse {
     }
 
     /// Gives the server the connection to send notifications on.
-    pub fn set_notifier(&self, fuse: std::fs::File) {
+    pub(crate) fn set_notifier(&self, fuse: std::fs::File) {
         let _ = self.notifier.set(fuse);
     }
 
@@ -746,12 +746,7 @@ impl MoltFuse {
         }
     }
 
-    /// Lookup counts held by the kernel (for state transfer and checks).
-    pub fn lookup_counts(&self) -> HashMap<u64, u64> {
-        self.lookups.lock().expect("lookups").clone()
-    }
-
-    pub fn open_handles(&self) -> HashMap<u64, Handle> {
+    pub(crate) fn open_handles(&self) -> HashMap<u64, Handle> {
         self.handles.lock().expect("handles").clone()
     }
 }

@@ -21,7 +21,7 @@ pub fn create_redo_log_file() -> io::Result<File> {
 }
 
 /// Maps the redo log memfd `file` and opens the log in it.
-pub fn open_redo_log(file: &File) -> io::Result<RedoLog> {
+pub(crate) fn open_redo_log(file: &File) -> io::Result<RedoLog> {
     // The memfd is shared only with the supervisor, which never writes it, and with a
     // successor that maps it only after this process stopped writing.
     let map = molt_sys::map_memfd(file)?;
@@ -29,7 +29,7 @@ pub fn open_redo_log(file: &File) -> io::Result<RedoLog> {
 }
 
 /// The blockdev driver, reached over the shared-memory ring, as the core's block store.
-pub struct RingStore(pub std::sync::Arc<blockdev::Client>);
+pub(crate) struct RingStore(pub std::sync::Arc<blockdev::Client>);
 
 impl BlockStore for RingStore {
     fn num_blocks(&self) -> u64 {

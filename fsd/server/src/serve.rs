@@ -22,7 +22,7 @@ use fsd_core::fs::Atime;
 const RESEND_BIT: u64 = 1 << 63;
 
 /// Bytes the kernel may put in one request: the library's fixed read buffer.
-pub const MAX_READ: usize = 1_052_672 - 4096;
+pub(crate) const MAX_READ: usize = 1_052_672 - 4096;
 
 /// Opens `/dev/fuse` for a new connection.
 /// Non-blocking: several workers wait for the same request in epoll, and the ones that
@@ -117,7 +117,7 @@ impl MountFlags {
 
 /// The access-time policy the mount at `mountpoint` has now (it follows a remount), read
 /// from this process's mount table; `None` if it is not mounted.
-pub fn atime_of_mount(mountpoint: &Path) -> Option<Atime> {
+pub(crate) fn atime_of_mount(mountpoint: &Path) -> Option<Atime> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.as_os_str().to_string_lossy();
     // Fields: id parent dev root mountpoint options ...; octal escapes in paths.
@@ -197,14 +197,14 @@ pub enum StopReason {
 }
 
 /// Asks the workers of `serve` to return between requests.
-pub fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<()> {
+pub(crate) fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<()> {
     stopping.store(true, Ordering::SeqCst);
     session.wake().map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// Opens one channel per worker. Done before the serve loop starts, so that a
 /// `stop_serving` issued as soon as serving is announced reaches every worker.
-pub fn open_channels(session: &FuseSession, threads: usize) -> io::Result<Vec<FuseChannel>> {
+pub(crate) fn open_channels(session: &FuseSession, threads: usize) -> io::Result<Vec<FuseChannel>> {
     (0..threads.max(1))
         .map(|_| {
             session
@@ -299,6 +299,14 @@ pub(crate) fn notify_resend(session: &FuseSession) -> io::Result<()> {
     msg[4..8].copy_from_slice(&NOTIFY_RESEND.to_le_bytes());
     (&*file).write_all(&msg)
 }
+
+/// Fd numbers `fsd serve` receives its descriptors on (the supervisor passes them there).
+pub const SERVE_RING_FD: i32 = 3;
+pub const SERVE_SQ_FD: i32 = 4;
+pub const SERVE_CQ_FD: i32 = 5;
+pub const SERVE_FUSE_FD: i32 = 6;
+pub const SERVE_CTL_FD: i32 = 7;
+pub const SERVE_REDO_FD: i32 = 8;
 
 /// Descriptors `fsd serve` is started with.
 pub struct ServerFds {

@@ -99,7 +99,7 @@ impl ComponentProc {
     }
 
     /// Discards replies that arrived unasked or too late for an earlier exchange.
-    pub fn drain_inbox(&mut self) {
+    pub(crate) fn drain_inbox(&mut self) {
         while let Ok(Ok(_)) = self.inbox.try_recv() {}
     }
 
@@ -145,7 +145,7 @@ impl ComponentProc {
     }
 
     /// Waits for a prepared component's exported state.
-    pub fn expect_ready(
+    pub(crate) fn expect_ready(
         &mut self,
         deadline: Instant,
         abort: &AtomicBool,

@@ -15,6 +15,7 @@
 mod component;
 pub mod manager;
 pub mod runtime;
+mod stack;
 pub mod supervisor;
 mod sysinfo;
 mod update;

@@ -21,7 +21,7 @@ use updater::{
     VerifiedPackage,
 };
 
-use crate::supervisor::Stack;
+use crate::stack::Stack;
 use crate::update::{PhaseEvent, Phases, Replacement, Update};
 use formats::version::FormatVersion;
 use molt_control::{Command, Reply};
@@ -666,6 +666,6 @@ fn supervisor_status(mnt: &Path) -> updater::protocol::SupervisorStatus {
     updater::protocol::SupervisorStatus {
         pid: std::process::id(),
         version: fsd_server::persist::component_version(),
-        log: crate::supervisor::log_path(mnt).display().to_string(),
+        log: crate::runtime::log_path(mnt).display().to_string(),
     }
 }

@@ -49,3 +49,15 @@ pub fn supervisor_pid(mountpoint: &Path) -> Option<i32> {
 pub fn remove(mountpoint: &Path) {
     let _ = std::fs::remove_dir_all(dir_for(mountpoint));
 }
+
+/// Where the supervisor of the mount at `mnt` and its components log.
+pub(crate) fn log_path(mnt: &Path) -> PathBuf {
+    let name = format!(
+        "{}.log",
+        dir_for(mnt)
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+    );
+    run_root().join(name)
+}

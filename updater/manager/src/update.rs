@@ -19,16 +19,16 @@ use blockdev::spawn::StartMode;
 use molt_control::{Command, ControlError, Reply, RequiredState};
 
 use crate::component::{ComponentProc, ExchangeError};
-use crate::supervisor::{spawn_driver, Stack};
+use crate::stack::{spawn_driver, Stack};
 
-pub use updater::protocol::{Outcome, Phase, PhaseState, UpdateRecord};
+use updater::protocol::{Outcome, Phase, PhaseState};
 
 /// Time a component may take for a step that does not depend on the workload.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One step reported while an update runs.
 #[derive(Debug, Clone)]
-pub struct PhaseEvent {
+pub(crate) struct PhaseEvent {
     pub phase: Phase,
     pub state: PhaseState,
     pub elapsed: Duration,

@@ -124,7 +124,7 @@ pub fn component_version() -> String {
 }
 
 /// An entry of a directory listing: name, inode, `DT_*` type.
-pub type ListingEntry = (Vec<u8>, Ino, u8);
+pub(crate) type ListingEntry = (Vec<u8>, Ino, u8);
 
 /// An open file or directory as the kernel knows it (by handle number).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +248,7 @@ impl FsdState {
     }
 
     /// How many open files have done no read or write since they were opened.
-    pub fn untouched_files(&self) -> usize {
+    pub(crate) fn untouched_files(&self) -> usize {
         self.handles
             .values()
             .filter(|h| matches!(h, Handle::File { touched: false, .. }))

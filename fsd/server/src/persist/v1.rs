@@ -39,7 +39,7 @@ fn decode(payload: &[u8]) -> Result<FsdState, StateError> {
 
 /// An open file or directory as the kernel knows it (by handle number).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum HandleV1 {
+pub(crate) enum HandleV1 {
     File {
         ino: u64,
         flags: u32,
@@ -57,7 +57,7 @@ pub enum HandleV1 {
 
 /// Schema 1 of the fsd state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FsdStateV1 {
+pub(crate) struct FsdStateV1 {
     /// Version of the component that wrote it.
     pub version: String,
     /// FUSE INIT flags negotiated when the connection was made; frozen for its lifetime.
