@@ -4,22 +4,10 @@
 # MB/s), the raw sequential read bandwidth of the image for comparison, and the longest
 # stall the workload saw while each conversion ran.
 # Usage: scripts/convert-bench.sh [FILES]   (root; builds release; FILES per image, 20000)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-cargo build --release --workspace --quiet
-BIN="$PWD/target/release"
-export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+molt_start convert
 FILES="${1:-20000}"
-
-WORK="$(mktemp -d /var/tmp/molt-convert.XXXXXX)"
-MNT="$WORK/mnt"
-mkdir -p "$MNT"
-cleanup() {
-    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 # shellcheck source=lib/fsd-package.sh
 . scripts/lib/fsd-package.sh
 fsd_package_setup

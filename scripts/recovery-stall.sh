@@ -4,22 +4,10 @@
 # block driver) is killed with SIGKILL four times; for each kill, the longest window with
 # no completed operation around it, and the workload's error count.
 # Usage: scripts/recovery-stall.sh   (root; builds release)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-cargo build --release --workspace --quiet
-BIN="$PWD/target/release"
-export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+molt_start recovery
 ulimit -n "$(ulimit -Hn)"
-
-WORK="$(mktemp -d /var/tmp/molt-recovery.XXXXXX)"
-MNT="$WORK/mnt"
-mkdir -p "$MNT"
-cleanup() {
-    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 # The component's pid among the supervisor's children (an installed update copy is
 # named NAME-HASH).
