@@ -26,20 +26,25 @@ for open in 1 1000 10000; do
     sleep 4
     totals=(); drains=(); windows=()
     for _ in $(seq 1 "$UPDATES"); do
+        # shellcheck disable=SC2119 # no arguments: same version, no conversion
         fsd_package
-        start=$(date +%s%N)
-        "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
-        end=$(date +%s%N)
-        windows+=("$(( start / 1000000 )):$(( end / 1000000 ))")
-        totals+=($(( (end - start) / 1000000 )))
-        drains+=($(grep -oE 'preparation finished in [0-9]+' "$WORK/apply.out" | grep -oE '[0-9]+$'))
+        start=$(now_ms)
+        molt_apply "$WORK/u.lup" "$WORK/events.json"
+        end=$(now_ms)
+        windows+=("$start:$end")
+        # From the update's events: its total (the sum of its phases as the supervisor
+        # timed them, from verifying the package to the commit; sending the package is not
+        # in it) and its drain (the preparation phase).
+        totals+=("$(event_total_ms "$WORK/events.json")")
+        drains+=("$(event_phase_ms "$WORK/events.json" Preparation)")
         sleep 2
     done
-    wait $stress || true
+    wait "$stress" || true
     # The longest stall (no completion on any thread) overlapping an update's window (from
     # `updater apply` starting to its exit).
     update_stall=$(scripts/stall_window.py "$WORK/stress.json" overlap "${windows[@]}")
-    read -r stall errors < <(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['longest_stall']['duration_ms'],1), r['errors_total'])" "$WORK/stress.json")
+    stall=$(json_get "$WORK/stress.json" "round(j['longest_stall']['duration_ms'], 1)")
+    errors=$(json_get "$WORK/stress.json" "j['errors_total']")
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$update_stall" "$stall" "$(median "${totals[@]}")" "$(median "${drains[@]}")" "$errors"
     "$BIN/fsd" unmount "$MNT"
     "$BIN/fsd" fsck "$IMG" >/dev/null
