@@ -9,12 +9,14 @@
 molt_start recovery
 ulimit -n "$(ulimit -Hn)"
 
-# The component's pid among the supervisor's children (an installed update copy is
-# named NAME-HASH).
-child_of() { # SUPERVISOR NAME
-    for c in $(cat /proc/"$1"/task/*/children); do
-        case "$(cat /proc/"$c"/comm)" in "$2"|"$2"-*) echo "$c"; return ;; esac
-    done
+# The running component NAME's pid, from the mount's status; checked to be a child of the
+# mount's supervisor SUPERVISOR (the process the supervisor restarts after a kill).
+victim_pid() { # SUPERVISOR NAME
+    local pid
+    pid=$(component_pid "$2")
+    [ "$(ps -o ppid= -p "$pid" | tr -d ' ')" = "$1" ] \
+        || molt_die "$2 (pid $pid) is not a child of the supervisor (pid $1)"
+    echo "$pid"
 }
 
 printf '| component killed | kills | longest stall per kill (ms) | median (ms) | workload errors |\n|---|---:|---|---:|---:|\n'
@@ -22,8 +24,7 @@ for victim in fsd blockdev; do
     IMG="$WORK/img"
     "$BIN/fsd" mkfs "$IMG" --size 2G --force >/dev/null
     "$BIN/fsd" mount "$IMG" "$MNT"
-    # The supervisor: the parent of the filesystem server.
-    sup=$(ps -o ppid= -p "$(pgrep -f "serve $MNT" | head -1)" | tr -d ' ')
+    sup=$(supervisor_pid)
     common=(--dir "$MNT" --threads 4 --files 1000 --hold-open 1000 --file-size 65536 --state "$WORK/state-$victim")
     "$BIN/molt-stress" "${common[@]}" --prepare --ops 1 --quiet > /dev/null
     "$BIN/molt-stress" "${common[@]}" --mix read=45,write=45,meta=10 --time 22s \
@@ -32,13 +33,13 @@ for victim in fsd blockdev; do
     sleep 3
     kills=()
     for _ in 1 2 3 4; do
-        pid=$(child_of "$sup" "$victim")
-        at=$(date +%s%3N)
+        pid=$(victim_pid "$sup" "$victim")
+        at=$(now_ms)
         kill -9 "$pid"
         kills+=("$at")
         sleep 4
     done
-    wait $stress || true
+    wait "$stress" || true
     per_kill=$(scripts/stall_window.py "$WORK/stress.json" near "${kills[@]}")
     python3 - "$WORK/stress.json" "$victim" "$per_kill" <<'PY'
 import json, sys

@@ -33,6 +33,7 @@
 #                                that are None print nothing
 #   molt_status                  `updater status --json` of MNT (needs molt_start)
 #   component_pid NAME           the pid of component NAME (fsd, blockdev) on MNT
+#   supervisor_pid               the pid of MNT's supervisor
 #   molt_apply PACKAGE EVENTS    `updater apply --json PACKAGE` on MNT, its events (one
 #                                JSON object a line) in the file EVENTS; fails with the
 #                                outcome, the failed checks and phases unless the
@@ -127,6 +128,10 @@ molt_status() {
 
 component_pid() {
     molt_status | json_get - "[c['pid'] for c in j['components'] if c['name'] == args[0]][0]" "$1"
+}
+
+supervisor_pid() {
+    molt_status | json_get - "j['supervisor']['pid']"
 }
 
 event_outcome() {
