@@ -26,7 +26,8 @@
 # (default target/variants), so they never overwrite the default binaries; builds of
 # one variant after another reuse every dependency. Each binary is checked to report
 # the version its example's manifest names.
-set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
 
 usage() {
     sed -n '5,15p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -113,10 +114,7 @@ done
 # Every binary must report the version the manifests name.
 expect() {
     local bin="$1" want="$2" got
-    case "$bin" in
-        fsd*) got="$("$out/bin/$bin" component-version)" ;;
-        blockdev*) got="$("$out/bin/$bin" --print-version | cut -d' ' -f1)" ;;
-    esac
+    got="$(component_version "$out/bin/$bin")"
     if [ "$got" != "$want" ]; then
         echo "build-examples: bin/$bin reports version $got, expected $want" >&2
         exit 1

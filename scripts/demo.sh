@@ -45,8 +45,8 @@ path = "bin/$2"
 TOML
     "$BIN/updater" pack --manifest "$dir/manifest.toml" --key "$WORK/key" --out "$WORK/$1.lup" >/dev/null
 }
-FSD_VERSION="$("$BIN/fsd" component-version)"
-BD_VERSION="$("$BIN/blockdev" --print-version | awk '{print $1}')"
+FSD_VERSION="$(component_version "$BIN/fsd")"
+BD_VERSION="$(component_version "$BIN/blockdev")"
 
 echo "== workload: 4 threads of verified reads, writes and metadata operations, 30 s"
 "$BIN/molt-stress" --dir "$MNT" --threads 4 --mix read=40,write=40,meta=20 --files 8 \

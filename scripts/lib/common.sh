@@ -31,6 +31,7 @@
 #                                the same for each line of a JSON-lines FILE; lines EXPR
 #                                does not apply to (a missing key or index) and results
 #                                that are None print nothing
+#   component_version BINARY     the version BINARY's `component-info` probe reports
 #   molt_status                  `updater status --json` of MNT (needs molt_start)
 #   component_pid NAME           the pid of component NAME (fsd, blockdev) on MNT
 #   supervisor_pid               the pid of MNT's supervisor
@@ -120,6 +121,10 @@ json_get() {
 
 json_lines() {
     python3 -c "$_MOLT_JSON_PY" lines "$@"
+}
+
+component_version() {
+    "$1" component-info | json_get - "j['version']"
 }
 
 molt_status() {
