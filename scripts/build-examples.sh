@@ -151,7 +151,9 @@ for dir in "$root"/examples/updates/*/; do
     rm -rf "$stage"
     mkdir -p "$stage/bin"
     cp "$dir/manifest.toml" "$stage/manifest.toml"
-    set -- $(payload "$name")
+    spec="$(payload "$name")"
+    read -ra pairs <<< "$spec"
+    set -- "${pairs[@]}"
     while [ $# -gt 0 ]; do
         ln -f "$out/bin/$2" "$stage/$1" 2>/dev/null || cp -f "$out/bin/$2" "$stage/$1"
         shift 2
