@@ -26,7 +26,8 @@
 # (default target/variants), so they never overwrite the default binaries; builds of
 # one variant after another reuse every dependency. Each binary is checked to report
 # the version its example's manifest names.
-set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
 
 usage() {
     sed -n '5,15p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -113,7 +114,7 @@ done
 # Every binary must report the version the manifests name.
 expect() {
     local bin="$1" want="$2" got
-    got="$("$out/bin/$bin" component-info | python3 -c 'import json, sys; print(json.load(sys.stdin)["version"])')"
+    got="$(component_version "$out/bin/$bin")"
     if [ "$got" != "$want" ]; then
         echo "build-examples: bin/$bin reports version $got, expected $want" >&2
         exit 1
@@ -150,7 +151,9 @@ for dir in "$root"/examples/updates/*/; do
     rm -rf "$stage"
     mkdir -p "$stage/bin"
     cp "$dir/manifest.toml" "$stage/manifest.toml"
-    set -- $(payload "$name")
+    spec="$(payload "$name")"
+    read -ra pairs <<< "$spec"
+    set -- "${pairs[@]}"
     while [ $# -gt 0 ]; do
         ln -f "$out/bin/$2" "$stage/$1" 2>/dev/null || cp -f "$out/bin/$2" "$stage/$1"
         shift 2

@@ -4,26 +4,30 @@
 # MB/s), the raw sequential read bandwidth of the image for comparison, and the longest
 # stall the workload saw while each conversion ran.
 # Usage: scripts/convert-bench.sh [FILES]   (root; builds release; FILES per image, 20000)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-cargo build --release --workspace --quiet
-BIN="$PWD/target/release"
-export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+molt_start convert
 FILES="${1:-20000}"
-
-WORK="$(mktemp -d /var/tmp/molt-convert.XXXXXX)"
-MNT="$WORK/mnt"
-mkdir -p "$MNT"
-cleanup() {
-    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 # shellcheck source=lib/fsd-package.sh
 . scripts/lib/fsd-package.sh
 fsd_package_setup
 
+# The statistics of the mount's last finished conversion, once it is the one to format
+# v$1: "inodes bytes millis longest_step_us mean_step_us" (the mount's status keeps them
+# in last_conversion). `updater apply` waits for the conversion, so the first look
+# mostly finds it.
+conversion_finished() { # TO
+    local status finished='(j.get("last_conversion") or {})'
+    for _ in $(seq 1 600); do
+        status="$(molt_status)"
+        if [ "$(json_get - "${finished}.get('to')" <<< "$status")" = "$1" ]; then
+            json_get - "' '.join(str(${finished}[k]) for k in ('inodes', 'bytes', 'millis', 'longest_step_us', 'mean_step_us'))" <<< "$status"
+            return
+        fi
+        sleep 0.1
+    done
+    molt_die "the mount's status shows no finished conversion to format v$1"
+}
 
 # Raw sequential read bandwidth of the disk the images live on (a written 1 GiB file,
 # O_DIRECT, 1 MiB reads): what a conversion that read everything could reach at most.
@@ -36,9 +40,8 @@ printf '| image | inode slots | live inodes | conversion | inodes rewritten | me
 printf '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for size in 1G 8G; do
     IMG="$WORK/img-$size"
-    slots=$("$BIN/fsd" mkfs "$IMG" --size "$size" --format-version 1 | grep -oE '[0-9]+ inodes' | grep -oE '[0-9]+')
+    slots=$("$BIN/fsd" mkfs "$IMG" --size "$size" --format-version 1 --json | json_get - "j['inodes']")
     "$BIN/fsd" mount "$IMG" "$MNT" --keyring "$WORK/keyring"
-    LOG="$(ls -t /run/molt/*.log | head -1 || true)"  # the newest: this mount's
     # The tree to convert: small files in nested directories, some with many extents.
     mkdir -p "$MNT/tree"
     python3 - "$MNT/tree" "$FILES" <<'PY'
@@ -64,19 +67,18 @@ PY
     sleep 3
     windows=()
     for step in "1 2" "2 3"; do
-        set -- $step
-        fsd_package "$1" "$2"
-        start=$(date +%s%3N)
-        "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
-        end=$(date +%s%3N)
-        # "... finished: N inodes and B bytes of metadata rewritten by this server in M ms"
-        read -r inodes bytes ms longest mean < <(grep "conversion to format v$2 finished" "$LOG" | tail -1 \
-            | sed -E 's/.*finished: ([0-9]+) inodes and ([0-9]+) bytes.* in ([0-9]+) ms; [0-9]+ steps, longest ([0-9]+) us, mean ([0-9]+) us.*/\1 \2 \3 \4 \5/')
-        windows+=("v$1 -> v$2:$start:$end:$inodes:$bytes:$ms:$longest:$mean")
+        read -r from to <<< "$step"
+        fsd_package "$from" "$to"
+        start=$(now_ms)
+        molt_apply "$WORK/u.lup" "$WORK/events.json"
+        end=$(now_ms)
+        stats=$(conversion_finished "$to")
+        read -r inodes bytes ms longest mean <<< "$stats"
+        windows+=("v$from -> v$to:$start:$end:$inodes:$bytes:$ms:$longest:$mean")
         sleep 2
     done
-    kill -INT $stress; wait $stress || true
-    errors=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['errors_total'])" "$WORK/stress.json")
+    kill -INT "$stress"; wait "$stress" || true
+    errors=$(json_get "$WORK/stress.json" "j['errors_total']")
     # Outside both conversions: from the start of the run to the first apply, and after
     # the last one.
     first_start=$(cut -d: -f2 <<< "${windows[0]}")

@@ -2,24 +2,11 @@
 # Molt's main job, end to end: build everything, make an image, mount it, run a verified
 # workload, upgrade both components live while it runs, unmount, check the image.
 # Run as root. Leaves nothing mounted and no process behind, even on failure.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh
-
-echo "== building (release)"
-cargo build --release --workspace --quiet
-BIN="$PWD/target/release"
-export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
-
-WORK="$(mktemp -d /var/tmp/molt-demo.XXXXXX)"
-MNT="$WORK/mnt"
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+molt_start --verbose demo
 IMG="$WORK/molt.img"
-mkdir -p "$MNT" "$WORK/keyring" "$WORK/pkg/bin"
-cleanup() {
-    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+mkdir -p "$WORK/keyring" "$WORK/pkg/bin"
 
 echo "== mkfs and mount"
 "$BIN/fsd" mkfs "$IMG" --size 1G
@@ -58,8 +45,8 @@ path = "bin/$2"
 TOML
     "$BIN/updater" pack --manifest "$dir/manifest.toml" --key "$WORK/key" --out "$WORK/$1.lup" >/dev/null
 }
-FSD_VERSION="$("$BIN/fsd" component-version)"
-BD_VERSION="$("$BIN/blockdev" --print-version | awk '{print $1}')"
+FSD_VERSION="$(component_version "$BIN/fsd")"
+BD_VERSION="$(component_version "$BIN/blockdev")"
 
 echo "== workload: 4 threads of verified reads, writes and metadata operations, 30 s"
 "$BIN/molt-stress" --dir "$MNT" --threads 4 --mix read=40,write=40,meta=20 --files 8 \

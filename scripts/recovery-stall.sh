@@ -4,29 +4,19 @@
 # block driver) is killed with SIGKILL four times; for each kill, the longest window with
 # no completed operation around it, and the workload's error count.
 # Usage: scripts/recovery-stall.sh   (root; builds release)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-cargo build --release --workspace --quiet
-BIN="$PWD/target/release"
-export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+molt_start recovery
 ulimit -n "$(ulimit -Hn)"
 
-WORK="$(mktemp -d /var/tmp/molt-recovery.XXXXXX)"
-MNT="$WORK/mnt"
-mkdir -p "$MNT"
-cleanup() {
-    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-# The component's pid among the supervisor's children (an installed update copy is
-# named NAME-HASH).
-child_of() { # SUPERVISOR NAME
-    for c in $(cat /proc/"$1"/task/*/children); do
-        case "$(cat /proc/"$c"/comm)" in "$2"|"$2"-*) echo "$c"; return ;; esac
-    done
+# The running component NAME's pid, from the mount's status; checked to be a child of the
+# mount's supervisor SUPERVISOR (the process the supervisor restarts after a kill).
+victim_pid() { # SUPERVISOR NAME
+    local pid
+    pid=$(component_pid "$2")
+    [ "$(ps -o ppid= -p "$pid" | tr -d ' ')" = "$1" ] \
+        || molt_die "$2 (pid $pid) is not a child of the supervisor (pid $1)"
+    echo "$pid"
 }
 
 printf '| component killed | kills | longest stall per kill (ms) | median (ms) | workload errors |\n|---|---:|---|---:|---:|\n'
@@ -34,8 +24,7 @@ for victim in fsd blockdev; do
     IMG="$WORK/img"
     "$BIN/fsd" mkfs "$IMG" --size 2G --force >/dev/null
     "$BIN/fsd" mount "$IMG" "$MNT"
-    # The supervisor: the parent of the filesystem server.
-    sup=$(ps -o ppid= -p "$(pgrep -f "serve $MNT" | head -1)" | tr -d ' ')
+    sup=$(supervisor_pid)
     common=(--dir "$MNT" --threads 4 --files 1000 --hold-open 1000 --file-size 65536 --state "$WORK/state-$victim")
     "$BIN/molt-stress" "${common[@]}" --prepare --ops 1 --quiet > /dev/null
     "$BIN/molt-stress" "${common[@]}" --mix read=45,write=45,meta=10 --time 22s \
@@ -44,13 +33,13 @@ for victim in fsd blockdev; do
     sleep 3
     kills=()
     for _ in 1 2 3 4; do
-        pid=$(child_of "$sup" "$victim")
-        at=$(date +%s%3N)
+        pid=$(victim_pid "$sup" "$victim")
+        at=$(now_ms)
         kill -9 "$pid"
         kills+=("$at")
         sleep 4
     done
-    wait $stress || true
+    wait "$stress" || true
     per_kill=$(scripts/stall_window.py "$WORK/stress.json" near "${kills[@]}")
     python3 - "$WORK/stress.json" "$victim" "$per_kill" <<'PY'
 import json, sys

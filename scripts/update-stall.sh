@@ -2,23 +2,11 @@
 # Measures what a live update costs a running workload: the longest I/O stall seen by
 # molt-stress and the update's total time, with 1, 1,000 and 10,000 files held open.
 # Usage: scripts/update-stall.sh [UPDATES_PER_CASE]   (root; builds release)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-cargo build --release --workspace --quiet
-BIN="$PWD/target/release"
-export MOLT_BLOCKDEV_BIN="$BIN/blockdev"
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+molt_start stall
 UPDATES="${1:-5}"
 ulimit -n "$(ulimit -Hn)"
-
-WORK="$(mktemp -d /var/tmp/molt-stall.XXXXXX)"
-MNT="$WORK/mnt"
-mkdir -p "$MNT"
-cleanup() {
-    if mountpoint -q "$MNT"; then "$BIN/fsd" unmount "$MNT" || umount -l "$MNT" || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 # shellcheck source=lib/fsd-package.sh
 . scripts/lib/fsd-package.sh
 fsd_package_setup
@@ -38,22 +26,26 @@ for open in 1 1000 10000; do
     sleep 4
     totals=(); drains=(); windows=()
     for _ in $(seq 1 "$UPDATES"); do
+        # shellcheck disable=SC2119 # no arguments: same version, no conversion
         fsd_package
-        start=$(date +%s%N)
-        "$BIN/updater" apply "$WORK/u.lup" --mount "$MNT" > "$WORK/apply.out"
-        end=$(date +%s%N)
-        windows+=("$(( start / 1000000 )):$(( end / 1000000 ))")
-        totals+=($(( (end - start) / 1000000 )))
-        drains+=($(grep -oE 'preparation finished in [0-9]+' "$WORK/apply.out" | grep -oE '[0-9]+$'))
+        start=$(now_ms)
+        molt_apply "$WORK/u.lup" "$WORK/events.json"
+        end=$(now_ms)
+        windows+=("$start:$end")
+        # From the update's events: its total (the sum of its phases as the supervisor
+        # timed them, from verifying the package to the commit; sending the package is not
+        # in it) and its drain (the preparation phase).
+        totals+=("$(event_total_ms "$WORK/events.json")")
+        drains+=("$(event_phase_ms "$WORK/events.json" Preparation)")
         sleep 2
     done
-    wait $stress || true
+    wait "$stress" || true
     # The longest stall (no completion on any thread) overlapping an update's window (from
     # `updater apply` starting to its exit).
     update_stall=$(scripts/stall_window.py "$WORK/stress.json" overlap "${windows[@]}")
-    read -r stall errors < <(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['longest_stall']['duration_ms'],1), r['errors_total'])" "$WORK/stress.json")
-    med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$update_stall" "$stall" "$(med "${totals[@]}")" "$(med "${drains[@]}")" "$errors"
+    stall=$(json_get "$WORK/stress.json" "round(j['longest_stall']['duration_ms'], 1)")
+    errors=$(json_get "$WORK/stress.json" "j['errors_total']")
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$open" "$UPDATES" "$update_stall" "$stall" "$(median "${totals[@]}")" "$(median "${drains[@]}")" "$errors"
     "$BIN/fsd" unmount "$MNT"
     "$BIN/fsd" fsck "$IMG" >/dev/null
 done

@@ -90,6 +90,27 @@ pub struct MkfsOutcome {
     pub bytes: u64,
 }
 
+impl MkfsOutcome {
+    /// The `--json` report: one object describing the filesystem made on `image`. `inodes`
+    /// counts the inode slots (the inode table's size), not the inodes in use.
+    pub fn to_json(&self, image: &str) -> serde_json::Value {
+        let sb = &self.superblock;
+        let g = &sb.geometry;
+        let uuid: String = sb.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        serde_json::json!({
+            "image": image,
+            "bytes": self.bytes,
+            "block_size": BLOCK_SIZE,
+            "blocks": g.total_blocks,
+            "inodes": g.inode_count,
+            "free_blocks": sb.free_blocks,
+            "free_inodes": sb.free_inodes,
+            "format_version": sb.format_version.0,
+            "uuid": uuid,
+        })
+    }
+}
+
 /// A format version given on the command line.
 pub fn parse_version(n: u32) -> Result<FormatVersion, CliError> {
     let v = FormatVersion(n);

@@ -35,6 +35,9 @@ enum Command {
         /// On-disk format version: 1, 2 or 3 (default: the newest).
         #[arg(long, value_name = "N", value_parser = parse_version)]
         format_version: Option<formats::FormatVersion>,
+        /// Print one JSON object describing the filesystem made instead of the sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Convert the unmounted IMAGE to a newer on-disk format, or finish a conversion an
     /// interrupted run left half-done.
@@ -175,12 +178,17 @@ fn main() -> ExitCode {
             size,
             force,
             format_version,
+            json,
         } => match cli::mkfs_image(
             &image,
             size,
             force,
             format_version.unwrap_or(formats::FormatVersion::CURRENT),
         ) {
+            Ok(out) if json => {
+                println!("{}", out.to_json(&image.display().to_string()));
+                ExitCode::SUCCESS
+            }
             Ok(out) => {
                 let g = out.superblock.geometry;
                 println!(

@@ -1,4 +1,6 @@
-# Sourced by the measurement scripts. Needs BIN (release binaries) and WORK (scratch dir).
+# shellcheck shell=bash
+# Sourced by the measurement scripts after lib/common.sh. Needs BIN (release binaries) and
+# WORK (scratch dir).
 # fsd_package_setup: a signing key, a keyring the mount trusts ($WORK/keyring) and a
 # package directory holding this build's fsd.
 # fsd_package [FROM TO]: packs $WORK/u.lup replacing fsd with this build (same version),
@@ -8,7 +10,7 @@ fsd_package_setup() {
     "$BIN/updater" keygen --out "$WORK/key" >/dev/null
     cp "$WORK/key.pub" "$WORK/keyring/" && chmod 755 "$WORK/keyring"
     cp "$BIN/fsd" "$WORK/pkg/bin/fsd"
-    FSD_VERSION="$("$BIN/fsd" component-version)"
+    FSD_VERSION="$(component_version "$BIN/fsd")"
     FSD_SEQUENCE=1
 }
 
