@@ -41,7 +41,6 @@
 #                                outcome is Committed
 #   event_phase_ms EVENTS PHASE  how long PHASE (Preparation, Replacement, ...) took: its
 #                                Finished event's elapsed_ms
-#   event_total_ms EVENTS        the sum of every finished phase's elapsed_ms
 #   event_outcome EVENTS         the Done event's outcome (Committed, RolledBack, ...)
 set -euo pipefail
 
@@ -148,11 +147,6 @@ event_phase_ms() {
     ms="$(json_lines "$1" "j['Phase']['elapsed_ms'] if j['Phase']['phase'] == args[0] and j['Phase']['state'] == 'Finished' else None" "$2")"
     [ -n "$ms" ] || molt_die "no finished $2 phase in $1"
     echo "$ms"
-}
-
-event_total_ms() {
-    json_lines "$1" "j['Phase']['elapsed_ms'] if j['Phase']['state'] == 'Finished' else None" \
-        | awk '{s += $1} END {print s + 0}'
 }
 
 molt_apply() {

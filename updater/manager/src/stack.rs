@@ -196,7 +196,7 @@ pub(crate) fn spawn_server_on(
         info,
     };
     child.start(
-        "the filesystem server",
+        "starting the filesystem server",
         link,
         fsd_server::persist::STATE_CAP,
     )
