@@ -5,10 +5,10 @@
 pub(crate) fn get_u16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
-pub(crate) fn get_u32(b: &[u8], off: usize) -> u32 {
+pub fn get_u32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
-pub(crate) fn get_u64(b: &[u8], off: usize) -> u64 {
+pub fn get_u64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 pub(crate) fn get_i64(b: &[u8], off: usize) -> i64 {

@@ -96,7 +96,7 @@ impl MkfsOutcome {
     pub fn to_json(&self, image: &str) -> serde_json::Value {
         let sb = &self.superblock;
         let g = &sb.geometry;
-        let uuid: String = sb.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        let uuid = formats::hex::encode(&sb.uuid);
         serde_json::json!({
             "image": image,
             "bytes": self.bytes,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use thiserror::Error;
 
-use crate::hex;
+use formats::hex;
 
 /// Where the supervisor looks for trusted keys unless told otherwise.
 pub const DEFAULT_KEYRING: &str = "/etc/molt/keyring";

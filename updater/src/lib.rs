@@ -6,7 +6,7 @@
 pub mod compatibility;
 pub mod control;
 pub mod exit;
-mod hex;
+
 pub mod keyring;
 pub mod manifest;
 pub mod package;

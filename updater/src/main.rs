@@ -331,7 +331,7 @@ fn inspect(path: &Path, keyring_dir: Option<&Path>) -> anyhow::Result<i32> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    formats::hex::encode(bytes)
 }
 
 fn print_manifest(m: &updater::Manifest, verified: Option<&updater::VerifiedPackage>) {

@@ -22,9 +22,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::hex;
 use crate::keyring::{fingerprint, Keyring, TrustedKey};
 use crate::manifest::{check_path, ComponentName, Manifest, MAX_NAME};
+use formats::bytes::get_u32 as u32_at;
+use formats::hex;
 
 pub const MAGIC: [u8; 8] = *b"MOLTLUP\0";
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -110,10 +111,6 @@ pub enum PackageError {
 
 fn malformed(detail: impl Into<String>) -> PackageError {
     PackageError::Malformed(detail.into())
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
 
 /// A package whose header has the right shape; nothing in it is trusted yet.

@@ -7,6 +7,7 @@
 
 use super::{RingError, Status};
 use crate::Lba;
+use formats::bytes::{get_u32 as u32_at, get_u64 as u64_at};
 
 /// Bytes per submission entry.
 pub const SQE_SIZE: usize = 32;
@@ -135,14 +136,6 @@ pub(crate) struct DecodeError {
 
 fn crc(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
 pub(crate) fn encode_request(v: ProtocolVersion, r: &Request) -> Result<[u8; SQE_SIZE], RingError> {

@@ -14,6 +14,7 @@
 //! All integers are little endian. A block that was never written reads as all zeros.
 
 use super::rng::Rng;
+use formats::bytes::{get_u32 as u32_at, get_u64 as u64_at};
 
 pub const MAGIC: u32 = 0x4D53_424B;
 pub const MAGIC_AT: usize = 0;
@@ -62,14 +63,6 @@ fn crc(buf: &[u8]) -> u32 {
     h.update(&buf[..CRC_AT]);
     h.update(&buf[HEADER_LEN..]);
     h.finalize()
-}
-
-fn u32_at(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Fills `buf` (length a multiple of 8, at least [`HEADER_LEN`]) with version `seq` of

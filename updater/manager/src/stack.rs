@@ -101,7 +101,7 @@ pub(crate) enum ServerStart {
 
 impl Stack {
     /// Starts a filesystem server from `binary` on this stack's descriptors.
-    pub(crate) fn spawn_server(
+    pub(crate) fn start_server(
         &self,
         binary: &Path,
         adopt: bool,
@@ -111,7 +111,7 @@ impl Stack {
         } else {
             ServerStart::Mount
         };
-        spawn_server(self, binary, start)
+        start_server(self, binary, start)
     }
 
     pub(crate) fn kill_all(&mut self) {
@@ -129,12 +129,12 @@ pub(crate) struct ServerEnv<'a> {
     pub(crate) redo: &'a File,
 }
 
-pub(crate) fn spawn_server(
+pub(crate) fn start_server(
     stack: &Stack,
     binary: &Path,
     start: ServerStart,
 ) -> Result<ComponentProc, MountError> {
-    spawn_server_on(
+    start_server_on(
         &ServerEnv {
             mnt: &stack.mnt,
             opts: &stack.opts,
@@ -147,7 +147,7 @@ pub(crate) fn spawn_server(
     )
 }
 
-pub(crate) fn spawn_server_on(
+pub(crate) fn start_server_on(
     env: &ServerEnv<'_>,
     binary: &Path,
     start: ServerStart,
@@ -271,7 +271,7 @@ pub(crate) fn spawn_component(cmd: Command) -> io::Result<Child> {
 }
 
 /// Starts a block driver from `binary` on a stack's descriptors.
-pub fn spawn_driver(
+pub fn start_driver(
     ring: &RingSetup,
     image: &Image,
     engine: blockdev::engine::EngineKind,

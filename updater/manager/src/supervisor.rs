@@ -24,7 +24,7 @@ use formats::FormatError;
 
 use crate::runtime;
 use crate::stack::{
-    spawn_driver, spawn_server, spawn_server_on, ServerEnv, ServerStart, Stack, START_TIMEOUT,
+    start_driver, start_server, start_server_on, ServerEnv, ServerStart, Stack, START_TIMEOUT,
 };
 use fsd_core::store::{BlockStore, FileStore};
 use fsd_server::serve;
@@ -223,7 +223,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let ring = RingSetup::new(config.geometry)
         .map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
     let driver_binary = blockdev::spawn::driver_binary(&config);
-    let mut driver = spawn_driver(
+    let mut driver = start_driver(
         &ring,
         &image,
         opts.engine,
@@ -251,7 +251,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         fuse_dev: &fuse_dev,
         redo: &redo,
     };
-    let server = match spawn_server_on(&env, exe, ServerStart::Mount) {
+    let server = match start_server_on(&env, exe, ServerStart::Mount) {
         Ok(c) => c,
         Err(e) => {
             driver.kill();
@@ -410,7 +410,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             );
             settle_abandoned_ring(&s.ring, Instant::now() + START_TIMEOUT)?;
             let binary = s.server.binary.clone();
-            let mut new = spawn_server(s, &binary, ServerStart::Recover(n))?;
+            let mut new = start_server(s, &binary, ServerStart::Recover(n))?;
             let never = AtomicBool::new(false);
             if let Err(e) = new.expect(&Reply::Serving, Instant::now() + START_TIMEOUT, &never) {
                 new.kill();
@@ -439,7 +439,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             // successor re-executes the request (blockdev/RING.md, driver crash recovery).
             std::thread::sleep(DRIVER_RESTART_GRACE);
             let binary = s.driver.binary.clone();
-            let new = spawn_driver(
+            let new = start_driver(
                 &s.ring,
                 &s.image,
                 s.opts.engine,

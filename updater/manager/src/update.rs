@@ -19,7 +19,7 @@ use blockdev::spawn::StartMode;
 use molt_control::{Command, ControlError, Reply, RequiredState};
 
 use crate::component::{ComponentProc, ExchangeError};
-use crate::stack::{spawn_driver, Stack};
+use crate::stack::{start_driver, Stack};
 
 use updater::protocol::{Outcome, Phase, PhaseState};
 
@@ -116,7 +116,7 @@ impl Replaceable for FsServer {
     }
 
     fn spawn_successor(&self, stack: &Stack, binary: &Path) -> Result<ComponentProc, String> {
-        stack.spawn_server(binary, true).map_err(|e| e.to_string())
+        stack.start_server(binary, true).map_err(|e| e.to_string())
     }
 
     fn check_state(&self, blob: &[u8]) -> Result<(), String> {
@@ -140,7 +140,7 @@ impl Replaceable for BlockDriver {
     }
 
     fn spawn_successor(&self, stack: &Stack, binary: &Path) -> Result<ComponentProc, String> {
-        spawn_driver(
+        start_driver(
             &stack.ring,
             &stack.image,
             stack.opts.engine,

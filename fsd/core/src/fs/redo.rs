@@ -111,10 +111,10 @@ impl RedoLog {
     }
 
     fn u64_at(&self, off: usize) -> u64 {
-        u64::from_le_bytes(self.map[off..off + 8].try_into().expect("8 bytes"))
+        formats::bytes::get_u64(&self.map, off)
     }
     fn u32_at(&self, off: usize) -> u32 {
-        u32::from_le_bytes(self.map[off..off + 4].try_into().expect("4 bytes"))
+        formats::bytes::get_u32(&self.map, off)
     }
     fn put_u64(&mut self, off: usize, v: u64) {
         self.map[off..off + 8].copy_from_slice(&v.to_le_bytes());

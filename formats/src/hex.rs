@@ -1,4 +1,5 @@
-//! Lower-case hexadecimal, as keys and digests are written in files and manifests.
+//! Lower-case hexadecimal, as keys, digests and UUIDs are written in files, manifests and
+//! reports: the one encoder and decoder Molt has.
 
 pub fn encode(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -12,7 +13,7 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Exactly `N` bytes from `2 * N` hex digits (either case); surrounding whitespace is
 /// ignored.
-pub(crate) fn decode_array<const N: usize>(text: &str) -> Result<[u8; N], String> {
+pub fn decode_array<const N: usize>(text: &str) -> Result<[u8; N], String> {
     let t = text.trim().as_bytes();
     if t.len() != 2 * N {
         return Err(format!("expected {} hex digits, found {}", 2 * N, t.len()));
