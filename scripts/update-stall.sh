@@ -28,9 +28,8 @@ for open in 1 1000 10000; do
     for _ in $(seq 1 "$UPDATES"); do
         # shellcheck disable=SC2119 # no arguments: same version, no conversion
         fsd_package
-        start=$(now_ms)
         molt_apply "$WORK/u.lup" "$WORK/events.json"
-        end=$(now_ms)
+        start=$APPLY_START_MS end=$APPLY_END_MS
         windows+=("$start:$end")
         # The total is what `updater apply` took (sending the package included), as
         # docs/BENCHMARKS.md defines it; the drain is the preparation phase from the

@@ -38,7 +38,8 @@
 #   molt_apply PACKAGE EVENTS    `updater apply --json PACKAGE` on MNT, its events (one
 #                                JSON object a line) in the file EVENTS; fails with the
 #                                outcome, the failed checks and phases unless the
-#                                outcome is Committed
+#                                outcome is Committed; APPLY_START_MS and APPLY_END_MS
+#                                bracket the updater call alone
 #   event_phase_ms EVENTS PHASE  how long PHASE (Preparation, Replacement, ...) took: its
 #                                Finished event's elapsed_ms
 #   event_outcome EVENTS         the Done event's outcome (Committed, RolledBack, ...)
@@ -151,7 +152,9 @@ event_phase_ms() {
 
 molt_apply() {
     local package="$1" events="$2" rc=0 outcome
+    APPLY_START_MS=$(now_ms)
     "$BIN/updater" apply --json "$package" --mount "$MNT" > "$events" || rc=$?
+    APPLY_END_MS=$(now_ms)
     outcome="$(event_outcome "$events")"
     if [ "$rc" != 0 ] || [ "$outcome" != Committed ]; then
         json_lines "$events" "'check ' + j['Check']['name'] + ' failed: ' + j['Check']['detail'] if not j['Check']['passed'] else None" >&2
