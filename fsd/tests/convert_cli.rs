@@ -2,7 +2,6 @@
 //! files (made and damaged through the library where the test needs a particular state).
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use formats::inode::S_IFREG;
@@ -12,24 +11,9 @@ use fsd_core::fs::Fs;
 use fsd_core::store::FileStore;
 use fsd_server::host::try_lock_exclusive;
 
-fn fsd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fsd"))
-        .args(args)
-        .output()
-        .expect("run fsd")
-}
+mod common;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use common::{fsd, p, text};
 
 fn superblock(img: &Path) -> Superblock {
     let bytes = std::fs::read(img).unwrap();

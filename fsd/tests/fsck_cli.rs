@@ -1,26 +1,8 @@
 //! Runs the built `fsd` binary: mkfs and fsck on temporary image files.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn fsd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fsd"))
-        .args(args)
-        .output()
-        .expect("run fsd")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use common::{fsd, p, text};
 
 #[test]
 fn mkfs_then_fsck_is_clean() {

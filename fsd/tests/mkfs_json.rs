@@ -2,29 +2,14 @@
 //! description agrees with the superblock on the image and with `fsck --json`.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use formats::superblock::Superblock;
 use formats::BLOCK_SIZE;
 
-fn fsd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fsd"))
-        .args(args)
-        .output()
-        .expect("run fsd")
-}
+mod common;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use common::{fsd, p, text};
 
 fn json(o: &Output) -> serde_json::Value {
     let out = String::from_utf8(o.stdout.clone()).expect("utf-8 output");
