@@ -308,6 +308,7 @@ fn main() -> ExitCode {
                     fuse: std::fs::File::from(inherited_fd(SERVE_FUSE_FD)?),
                     ctl: std::os::unix::net::UnixStream::from(inherited_fd(SERVE_CTL_FD)?),
                     redo: std::fs::File::from(inherited_fd(SERVE_REDO_FD)?),
+                    session: std::fs::File::from(inherited_fd(SERVE_SESSION_FD)?),
                 })
             })();
             match fds.and_then(|fds| fsd_server::run_server(&args, fds)) {

@@ -1,11 +1,9 @@
-//! The FUSE binding: the only module that speaks the FUSE protocol. It adapts
-//! `fuse-backend-rs`'s `FileSystem` trait to the filesystem core and keeps what the kernel
-//! holds: lookup counts per inode and open handles. Errors become errno values here and
-//! nowhere else.
+//! The filesystem's FUSE operations: Molt's FUSE layer (`molt-fuse`) calls them through
+//! its `Filesystem` interface, and they run them on the filesystem core, keeping what the
+//! kernel holds: lookup counts per inode and open handles. Errors become errno values
+//! here and nowhere else.
 
 use std::collections::HashMap;
-use std::ffi::CStr;
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,11 +11,8 @@ use std::time::Duration;
 use formats::block::Ino;
 use formats::dir::DT_DIR;
 use formats::inode::{Timespec, S_IFDIR, S_IFMT, S_IFREG};
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
-use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
-    SetattrValid, ZeroCopyReader, ZeroCopyWriter,
-};
+use molt_fuse::abi::{self, fattr, fopen, init};
+use molt_fuse::{Context, DirBuf, Entry, Errno, Filesystem, Negotiated, Notifier, Opened, Result};
 
 use formats::acl::{self, Acl, Caller};
 
@@ -30,33 +25,24 @@ const TTL: Duration = Duration::from_secs(1);
 const S_ISUID: u32 = 0o4000;
 const S_ISGID: u32 = 0o2000;
 const S_IXGRP: u32 = 0o0010;
-/// `write_flags` bit: the writer lacks CAP_FSETID, so the write must drop set-id bits
-/// (FUSE_WRITE_KILL_SUIDGID, with HANDLE_KILLPRIV_V2).
-const WRITE_KILL_SUIDGID: u32 = 1 << 2;
-/// `open_flags` bit of OPEN and CREATE: an O_TRUNC open by a caller without CAP_FSETID
-/// (FUSE_OPEN_KILL_SUIDGID).
-const OPEN_KILL_SUIDGID: u32 = 1 << 0;
-
-/// The INIT flags Molt asks for. Frozen across versions: a server that adopts a live
-/// connection must assume exactly what its predecessor negotiated.
+/// The INIT flags the filesystem asks for, beyond what a fast local filesystem does
+/// ([`molt_fuse::InitPolicy::LOCAL_FILESYSTEM`]).
 ///
 /// HANDLE_KILLPRIV_V2: the kernel tells, per write, truncate and chown, whether the
 /// caller lacks CAP_FSETID, and the server drops set-id bits by the kernel's rules (v1
 /// left the server no way to know the caller's privilege). POSIX_ACL: the kernel
 /// enforces ACLs (with default_permissions) and leaves the umask to the server, which
 /// applies default ACLs instead when the parent has one; DONT_MASK hands it the umask.
-pub(crate) fn wanted_init_flags() -> FsOptions {
-    FsOptions::ASYNC_READ
-        | FsOptions::BIG_WRITES
-        | FsOptions::WRITEBACK_CACHE
-        | FsOptions::MAX_PAGES
-        | FsOptions::PARALLEL_DIROPS
-        | FsOptions::HANDLE_KILLPRIV_V2
-        | FsOptions::CACHE_SYMLINKS
-        | FsOptions::EXPORT_SUPPORT
-        | FsOptions::ASYNC_DIO
-        | FsOptions::POSIX_ACL
-        | FsOptions::DONT_MASK
+/// EXPORT_SUPPORT: lookups of "." and ".." are served (by inode number), so the mount
+/// can be exported and file handles opened.
+pub(crate) fn init_policy() -> molt_fuse::InitPolicy {
+    molt_fuse::InitPolicy::new(
+        molt_fuse::InitPolicy::LOCAL_FILESYSTEM
+            | init::HANDLE_KILLPRIV_V2
+            | init::POSIX_ACL
+            | init::DONT_MASK
+            | init::EXPORT_SUPPORT,
+    )
 }
 
 /// Set-id bits a change of the data or size of a file with `mode` and group `gid`, made
@@ -90,19 +76,11 @@ fn suidgid_to_drop_on_chown(mode: u32, gid: u32, caller: &Caller) -> u32 {
 
 /// The caller of a request, with the groups and capabilities the kernel's rules need.
 fn caller_of(ctx: &Context) -> Caller {
-    crate::credentials::of_request(ctx.pid as u32, ctx.uid, ctx.gid)
+    crate::credentials::of_request(ctx.pid, ctx.uid, ctx.gid)
 }
 
-fn errno(e: i32) -> io::Error {
-    io::Error::from_raw_os_error(e)
-}
-
-fn to_io(e: FsError) -> io::Error {
-    io::Error::from_raw_os_error(e.errno())
-}
-
-fn cname(name: &CStr) -> &[u8] {
-    name.to_bytes()
+fn to_errno(e: FsError) -> Errno {
+    Errno(e.errno())
 }
 
 /// An open file or directory.
@@ -143,14 +121,15 @@ fn replaying() -> bool {
 /// environment, the server dies right after an operation on an entry named NAME has
 /// completed and before its reply is sent, the one window where a resent request must
 /// not run again. Never set outside tests.
-fn die_after_completing(name: &CStr) {
+fn die_after_completing(name: &[u8]) {
     static TARGET: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
     let target = TARGET.get_or_init(|| {
         std::env::var_os("MOLT_FAULT_DIE_AFTER")
             .map(|v| std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec())
     });
-    if target.as_deref() == Some(cname(name)) {
-        eprintln!("fsd serve: fault injection: dying before replying for {name:?}");
+    if target.as_deref() == Some(name) {
+        let shown = String::from_utf8_lossy(name);
+        eprintln!("fsd serve: fault injection: dying before replying for {shown:?}");
         let _ = molt_sys::kill(std::process::id() as libc::pid_t, libc::SIGKILL);
     }
 }
@@ -173,8 +152,15 @@ pub struct MoltFuse {
     atime: std::sync::atomic::AtomicU8,
     /// The INIT flags in force on the connection.
     negotiated: AtomicU64,
-    /// The connection, for notifications to the kernel (absent in tests).
-    notifier: std::sync::OnceLock<std::fs::File>,
+    /// The connection's parameters, once negotiated or adopted.
+    connection: std::sync::OnceLock<Negotiated>,
+    /// Notifications to the kernel (absent in tests).
+    notifier: std::sync::OnceLock<Notifier>,
+    /// The transport requests arrive on.
+    transport: std::sync::OnceLock<persist::Transport>,
+    /// Where the connection's parameters are recorded when they are known, for a
+    /// successor that recovers after this process dies (absent in tests).
+    record: std::sync::OnceLock<std::fs::File>,
 }
 
 /// Handle numbers a server recovered after its `n`-th crash gives out start at
@@ -184,8 +170,8 @@ const RECOVERY_HANDLE_SHIFT: u32 = 44;
 /// The virtual, read-only extended attribute holding a file's usage counter.
 pub(crate) const USAGE_XATTR: &[u8] = b"user.molt.usage";
 /// The virtual, read-only extended attribute holding an inode's creation time (format v2
-/// and later) as decimal `SEC.NSEC`; absent on inodes without one. (Not `statx` btime:
-/// the FUSE binding speaks protocol 7.33, and `FUSE_STATX` arrived in 7.39.)
+/// and later) as decimal `SEC.NSEC`; absent on inodes without one. Not listed: `statx`
+/// reports the creation time as `stx_btime`.
 pub(crate) const CRTIME_XATTR: &[u8] = b"user.molt.crtime";
 
 /// The value of `CRTIME_XATTR`: seconds, a dot, nanoseconds as nine digits.
@@ -226,42 +212,71 @@ fn atime_from_code(c: u8) -> Atime {
     }
 }
 
-/// The open flags of every file. O_DIRECT opens take the kernel's own direct-I/O path
-/// (not FOPEN_DIRECT_IO, which would refuse a shared mmap of the file with ENODEV): the
-/// kernel sends their reads and writes straight to the server all the same, after writing
-/// back any cached pages of the range.
-fn open_options() -> OpenOptions {
-    OpenOptions::empty()
+/// The attributes the kernel caches for `a`.
+fn attr_of(a: &Attr) -> abi::Attr {
+    abi::Attr {
+        ino: a.ino.0 as u64,
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime.sec as u64,
+        mtime: a.mtime.sec as u64,
+        ctime: a.ctime.sec as u64,
+        atimensec: a.atime.nsec,
+        mtimensec: a.mtime.nsec,
+        ctimensec: a.ctime.nsec,
+        mode: a.mode,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
 }
 
-fn stat_of(a: &Attr) -> stat64 {
-    let mut st: stat64 = molt_sys::zeroed_stat64();
-    st.st_ino = a.ino.0 as u64;
-    st.st_mode = a.mode;
-    st.st_nlink = a.nlink as _;
-    st.st_uid = a.uid;
-    st.st_gid = a.gid;
-    st.st_rdev = a.rdev as _;
-    st.st_size = a.size as i64;
-    st.st_blksize = 4096;
-    st.st_blocks = a.blocks as i64;
-    st.st_atime = a.atime.sec;
-    st.st_atime_nsec = a.atime.nsec as i64;
-    st.st_mtime = a.mtime.sec;
-    st.st_mtime_nsec = a.mtime.nsec as i64;
-    st.st_ctime = a.ctime.sec;
-    st.st_ctime_nsec = a.ctime.nsec as i64;
-    st
+/// `statx`'s view of `a`: the basic attributes, and the creation time where the inode
+/// has one (format v2 and later).
+fn statx_of(a: &Attr) -> abi::Statx {
+    let t = |t: Timespec| abi::SxTime {
+        tv_sec: t.sec,
+        tv_nsec: t.nsec,
+        reserved: 0,
+    };
+    let mut mask = libc::STATX_BASIC_STATS;
+    let btime = match a.crtime {
+        Some(c) => {
+            mask |= libc::STATX_BTIME;
+            t(c)
+        }
+        None => abi::SxTime::default(),
+    };
+    abi::Statx {
+        mask,
+        blksize: 4096,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        mode: a.mode as u16,
+        ino: a.ino.0 as u64,
+        size: a.size,
+        blocks: a.blocks,
+        atime: t(a.atime),
+        btime,
+        ctime: t(a.ctime),
+        mtime: t(a.mtime),
+        rdev_major: libc::major(a.rdev as libc::dev_t),
+        rdev_minor: libc::minor(a.rdev as libc::dev_t),
+        ..Default::default()
+    }
 }
 
 fn entry_of(a: &Attr) -> Entry {
     Entry {
-        inode: a.ino.0 as u64,
+        nodeid: a.ino.0 as u64,
         generation: a.generation as u64,
-        attr: stat_of(a),
-        attr_flags: 0,
-        attr_timeout: TTL,
-        entry_timeout: TTL,
+        attr: attr_of(a),
+        entry_ttl: TTL,
+        attr_ttl: TTL,
     }
 }
 
@@ -276,8 +291,11 @@ impl MoltFuse {
             requests: AtomicU64::new(0),
             completed: Default::default(),
             atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
-            negotiated: AtomicU64::new(wanted_init_flags().bits()),
+            negotiated: AtomicU64::new(0),
+            connection: std::sync::OnceLock::new(),
             notifier: std::sync::OnceLock::new(),
+            transport: std::sync::OnceLock::new(),
+            record: std::sync::OnceLock::new(),
         }
     }
 
@@ -302,11 +320,11 @@ impl MoltFuse {
     }
 
     /// A resent creation that already completed: answers with the entry it made.
-    fn replayed_entry(&self, parent: u64, name: &CStr) -> Option<Entry> {
+    fn replayed_entry(&self, parent: u64, name: &[u8]) -> Option<Entry> {
         if !replaying() {
             return None;
         }
-        let a = self.fs.lookup(Ino(parent as u32), cname(name)).ok()?;
+        let a = self.fs.lookup(Ino(parent as u32), name).ok()?;
         Some(self.counted(a))
     }
 
@@ -350,8 +368,11 @@ impl MoltFuse {
             requests: AtomicU64::new(state.requests),
             completed: Default::default(),
             atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
-            negotiated: AtomicU64::new(wanted_init_flags().bits()),
+            negotiated: AtomicU64::new(0),
+            connection: std::sync::OnceLock::new(),
             notifier: std::sync::OnceLock::new(),
+            transport: std::sync::OnceLock::new(),
+            record: std::sync::OnceLock::new(),
         }
     }
 
@@ -395,7 +416,11 @@ impl MoltFuse {
             .collect();
         FsdState {
             version: persist::component_version(),
-            init_flags: wanted_init_flags().bits(),
+            init_flags: self.negotiated.load(Ordering::SeqCst),
+            connection: self
+                .connection
+                .get()
+                .map(|n| persist::Connection::new(n, self.transport())),
             lookups: map(&self.lookups),
             handles,
             next_handle: self.next_handle.load(Ordering::SeqCst),
@@ -434,10 +459,6 @@ impl MoltFuse {
         }
     }
 
-    pub fn fs(&self) -> &Arc<Fs> {
-        &self.fs
-    }
-
     /// Counts one more kernel reference to the inode of a returned entry.
     fn counted(&self, a: Attr) -> Entry {
         *self
@@ -456,9 +477,9 @@ impl MoltFuse {
     }
 
     /// The listing a directory handle serves: ".", "..", then every entry.
-    fn listing(&self, ino: Ino) -> io::Result<Vec<(Vec<u8>, Ino, u8)>> {
-        let list = self.fs.readdir(ino).map_err(to_io)?;
-        let parent = self.fs.parent_of(ino).map_err(to_io)?;
+    fn listing(&self, ino: Ino) -> Result<Vec<(Vec<u8>, Ino, u8)>> {
+        let list = self.fs.readdir(ino).map_err(to_errno)?;
+        let parent = self.fs.parent_of(ino).map_err(to_errno)?;
         let mut entries = Vec::with_capacity(list.len() + 2);
         entries.push((b".".to_vec(), ino, DT_DIR));
         entries.push((b"..".to_vec(), parent, DT_DIR));
@@ -471,8 +492,8 @@ impl MoltFuse {
     /// directory, and its set-group-ID bit for subdirectories), then `posix_acl_create`
     /// (the parent's default ACL masks the mode in place of the umask; without one the
     /// umask applies). Symlinks take no ACL and no umask.
-    fn new_inode(&self, ctx: &Context, parent: u64, mode: u32, umask: u32) -> io::Result<NewInode> {
-        let p = self.fs.getattr(Ino(parent as u32)).map_err(to_io)?;
+    fn new_inode(&self, ctx: &Context, parent: u64, mode: u32, umask: u32) -> Result<NewInode> {
+        let p = self.fs.getattr(Ino(parent as u32)).map_err(to_errno)?;
         let is_dir = mode & S_IFMT == S_IFDIR;
         let (gid, mut mode) = if p.mode & S_ISGID != 0 {
             (p.gid, if is_dir { mode | S_ISGID } else { mode })
@@ -505,58 +526,70 @@ impl MoltFuse {
 
     /// Whether the connection negotiated POSIX ACLs (the kernel then enforces them).
     fn acls_enabled(&self) -> bool {
-        FsOptions::from_bits_truncate(self.negotiated.load(Ordering::Relaxed))
-            .contains(FsOptions::POSIX_ACL)
+        self.negotiated.load(Ordering::Relaxed) & init::POSIX_ACL != 0
     }
 
     /// The ACL stored under `name` on `ino`, if any.
-    fn stored_acl(&self, ino: u64, name: &[u8]) -> io::Result<Option<Acl>> {
+    fn stored_acl(&self, ino: u64, name: &[u8]) -> Result<Option<Acl>> {
         match self.fs.getxattr(Ino(ino as u32), name) {
             Ok(v) => Acl::decode(&v).map(Some).map_err(|_| {
-                to_io(FsError::Corrupted(format!(
+                to_errno(FsError::Corrupted(format!(
                     "inode {ino} holds a malformed ACL"
                 )))
             }),
             Err(FsError::NoAttr) => Ok(None),
-            Err(e) => Err(to_io(e)),
+            Err(e) => Err(to_errno(e)),
         }
     }
 
-    /// Gives the server the connection to send notifications on.
-    pub(crate) fn set_notifier(&self, fuse: std::fs::File) {
-        let _ = self.notifier.set(fuse);
+    /// Records the transport requests arrive on (exported with the state).
+    pub(crate) fn set_transport(&self, t: persist::Transport) {
+        let _ = self.transport.set(t);
     }
 
-    /// Tells the kernel that the attributes it caches for `ino` are stale
-    /// (FUSE_NOTIFY_INVAL_INODE with a negative offset: attributes only, no data). For
-    /// a change made while serving a request whose reply carries no attributes.
+    pub(crate) fn transport(&self) -> persist::Transport {
+        self.transport.get().copied().unwrap_or_default()
+    }
+
+    /// Gives the server the memfd the connection's parameters are recorded in.
+    pub(crate) fn set_session_record(&self, file: std::fs::File) {
+        let _ = self.record.set(file);
+    }
+
+    /// Gives the server the connection to send notifications on.
+    pub(crate) fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Tells the kernel that the attributes it caches for `ino` are stale, for a change
+    /// made while serving a request whose reply carries no attributes.
     fn invalidate_attributes(&self, ino: u64) {
-        use std::io::Write;
-        const NOTIFY_INVAL_INODE: i32 = 2;
-        let Some(fuse) = self.notifier.get() else {
-            return;
-        };
-        // fuse_out_header (len, error = notify code, unique 0), then
-        // fuse_notify_inval_inode_out (ino, off, len).
-        let mut msg = [0u8; 40];
-        msg[0..4].copy_from_slice(&40u32.to_le_bytes());
-        msg[4..8].copy_from_slice(&NOTIFY_INVAL_INODE.to_le_bytes());
-        msg[16..24].copy_from_slice(&ino.to_le_bytes());
-        msg[24..32].copy_from_slice(&(-1i64).to_le_bytes());
-        // A lost notification leaves the kernel's copy stale for at most the TTL.
-        let _ = (&*fuse).write_all(&msg);
+        if let Some(n) = self.notifier.get() {
+            // A lost notification leaves the kernel's copy stale for at most the TTL.
+            let _ = n.inval_inode_attributes(ino);
+        }
+    }
+
+    /// The `FOPEN_*` flags of an open with `flags`. An O_DIRECT open is served as direct
+    /// I/O with parallel writes (FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES), so the
+    /// kernel sends concurrent writes to one file side by side instead of one at a time
+    /// under the inode lock; that needs DIRECT_IO_ALLOW_MMAP, without which a direct-I/O
+    /// file refuses a shared mmap (ENODEV), so without it O_DIRECT opens take the
+    /// kernel's cached path, which sends their I/O straight to the server all the same.
+    fn open_flags(&self, flags: u32) -> u32 {
+        let direct = flags & libc::O_DIRECT as u32 != 0;
+        if direct && self.negotiated.load(Ordering::Relaxed) & init::DIRECT_IO_ALLOW_MMAP != 0 {
+            fopen::DIRECT_IO | fopen::PARALLEL_DIRECT_WRITES
+        } else {
+            0
+        }
     }
 
     /// Drops the set-id bits a data change by `ctx` must drop (see `suidgid_to_drop`);
     /// `kernel_found_unprivileged` when the kernel said the caller lacks CAP_FSETID.
     /// Reads the caller's groups and capabilities only when the file has a set-id bit.
-    fn drop_suidgid(
-        &self,
-        ctx: &Context,
-        ino: u64,
-        kernel_found_unprivileged: bool,
-    ) -> io::Result<()> {
-        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_io)?;
+    fn drop_suidgid(&self, ctx: &Context, ino: u64, kernel_found_unprivileged: bool) -> Result<()> {
+        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_errno)?;
         if a.mode & (S_ISUID | S_ISGID) == 0 {
             return Ok(());
         }
@@ -574,7 +607,7 @@ impl MoltFuse {
                         ..Default::default()
                     },
                 )
-                .map_err(to_io)?;
+                .map_err(to_errno)?;
             self.invalidate_attributes(ino);
         }
         Ok(())
@@ -585,23 +618,23 @@ impl MoltFuse {
         &self,
         ctx: &Context,
         parent: u64,
-        name: &CStr,
+        name: &[u8],
         mode: u32,
         rdev: u32,
         umask: u32,
-    ) -> io::Result<Attr> {
+    ) -> Result<Attr> {
         let n = self.new_inode(ctx, parent, mode, umask)?;
         let xattrs = n.xattr_refs();
         self.fs
             .mknod_with(
                 Ino(parent as u32),
-                cname(name),
+                name,
                 n.mode,
                 rdev,
                 (n.uid, n.gid),
                 &xattrs,
             )
-            .map_err(to_io)
+            .map_err(to_errno)
     }
 
     /// CREATE of a name that another process created since the kernel looked it up: opens
@@ -611,18 +644,15 @@ impl MoltFuse {
         &self,
         ctx: &Context,
         parent: u64,
-        name: &CStr,
-        args: &CreateIn,
-    ) -> io::Result<Attr> {
-        let a = self
-            .fs
-            .lookup(Ino(parent as u32), cname(name))
-            .map_err(to_io)?;
+        name: &[u8],
+        args: &abi::CreateIn,
+    ) -> Result<Attr> {
+        let a = self.fs.lookup(Ino(parent as u32), name).map_err(to_errno)?;
         match a.mode & S_IFMT {
             S_IFREG => {}
-            S_IFDIR => return Err(errno(libc::EISDIR)),
+            S_IFDIR => return Err(Errno(libc::EISDIR)),
             // A FIFO, device or symlink cannot be opened through CREATE's reply.
-            _ => return Err(errno(libc::EEXIST)),
+            _ => return Err(Errno(libc::EEXIST)),
         }
         let caller = caller_of(ctx);
         let trunc = args.flags & libc::O_TRUNC as u32 != 0;
@@ -648,7 +678,7 @@ impl MoltFuse {
             want,
             false,
         ) {
-            return Err(errno(libc::EACCES));
+            return Err(Errno(libc::EACCES));
         }
         if trunc {
             let drop = suidgid_to_drop(a.mode, a.gid, &caller);
@@ -657,7 +687,7 @@ impl MoltFuse {
                 mode: (drop != 0).then_some(a.mode & 0o7777 & !drop),
                 ..Default::default()
             };
-            return self.fs.setattr(a.ino, s).map_err(to_io);
+            return self.fs.setattr(a.ino, s).map_err(to_errno);
         }
         Ok(a)
     }
@@ -672,18 +702,19 @@ impl MoltFuse {
         ino: u64,
         name: &[u8],
         value: Option<&[u8]>,
-    ) -> io::Result<()> {
+        kernel_kills_sgid: bool,
+    ) -> Result<()> {
         if !self.acls_enabled() {
-            return Err(errno(libc::EOPNOTSUPP));
+            return Err(Errno(libc::EOPNOTSUPP));
         }
-        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_io)?;
+        let a = self.fs.getattr(Ino(ino as u32)).map_err(to_errno)?;
         let parsed = match value {
-            Some(v) => Acl::decode_for_setxattr(v).map_err(|_| errno(libc::EINVAL))?,
+            Some(v) => Acl::decode_for_setxattr(v).map_err(|_| Errno(libc::EINVAL))?,
             None => None,
         };
         let is_access = name == acl::ACCESS_XATTR;
         if !is_access && a.mode & S_IFMT != S_IFDIR && parsed.is_some() {
-            return Err(errno(libc::EACCES));
+            return Err(Errno(libc::EACCES));
         }
         let mut attrs = SetAttr::default();
         let stored = match (&parsed, is_access) {
@@ -691,7 +722,7 @@ impl MoltFuse {
                 let (mode, keep) = acl::update_mode(acl, a.mode);
                 let mut mode = mode & 0o7777;
                 let caller = caller_of(ctx);
-                if !(caller.in_group(a.gid) || caller.cap_fsetid) {
+                if kernel_kills_sgid || !(caller.in_group(a.gid) || caller.cap_fsetid) {
                     mode &= !S_ISGID;
                 }
                 attrs.mode = Some(mode);
@@ -703,11 +734,11 @@ impl MoltFuse {
         self.fs
             .setattr_with_xattr(Ino(ino as u32), attrs, Some((name, stored.as_deref())))
             .map(|_| ())
-            .map_err(to_io)
+            .map_err(to_errno)
     }
 
     /// The access ACL of `ino` after its mode became `mode` (chmod): `posix_acl_chmod`.
-    fn acl_after_chmod(&self, ino: u64, mode: u32) -> io::Result<Option<Vec<u8>>> {
+    fn acl_after_chmod(&self, ino: u64, mode: u32) -> Result<Option<Vec<u8>>> {
         if !self.acls_enabled() {
             return Ok(None);
         }
@@ -751,21 +782,36 @@ impl MoltFuse {
     }
 }
 
-impl FileSystem for MoltFuse {
-    type Inode = u64;
-    type Handle = u64;
-
-    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let enabled = capable & wanted_init_flags();
-        self.negotiated.store(enabled.bits(), Ordering::Relaxed);
-        Ok(enabled)
+impl Filesystem for MoltFuse {
+    fn init(&self, negotiated: &Negotiated) {
+        self.negotiated.store(negotiated.flags, Ordering::Relaxed);
+        let _ = self.connection.set(*negotiated);
+        if let Some(file) = self.record.get() {
+            let c = persist::Connection::new(negotiated, self.transport());
+            let record = persist::encode_connection_record(negotiated.flags, &c);
+            if let Err(e) = crate::host::write_session_record(file, &record) {
+                eprintln!("fsd serve: writing the connection record: {e}");
+            }
+        }
     }
 
-    fn destroy(&self) {}
+    fn begin(&self, ctx: &Context) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        // The request id goes with the operation's changes to the redo log; a request
+        // resent after a crash is marked so that one already completed is answered, not
+        // run again.
+        fsd_core::fs::redo::set_current_request(ctx.unique & !abi::UNIQUE_RESEND);
+        set_replay(ctx.is_resend() && self.completed_before(ctx.unique));
+    }
 
-    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn end(&self, _ctx: &Context) {
+        fsd_core::fs::redo::set_current_request(0);
+        set_replay(false);
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &[u8]) -> Result<Entry> {
         let ino = Ino(parent as u32);
-        let a = match cname(name) {
+        let a = match name {
             // Lookups by inode number: how the kernel turns a file handle (NFS export,
             // open_by_handle_at) back into an inode. The kernel compares the generation.
             b"." => self.fs.getattr_by_handle(ino),
@@ -775,100 +821,90 @@ impl FileSystem for MoltFuse {
                 .and_then(|p| self.fs.getattr_by_handle(p)),
             other => self.fs.lookup(ino, other),
         }
-        .map_err(to_io)?;
+        .map_err(to_errno)?;
         Ok(self.counted(a))
     }
 
-    fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
-        self.forget_one(inode, count)
-    }
-
-    fn batch_forget(&self, _ctx: &Context, requests: Vec<(u64, u64)>) {
-        for (ino, n) in requests {
-            self.forget_one(ino, n);
-        }
+    fn forget(&self, nodeid: u64, nlookup: u64) {
+        self.forget_one(nodeid, nlookup)
     }
 
     fn getattr(
         &self,
         _ctx: &Context,
-        inode: u64,
-        _h: Option<u64>,
-    ) -> io::Result<(stat64, Duration)> {
-        let a = self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
-        Ok((stat_of(&a), TTL))
+        nodeid: u64,
+        _fh: Option<u64>,
+    ) -> Result<(abi::Attr, Duration)> {
+        let a = self.fs.getattr(Ino(nodeid as u32)).map_err(to_errno)?;
+        Ok((attr_of(&a), TTL))
+    }
+
+    fn statx(
+        &self,
+        _ctx: &Context,
+        nodeid: u64,
+        _arg: &abi::StatxIn,
+    ) -> Result<(abi::Statx, Duration)> {
+        let a = self.fs.getattr(Ino(nodeid as u32)).map_err(to_errno)?;
+        Ok((statx_of(&a), TTL))
     }
 
     fn setattr(
         &self,
         ctx: &Context,
-        inode: u64,
-        attr: stat64,
-        _h: Option<u64>,
-        valid: SetattrValid,
-    ) -> io::Result<(stat64, Duration)> {
-        let ino = Ino(inode as u32);
-        let time = |now: bool, sec: i64, nsec: i64| {
+        nodeid: u64,
+        arg: &abi::SetattrIn,
+    ) -> Result<(abi::Attr, Duration)> {
+        let ino = Ino(nodeid as u32);
+        let valid = arg.valid;
+        let has = |bit: u32| valid & bit != 0;
+        let time = |now: bool, sec: u64, nsec: u32| {
             if now {
                 TimeSet::Now
             } else {
                 TimeSet::At(Timespec {
-                    sec,
-                    nsec: nsec as u32,
+                    sec: sec as i64,
+                    nsec,
                 })
             }
         };
         for (set, nsec) in [
-            (
-                valid.contains(SetattrValid::ATIME) && !valid.contains(SetattrValid::ATIME_NOW),
-                attr.st_atime_nsec,
-            ),
-            (
-                valid.contains(SetattrValid::MTIME) && !valid.contains(SetattrValid::MTIME_NOW),
-                attr.st_mtime_nsec,
-            ),
-            (valid.contains(SetattrValid::CTIME), attr.st_ctime_nsec),
+            (has(fattr::ATIME) && !has(fattr::ATIME_NOW), arg.atimensec),
+            (has(fattr::MTIME) && !has(fattr::MTIME_NOW), arg.mtimensec),
+            (has(fattr::CTIME), arg.ctimensec),
         ] {
-            if set && !(0..1_000_000_000).contains(&nsec) {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            if set && nsec >= 1_000_000_000 {
+                return Err(Errno(libc::EINVAL));
             }
         }
         let mut s = SetAttr::default();
-        if valid.contains(SetattrValid::MODE) {
-            s.mode = Some(attr.st_mode);
+        if has(fattr::MODE) {
+            s.mode = Some(arg.mode);
         }
-        if valid.contains(SetattrValid::UID) {
-            s.uid = Some(attr.st_uid);
+        if has(fattr::UID) {
+            s.uid = Some(arg.uid);
         }
-        if valid.contains(SetattrValid::GID) {
-            s.gid = Some(attr.st_gid);
+        if has(fattr::GID) {
+            s.gid = Some(arg.gid);
         }
-        if valid.contains(SetattrValid::SIZE) {
-            s.size = Some(attr.st_size as u64);
+        if has(fattr::SIZE) {
+            s.size = Some(arg.size);
         }
-        if valid.contains(SetattrValid::ATIME) {
-            s.atime = Some(time(
-                valid.contains(SetattrValid::ATIME_NOW),
-                attr.st_atime,
-                attr.st_atime_nsec,
-            ));
+        if has(fattr::ATIME) {
+            s.atime = Some(time(has(fattr::ATIME_NOW), arg.atime, arg.atimensec));
         }
-        if valid.contains(SetattrValid::MTIME) {
-            s.mtime = Some(time(
-                valid.contains(SetattrValid::MTIME_NOW),
-                attr.st_mtime,
-                attr.st_mtime_nsec,
-            ));
+        if has(fattr::MTIME) {
+            s.mtime = Some(time(has(fattr::MTIME_NOW), arg.mtime, arg.mtimensec));
         }
-        if valid.contains(SetattrValid::CTIME) {
+        if has(fattr::CTIME) {
             s.ctime = Some(Timespec {
-                sec: attr.st_ctime,
-                nsec: attr.st_ctime_nsec as u32,
+                sec: arg.ctime as i64,
+                nsec: arg.ctimensec,
             });
         }
         let chown = s.uid.is_some() || s.gid.is_some();
-        let cur = self.fs.getattr(ino).map_err(to_io)?;
-        if valid.contains(SetattrValid::KILL_SUIDGID) && cur.mode & (S_ISUID | S_ISGID) != 0 {
+        let cur = self.fs.getattr(ino).map_err(to_errno)?;
+        if has(fattr::KILL_SUIDGID) && cur.mode & (S_ISUID | S_ISGID) != 0 {
             // Sent for every chown of a non-directory, and for a truncate by a caller
             // without CAP_FSETID (HANDLE_KILLPRIV_V2).
             let base = s.mode.unwrap_or(cur.mode) & 0o7777;
@@ -887,123 +923,94 @@ impl FileSystem for MoltFuse {
         }
         // A new mode reaches the ACL too: its mask (or group) entry mirrors the group bits.
         let acl = match s.mode {
-            Some(mode) if valid.contains(SetattrValid::MODE) => self
-                .acl_after_chmod(inode, mode)?
+            Some(mode) if has(fattr::MODE) => self
+                .acl_after_chmod(nodeid, mode)?
                 .map(|v| (acl::ACCESS_XATTR, v)),
             _ => None,
         };
         let a = self
             .fs
             .setattr_with_xattr(ino, s, acl.as_ref().map(|(n, v)| (*n, Some(v.as_slice()))))
-            .map_err(to_io)?;
-        Ok((stat_of(&a), TTL))
+            .map_err(to_errno)?;
+        Ok((attr_of(&a), TTL))
     }
 
-    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        self.fs.readlink(Ino(inode as u32)).map_err(to_io)
+    fn readlink(&self, _ctx: &Context, nodeid: u64) -> Result<Vec<u8>> {
+        self.fs.readlink(Ino(nodeid as u32)).map_err(to_errno)
     }
 
-    fn symlink(
-        &self,
-        ctx: &Context,
-        linkname: &CStr,
-        parent: u64,
-        name: &CStr,
-    ) -> io::Result<Entry> {
+    fn symlink(&self, ctx: &Context, parent: u64, name: &[u8], target: &[u8]) -> Result<Entry> {
         if let Some(e) = self.replayed_entry(parent, name) {
             return Ok(e);
         }
         let n = self.new_inode(ctx, parent, formats::inode::S_IFLNK | 0o777, 0)?;
         let a = self
             .fs
-            .symlink(
-                Ino(parent as u32),
-                cname(name),
-                cname(linkname),
-                n.uid,
-                n.gid,
-            )
-            .map_err(to_io)?;
+            .symlink(Ino(parent as u32), name, target, n.uid, n.gid)
+            .map_err(to_errno)?;
         Ok(self.counted(a))
     }
 
-    fn mknod(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &CStr,
-        mode: u32,
-        rdev: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
+    fn mknod(&self, ctx: &Context, parent: u64, name: &[u8], arg: &abi::MknodIn) -> Result<Entry> {
         if let Some(e) = self.replayed_entry(parent, name) {
             return Ok(e);
         }
-        let a = self.make_node(ctx, parent, name, mode, rdev, umask)?;
+        let a = self.make_node(ctx, parent, name, arg.mode, arg.rdev, arg.umask)?;
         Ok(self.counted(a))
     }
 
-    fn mkdir(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &CStr,
-        mode: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
+    fn mkdir(&self, ctx: &Context, parent: u64, name: &[u8], arg: &abi::MkdirIn) -> Result<Entry> {
         if let Some(e) = self.replayed_entry(parent, name) {
             return Ok(e);
         }
-        let n = self.new_inode(ctx, parent, (mode & 0o7777) | S_IFDIR, umask)?;
+        let n = self.new_inode(ctx, parent, (arg.mode & 0o7777) | S_IFDIR, arg.umask)?;
         let xattrs = n.xattr_refs();
         let a = self
             .fs
             .mkdir_with(
                 Ino(parent as u32),
-                cname(name),
+                name,
                 n.mode & 0o7777,
                 (n.uid, n.gid),
                 &xattrs,
             )
-            .map_err(to_io)?;
+            .map_err(to_errno)?;
         die_after_completing(name);
         Ok(self.counted(a))
     }
 
-    fn unlink(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+    fn unlink(&self, _ctx: &Context, parent: u64, name: &[u8]) -> Result<()> {
         if replaying() {
             return Ok(());
         }
-        self.fs
-            .unlink(Ino(parent as u32), cname(name))
-            .map_err(to_io)?;
+        self.fs.unlink(Ino(parent as u32), name).map_err(to_errno)?;
         die_after_completing(name);
         Ok(())
     }
 
-    fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+    fn rmdir(&self, _ctx: &Context, parent: u64, name: &[u8]) -> Result<()> {
         if replaying() {
             return Ok(());
         }
         self.fs
-            .rmdir(Ino(parent as u32), cname(name))
+            .rmdir(Ino(parent as u32), name)
             .map(|_| ())
-            .map_err(to_io)
+            .map_err(to_errno)
     }
 
     fn rename(
         &self,
         _ctx: &Context,
         olddir: u64,
-        oldname: &CStr,
+        oldname: &[u8],
         newdir: u64,
-        newname: &CStr,
+        newname: &[u8],
         flags: u32,
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(Errno(libc::EINVAL));
         }
         if replaying() {
             return Ok(());
@@ -1011,95 +1018,82 @@ impl FileSystem for MoltFuse {
         self.fs
             .rename(
                 Ino(olddir as u32),
-                cname(oldname),
+                oldname,
                 Ino(newdir as u32),
-                cname(newname),
+                newname,
                 noreplace,
                 exchange,
             )
-            .map_err(to_io)?;
+            .map_err(to_errno)?;
         die_after_completing(oldname);
         Ok(())
     }
 
-    fn link(
-        &self,
-        _ctx: &Context,
-        inode: u64,
-        newparent: u64,
-        newname: &CStr,
-    ) -> io::Result<Entry> {
+    fn link(&self, _ctx: &Context, nodeid: u64, newparent: u64, newname: &[u8]) -> Result<Entry> {
         if let Some(e) = self.replayed_entry(newparent, newname) {
             return Ok(e);
         }
         let a = self
             .fs
-            .link(Ino(inode as u32), Ino(newparent as u32), cname(newname))
-            .map_err(to_io)?;
+            .link(Ino(nodeid as u32), Ino(newparent as u32), newname)
+            .map_err(to_errno)?;
         Ok(self.counted(a))
     }
 
-    fn open(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        flags: u32,
-        fuse_flags: u32,
-    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        let a = self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
+    fn open(&self, ctx: &Context, nodeid: u64, arg: &abi::OpenIn) -> Result<Opened> {
+        let a = self.fs.getattr(Ino(nodeid as u32)).map_err(to_errno)?;
         if a.mode & S_IFMT == S_IFDIR {
-            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            return Err(Errno(libc::EISDIR));
         }
         // Only with ATOMIC_O_TRUNC does an open carry O_TRUNC; without it (Molt's
         // choice) the kernel truncates with a SETATTR of its own.
-        if flags & libc::O_TRUNC as u32 != 0 && fuse_flags & OPEN_KILL_SUIDGID != 0 {
-            self.drop_suidgid(ctx, inode, true)?;
+        if arg.flags & libc::O_TRUNC as u32 != 0 && arg.open_flags & abi::OPEN_KILL_SUIDGID != 0 {
+            self.drop_suidgid(ctx, nodeid, true)?;
         }
-        let h = self.add_handle(Handle::File {
-            ino: Ino(inode as u32),
-            flags,
+        let fh = self.add_handle(Handle::File {
+            ino: Ino(nodeid as u32),
+            flags: arg.flags,
             touched: false,
             reads: 0,
             writes: 0,
         });
         if !cfg!(feature = "usage-on-touch") {
-            self.count_usage(inode);
+            self.count_usage(nodeid);
         }
-        let opts = open_options();
-        Ok((Some(h), opts, None))
+        Ok(Opened {
+            fh,
+            open_flags: self.open_flags(arg.flags),
+        })
     }
 
     fn create(
         &self,
         ctx: &Context,
         parent: u64,
-        name: &CStr,
-        args: CreateIn,
-    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
-        let mode = if args.mode & S_IFMT == 0 {
-            args.mode | S_IFREG
+        name: &[u8],
+        arg: &abi::CreateIn,
+    ) -> Result<(Entry, Opened)> {
+        let mode = if arg.mode & S_IFMT == 0 {
+            arg.mode | S_IFREG
         } else {
-            args.mode
+            arg.mode
         };
         let replayed = replaying()
-            .then(|| self.fs.lookup(Ino(parent as u32), cname(name)).ok())
+            .then(|| self.fs.lookup(Ino(parent as u32), name).ok())
             .flatten();
         let a = match replayed {
             Some(a) => a,
-            None => match self.make_node(ctx, parent, name, mode, 0, args.umask) {
+            None => match self.make_node(ctx, parent, name, mode, 0, arg.umask) {
                 Ok(a) => a,
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EEXIST)
-                        && args.flags & libc::O_EXCL as u32 == 0 =>
-                {
-                    self.open_created_meanwhile(ctx, parent, name, &args)?
+                Err(e) if e.0 == libc::EEXIST && arg.flags & libc::O_EXCL as u32 == 0 => {
+                    self.open_created_meanwhile(ctx, parent, name, arg)?
                 }
                 Err(e) => return Err(e),
             },
         };
-        let h = self.add_handle(Handle::File {
+        let fh = self.add_handle(Handle::File {
             ino: a.ino,
-            flags: args.flags,
+            flags: arg.flags,
             touched: false,
             reads: 0,
             writes: 0,
@@ -1107,243 +1101,172 @@ impl FileSystem for MoltFuse {
         if !cfg!(feature = "usage-on-touch") {
             self.count_usage(a.ino.0 as u64);
         }
-        let opts = open_options();
-        Ok((self.counted(a), Some(h), opts, None))
+        let opened = Opened {
+            fh,
+            open_flags: self.open_flags(arg.flags),
+        };
+        Ok((self.counted(a), opened))
     }
 
-    fn read(
-        &self,
-        _ctx: &Context,
-        inode: u64,
-        _h: u64,
-        w: &mut dyn ZeroCopyWriter,
-        size: u32,
-        offset: u64,
-        _lock: Option<u64>,
-        _flags: u32,
-    ) -> io::Result<usize> {
-        self.touch(_h, false);
-        let data = self
-            .fs
-            .read_with(Ino(inode as u32), offset, size, self.atime())
-            .map_err(to_io)?;
-        w.write_all(&data)?;
-        Ok(data.len())
+    fn read(&self, _ctx: &Context, nodeid: u64, arg: &abi::ReadIn) -> Result<Vec<u8>> {
+        self.touch(arg.fh, false);
+        self.fs
+            .read_with(Ino(nodeid as u32), arg.offset, arg.size, self.atime())
+            .map_err(to_errno)
     }
 
-    fn write(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        _h: u64,
-        r: &mut dyn ZeroCopyReader,
-        size: u32,
-        offset: u64,
-        _lock: Option<u64>,
-        delayed: bool,
-        _flags: u32,
-        fuse_flags: u32,
-    ) -> io::Result<usize> {
-        self.touch(_h, true);
-        let mut data = vec![0u8; size as usize];
-        r.read_exact(&mut data)?;
-        if fuse_flags & WRITE_KILL_SUIDGID != 0 {
-            self.drop_suidgid(ctx, inode, true)?;
+    fn write(&self, ctx: &Context, nodeid: u64, arg: &abi::WriteIn, data: &[u8]) -> Result<u32> {
+        self.touch(arg.fh, true);
+        if arg.write_flags & abi::WRITE_KILL_SUIDGID != 0 {
+            self.drop_suidgid(ctx, nodeid, true)?;
         }
         // A write-back of cached pages (delayed): the kernel stamped the times when the
         // program wrote and sends them itself; stamping now would move mtime after the
         // fact. Its pages cannot be written in part either.
+        let delayed = arg.write_flags & abi::WRITE_CACHE != 0;
         let how = WriteMode {
             stamp_times: !delayed,
             whole: delayed,
         };
         self.fs
-            .write_with(Ino(inode as u32), offset, &data, how)
-            .map_err(to_io)
+            .write_with(Ino(nodeid as u32), arg.offset, data, how)
+            .map(|n| n as u32)
+            .map_err(to_errno)
     }
 
-    fn flush(&self, _ctx: &Context, _inode: u64, _h: u64, _lock_owner: u64) -> io::Result<()> {
-        Ok(())
+    fn fsync(&self, _ctx: &Context, nodeid: u64, _arg: &abi::FsyncIn) -> Result<()> {
+        self.fs.fsync(Ino(nodeid as u32)).map_err(to_errno)
     }
 
-    fn fsync(&self, _ctx: &Context, inode: u64, _datasync: bool, _h: u64) -> io::Result<()> {
-        self.fs.fsync(Ino(inode as u32)).map_err(to_io)
-    }
-
-    fn fallocate(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        _h: u64,
-        mode: u32,
-        offset: u64,
-        length: u64,
-    ) -> io::Result<()> {
+    fn fallocate(&self, ctx: &Context, nodeid: u64, arg: &abi::FallocateIn) -> Result<()> {
         // The kernel passes fallocate on without dropping set-id bits or saying whether
         // the caller may keep them, so the caller's own capabilities decide (as
         // `file_modified` does on a local filesystem).
-        self.drop_suidgid(ctx, inode, false)?;
+        self.drop_suidgid(ctx, nodeid, false)?;
         self.fs
-            .fallocate(Ino(inode as u32), mode as i32, offset, length)
-            .map_err(to_io)
+            .fallocate(Ino(nodeid as u32), arg.mode as i32, arg.offset, arg.length)
+            .map_err(to_errno)
     }
 
-    fn release(
-        &self,
-        _ctx: &Context,
-        _inode: u64,
-        _flags: u32,
-        h: u64,
-        _flush: bool,
-        _flock: bool,
-        _lock_owner: Option<u64>,
-    ) -> io::Result<()> {
-        self.handles.lock().expect("handles").remove(&h);
+    fn release(&self, _ctx: &Context, _nodeid: u64, arg: &abi::ReleaseIn) -> Result<()> {
+        self.handles.lock().expect("handles").remove(&arg.fh);
         Ok(())
     }
 
-    fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
+    fn statfs(&self, _ctx: &Context, _nodeid: u64) -> Result<abi::Kstatfs> {
         let s = self.fs.statfs();
-        let mut st: statvfs64 = molt_sys::zeroed_statvfs64();
-        st.f_bsize = s.block_size as _;
-        st.f_frsize = s.block_size as _;
-        st.f_blocks = s.blocks;
-        st.f_bfree = s.free_blocks;
-        st.f_bavail = s.free_blocks;
-        st.f_files = s.files;
-        st.f_ffree = s.free_files;
-        st.f_favail = s.free_files;
-        st.f_namemax = s.name_max as _;
-        Ok(st)
+        Ok(abi::Kstatfs {
+            blocks: s.blocks,
+            bfree: s.free_blocks,
+            bavail: s.free_blocks,
+            files: s.files,
+            ffree: s.free_files,
+            bsize: s.block_size,
+            namelen: s.name_max,
+            frsize: s.block_size,
+            ..Default::default()
+        })
     }
 
     fn setxattr(
         &self,
         ctx: &Context,
-        inode: u64,
-        name: &CStr,
+        nodeid: u64,
+        name: &[u8],
         value: &[u8],
-        flags: u32,
-    ) -> io::Result<()> {
-        if cname(name) == USAGE_XATTR || cname(name) == CRTIME_XATTR {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        arg: &abi::SetxattrIn,
+    ) -> Result<()> {
+        if name == USAGE_XATTR || name == CRTIME_XATTR {
+            return Err(Errno(libc::EPERM));
         }
         if replaying() {
             return Ok(());
         }
-        if cname(name) == acl::ACCESS_XATTR || cname(name) == acl::DEFAULT_XATTR {
-            return self.set_acl(ctx, inode, cname(name), Some(value));
+        if name == acl::ACCESS_XATTR || name == acl::DEFAULT_XATTR {
+            let kill_sgid = arg.setxattr_flags & abi::SETXATTR_ACL_KILL_SGID != 0;
+            return self.set_acl(ctx, nodeid, name, Some(value), kill_sgid);
         }
         let f = XattrFlags {
-            create: flags & libc::XATTR_CREATE as u32 != 0,
-            replace: flags & libc::XATTR_REPLACE as u32 != 0,
+            create: arg.flags & libc::XATTR_CREATE as u32 != 0,
+            replace: arg.flags & libc::XATTR_REPLACE as u32 != 0,
         };
         self.fs
-            .setxattr(Ino(inode as u32), cname(name), value, f)
-            .map_err(to_io)
+            .setxattr(Ino(nodeid as u32), name, value, f)
+            .map_err(to_errno)
     }
 
-    fn getxattr(
-        &self,
-        _ctx: &Context,
-        inode: u64,
-        name: &CStr,
-        size: u32,
-    ) -> io::Result<GetxattrReply> {
-        let v = if cname(name) == USAGE_XATTR {
-            self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
-            let n = self
-                .usage
-                .lock()
-                .expect("usage")
-                .get(&inode)
+    fn getxattr(&self, _ctx: &Context, nodeid: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let ino = Ino(nodeid as u32);
+        if name == USAGE_XATTR {
+            self.fs.getattr(ino).map_err(to_errno)?;
+            let usage = self.usage.lock().expect("usage");
+            Ok(usage
+                .get(&nodeid)
                 .copied()
-                .unwrap_or(0);
-            n.to_string().into_bytes()
-        } else if cname(name) == CRTIME_XATTR {
-            let a = self.fs.getattr(Ino(inode as u32)).map_err(to_io)?;
-            let t = a.crtime.ok_or_else(|| to_io(FsError::NoAttr))?;
-            crtime_value(t)
+                .unwrap_or(0)
+                .to_string()
+                .into_bytes())
+        } else if name == CRTIME_XATTR {
+            let a = self.fs.getattr(ino).map_err(to_errno)?;
+            let t = a.crtime.ok_or_else(|| to_errno(FsError::NoAttr))?;
+            Ok(crtime_value(t))
         } else {
-            self.fs
-                .getxattr(Ino(inode as u32), cname(name))
-                .map_err(to_io)?
-        };
-        if size == 0 {
-            Ok(GetxattrReply::Count(v.len() as u32))
-        } else if v.len() > size as usize {
-            Err(io::Error::from_raw_os_error(libc::ERANGE))
-        } else {
-            Ok(GetxattrReply::Value(v))
+            self.fs.getxattr(ino, name).map_err(to_errno)
         }
     }
 
-    fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        let ino = Ino(inode as u32);
-        let mut names = self.fs.listxattr(ino).map_err(to_io)?;
-        if self.fs.getattr(ino).map_err(to_io)?.crtime.is_some() {
-            names.push(CRTIME_XATTR.to_vec());
-        }
+    /// The stored names only: the virtual attributes (usage, creation time) can be read
+    /// but not set, so listing them would make copying tools fail on them.
+    fn listxattr(&self, _ctx: &Context, nodeid: u64) -> Result<Vec<u8>> {
+        let names = self.fs.listxattr(Ino(nodeid as u32)).map_err(to_errno)?;
         let mut buf = Vec::new();
         for n in names {
             buf.extend_from_slice(&n);
             buf.push(0);
         }
-        if size == 0 {
-            Ok(ListxattrReply::Count(buf.len() as u32))
-        } else if buf.len() > size as usize {
-            Err(io::Error::from_raw_os_error(libc::ERANGE))
-        } else {
-            Ok(ListxattrReply::Names(buf))
-        }
+        Ok(buf)
     }
 
-    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
-        if cname(name) == CRTIME_XATTR {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
+    fn removexattr(&self, ctx: &Context, nodeid: u64, name: &[u8]) -> Result<()> {
+        if name == CRTIME_XATTR || name == USAGE_XATTR {
+            return Err(Errno(libc::EPERM));
         }
         if replaying() {
             return Ok(());
         }
-        if cname(name) == acl::ACCESS_XATTR || cname(name) == acl::DEFAULT_XATTR {
-            if self.stored_acl(inode, cname(name))?.is_none() {
-                return Err(to_io(FsError::NoAttr));
+        if name == acl::ACCESS_XATTR || name == acl::DEFAULT_XATTR {
+            if self.stored_acl(nodeid, name)?.is_none() {
+                return Err(to_errno(FsError::NoAttr));
             }
-            return self.set_acl(ctx, inode, cname(name), None);
+            return self.set_acl(ctx, nodeid, name, None, false);
         }
         self.fs
-            .removexattr(Ino(inode as u32), cname(name))
-            .map_err(to_io)
+            .removexattr(Ino(nodeid as u32), name)
+            .map_err(to_errno)
     }
 
-    fn opendir(
-        &self,
-        _ctx: &Context,
-        inode: u64,
-        _flags: u32,
-    ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let ino = Ino(inode as u32);
-        let a = self.fs.getattr(ino).map_err(to_io)?;
+    fn opendir(&self, _ctx: &Context, nodeid: u64, _arg: &abi::OpenIn) -> Result<Opened> {
+        let ino = Ino(nodeid as u32);
+        let a = self.fs.getattr(ino).map_err(to_errno)?;
         if a.mode & S_IFMT != S_IFDIR {
-            return Err(errno(libc::ENOTDIR));
+            return Err(Errno(libc::ENOTDIR));
         }
         // The listing is taken by the first read, at offset 0.
-        let h = self.add_handle(Handle::Dir {
+        let fh = self.add_handle(Handle::Dir {
             ino,
             entries: Arc::new(Vec::new()),
         });
-        Ok((Some(h), OpenOptions::empty()))
+        Ok(Opened { fh, open_flags: 0 })
     }
 
     fn readdir(
         &self,
         _ctx: &Context,
-        _inode: u64,
-        h: u64,
-        _size: u32,
-        offset: u64,
-        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
-    ) -> io::Result<()> {
+        nodeid: u64,
+        arg: &abi::ReadIn,
+        out: &mut DirBuf<'_>,
+    ) -> Result<()> {
+        let (h, offset, ino) = (arg.fh, arg.offset, Ino(nodeid as u32));
         let known = match self.handles.lock().expect("handles").get(&h) {
             Some(Handle::Dir { entries, .. }) => Some(entries.clone()),
             _ => None,
@@ -1353,7 +1276,6 @@ impl FileSystem for MoltFuse {
             // as it is now; later reads continue that listing, so a stream read forwards
             // sees every name that exists throughout exactly once.
             Some(_) if offset == 0 => {
-                let ino = Ino(_inode as u32);
                 let e = Arc::new(self.listing(ino)?);
                 if let Some(Handle::Dir { entries, .. }) =
                     self.handles.lock().expect("handles").get_mut(&h)
@@ -1369,47 +1291,67 @@ impl FileSystem for MoltFuse {
             // predecessor opened. List it afresh under the same number (entries changed
             // meanwhile may be missed or repeated).
             None if h < self.next_handle.load(Ordering::Relaxed) => {
-                let e = Arc::new(self.listing(Ino(_inode as u32))?);
+                let e = Arc::new(self.listing(ino)?);
                 self.handles.lock().expect("handles").insert(
                     h,
                     Handle::Dir {
-                        ino: Ino(_inode as u32),
+                        ino,
                         entries: e.clone(),
                     },
                 );
                 e
             }
-            None => return Err(io::Error::from_raw_os_error(libc::EBADF)),
+            None => return Err(Errno(libc::EBADF)),
         };
-        for (i, (name, ino, dtype)) in entries.iter().enumerate().skip(offset as usize) {
-            let n = add_entry(DirEntry {
-                ino: ino.0 as u64,
-                offset: i as u64 + 1,
-                type_: *dtype as u32,
-                name,
-            })?;
-            if n == 0 {
+        for (i, (name, child, dtype)) in entries.iter().enumerate().skip(offset as usize) {
+            let (child, next, typ) = (child.0 as u64, i as u64 + 1, *dtype as u32);
+            let added = if !out.is_plus() {
+                out.add(child, next, typ, name)
+            } else if i < 2 {
+                // "." and "..": the kernel takes no reference on them.
+                out.add_plus(None, child, next, typ, name)
+            } else {
+                match self.fs.getattr(Ino(child as u32)) {
+                    // The kernel takes a reference on the entry's node exactly when the
+                    // entry fits: counted then.
+                    Ok(a) => {
+                        let e = entry_of(&a);
+                        let fits = out.add_plus(Some(&e), child, next, typ, name);
+                        if fits {
+                            self.counted(a);
+                        }
+                        fits
+                    }
+                    // Removed since the listing was taken: listed without attributes.
+                    Err(_) => out.add_plus(None, child, next, typ, name),
+                }
+            };
+            if !added {
                 break;
             }
         }
         Ok(())
     }
 
-    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, h: u64) -> io::Result<()> {
-        self.handles.lock().expect("handles").remove(&h);
+    fn releasedir(&self, _ctx: &Context, _nodeid: u64, arg: &abi::ReleaseIn) -> Result<()> {
+        self.handles.lock().expect("handles").remove(&arg.fh);
         Ok(())
     }
 
-    fn fsyncdir(&self, _ctx: &Context, _inode: u64, _datasync: bool, _h: u64) -> io::Result<()> {
-        self.fs.sync().map_err(to_io)
+    fn fsyncdir(&self, _ctx: &Context, _nodeid: u64, _arg: &abi::FsyncIn) -> Result<()> {
+        self.fs.sync().map_err(to_errno)
     }
 
-    fn access(&self, _ctx: &Context, inode: u64, _mask: u32) -> io::Result<()> {
+    fn access(&self, _ctx: &Context, nodeid: u64, _mask: u32) -> Result<()> {
         // Permission checks are the kernel's (default_permissions); only existence here.
         self.fs
-            .getattr(Ino(inode as u32))
+            .getattr(Ino(nodeid as u32))
             .map(|_| ())
-            .map_err(to_io)
+            .map_err(to_errno)
+    }
+
+    fn syncfs(&self, _ctx: &Context) -> Result<()> {
+        self.fs.sync().map_err(to_errno)
     }
 }
 
@@ -1438,36 +1380,42 @@ mod tests {
         let fs = Arc::new(Fs::mount(store as Arc<dyn BlockStore>).unwrap());
         let m = MoltFuse::new(fs.clone());
         let ctx = Context {
+            unique: 1,
             uid: 0,
             gid: 0,
-            pid: std::process::id() as libc::pid_t,
+            pid: std::process::id(),
         };
-        let name = |s: &str| std::ffi::CString::new(s).unwrap();
-        let d = m.mkdir(&ctx, 1, &name("d"), S_IFDIR | 0o755, 0).unwrap();
-        let create = CreateIn {
+        let mkdir = abi::MkdirIn {
+            mode: S_IFDIR | 0o755,
+            umask: 0,
+        };
+        let d = m.mkdir(&ctx, 1, b"d", &mkdir).unwrap();
+        let create = abi::CreateIn {
             flags: libc::O_RDWR as u32,
             mode: S_IFREG | 0o644,
             umask: 0o022,
-            fuse_flags: 0,
+            open_flags: 0,
         };
-        let (f, fh, ..) = m.create(&ctx, d.inode, &name("f"), create).unwrap();
-        let (dh, _) = m.opendir(&ctx, d.inode, 0).unwrap();
-        let mut listed = 0;
-        m.readdir(&ctx, d.inode, dh.unwrap(), 4096, 0, &mut |_| {
-            listed += 1;
-            Ok(1)
-        })
-        .unwrap();
-        assert_eq!(listed, 3, ". .. f");
-        let (root, _) = m.opendir(&ctx, 1, 0).unwrap();
-        m.lookup(&ctx, d.inode, &name("f")).unwrap();
-        m.forget(&ctx, f.inode, 1);
+        let (f, fh) = m.create(&ctx, d.nodeid, b"f", &create).unwrap();
+        let dh = m.opendir(&ctx, d.nodeid, &abi::OpenIn::default()).unwrap();
+        let mut buf = Vec::new();
+        let mut out = DirBuf::new_for_tests(&mut buf, 4096, false);
+        let list = abi::ReadIn {
+            fh: dh.fh,
+            size: 4096,
+            ..Default::default()
+        };
+        m.readdir(&ctx, d.nodeid, &list, &mut out).unwrap();
+        assert_eq!(buf.len(), 3 * 32, ". .. f");
+        let root = m.opendir(&ctx, 1, &abi::OpenIn::default()).unwrap();
+        m.lookup(&ctx, d.nodeid, b"f").unwrap();
+        m.forget(f.nodeid, 1);
 
         let mut st = m.export();
         st.withheld = fs.quiesce().unwrap();
         assert_eq!(st.handles.len(), 3);
-        assert!(st.handles.contains_key(&fh.unwrap()) && st.handles.contains_key(&root.unwrap()));
-        assert_eq!(st.lookups.get(&f.inode), Some(&1));
+        assert!(st.handles.contains_key(&fh.fh) && st.handles.contains_key(&root.fh));
+        assert_eq!(st.lookups.get(&f.nodeid), Some(&1));
         let blob = crate::persist::export(&st, StateVersion::CURRENT).unwrap();
         let checked = crate::persist::check(&blob).unwrap();
         assert_eq!(checked, st);

@@ -21,15 +21,12 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use fsd_core::fs::Fs;
-use fuse_backend_rs::transport::FuseSession;
 use molt_control::{
     Command, ControlError, Link, LinkError, Reply, RequiredState, ServingPhase, Status,
 };
@@ -37,9 +34,11 @@ use molt_control::{
 use crate::background::{background, follow_mount_options, Conversion, Flusher};
 use crate::fuse::MoltFuse;
 use crate::persist::{self, FsdState, StateError, StateVersion, STATE_CAP};
-use crate::serve::{
-    notify_resend, open_channels, serve, stop_serving, ServerArgs, ServerFds, StopReason,
-};
+use crate::serve::{ServerArgs, ServerFds};
+use molt_fuse::{Negotiated, Notifier, StopReason, Stopper};
+
+/// The FUSE session of this server.
+type FuseSession = molt_fuse::Session<MoltFuse>;
 
 /// The ring's descriptors, kept so that the server can connect again after a rolled-back
 /// update (a successor may have moved the ring's positions).
@@ -74,22 +73,25 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         sq_eventfd: fds.sq_eventfd,
         cq_eventfd: fds.cq_eventfd,
     };
-    let started = open_session(args, fds.fuse).and_then(|session| {
-        let (fs, molt) = start(args, &mut link, &ring, &fds.redo)?;
-        Ok((session, fs, molt))
-    });
-    let (session, fs, molt) = match started {
+    let started = start(args, &mut link, &ring, &fds.redo, &fds.session);
+    let (fs, molt, negotiated) = match started {
         Ok(v) => v,
         Err(e) => return Err(fail(&mut link, e)),
     };
-    if let Some(fuse) = session.get_fuse_file() {
-        molt.set_notifier(fuse.try_clone()?);
-    }
+    let fuse = fds.fuse;
+    molt.set_notifier(Notifier::new(fuse.try_clone()?));
+    molt.set_session_record(fds.session);
+    molt.set_transport(crate::persist::Transport::Dev);
+    let policy = crate::fuse::init_policy();
+    let session = Arc::new(match negotiated {
+        Some(n) => FuseSession::adopted(molt.clone(), policy, n),
+        None => FuseSession::new(molt.clone(), policy),
+    });
     if args.recover.is_some() {
         // Requests the dead predecessor had read go back to the queue, marked. Before this
         // process reads any: a resend also takes back requests being served, which would
         // then run twice.
-        if let Err(e) = notify_resend(&session) {
+        if let Err(e) = Notifier::new(fuse.try_clone()?).resend() {
             let e = anyhow::anyhow!("resending the dead server's requests: {e}");
             return Err(fail(&mut link, e));
         }
@@ -100,6 +102,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         link,
         commands,
         session,
+        fuse,
         ring,
         fs,
         molt,
@@ -115,43 +118,34 @@ fn fail(link: &mut Link, e: anyhow::Error) -> anyhow::Error {
     e
 }
 
-/// The FUSE session on the connection the supervisor passed. It checks that its path is a
-/// directory; after a crash nobody answers on the mountpoint, so a recovering server names
-/// another one (it never mounts). A session unmounts by path when dropped, and the mount
-/// outlives every server process (a successor or the kernel ends it), so it is never
-/// dropped.
-fn open_session(
-    args: &ServerArgs,
-    fuse: File,
-) -> anyhow::Result<Arc<std::mem::ManuallyDrop<FuseSession>>> {
-    let path: &Path = if args.recover.is_some() {
-        Path::new("/")
-    } else {
-        &args.mountpoint
-    };
-    let mut session =
-        FuseSession::new(path, "molt", "molt", false).map_err(|e| anyhow::anyhow!("{e}"))?;
-    session.set_fuse_file(fuse);
-    Ok(Arc::new(std::mem::ManuallyDrop::new(session)))
-}
-
-/// The filesystem and its FUSE side, by start mode.
+/// The filesystem, its FUSE side, and the connection's parameters when it was negotiated
+/// before this process (adoption, recovery), by start mode.
 fn start(
     args: &ServerArgs,
     link: &mut Link,
     ring: &ServerRing,
     redo: &File,
-) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>)> {
+    record: &File,
+) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>, Option<Negotiated>)> {
     if args.adopt {
         return adopt(link, ring, redo);
     }
     if let Some(recovery) = args.recover {
         // The predecessor died: the supervisor settled the ring; the kernel holds the
-        // requests it had read until the resend.
+        // requests it had read until the resend. Without a connection record the dead
+        // server never answered INIT, which the kernel then sends again.
+        let negotiated = match crate::host::read_session_record(record) {
+            Some(bytes) => {
+                let (flags, c) = persist::decode_connection_record(&bytes)
+                    .map_err(|e| anyhow::anyhow!("the connection record: {e}"))?;
+                Some(c.negotiated(flags))
+            }
+            None => None,
+        };
         let (fs, completed) = Fs::recover(ring.connect()?, crate::host::open_redo_log(redo)?)?;
         let fs = Arc::new(fs);
         let molt = Arc::new(MoltFuse::recovered(fs.clone(), completed, recovery));
-        return Ok((fs, molt));
+        return Ok((fs, molt, negotiated));
     }
     let fs = Fs::mount(ring.connect()?)?;
     fs.attach_redo_log(crate::host::open_redo_log(redo)?);
@@ -162,7 +156,7 @@ fn start(
         other => anyhow::bail!("expected Mounted, got {other:?}"),
     }
     let molt = Arc::new(MoltFuse::new(fs.clone()));
-    Ok((fs, molt))
+    Ok((fs, molt, None))
 }
 
 /// A live update's successor: imports the predecessor's state (writing nothing), then
@@ -171,14 +165,14 @@ fn adopt(
     link: &mut Link,
     ring: &ServerRing,
     redo: &File,
-) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>)> {
+) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>, Option<Negotiated>)> {
     link.send(&Reply::Spawned)?;
     let blob = match link.recv::<Command>()? {
         Command::State(b) => b,
         Command::Abort => std::process::exit(0),
         other => anyhow::bail!("expected the state, got {other:?}"),
     };
-    let state = match import(&blob) {
+    let (state, negotiated) = match import(&blob) {
         Ok(s) => s,
         Err(refusal) => {
             let _ = link.send(&Reply::Error(refusal.clone()));
@@ -193,23 +187,25 @@ fn adopt(
     let fs = Arc::new(Fs::adopt(ring.connect()?, &state.withheld)?);
     fs.attach_redo_log(crate::host::open_redo_log(redo)?);
     let molt = Arc::new(MoltFuse::import(fs.clone(), &state));
-    Ok((fs, molt))
+    Ok((fs, molt, Some(negotiated)))
 }
 
-/// Decodes and checks a predecessor's state for this build.
-fn import(blob: &[u8]) -> Result<FsdState, ControlError> {
+/// Decodes and checks a predecessor's state for this build, with the parameters of the
+/// connection it negotiated.
+fn import(blob: &[u8]) -> Result<(FsdState, Negotiated), ControlError> {
     let state = persist::import_accepting(blob, StateVersion::ACCEPTED).map_err(|e| match e {
         StateError::UnsupportedSchema { schema, .. } => ControlError::UnsupportedSchema(schema),
         e => ControlError::StateRefused(e.to_string()),
     })?;
-    let wanted = crate::fuse::wanted_init_flags().bits();
-    if state.init_flags != wanted {
-        return Err(ControlError::StateRefused(format!(
-            "the connection was negotiated with INIT flags {:#x}, this version needs {wanted:#x}",
-            state.init_flags
-        )));
-    }
-    Ok(state)
+    let Some(connection) = state.connection else {
+        return Err(ControlError::StateRefused(
+            "the connection was negotiated by a build whose FUSE binding did not hand over \
+             its parameters; unmount and mount once to move to this version"
+                .into(),
+        ));
+    };
+    let negotiated = connection.negotiated(state.init_flags);
+    Ok((state, negotiated))
 }
 
 /// Commands arrive on their own thread so that the server also notices an unmount.
@@ -231,7 +227,9 @@ struct ControlledServer {
     args: ServerArgs,
     link: Link,
     commands: Receiver<Result<Command, LinkError>>,
-    session: Arc<std::mem::ManuallyDrop<FuseSession>>,
+    session: Arc<FuseSession>,
+    /// The connection's `/dev/fuse` descriptor.
+    fuse: File,
     ring: ServerRing,
     fs: Arc<Fs>,
     molt: Arc<MoltFuse>,
@@ -244,7 +242,7 @@ struct ControlledServer {
 /// The workers and the background thread of one serving period (from start, or a resume,
 /// to a drain or the unmount).
 struct Period {
-    stopping: Arc<AtomicBool>,
+    stopper: Arc<Stopper>,
     workers: thread::JoinHandle<std::io::Result<StopReason>>,
     flusher: Option<Flusher>,
     /// Drained and holding after a `Ready`.
@@ -267,7 +265,7 @@ impl ControlledServer {
                 self.link.send(&Reply::Serving)?;
             }
             self.answer_commands(&mut period)?;
-            period.stopping.store(true, Ordering::SeqCst);
+            period.stopper.stop()?;
             if let Some(f) = period.flusher.take() {
                 f.finish();
             }
@@ -284,11 +282,13 @@ impl ControlledServer {
     }
 
     fn start_period(&self) -> anyhow::Result<Period> {
-        let stopping = Arc::new(AtomicBool::new(false));
-        let channels = open_channels(&self.session, self.args.threads)?;
+        let stopper = Stopper::new()?;
         let workers = {
-            let (molt, stopping) = (self.molt.clone(), stopping.clone());
-            thread::spawn(move || serve(molt, channels, stopping))
+            let (session, stopper) = (self.session.clone(), stopper.clone());
+            let (fuse, threads) = (self.fuse.try_clone()?, self.args.threads);
+            thread::spawn(move || {
+                molt_fuse::transport::dev::serve(&session, &fuse, threads, &stopper)
+            })
         };
         // Commits times left in memory by overwrites within about a second, and runs an
         // on-disk format conversion in progress, one short batch at a time. Dropping the
@@ -303,7 +303,7 @@ impl ControlledServer {
             background(&fs, &conversion, &stopped, &follow)
         });
         Ok(Period {
-            stopping,
+            stopper,
             workers,
             flusher: Some(Flusher { stop, handle }),
             prepared: false,
@@ -409,7 +409,7 @@ impl ControlledServer {
             return Ok(Next::Serve);
         }
         eprintln!("fsd serve: prepare: state reached, draining");
-        stop_serving(&self.session, &period.stopping)?;
+        period.stopper.stop()?;
         while !period.workers.is_finished() {
             thread::sleep(Duration::from_micros(200));
         }

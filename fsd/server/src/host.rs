@@ -20,6 +20,45 @@ pub fn create_redo_log_file() -> io::Result<File> {
     molt_sys::memfd_create(c"molt-redo", REDO_LOG_SIZE)
 }
 
+/// The size of the connection record's memfd.
+const SESSION_RECORD_SIZE: u64 = 4096;
+
+/// A memfd for a new mount's connection record (the supervisor keeps it).
+pub fn create_session_file() -> io::Result<File> {
+    molt_sys::memfd_create(c"molt-session", SESSION_RECORD_SIZE)
+}
+
+/// Writes the connection record (its length, then the framed record) at the start of the
+/// memfd. Written once, at INIT, before the INIT reply: a server that dies before it
+/// leaves no record, and the kernel's INIT is then resent to its successor.
+pub(crate) fn write_session_record(file: &File, record: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::with_capacity(4 + record.len());
+    out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+    out.extend_from_slice(record);
+    if out.len() as u64 > SESSION_RECORD_SIZE {
+        return Err(io::Error::other(
+            "the connection record does not fit its memfd",
+        ));
+    }
+    file.write_all_at(&out, 0)
+}
+
+/// The connection record in the memfd; `None` if none was written (or it is damaged,
+/// which the frame's crc tells).
+pub(crate) fn read_session_record(file: &File) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut len = [0u8; 4];
+    file.read_exact_at(&mut len, 0).ok()?;
+    let len = u32::from_le_bytes(len) as u64;
+    if len == 0 || len + 4 > SESSION_RECORD_SIZE {
+        return None;
+    }
+    let mut record = vec![0u8; len as usize];
+    file.read_exact_at(&mut record, 4).ok()?;
+    Some(record)
+}
+
 /// Maps the redo log memfd `file` and opens the log in it.
 pub(crate) fn open_redo_log(file: &File) -> io::Result<RedoLog> {
     // The memfd is shared only with the supervisor, which never writes it, and with a

@@ -1,28 +1,16 @@
 //! The FUSE serve loop of the filesystem process and the `mount(2)` call that attaches a
 //! `/dev/fuse` connection to a mountpoint.
 
+use fsd_core::fs::Atime;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
 
-use fuse_backend_rs::abi::fuse_abi::InHeader;
-use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{FuseChannel, FuseSession};
-
-use crate::fuse::MoltFuse;
-use fsd_core::fs::Atime;
-
-/// The kernel marks a request it resends (FUSE_NOTIFY_RESEND) with this bit of `unique`.
-const RESEND_BIT: u64 = 1 << 63;
-
-/// Bytes the kernel may put in one request: the library's fixed read buffer.
-pub(crate) const MAX_READ: usize = 1_052_672 - 4096;
+/// The largest READ the kernel sends: the largest request the FUSE layer negotiates.
+pub(crate) const MAX_READ: usize = molt_fuse::MAX_PAGES as usize * 4096;
 
 /// Opens `/dev/fuse` for a new connection.
 /// Non-blocking: several workers wait for the same request in epoll, and the ones that
@@ -187,119 +175,6 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
     molt_sys::unmount(&target, flags)
 }
 
-/// Why the serve loop returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// `FuseSession::wake` asked the workers to return between requests.
-    Woken,
-    /// The kernel ended the connection (unmount or abort).
-    Disconnected,
-}
-
-/// Asks the workers of `serve` to return between requests.
-pub(crate) fn stop_serving(session: &FuseSession, stopping: &AtomicBool) -> io::Result<()> {
-    stopping.store(true, Ordering::SeqCst);
-    session.wake().map_err(|e| io::Error::other(e.to_string()))
-}
-
-/// Opens one channel per worker. Done before the serve loop starts, so that a
-/// `stop_serving` issued as soon as serving is announced reaches every worker.
-pub(crate) fn open_channels(session: &FuseSession, threads: usize) -> io::Result<Vec<FuseChannel>> {
-    (0..threads.max(1))
-        .map(|_| {
-            session
-                .new_channel()
-                .map_err(|e| io::Error::other(e.to_string()))
-        })
-        .collect()
-}
-
-/// Serves requests on `channels`, one worker each, until `stop_serving` wakes them or the
-/// connection ends. Workers return only between requests, never holding one unanswered.
-pub fn serve(
-    molt: Arc<MoltFuse>,
-    channels: Vec<FuseChannel>,
-    stopping: Arc<AtomicBool>,
-) -> io::Result<StopReason> {
-    let server = Arc::new(Server::new(molt.clone()));
-    let mut workers = Vec::new();
-    for (i, ch) in channels.into_iter().enumerate() {
-        let server = server.clone();
-        let stopping = stopping.clone();
-        let molt = molt.clone();
-        let name = format!("fuse-{i}");
-        workers.push(
-            thread::Builder::new()
-                .name(name)
-                .spawn(move || worker(server, ch, &stopping, &molt))?,
-        );
-    }
-    let mut reason = StopReason::Woken;
-    for w in workers {
-        if w.join().unwrap_or(StopReason::Disconnected) == StopReason::Disconnected {
-            reason = StopReason::Disconnected;
-        }
-    }
-    Ok(reason)
-}
-
-fn worker(
-    server: Arc<Server<Arc<MoltFuse>>>,
-    mut ch: FuseChannel,
-    stopping: &AtomicBool,
-    molt: &MoltFuse,
-) -> StopReason {
-    loop {
-        match ch.get_request() {
-            Ok(Some((reader, writer))) => {
-                molt.requests.fetch_add(1, Ordering::Relaxed);
-                // The request id goes with the operation's changes to the redo log; a
-                // request resent after a crash is marked so that one already completed
-                // is answered, not run again.
-                let unique = reader
-                    .clone()
-                    .read_obj::<InHeader>()
-                    .map(|h| h.unique)
-                    .unwrap_or(0);
-                fsd_core::fs::redo::set_current_request(unique & !RESEND_BIT);
-                crate::fuse::set_replay(unique & RESEND_BIT != 0 && molt.completed_before(unique));
-                let r = server.handle_message(reader, writer.into(), None, None);
-                fsd_core::fs::redo::set_current_request(0);
-                crate::fuse::set_replay(false);
-                if let Err(e) = r {
-                    if let fuse_backend_rs::Error::EncodeMessage(io_err) = &e {
-                        if io_err.raw_os_error() == Some(libc::ENODEV)
-                            || io_err.raw_os_error() == Some(libc::EBADF)
-                        {
-                            return StopReason::Disconnected;
-                        }
-                    }
-                    eprintln!("fsd: request failed: {e}");
-                }
-            }
-            // The library reports both a wake-up and an unmount (ENODEV) as `None`.
-            Ok(None) if stopping.load(Ordering::SeqCst) => return StopReason::Woken,
-            Ok(None) => return StopReason::Disconnected,
-            Err(_) => return StopReason::Disconnected,
-        }
-    }
-}
-
-/// Asks the kernel to queue again every request read from this connection and not yet
-/// answered (FUSE_NOTIFY_RESEND): after a crash, those of the dead server.
-pub(crate) fn notify_resend(session: &FuseSession) -> io::Result<()> {
-    use std::io::Write;
-    const NOTIFY_RESEND: i32 = 7;
-    let file = session
-        .get_fuse_file()
-        .ok_or_else(|| io::Error::other("no FUSE connection"))?;
-    // fuse_out_header: len, error (the notify code), unique 0.
-    let mut msg = [0u8; 16];
-    msg[0..4].copy_from_slice(&16u32.to_le_bytes());
-    msg[4..8].copy_from_slice(&NOTIFY_RESEND.to_le_bytes());
-    (&*file).write_all(&msg)
-}
-
 /// Fd numbers `fsd serve` receives its descriptors on (the supervisor passes them there).
 pub const SERVE_RING_FD: i32 = 3;
 pub const SERVE_SQ_FD: i32 = 4;
@@ -307,6 +182,7 @@ pub const SERVE_CQ_FD: i32 = 5;
 pub const SERVE_FUSE_FD: i32 = 6;
 pub const SERVE_CTL_FD: i32 = 7;
 pub const SERVE_REDO_FD: i32 = 8;
+pub const SERVE_SESSION_FD: i32 = 9;
 
 /// Descriptors `fsd serve` is started with.
 pub struct ServerFds {
@@ -317,6 +193,9 @@ pub struct ServerFds {
     pub ctl: std::os::unix::net::UnixStream,
     /// The redo log (a memfd the supervisor keeps across server processes).
     pub redo: File,
+    /// The connection's record (a memfd the supervisor keeps across server processes):
+    /// what its INIT negotiated, for a server that recovers from its predecessor's death.
+    pub session: File,
 }
 
 /// How `fsd serve` starts.

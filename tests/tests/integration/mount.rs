@@ -158,33 +158,72 @@ fn xattr_call(path: &std::path::Path, op: &str, name: &std::ffi::CStr) -> (isize
     (n, buf, errno)
 }
 
+/// The creation time `statx` reports for `path` (`None` without STATX_BTIME).
+fn birth_time(path: &std::path::Path) -> Option<(i64, u32)> {
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let st = statx(
+        CWD,
+        path,
+        AtFlags::empty(),
+        StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+    )
+    .expect("statx");
+    (st.stx_mask & StatxFlags::BTIME.bits() != 0)
+        .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
+}
+
+/// `stat -c %W` of `path`: the birth time in seconds, or 0 where there is none.
+fn stat_birth_seconds(path: &std::path::Path) -> i64 {
+    let o = std::process::Command::new("stat")
+        .args(["-c", "%W"])
+        .arg(path)
+        .output()
+        .expect("running stat");
+    assert!(o.status.success(), "{}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .expect("stat %W")
+}
+
 #[test]
-fn creation_times_are_a_read_only_xattr_and_v1_images_have_none() {
+fn creation_times_reach_statx_and_v1_images_have_none() {
     let img = TestImage::new("crtime", "64M");
     let m = img.mount();
     let f = m.path().join("f");
+    let d = m.path().join("d");
     std::fs::write(&f, b"x").unwrap();
+    std::fs::create_dir(&d).unwrap();
+    for p in [&f, &d] {
+        let (sec, nsec) = birth_time(p).expect("a v2 image reports a birth time");
+        assert!(nsec < 1_000_000_000);
+        let ctime = std::fs::metadata(p).unwrap().ctime();
+        assert!((sec - ctime).abs() <= 1, "btime {sec}, ctime {ctime}");
+        assert_eq!(stat_birth_seconds(p), sec, "stat -c %W");
+    }
+    // A change does not move the birth time; the change time moves.
+    let born = birth_time(&f);
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&f, b"changed").unwrap();
+    assert_eq!(birth_time(&f), born);
+    // The old virtual attribute is still readable, never listed, never settable.
     let (n, v, _) = xattr_call(&f, "get", c"user.molt.crtime");
     assert!(n > 0, "getxattr user.molt.crtime failed");
     let text = String::from_utf8(v).unwrap();
-    let (sec, nsec) = text.split_once('.').expect("SEC.NSEC");
-    assert_eq!(nsec.len(), 9, "{text}");
-    let sec: i64 = sec.parse().unwrap();
-    let ctime = std::fs::metadata(&f).unwrap().ctime();
-    assert!((sec - ctime).abs() <= 1, "crtime {text}, ctime {ctime}");
+    assert_eq!(text, format!("{}.{:09}", born.unwrap().0, born.unwrap().1));
     let (_, names, _) = xattr_call(&f, "list", c"");
-    assert!(
-        names.split(|b| *b == 0).any(|n| n == b"user.molt.crtime"),
-        "{:?}",
-        String::from_utf8_lossy(&names)
-    );
+    assert!(names.is_empty(), "{:?}", String::from_utf8_lossy(&names));
     for op in ["set", "remove"] {
         let (n, _, errno) = xattr_call(&f, op, c"user.molt.crtime");
         assert_eq!((n, errno), (-1, libc::EPERM), "{op}");
     }
+    // After a remount the birth time is the one stored.
+    m.unmount();
+    let m = img.mount();
+    assert_eq!(birth_time(&m.path().join("f")), born);
     m.unmount();
 
-    // A v1 image: no creation time, not listed, ENODATA.
+    // A v1 image: no creation time, so statx reports none and %W is 0.
     let v1 = img.dir.path().join("v1.img");
     let o = fsd(&[
         "mkfs",
@@ -198,9 +237,118 @@ fn creation_times_are_a_read_only_xattr_and_v1_images_have_none() {
     let m = molt_tests::harness::Mount::new(&v1, &img.mnt);
     let f = m.path().join("old");
     std::fs::write(&f, b"x").unwrap();
+    assert_eq!(birth_time(&f), None);
+    assert_eq!(stat_birth_seconds(&f), 0);
     let (n, _, errno) = xattr_call(&f, "get", c"user.molt.crtime");
     assert_eq!((n, errno), (-1, libc::ENODATA));
-    let (_, names, _) = xattr_call(&f, "list", c"");
-    assert!(!names.windows(16).any(|w| w == b"user.molt.crtime"));
     m.unmount();
+}
+
+/// Runs `prog args` and fails the test with its output if it fails.
+fn run_ok(prog: &str, args: &[&std::ffi::OsStr]) {
+    let o = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
+    assert!(
+        o.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+}
+
+/// Everything `cp -a` and `rsync -aX` carry, per path under `root`: type, mode, owner,
+/// size, mtime, link target, contents and extended attributes.
+fn tree_of(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let mut line = format!(
+                "{rel} mode={:o} uid={} gid={} mtime={}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.mtime()
+            );
+            if md.file_type().is_symlink() {
+                line += &format!(" -> {}", std::fs::read_link(&p).unwrap().display());
+            } else {
+                if md.is_file() {
+                    let data = std::fs::read(&p).unwrap();
+                    line += &format!(" size={} sum={}", data.len(), crc32fast::hash(&data));
+                }
+                let mut buf = vec![0u8; 65536];
+                let names = rustix::fs::llistxattr(&p, &mut buf[..]).unwrap();
+                let mut attrs: Vec<String> = buf[..names]
+                    .split(|b| *b == 0)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| {
+                        let name = std::ffi::CString::new(n).unwrap();
+                        let mut v = vec![0u8; 65536];
+                        let len = rustix::fs::lgetxattr(&p, name.as_c_str(), &mut v[..]).unwrap();
+                        format!("{}={:?}", String::from_utf8_lossy(n), &v[..len])
+                    })
+                    .collect();
+                attrs.sort();
+                line += &format!(" xattrs={attrs:?}");
+            }
+            if md.is_dir() {
+                stack.push(p);
+            }
+            out.push(line);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn cp_a_and_rsync_ax_copy_a_tree_with_xattrs_onto_molt() {
+    let img = TestImage::new("copy", "128M");
+    let src = img.dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha").unwrap();
+    std::fs::write(src.join("sub/b.bin"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(src.join("sub/deeper/empty"), b"").unwrap();
+    std::os::unix::fs::symlink("../a.txt", src.join("sub/link")).unwrap();
+    std::fs::set_permissions(src.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    for (file, name, value) in [
+        ("a.txt", c"user.colour", &b"blue"[..]),
+        ("sub/b.bin", c"user.big", &[9u8; 3000][..]),
+        ("sub", c"user.dir", &b"d"[..]),
+    ] {
+        rustix::fs::setxattr(
+            src.join(file),
+            name,
+            value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("the scratch directory takes user xattrs");
+    }
+    let want = tree_of(&src);
+    let m = img.mount();
+    let cp_dest = m.path().join("by-cp");
+    run_ok("cp", &["-a".as_ref(), src.as_os_str(), cp_dest.as_os_str()]);
+    assert_eq!(tree_of(&cp_dest), want, "cp -a");
+    let rsync_dest = m.path().join("by-rsync");
+    let from = format!("{}/", src.display());
+    run_ok(
+        "rsync",
+        &["-aX".as_ref(), from.as_ref(), rsync_dest.as_os_str()],
+    );
+    assert_eq!(tree_of(&rsync_dest), want, "rsync -aX");
+    // And back off Molt: nothing Molt lists is refused elsewhere.
+    let back = img.dir.path().join("back");
+    run_ok(
+        "cp",
+        &["-a".as_ref(), cp_dest.as_os_str(), back.as_os_str()],
+    );
+    assert_eq!(tree_of(&back), want, "cp -a off Molt");
+    m.unmount();
+    img.assert_clean();
 }

@@ -75,6 +75,8 @@ pub struct Stack {
     pub fuse_dev: File,
     /// The servers' redo log: acknowledged operations not yet in the journal.
     pub redo: File,
+    /// The FUSE connection's record (what its INIT negotiated), for a recovering server.
+    pub session: File,
     pub server: ComponentProc,
     pub driver: ComponentProc,
     /// On-disk format version of the image.
@@ -127,6 +129,7 @@ pub(crate) struct ServerEnv<'a> {
     pub(crate) ring: &'a RingSetup,
     pub(crate) fuse_dev: &'a File,
     pub(crate) redo: &'a File,
+    pub(crate) session: &'a File,
 }
 
 pub(crate) fn start_server(
@@ -141,6 +144,7 @@ pub(crate) fn start_server(
             ring: &stack.ring,
             fuse_dev: &stack.fuse_dev,
             redo: &stack.redo,
+            session: &stack.session,
         },
         binary,
         start,
@@ -158,6 +162,7 @@ pub(crate) fn start_server_on(
         ring,
         fuse_dev,
         redo,
+        session,
     } = *env;
     let info = probe(binary).map_err(MountError::Failed)?;
     let (ctl, child_ctl) =
@@ -169,6 +174,7 @@ pub(crate) fn start_server_on(
         fuse_dev.as_fd(),
         child_ctl.as_fd(),
         redo.as_fd(),
+        session.as_fd(),
     ];
     let mut cmd = Command::new(binary);
     cmd.arg("serve")

@@ -244,12 +244,20 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
             return Err(MountError::Os("creating the redo log", e));
         }
     };
+    let session = match fsd_server::host::create_session_file() {
+        Ok(f) => f,
+        Err(e) => {
+            driver.kill();
+            return Err(MountError::Os("creating the connection record", e));
+        }
+    };
     let env = ServerEnv {
         mnt: &mnt,
         opts,
         ring: &ring,
         fuse_dev: &fuse_dev,
         redo: &redo,
+        session: &session,
     };
     let server = match start_server_on(&env, exe, ServerStart::Mount) {
         Ok(c) => c,
@@ -265,6 +273,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         ring,
         fuse_dev,
         redo,
+        session,
         server,
         driver,
         format_version: format_version_of(&opts.image),

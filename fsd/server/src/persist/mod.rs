@@ -24,6 +24,7 @@ use formats::block::Ino;
 use formats::dir::{is_stored_dtype, validate_name, DT_DIR};
 
 pub mod v1;
+pub mod v2;
 
 /// Frame magic of an fsd state blob: "MFSD".
 pub const STATE_MAGIC: u32 = u32::from_le_bytes(*b"MFSD");
@@ -36,7 +37,7 @@ pub struct StateVersion(pub u32);
 
 impl StateVersion {
     /// The schema this build exports.
-    pub const CURRENT: StateVersion = StateVersion::V1;
+    pub const CURRENT: StateVersion = StateVersion::V2;
     /// The schemas this build imports (a package's `state_schema_reads`): every schema it
     /// has a file for, its own and older ones, oldest first; never a newer one.
     pub const ACCEPTED: &'static [StateVersion] = &ACCEPTED;
@@ -64,7 +65,7 @@ struct Schema {
 }
 
 /// Every schema this build reads and writes, oldest first.
-const SCHEMAS: &[Schema] = &[v1::SCHEMA];
+const SCHEMAS: &[Schema] = &[v1::SCHEMA, v2::SCHEMA];
 
 const ACCEPTED: [StateVersion; SCHEMAS.len()] = {
     let mut out = [StateVersion(0); SCHEMAS.len()];
@@ -154,6 +155,69 @@ impl Handle {
     }
 }
 
+/// How requests reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// `/dev/fuse` read and write.
+    #[default]
+    Dev,
+    /// FUSE over io_uring.
+    Uring,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Dev => "dev",
+            Transport::Uring => "uring",
+        }
+    }
+}
+
+/// The FUSE connection's parameters beyond its INIT flags, as its INIT fixed them: a
+/// successor serves the connection exactly as negotiated (schema 2 on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    pub minor: u32,
+    pub max_write: u32,
+    pub max_readahead: u32,
+    pub max_pages: u16,
+    pub max_background: u16,
+    pub congestion_threshold: u16,
+    pub time_gran: u32,
+    pub transport: Transport,
+}
+
+impl Connection {
+    /// The parameters of a connection negotiated as `n` and served over `transport`.
+    pub fn new(n: &molt_fuse::Negotiated, transport: Transport) -> Connection {
+        Connection {
+            minor: n.minor,
+            max_write: n.max_write,
+            max_readahead: n.max_readahead,
+            max_pages: n.max_pages,
+            max_background: n.max_background,
+            congestion_threshold: n.congestion_threshold,
+            time_gran: n.time_gran,
+            transport,
+        }
+    }
+
+    /// The negotiated parameters with INIT flags `flags`, for adopting the connection.
+    pub fn negotiated(&self, flags: u64) -> molt_fuse::Negotiated {
+        molt_fuse::Negotiated {
+            minor: self.minor,
+            flags,
+            max_write: self.max_write,
+            max_readahead: self.max_readahead,
+            max_pages: self.max_pages,
+            max_background: self.max_background,
+            congestion_threshold: self.congestion_threshold,
+            time_gran: self.time_gran,
+        }
+    }
+}
+
 /// The server's kernel-facing state, in memory, whatever schema carries it. Taken only
 /// when no request is being served.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -162,6 +226,9 @@ pub struct FsdState {
     pub version: String,
     /// FUSE INIT flags of the connection; frozen for its lifetime.
     pub init_flags: u64,
+    /// The rest of what the connection's INIT fixed (schema 2 on; a schema 1 state comes
+    /// from a build whose FUSE binding kept it to itself).
+    pub connection: Option<Connection>,
     /// Kernel lookup count of every inode the kernel holds, by inode number (the node id
     /// the kernel knows it by).
     pub lookups: BTreeMap<u64, u64>,
@@ -354,6 +421,29 @@ pub fn check(bytes: &[u8]) -> Result<FsdState, StateError> {
     import_accepting(bytes, StateVersion::ACCEPTED)
 }
 
+/// Frame magic of a connection record: "MFSC".
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"MFSC");
+/// Largest connection record accepted.
+pub const RECORD_CAP: u64 = 1024;
+
+/// The connection record a server leaves for a successor that recovers after its death
+/// (a live successor gets the same in the state): the INIT flags and the parameters.
+pub fn encode_connection_record(flags: u64, c: &Connection) -> Vec<u8> {
+    formats::frame::encode(RECORD_MAGIC, 1, &v2::encode_record(flags, c))
+}
+
+/// Decodes a connection record (checked frame, record version 1).
+pub fn decode_connection_record(bytes: &[u8]) -> Result<(u64, Connection), StateError> {
+    let frame = formats::frame::decode("connection record", bytes, RECORD_MAGIC, RECORD_CAP)?;
+    if frame.version != 1 {
+        return Err(StateError::Corrupted(format!(
+            "connection record version {}",
+            frame.version
+        )));
+    }
+    v2::decode_record(frame.payload)
+}
+
 /// The schema of a state blob, from its frame header: `None` if it is too short for one
 /// or not an fsd state. Nothing else is checked.
 pub fn schema_of(bytes: &[u8]) -> Option<StateVersion> {
@@ -379,6 +469,7 @@ mod tests {
         FsdState {
             version: "0.1.0".into(),
             init_flags: 0x0123_4567_89ab,
+            connection: None,
             lookups: BTreeMap::from([(5, 2), (7, 1), (300, 70000)]),
             handles: BTreeMap::from([
                 (
@@ -462,22 +553,22 @@ mod tests {
     #[test]
     fn a_schema_this_build_does_not_read_is_refused() {
         let payload = v1::FsdStateV1::from(&sample()).encode();
-        let newer = formats::frame::encode(STATE_MAGIC, 2, &payload);
+        let newer = formats::frame::encode(STATE_MAGIC, 3, &payload);
         let e = check(&newer).unwrap_err();
         assert!(
-            matches!(e, StateError::UnsupportedSchema { schema: 2, .. }),
+            matches!(e, StateError::UnsupportedSchema { schema: 3, .. }),
             "{e}"
         );
         assert!(
-            e.to_string().starts_with("unsupported state schema 2"),
+            e.to_string().starts_with("unsupported state schema 3"),
             "{e}"
         );
-        assert_eq!(schema_of(&newer), Some(StateVersion(2)));
+        assert_eq!(schema_of(&newer), Some(StateVersion(3)));
         // A known schema left out of the accepted list is refused all the same.
         let b = blob(&sample());
         assert!(matches!(
             import_accepting(&b, &[]),
-            Err(StateError::UnsupportedSchema { schema: 1, .. })
+            Err(StateError::UnsupportedSchema { schema: 2, .. })
         ));
         // And this build writes no schema it does not know.
         assert!(matches!(
@@ -544,8 +635,8 @@ mod tests {
     #[test]
     fn schema_of_reads_the_header_only() {
         let b = blob(&sample());
-        assert_eq!(schema_of(&b), Some(StateVersion::V1));
-        assert_eq!(schema_of(&b[..8]), Some(StateVersion::V1));
+        assert_eq!(schema_of(&b), Some(StateVersion::CURRENT));
+        assert_eq!(schema_of(&b[..8]), Some(StateVersion::CURRENT));
         assert_eq!(schema_of(&b[..7]), None);
         let mut other = b.clone();
         other[0] ^= 1;
