@@ -56,7 +56,7 @@ sleep 8
 
 seq=1
 for round in 1 2 3; do
-    pack "fsd-$round" fsd "$BIN/fsd" $seq "$FSD_VERSION" 1 1; seq=$((seq + 1))
+    pack "fsd-$round" fsd "$BIN/fsd" $seq "$FSD_VERSION" "1, 2" 2; seq=$((seq + 1))
     echo "== live update $round: fsd"
     "$BIN/updater" apply "$WORK/fsd-$round.lup" --mount "$MNT"
     pack "blockdev-$round" blockdev "$BIN/blockdev" $seq "$BD_VERSION" "1, 2" 2; seq=$((seq + 1))

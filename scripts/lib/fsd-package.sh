@@ -39,8 +39,8 @@ name = "fsd"
 applies_to = ["$FSD_VERSION"]
 new_version = "$FSD_VERSION"
 binary = "bin/fsd"
-state_schema_reads = [1]
-state_schema_writes = 1
+state_schema_reads = [1, 2]
+state_schema_writes = 2
 required_state = ["quiescent"]
 
 [[file]]

@@ -23,7 +23,16 @@ pub struct RunningSystem {
     pub format_version: u32,
     /// Sequence of the last package applied to this installation, if any.
     pub last_sequence: Option<u64>,
+    /// How the filesystem server's FUSE connection is served ("dev", "uring"), if known.
+    pub fsd_transport: Option<String>,
 }
+
+/// Why a filesystem server serving its connection over io_uring is not replaced live.
+pub const URING_NOT_LIVE: &str = "the mount is served over FUSE io_uring, and this kernel \
+    retires a process's io_uring queue entries only by destroying its ring, which fails \
+    requests being handed to them (ECANCELED) or leaves them unanswered; a live update \
+    would risk requests (docs/live-update.md, \"FUSE over io_uring\"). Mount with \
+    --transport dev to update fsd live";
 
 /// In order: live-updatable; sequence above the last applied; per replaced component, that
 /// it runs, that its running version is in `applies_to`, that the new binary reads the
@@ -84,6 +93,17 @@ pub fn check_compatibility(m: &Manifest, sys: &RunningSystem) -> Vec<CheckItem> 
                 run.state_schema, c.state_schema_reads
             ),
         ));
+        if c.name == ComponentName::Fsd {
+            if let Some(t) = &sys.fsd_transport {
+                let uring = t == "uring";
+                let detail = if uring {
+                    URING_NOT_LIVE.to_string()
+                } else {
+                    format!("the mount is served over {t}")
+                };
+                out.push(CheckItem::new("fsd transport", !uring, detail));
+            }
+        }
     }
     // Ring protocol after the update: the new binary's where the package says, else the
     // running one's.
@@ -138,6 +158,7 @@ mod tests {
                     ring_protocol: Some(1),
                 },
             ],
+            fsd_transport: None,
             format_version: 1,
             last_sequence: Some(6),
         }
@@ -183,6 +204,27 @@ mod tests {
         fsd.name = ComponentName::Fsd;
         m.components.push(fsd);
         assert!(failed(&m, &system()).is_empty());
+    }
+
+    #[test]
+    fn fsd_is_not_replaced_live_over_io_uring() {
+        let mut m = Manifest::parse(&sample()).unwrap();
+        let mut fsd = m.components[0].clone();
+        fsd.name = ComponentName::Fsd;
+        m.components = vec![fsd];
+        let mut s = system();
+        s.fsd_transport = Some("dev".into());
+        assert!(failed(&m, &s).is_empty());
+        s.fsd_transport = Some("uring".into());
+        assert_eq!(failed(&m, &s), ["fsd transport"]);
+        let item = check_compatibility(&m, &s)
+            .into_iter()
+            .find(|i| i.name == "fsd transport")
+            .unwrap();
+        assert!(item.detail.contains("ECANCELED"), "{}", item.detail);
+        // A package that leaves fsd alone is not concerned.
+        let m = Manifest::parse(&sample()).unwrap();
+        assert!(failed(&m, &s).is_empty());
     }
 
     #[test]

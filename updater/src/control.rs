@@ -98,12 +98,7 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let r: Request = read_msg(&mut s, &REQUESTS).unwrap();
             assert_eq!(r, Request::Status);
-            write_msg(
-                &mut s,
-                &EVENTS,
-                &Event::Status(crate::protocol::StatusReport::default()),
-            )
-            .unwrap();
+            write_msg(&mut s, &EVENTS, &Event::Status(Box::default())).unwrap();
         });
         let mut c = ControlClient::connect(&sock).unwrap();
         c.send(&Request::Status).unwrap();

@@ -549,6 +549,13 @@ fn print_status(r: &StatusReport) {
             s.version, s.pid, s.log
         );
     }
+    if let Some(f) = &r.fuse {
+        println!(
+            "fuse      transport {:<6} protocol {}",
+            f.transport,
+            f.protocol.as_deref().unwrap_or("(not negotiated yet)")
+        );
+    }
     for c in &r.components {
         let counters: Vec<String> = c.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(

@@ -94,7 +94,7 @@ pub enum Event {
         outcome: Outcome,
         message: String,
     },
-    Status(StatusReport),
+    Status(Box<StatusReport>),
 }
 
 /// The phases of the cooperative live update model, plus the on-disk conversion.
@@ -200,6 +200,8 @@ pub struct StatusReport {
     /// The last conversion the running server finished, as it measured it.
     pub last_conversion: Option<molt_control::ConversionResult>,
     pub supervisor: Option<SupervisorStatus>,
+    /// How the filesystem server's FUSE connection is served (transport, protocol).
+    pub fuse: Option<molt_control::FuseInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,7 +392,7 @@ mod tests {
                 outcome: Outcome::RolledBack,
                 message: "state check failed".into(),
             },
-            Event::Status(StatusReport {
+            Event::Status(Box::new(StatusReport {
                 components: vec![ComponentStatus {
                     name: "blockdev".into(),
                     version: "0.2.0".into(),
@@ -428,7 +430,11 @@ mod tests {
                     version: "0.1.0".into(),
                     log: "/run/molt/x.log".into(),
                 }),
-            }),
+                fuse: Some(molt_control::FuseInfo {
+                    transport: "dev".into(),
+                    protocol: Some("7.44".into()),
+                }),
+            })),
         ]
     }
 

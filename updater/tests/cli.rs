@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::thread::JoinHandle;
 
 use updater::protocol::{
-    read_msg, write_msg, Event, Outcome, Phase, PhaseState, Request, StatusReport, EVENTS, REQUESTS,
+    read_msg, write_msg, Event, Outcome, Phase, PhaseState, Request, EVENTS, REQUESTS,
 };
 use updater::CheckItem;
 
@@ -254,7 +254,7 @@ fn abort_status_and_connection_failures() {
     assert_eq!(h.join().unwrap(), Request::Abort);
 
     let dir = tempfile::tempdir().unwrap();
-    let (sock, h) = fake_supervisor(dir.path(), vec![Event::Status(StatusReport::default())]);
+    let (sock, h) = fake_supervisor(dir.path(), vec![Event::Status(Box::default())]);
     let o = updater(&["status", "--socket", sock.to_str().unwrap(), "--json"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

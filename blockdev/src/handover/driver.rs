@@ -106,6 +106,7 @@ fn status_reply(
         format: None,
         conversion: None,
         last_conversion: None,
+        fuse: None,
     })
 }
 

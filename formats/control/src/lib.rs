@@ -28,6 +28,6 @@ mod message;
 
 pub use link::{Link, LinkError};
 pub use message::{
-    Command, ComponentInfo, ControlError, ConversionProgress, ConversionResult, Reply,
+    Command, ComponentInfo, ControlError, ConversionProgress, ConversionResult, FuseInfo, Reply,
     RequiredState, ServingPhase, Status,
 };

@@ -185,6 +185,10 @@ mod tests {
                 longest_step_us: 5,
                 mean_step_us: 6,
             }),
+            fuse: Some(FuseInfo {
+                transport: "uring".into(),
+                protocol: Some("7.44".into()),
+            }),
         };
         vec![
             Reply::Spawned,

@@ -96,6 +96,17 @@ pub struct Status {
     pub conversion: Option<ConversionProgress>,
     /// Filesystem server: the last conversion this process finished.
     pub last_conversion: Option<ConversionResult>,
+    /// Filesystem server: how its FUSE connection is served.
+    pub fuse: Option<FuseInfo>,
+}
+
+/// A filesystem server's FUSE connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuseInfo {
+    /// "dev" (`/dev/fuse` read and write) or "uring" (FUSE over io_uring).
+    pub transport: String,
+    /// The protocol version negotiated at INIT, "7.N"; `None` before INIT.
+    pub protocol: Option<String>,
 }
 
 impl Status {

@@ -90,7 +90,9 @@ impl Negotiated {
             return Err(Errno(libc::EPROTO));
         }
         let mut offered = kernel.flags as u64;
-        if offered & init::INIT_EXT != 0 {
+        // flags2 counts only when both sides use INIT_EXT: the kernel reads the reply's
+        // flags2 only if its flags carry INIT_EXT.
+        if offered & policy.wanted & init::INIT_EXT != 0 {
             offered |= (kernel.flags2 as u64) << 32;
         }
         Ok(Negotiated {

@@ -505,6 +505,10 @@ impl ControlledServer {
             format: Some(self.fs.format_version()),
             conversion: self.conversion.progress(&self.fs),
             last_conversion: self.conversion.finished(),
+            fuse: Some(molt_control::FuseInfo {
+                transport: self.molt.transport().name().into(),
+                protocol: self.session.negotiated().map(|n| format!("7.{}", n.minor)),
+            }),
         }
     }
 }

@@ -9,6 +9,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+/// The newest FUSE protocol minor version this server speaks.
+pub const FUSE_MINOR_VERSION: u32 = molt_fuse::abi::KERNEL_MINOR_VERSION;
+
 /// The largest READ the kernel sends: the largest request the FUSE layer negotiates.
 pub(crate) const MAX_READ: usize = molt_fuse::MAX_PAGES as usize * 4096;
 

@@ -54,8 +54,8 @@ fn conversion_package(keys: &Keyring, work: &Path, sequence: u64, from: u32, to:
          applies_to = [{v:?}]\n\
          new_version = {v:?}\n\
          binary = \"bin/fsd\"\n\
-         state_schema_reads = [1]\n\
-         state_schema_writes = 1\n\
+         state_schema_reads = [1, 2]\n\
+         state_schema_writes = 2\n\
          required_state = [\"quiescent\"]\n\n\
          [[file]]\n\
          path = \"bin/fsd\"\n"

@@ -48,6 +48,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("molt-control", &["formats"]),
     ("fsd-core", &["formats"]),
     ("blockdev", &["molt-sys", "formats", "molt-control"]),
+    ("molt-fuse", &["molt-sys"]),
     (
         "fsd-server",
         &[
@@ -56,6 +57,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "molt-control",
             "fsd-core",
             "blockdev",
+            "molt-fuse",
         ],
     ),
     ("updater", &["formats", "molt-control"]),
@@ -160,6 +162,7 @@ const UNSAFE_ALLOWED: &[&str] = &[
     "blockdev/src/ring/",
     "blockdev/src/engine/",
     "blockdev/src/buffer.rs",
+    "fsd/fuse/src/transport/uring.rs",
 ];
 
 /// The lines (1-based) of `src` where the keyword `unsafe` appears as code: comments,

@@ -146,8 +146,8 @@ pub(super) fn fsd_manifest(
          applies_to = [{from:?}]\n\
          new_version = {to:?}\n\
          binary = \"bin/fsd\"\n\
-         state_schema_reads = [1]\n\
-         state_schema_writes = 1\n\
+         state_schema_reads = [1, 2]\n\
+         state_schema_writes = 2\n\
          required_state = [{}]\n\n\
          [[file]]\n\
          path = \"bin/fsd\"\n",

@@ -322,13 +322,8 @@ fn cp_a_and_rsync_ax_copy_a_tree_with_xattrs_onto_molt() {
         ("sub/b.bin", c"user.big", &[9u8; 3000][..]),
         ("sub", c"user.dir", &b"d"[..]),
     ] {
-        rustix::fs::setxattr(
-            src.join(file),
-            name,
-            value,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .expect("the scratch directory takes user xattrs");
+        rustix::fs::setxattr(src.join(file), name, value, rustix::fs::XattrFlags::empty())
+            .expect("the scratch directory takes user xattrs");
     }
     let want = tree_of(&src);
     let m = img.mount();

@@ -99,7 +99,7 @@ fn serve_connection(
         let _ = send(&mut conn, &ev);
     };
     match request {
-        Request::Status => out(Event::Status(status(stack, control))),
+        Request::Status => out(Event::Status(Box::new(status(stack, control)))),
         Request::Abort => {
             let running = control
                 .in_progress
@@ -213,12 +213,18 @@ fn check_package(
             m.package.name
         ));
     }
-    let (running, image) = {
-        let s = stack.lock().unwrap_or_else(|p| p.into_inner());
-        (running_system(&s), s.opts.image.clone())
+    let (running, image, fuse) = {
+        let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        let fuse = server_status(&mut s).and_then(|st| st.fuse);
+        let mut running = running_system(&s);
+        running.fsd_transport = fuse.as_ref().map(|f| f.transport.clone());
+        (running, s.opts.image.clone(), fuse)
     };
     let mut ctx = MachineContext::probe(&image);
-    ctx.fuse_abi = "7.40".into();
+    // The protocol the connection negotiated; before INIT, the newest this build speaks.
+    ctx.fuse_abi = fuse
+        .and_then(|f| f.protocol)
+        .unwrap_or_else(|| format!("7.{}", molt_fuse_minor()));
     ctx.io_uring_ops = Some(crate::sysinfo::io_uring_ops());
     let mut items = check_compatibility(m, &running);
     items.extend(check_requirements(&m.requirements, &ctx));
@@ -291,7 +297,13 @@ fn running_system(s: &Stack) -> updater::RunningSystem {
         ],
         format_version: s.format_version,
         last_sequence: (s.last_sequence > 0).then_some(s.last_sequence),
+        fsd_transport: None,
     }
+}
+
+/// The newest FUSE protocol minor version the filesystem server speaks.
+fn molt_fuse_minor() -> u32 {
+    fsd_server::serve::FUSE_MINOR_VERSION
 }
 
 /// Writes a component binary from a package into the runtime directory (mode 0700).
@@ -607,6 +619,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
             conversion: None,
             last_conversion: None,
             supervisor: Some(supervisor_status(&control.mountpoint)),
+            fuse: None,
         };
     };
     let server = server_status(&mut s);
@@ -623,6 +636,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
             rate_per_s: c.rate_per_s as f64,
         });
     let last_conversion = server.as_ref().and_then(|st| st.last_conversion.clone());
+    let fuse = server.as_ref().and_then(|st| st.fuse.clone());
     let counters = |st: Option<molt_control::Status>| st.map(|st| st.counters).unwrap_or_default();
     StatusReport {
         components: vec![
@@ -647,6 +661,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
         conversion,
         last_conversion,
         supervisor: Some(supervisor_status(&s.mnt)),
+        fuse,
     }
 }
 
