@@ -65,9 +65,15 @@ enum Command {
         /// Stay attached: run the supervisor in this process, logging to the terminal.
         #[arg(long)]
         foreground: bool,
-        /// FUSE worker threads.
+        /// FUSE worker threads (over /dev/fuse).
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// How the kernel's FUSE requests reach the server: dev (/dev/fuse, the default:
+        /// every live update and crash recovery work over it), uring (FUSE over io_uring,
+        /// one queue per CPU; fsd is then not replaced live and a server crash ends the
+        /// mount), or auto (uring when the kernel has it, switching it on as root).
+        #[arg(long, default_value = "dev")]
+        transport: fsd_server::serve::TransportChoice,
         /// I/O engine of the block driver: uring or sync.
         #[arg(long, default_value = "uring")]
         engine: blockdev::engine::EngineKind,
@@ -96,6 +102,9 @@ enum Command {
         mountpoint: PathBuf,
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// dev or uring.
+        #[arg(long, default_value = "dev")]
+        transport: fsd_server::serve::TransportChoice,
         /// Take over from a running predecessor (live update).
         #[arg(long)]
         adopt: bool,
@@ -238,6 +247,7 @@ fn main() -> ExitCode {
             mountpoint,
             foreground,
             threads,
+            transport,
             engine,
             keyring,
             allowed_uids,
@@ -248,6 +258,7 @@ fn main() -> ExitCode {
                 image,
                 mountpoint,
                 threads,
+                transport,
                 engine,
                 keyring,
                 allowed_uids,
@@ -290,12 +301,18 @@ fn main() -> ExitCode {
         Command::Serve {
             mountpoint,
             threads,
+            transport,
             adopt,
             recover,
         } => {
+            let transport = match transport {
+                serve::TransportChoice::Uring => fsd_server::persist::Transport::Uring,
+                _ => fsd_server::persist::Transport::Dev,
+            };
             let args = serve::ServerArgs {
                 mountpoint,
                 threads,
+                transport,
                 adopt,
                 recover,
             };

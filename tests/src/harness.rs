@@ -161,12 +161,21 @@ pub struct Mount {
     watchdog: Option<Watchdog>,
 }
 
+/// The FUSE transport the suite mounts with: `MOLT_TEST_TRANSPORT` (`dev`, the default,
+/// or `uring`), so that one suite runs over both.
+pub fn transport() -> String {
+    std::env::var("MOLT_TEST_TRANSPORT").unwrap_or_else(|_| "dev".into())
+}
+
 impl Mount {
     pub fn new(image: &Path, mnt: &Path) -> Mount {
+        let transport = transport();
         let out = fsd(&[
             "mount",
             image.to_str().expect("utf-8"),
             mnt.to_str().expect("utf-8"),
+            "--transport",
+            &transport,
         ]);
         assert!(
             out.status.success(),
@@ -532,8 +541,11 @@ impl Mount {
             image.to_str().expect("utf-8"),
             mnt.to_str().expect("utf-8"),
         ])
-        .args(args)
-        .env("MOLT_BLOCKDEV_BIN", bin("blockdev"));
+        .args(args);
+        if !args.contains(&"--transport") {
+            cmd.args(["--transport", &transport()]);
+        }
+        cmd.env("MOLT_BLOCKDEV_BIN", bin("blockdev"));
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -708,6 +708,62 @@ pub struct NotifyInvalEntryOut {
     pub flags: u32,
 }
 
+/// FUSE over io_uring (7.42, `FUSE_OVER_IO_URING`): the sub-commands of an
+/// `IORING_OP_URING_CMD` on a `/dev/fuse` descriptor (`sqe->cmd_op`) and the layout of an
+/// entry's buffers.
+pub mod uring {
+    /// Hands the kernel an entry (its two buffers, `sqe->addr` → `iovec[IOV_SEGS]`) for
+    /// queue `qid`; completes when a request has been copied into it.
+    pub const CMD_REGISTER: u32 = 1;
+    /// Commits the reply to request `commit_id` held by an entry and makes the entry
+    /// available again; completes when the next request has been copied into it.
+    pub const CMD_COMMIT_AND_FETCH: u32 = 2;
+    /// `sqe->len` of a REGISTER: the header buffer and the payload buffer.
+    pub const IOV_SEGS: u32 = 2;
+    /// Room for the request's header on fetch and the reply's on commit.
+    pub const IN_OUT_HEADER_SZ: usize = 128;
+    /// Room for the request's first argument (its per-opcode structure).
+    pub const OP_IN_OUT_SZ: usize = 128;
+}
+
+/// The kernel's and the server's notes on one exchange, in an entry's header buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct UringEntInOut {
+    pub flags: u64,
+    /// On fetch: the request's `unique`, which its COMMIT_AND_FETCH names.
+    pub commit_id: u64,
+    /// On fetch: the bytes of the payload buffer the request fills; on commit: those
+    /// of the reply.
+    pub payload_sz: u32,
+    pub padding: u32,
+    pub reserved: u64,
+}
+
+/// An entry's header buffer (`iovec[0]` of its REGISTER).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct UringReqHeader {
+    /// On fetch: the request's [`InHeader`]; on commit: the reply's [`OutHeader`].
+    pub in_out: [u8; uring::IN_OUT_HEADER_SZ],
+    /// On fetch: the request's first argument, when it has one of a non-zero size.
+    pub op_in: [u8; uring::OP_IN_OUT_SZ],
+    pub ring_ent_in_out: UringEntInOut,
+}
+
+/// The command of a REGISTER or COMMIT_AND_FETCH, at the start of the 80 command bytes
+/// of a 128-byte submission entry (`sqe->cmd`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct UringCmdReq {
+    pub flags: u64,
+    /// COMMIT_AND_FETCH: the `unique` of the request answered; REGISTER: 0.
+    pub commit_id: u64,
+    /// The queue: a possible CPU's number.
+    pub qid: u16,
+    pub padding: [u8; 6],
+}
+
 /// Rounds a directory entry's length up to the 8-byte alignment the kernel expects.
 pub const fn dirent_align(len: usize) -> usize {
     (len + 7) & !7
@@ -766,4 +822,7 @@ kernel_sizes! {
     Dirent = 24,
     NotifyInvalInodeOut = 24,
     NotifyInvalEntryOut = 16,
+    UringEntInOut = 32,
+    UringReqHeader = 288,
+    UringCmdReq = 24,
 }

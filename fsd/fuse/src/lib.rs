@@ -9,6 +9,9 @@
 //!   FUSE over io_uring with one queue per CPU — and [`Notifier`] for the server's own
 //!   messages to the kernel.
 
+// Unsafe code only in the io_uring transport (its commands and registered buffers).
+#![deny(unsafe_code)]
+
 pub mod abi;
 mod filesystem;
 pub mod request;

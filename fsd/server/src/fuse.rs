@@ -35,13 +35,16 @@ const S_IXGRP: u32 = 0o0010;
 /// applies default ACLs instead when the parent has one; DONT_MASK hands it the umask.
 /// EXPORT_SUPPORT: lookups of "." and ".." are served (by inode number), so the mount
 /// can be exported and file handles opened.
-pub(crate) fn init_policy() -> molt_fuse::InitPolicy {
+/// With `uring`, OVER_IO_URING too (the queues are registered after INIT).
+pub(crate) fn init_policy(uring: bool) -> molt_fuse::InitPolicy {
+    let transport = if uring { init::OVER_IO_URING } else { 0 };
     molt_fuse::InitPolicy::new(
         molt_fuse::InitPolicy::LOCAL_FILESYSTEM
             | init::HANDLE_KILLPRIV_V2
             | init::POSIX_ACL
             | init::DONT_MASK
-            | init::EXPORT_SUPPORT,
+            | init::EXPORT_SUPPORT
+            | transport,
     )
 }
 
@@ -156,8 +159,8 @@ pub struct MoltFuse {
     connection: std::sync::OnceLock<Negotiated>,
     /// Notifications to the kernel (absent in tests).
     notifier: std::sync::OnceLock<Notifier>,
-    /// The transport requests arrive on.
-    transport: std::sync::OnceLock<persist::Transport>,
+    /// The transport requests arrive on (`persist::Transport::Uring` as 1).
+    transport: std::sync::atomic::AtomicU8,
     /// Where the connection's parameters are recorded when they are known, for a
     /// successor that recovers after this process dies (absent in tests).
     record: std::sync::OnceLock<std::fs::File>,
@@ -294,7 +297,7 @@ impl MoltFuse {
             negotiated: AtomicU64::new(0),
             connection: std::sync::OnceLock::new(),
             notifier: std::sync::OnceLock::new(),
-            transport: std::sync::OnceLock::new(),
+            transport: std::sync::atomic::AtomicU8::new(0),
             record: std::sync::OnceLock::new(),
         }
     }
@@ -371,7 +374,7 @@ impl MoltFuse {
             negotiated: AtomicU64::new(0),
             connection: std::sync::OnceLock::new(),
             notifier: std::sync::OnceLock::new(),
-            transport: std::sync::OnceLock::new(),
+            transport: std::sync::atomic::AtomicU8::new(0),
             record: std::sync::OnceLock::new(),
         }
     }
@@ -542,13 +545,33 @@ impl MoltFuse {
         }
     }
 
-    /// Records the transport requests arrive on (exported with the state).
+    /// Records the transport requests arrive on (exported with the state, and in the
+    /// connection record once the connection is negotiated).
     pub(crate) fn set_transport(&self, t: persist::Transport) {
-        let _ = self.transport.set(t);
+        self.transport
+            .store((t == persist::Transport::Uring) as u8, Ordering::SeqCst);
+        if let Some(n) = self.connection.get() {
+            self.write_record(n);
+        }
     }
 
     pub(crate) fn transport(&self) -> persist::Transport {
-        self.transport.get().copied().unwrap_or_default()
+        match self.transport.load(Ordering::SeqCst) {
+            1 => persist::Transport::Uring,
+            _ => persist::Transport::Dev,
+        }
+    }
+
+    /// Records the connection's parameters for a server that recovers after this one
+    /// dies (before the INIT reply, and again if the transport changes).
+    fn write_record(&self, negotiated: &Negotiated) {
+        if let Some(file) = self.record.get() {
+            let c = persist::Connection::new(negotiated, self.transport());
+            let record = persist::encode_connection_record(negotiated.flags, &c);
+            if let Err(e) = crate::host::write_session_record(file, &record) {
+                eprintln!("fsd serve: writing the connection record: {e}");
+            }
+        }
     }
 
     /// Gives the server the memfd the connection's parameters are recorded in.
@@ -786,13 +809,7 @@ impl Filesystem for MoltFuse {
     fn init(&self, negotiated: &Negotiated) {
         self.negotiated.store(negotiated.flags, Ordering::Relaxed);
         let _ = self.connection.set(*negotiated);
-        if let Some(file) = self.record.get() {
-            let c = persist::Connection::new(negotiated, self.transport());
-            let record = persist::encode_connection_record(negotiated.flags, &c);
-            if let Err(e) = crate::host::write_session_record(file, &record) {
-                eprintln!("fsd serve: writing the connection record: {e}");
-            }
-        }
+        self.write_record(negotiated);
     }
 
     fn begin(&self, ctx: &Context) {

@@ -33,9 +33,21 @@ use molt_control::{
 
 use crate::background::{background, follow_mount_options, Conversion, Flusher};
 use crate::fuse::MoltFuse;
+use crate::persist::Transport;
 use crate::persist::{self, FsdState, StateError, StateVersion, STATE_CAP};
 use crate::serve::{ServerArgs, ServerFds};
+use molt_fuse::transport::uring::UringQueues;
 use molt_fuse::{Negotiated, Notifier, StopReason, Stopper};
+
+/// Entries per io_uring queue (one queue per CPU): requests in flight per CPU.
+const URING_QUEUE_DEPTH: usize = 16;
+
+/// Why a server whose connection is served over io_uring cannot be taken over, by a live
+/// successor or after its death: on this kernel a process's queue entries, and the
+/// requests in them, go with its ring (docs/live-update.md, "FUSE over io_uring").
+const URING_NO_TAKEOVER: &str = "the connection is served over FUSE io_uring, whose queue \
+    entries and the requests in them cannot be taken over from another process on this \
+    kernel";
 
 /// The FUSE session of this server.
 type FuseSession = molt_fuse::Session<MoltFuse>;
@@ -81,8 +93,8 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
     let fuse = fds.fuse;
     molt.set_notifier(Notifier::new(fuse.try_clone()?));
     molt.set_session_record(fds.session);
-    molt.set_transport(crate::persist::Transport::Dev);
-    let policy = crate::fuse::init_policy();
+    molt.set_transport(args.transport);
+    let policy = crate::fuse::init_policy(args.transport == Transport::Uring);
     let session = Arc::new(match negotiated {
         Some(n) => FuseSession::adopted(molt.clone(), policy, n),
         None => FuseSession::new(molt.clone(), policy),
@@ -103,6 +115,7 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         commands,
         session,
         fuse,
+        uring: Arc::default(),
         ring,
         fs,
         molt,
@@ -138,6 +151,9 @@ fn start(
             Some(bytes) => {
                 let (flags, c) = persist::decode_connection_record(&bytes)
                     .map_err(|e| anyhow::anyhow!("the connection record: {e}"))?;
+                if c.transport == Transport::Uring {
+                    anyhow::bail!("cannot recover: {URING_NO_TAKEOVER}");
+                }
                 Some(c.negotiated(flags))
             }
             None => None,
@@ -204,8 +220,53 @@ fn import(blob: &[u8]) -> Result<(FsdState, Negotiated), ControlError> {
                 .into(),
         ));
     };
+    if connection.transport == Transport::Uring {
+        return Err(ControlError::StateRefused(URING_NO_TAKEOVER.into()));
+    }
     let negotiated = connection.negotiated(state.init_flags);
     Ok((state, negotiated))
+}
+
+/// Serves the connection until `stopper` asks or the connection ends: over io_uring when
+/// the server was started so and the kernel agreed at INIT (the queues are registered on
+/// the first call, after INIT was answered on `/dev/fuse`), else over `/dev/fuse`.
+fn serve_connection(
+    session: &Arc<FuseSession>,
+    fuse: &File,
+    threads: usize,
+    stopper: &Arc<Stopper>,
+    molt: &MoltFuse,
+    uring: &std::sync::OnceLock<UringQueues>,
+) -> std::io::Result<StopReason> {
+    use molt_fuse::transport::{dev, uring as ring};
+    if molt.transport() == Transport::Uring && uring.get().is_none() {
+        let queues = ring::answer_init(session, fuse, Duration::from_secs(30))
+            .map_err(|e| format!("answering INIT: {e}"))
+            .and_then(|n| {
+                if !n.has(molt_fuse::abi::init::OVER_IO_URING) {
+                    return Err("the kernel did not offer FUSE over io_uring at INIT".into());
+                }
+                UringQueues::register(session, fuse, URING_QUEUE_DEPTH).map_err(|e| e.to_string())
+            });
+        match queues {
+            Ok(q) => {
+                eprintln!(
+                    "fsd serve: serving over io_uring: {} queues of {} entries",
+                    q.queues(),
+                    q.depth()
+                );
+                let _ = uring.set(q);
+            }
+            Err(why) => {
+                eprintln!("fsd serve: serving /dev/fuse instead of io_uring: {why}");
+                molt.set_transport(Transport::Dev);
+            }
+        }
+    }
+    match uring.get() {
+        Some(q) => q.serve(session, fuse, stopper),
+        None => dev::serve(session, fuse, threads, stopper),
+    }
 }
 
 /// Commands arrive on their own thread so that the server also notices an unmount.
@@ -230,6 +291,9 @@ struct ControlledServer {
     session: Arc<FuseSession>,
     /// The connection's `/dev/fuse` descriptor.
     fuse: File,
+    /// The io_uring queues, registered once after INIT and kept for the process's life
+    /// (serving stops and resumes on them); empty over `/dev/fuse`.
+    uring: Arc<std::sync::OnceLock<UringQueues>>,
     ring: ServerRing,
     fs: Arc<Fs>,
     molt: Arc<MoltFuse>,
@@ -286,8 +350,9 @@ impl ControlledServer {
         let workers = {
             let (session, stopper) = (self.session.clone(), stopper.clone());
             let (fuse, threads) = (self.fuse.try_clone()?, self.args.threads);
+            let (molt, uring) = (self.molt.clone(), self.uring.clone());
             thread::spawn(move || {
-                molt_fuse::transport::dev::serve(&session, &fuse, threads, &stopper)
+                serve_connection(&session, &fuse, threads, &stopper, &molt, &uring)
             })
         };
         // Commits times left in memory by overwrites within about a second, and runs an

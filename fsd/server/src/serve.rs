@@ -1,6 +1,7 @@
 //! The FUSE serve loop of the filesystem process and the `mount(2)` call that attaches a
 //! `/dev/fuse` connection to a mountpoint.
 
+use crate::persist::Transport;
 use fsd_core::fs::Atime;
 use std::ffi::CString;
 use std::fs::File;
@@ -201,11 +202,70 @@ pub struct ServerFds {
     pub session: File,
 }
 
+/// The transport `fsd mount --transport` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// `/dev/fuse`: every update nature and crash recovery work over it.
+    #[default]
+    Dev,
+    /// FUSE over io_uring (refused if the kernel cannot).
+    Uring,
+    /// io_uring when the kernel has it (switching it on as root), else `/dev/fuse`.
+    Auto,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dev" => Ok(TransportChoice::Dev),
+            "uring" => Ok(TransportChoice::Uring),
+            "auto" => Ok(TransportChoice::Auto),
+            other => Err(format!("unknown transport {other:?} (auto, uring or dev)")),
+        }
+    }
+}
+
+impl TransportChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportChoice::Dev => "dev",
+            TransportChoice::Uring => "uring",
+            TransportChoice::Auto => "auto",
+        }
+    }
+}
+
+/// The transport a mount gets for `choice`, and for `auto` without io_uring the reason
+/// (one log line's worth). `uring` fails when this kernel cannot serve it.
+pub fn resolve_transport(choice: TransportChoice) -> io::Result<(Transport, Option<String>)> {
+    use molt_fuse::transport::uring::{enable, kernel_support, Support};
+    let support = match kernel_support() {
+        Support::Disabled => match enable() {
+            Ok(()) => Support::Enabled,
+            Err(e) => Support::Unavailable(format!("switching FUSE over io_uring on: {e}")),
+        },
+        s => s,
+    };
+    match (choice, support) {
+        (TransportChoice::Dev, _) => Ok((Transport::Dev, None)),
+        (_, Support::Enabled) => Ok((Transport::Uring, None)),
+        (TransportChoice::Uring, Support::Unavailable(why)) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("FUSE over io_uring is not available: {why}"),
+        )),
+        (_, Support::Unavailable(why)) => Ok((Transport::Dev, Some(why))),
+        (_, Support::Disabled) => Ok((Transport::Dev, Some("enable_uring is off".into()))),
+    }
+}
+
 /// How `fsd serve` starts.
 #[derive(Debug, Clone)]
 pub struct ServerArgs {
     pub mountpoint: std::path::PathBuf,
     pub threads: usize,
+    /// How requests arrive (the supervisor resolved `auto`).
+    pub transport: Transport,
     /// Take over from a running predecessor (live update) instead of mounting.
     pub adopt: bool,
     /// Take over from a predecessor that died (the `n`-th recovery of this mount).

@@ -390,14 +390,14 @@ pub(super) fn stall_within(r: &StressReport, from_ms: u64, to_ms: u64) -> u64 {
 
 /// A file and a directory held open by the test across every update: it writes through
 /// the file before, and reads back and writes through the same descriptors after.
-struct Held {
+pub(super) struct Held {
     file: File,
     dir: File,
     pattern: Vec<u8>,
 }
 
 impl Held {
-    fn open(mnt: &Path) -> Held {
+    pub(super) fn open(mnt: &Path) -> Held {
         let path = mnt.join("held-open");
         let mut file = OpenOptions::new()
             .read(true)
@@ -414,7 +414,7 @@ impl Held {
     }
 
     /// Reads back what was written, writes more, and lists the held directory.
-    fn check(&mut self) {
+    pub(super) fn check(&mut self) {
         let mut back = vec![0u8; self.pattern.len()];
         self.file
             .read_exact_at(&mut back, 0)

@@ -15,3 +15,4 @@ mod namespace;
 mod permissions;
 mod pjdfstest;
 mod posix;
+mod transport;

@@ -52,6 +52,8 @@ pub struct MountOptions {
     pub mountpoint: PathBuf,
     /// FUSE worker threads in the filesystem server.
     pub threads: usize,
+    /// The FUSE transport asked for; the supervisor resolves `auto` at mount.
+    pub transport: serve::TransportChoice,
     pub engine: blockdev::engine::EngineKind,
     /// Directory of trusted package signing keys (root-owned).
     pub keyring: PathBuf,
@@ -179,7 +181,8 @@ pub(crate) fn start_server_on(
     let mut cmd = Command::new(binary);
     cmd.arg("serve")
         .arg(mnt)
-        .args(["--threads", &opts.threads.to_string()]);
+        .args(["--threads", &opts.threads.to_string()])
+        .args(["--transport", opts.transport.as_str()]);
     match start {
         ServerStart::Mount => {}
         ServerStart::Adopt => {

@@ -103,6 +103,7 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
         .arg(&mnt)
         .arg("--foreground")
         .args(["--threads", &opts.threads.to_string()])
+        .args(["--transport", opts.transport.as_str()])
         .args(["--engine", opts.engine.as_str()])
         .arg("--keyring")
         .arg(&opts.keyring)
@@ -210,8 +211,26 @@ fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<
 }
 
 /// Starts the driver and the server and makes the mount.
+/// `opts` with `--transport auto` resolved: io_uring when the kernel has it, else
+/// `/dev/fuse`, saying why in one log line.
+fn with_resolved_transport(opts: &MountOptions) -> Result<MountOptions, MountError> {
+    let (t, why) =
+        serve::resolve_transport(opts.transport).map_err(|e| MountError::Failed(e.to_string()))?;
+    if let Some(why) = why {
+        eprintln!("fsd mount: serving /dev/fuse, not io_uring: {why}");
+    }
+    Ok(MountOptions {
+        transport: match t {
+            fsd_server::persist::Transport::Uring => serve::TransportChoice::Uring,
+            fsd_server::persist::Transport::Dev => serve::TransportChoice::Dev,
+        },
+        ..opts.clone()
+    })
+}
+
 fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let mnt = precheck(opts)?;
+    let opts = &with_resolved_transport(opts)?;
     let image = Image::open(&opts.image)
         .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
     lock_image(image.file().as_fd(), &opts.image)?;

@@ -12,6 +12,8 @@ use zerocopy::IntoBytes;
 use crate::abi;
 
 pub mod dev;
+#[allow(unsafe_code)]
+pub mod uring;
 
 /// Why a transport stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
