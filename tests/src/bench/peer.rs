@@ -20,8 +20,10 @@ const UNMOUNT_DEADLINE: Duration = Duration::from_secs(60);
 /// One column of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Peer {
-    /// A Molt mount (`fsd mount`).
+    /// A Molt mount (`fsd mount`, over `/dev/fuse`).
     Molt,
+    /// A Molt mount over FUSE io_uring (`fsd mount --transport uring`).
+    MoltUring,
     /// `fuse2fs` on an ext4 image: another userspace filesystem over FUSE.
     Fuse2fs,
     /// Kernel ext4 on a loop device in direct-I/O mode over an image file.
@@ -31,12 +33,24 @@ pub enum Peer {
 }
 
 impl Peer {
-    pub const ALL: [Peer; 4] = [Peer::Molt, Peer::Fuse2fs, Peer::Ext4Loop, Peer::Raw];
+    pub const ALL: [Peer; 5] = [
+        Peer::Molt,
+        Peer::MoltUring,
+        Peer::Fuse2fs,
+        Peer::Ext4Loop,
+        Peer::Raw,
+    ];
+
+    /// Whether this is one of Molt's own columns (the ratio columns compare those).
+    pub fn is_molt(self) -> bool {
+        matches!(self, Peer::Molt | Peer::MoltUring)
+    }
 
     /// Column header.
     pub fn label(self) -> &'static str {
         match self {
             Peer::Molt => "Molt",
+            Peer::MoltUring => "Molt (io_uring)",
             Peer::Fuse2fs => "fuse2fs",
             Peer::Ext4Loop => "ext4 on loop (dio)",
             Peer::Raw => "fio raw image",
@@ -47,6 +61,7 @@ impl Peer {
     pub fn key(self) -> &'static str {
         match self {
             Peer::Molt => "molt",
+            Peer::MoltUring => "molt-uring",
             Peer::Fuse2fs => "fuse2fs",
             Peer::Ext4Loop => "ext4",
             Peer::Raw => "raw",
@@ -60,7 +75,7 @@ impl Peer {
     /// External tools the peer needs, for a clear message when one is missing.
     pub fn tools(self) -> &'static [&'static str] {
         match self {
-            Peer::Molt => &[],
+            Peer::Molt | Peer::MoltUring => &[],
             Peer::Fuse2fs => &["fuse2fs", "mkfs.ext4", "umount"],
             Peer::Ext4Loop => &["losetup", "mkfs.ext4", "mount", "umount"],
             Peer::Raw => &[],
@@ -74,7 +89,7 @@ impl Peer {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).map_err(|e| BenchError::io(&mnt, e))?;
         let mount = match self {
-            Peer::Molt => {
+            Peer::Molt | Peer::MoltUring => {
                 run_ok(
                     Command::new(fsd)
                         .arg("mkfs")
@@ -82,7 +97,12 @@ impl Peer {
                         .args(["--size", IMAGE_SIZE]),
                     SETUP_DEADLINE,
                 )?;
-                Mounted::Molt(MoltMount::mount(fsd, &image, &mnt)?)
+                let transport = if self == Peer::MoltUring {
+                    "uring"
+                } else {
+                    "dev"
+                };
+                Mounted::Molt(MoltMount::mount(fsd, &image, &mnt, transport)?)
             }
             Peer::Fuse2fs => {
                 mkfs_ext4(&image)?;
@@ -188,9 +208,18 @@ struct MoltMount {
 }
 
 impl MoltMount {
-    fn mount(fsd: &Path, image: &Path, mnt: &Path) -> Result<MoltMount, BenchError> {
+    fn mount(
+        fsd: &Path,
+        image: &Path,
+        mnt: &Path,
+        transport: &str,
+    ) -> Result<MoltMount, BenchError> {
         run_ok(
-            Command::new(fsd).arg("mount").arg(image).arg(mnt),
+            Command::new(fsd)
+                .arg("mount")
+                .arg(image)
+                .arg(mnt)
+                .args(["--transport", transport]),
             SETUP_DEADLINE,
         )?;
         let mnt = mnt.canonicalize().map_err(|e| BenchError::io(mnt, e))?;

@@ -112,20 +112,22 @@ impl BenchReport {
     /// The one markdown table: medians, then Molt over each peer.
     pub fn render_table(&self) -> String {
         let peers = &self.peer_list;
-        let others: Vec<Peer> = if peers.contains(&Peer::Molt) {
-            peers.iter().copied().filter(|p| *p != Peer::Molt).collect()
-        } else {
-            Vec::new()
-        };
+        // Each of Molt's columns over each other peer.
+        let molts: Vec<Peer> = peers.iter().copied().filter(|p| p.is_molt()).collect();
+        let others: Vec<Peer> = peers.iter().copied().filter(|p| !p.is_molt()).collect();
+        let ratios: Vec<(Peer, Peer)> = molts
+            .iter()
+            .flat_map(|&m| others.iter().map(move |&p| (m, p)))
+            .collect();
         let mut s = String::from("| workload | unit |");
         for p in peers {
             s.push_str(&format!(" {} |", p.label()));
         }
-        for p in &others {
-            s.push_str(&format!(" Molt / {} |", p.label()));
+        for (m, p) in &ratios {
+            s.push_str(&format!(" {} / {} |", m.label(), p.label()));
         }
         s.push_str("\n|---|---|");
-        for _ in 0..peers.len() + others.len() {
+        for _ in 0..peers.len() + ratios.len() {
             s.push_str("---:|");
         }
         s.push('\n');
@@ -134,8 +136,8 @@ impl BenchReport {
             for &p in peers {
                 s.push_str(&format!(" {} |", self.cell_text(row, p)));
             }
-            for &p in &others {
-                let r = match (self.median(row, Peer::Molt), self.median(row, p)) {
+            for &(m, p) in &ratios {
+                let r = match (self.median(row, m), self.median(row, p)) {
                     (Some(m), Some(x)) if x > 0.0 => format!("{:.2}", m / x),
                     _ => "—".into(),
                 };
@@ -191,7 +193,10 @@ and runs the jobs below in order; the peers take turns within a run. Caches are 
 (higher is better); the ratio columns are Molt's median over the peer's, so above 1 Molt
 is faster. Per-run figures are printed on stderr and written by `--json`.
 
-- **Molt**: `fsd mkfs IMAGE --size 1G`, `fsd mount IMAGE MNT` with default options.
+- **Molt**: `fsd mkfs IMAGE --size 1G`, `fsd mount IMAGE MNT` with default options
+  (requests over `/dev/fuse`, 4 workers).
+- **Molt (io_uring)**: the same, mounted with `--transport uring` (FUSE over io_uring,
+  one queue of 16 entries per CPU).
 - **fuse2fs**: `mkfs.ext4 -E lazy_itable_init=0,lazy_journal_init=0` on the image, then
   `fuse2fs IMAGE MNT -f` with default options (as root), unmounted with `umount`.
 - **ext4 on loop (dio)**: the same mkfs, `losetup --direct-io=on`, kernel `mount`.

@@ -24,8 +24,13 @@ struct Args {
     /// Runs per peer (default 3, or 1 with --quick); the table shows medians.
     #[arg(long, value_name = "N")]
     runs: Option<u32>,
-    /// Peers to run, comma-separated: molt, fuse2fs, ext4, raw.
-    #[arg(long, value_delimiter = ',', default_value = "molt,fuse2fs,ext4,raw")]
+    /// Peers to run, comma-separated: molt, molt-uring (Molt over FUSE io_uring, left out
+    /// where the kernel has none), fuse2fs, ext4, raw.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "molt,molt-uring,fuse2fs,ext4,raw"
+    )]
     peers: Vec<String>,
     /// Directory for the images and mountpoints (on the disk to measure).
     #[arg(long, default_value = "/var/tmp", value_name = "DIR")]
@@ -95,6 +100,12 @@ fn run(args: &Args) -> anyhow::Result<u8> {
         let Some(peer) = Peer::from_key(p.trim()) else {
             bail!("unknown peer {p:?}: expected molt, fuse2fs, ext4 or raw");
         };
+        if peer == Peer::MoltUring
+            && !std::path::Path::new("/sys/module/fuse/parameters/enable_uring").exists()
+        {
+            eprintln!("molt-bench: leaving out molt-uring: this kernel has no FUSE over io_uring");
+            continue;
+        }
         if !peers.contains(&peer) {
             peers.push(peer);
         }
@@ -110,7 +121,7 @@ fn run(args: &Args) -> anyhow::Result<u8> {
         .clone()
         .or_else(|| std::env::var_os("MOLT_FSD_BIN").map(PathBuf::from))
         .unwrap_or_else(|| self_exe.with_file_name("fsd"));
-    if peers.contains(&Peer::Molt) && !fsd.is_file() {
+    if peers.iter().any(|p| p.is_molt()) && !fsd.is_file() {
         bail!("{} is not built (cargo build --release)", fsd.display());
     }
     let work = canonical(&args.dir)?;
