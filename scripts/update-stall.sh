@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Measures what a live update costs a running workload: the longest I/O stall seen by
 # molt-stress and the update's total time, with 1, 1,000 and 10,000 files held open.
-# Usage: scripts/update-stall.sh [UPDATES_PER_CASE]   (root; builds release)
+# Usage: [TRANSPORT=dev|uring] scripts/update-stall.sh [UPDATES_PER_CASE]   (root; builds
+# release). Over /dev/fuse (the default) the filesystem server is replaced; over io_uring,
+# which does not replace it live (docs/live-update.md), the block driver is.
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$(dirname "$0")/lib/common.sh"
 molt_start stall
 UPDATES="${1:-5}"
+TRANSPORT="${TRANSPORT:-dev}"
+component=fsd
+[ "$TRANSPORT" = uring ] && component=blockdev
+echo "transport $TRANSPORT: replacing $component"
 ulimit -n "$(ulimit -Hn)"
 # shellcheck source=lib/fsd-package.sh
 . scripts/lib/fsd-package.sh
@@ -15,7 +21,7 @@ printf '| files held open | updates | longest stall during an update (ms) | long
 for open in 1 1000 10000; do
     IMG="$WORK/img-$open"
     "$BIN/fsd" mkfs "$IMG" --size 2G >/dev/null
-    "$BIN/fsd" mount "$IMG" "$MNT" --keyring "$WORK/keyring"
+    "$BIN/fsd" mount "$IMG" "$MNT" --keyring "$WORK/keyring" --transport "$TRANSPORT"
     size=$(( open >= 1000 ? 64 * 1024 : 16 * 1024 * 1024 ))
     common=(--dir "$MNT" --threads 4 --files "$open" --hold-open "$open" --file-size "$size" --state "$WORK/state-$open")
     # Lay the files out first, then run the workload the updates are measured against.
@@ -26,8 +32,12 @@ for open in 1 1000 10000; do
     sleep 4
     totals=(); drains=(); windows=()
     for _ in $(seq 1 "$UPDATES"); do
-        # shellcheck disable=SC2119 # no arguments: same version, no conversion
-        fsd_package
+        if [ "$component" = fsd ]; then
+            # shellcheck disable=SC2119 # no arguments: same version, no conversion
+            fsd_package
+        else
+            blockdev_package
+        fi
         molt_apply "$WORK/u.lup" "$WORK/events.json"
         start=$APPLY_START_MS end=$APPLY_END_MS
         windows+=("$start:$end")

@@ -5,12 +5,16 @@
 # package directory holding this build's fsd.
 # fsd_package [FROM TO]: packs $WORK/u.lup replacing fsd with this build (same version),
 # with sequence numbers 1, 2, ... per call; with FROM TO it converts the image's format.
+# blockdev_package: packs $WORK/u.lup replacing the block driver with this build (same
+# version), numbered in the same sequence.
 fsd_package_setup() {
     mkdir -p "$WORK/keyring" "$WORK/pkg/bin"
     "$BIN/updater" keygen --out "$WORK/key" >/dev/null
     cp "$WORK/key.pub" "$WORK/keyring/" && chmod 755 "$WORK/keyring"
     cp "$BIN/fsd" "$WORK/pkg/bin/fsd"
+    cp "$BIN/blockdev" "$WORK/pkg/bin/blockdev"
     FSD_VERSION="$(component_version "$BIN/fsd")"
+    BD_VERSION="$(component_version "$BIN/blockdev")"
     FSD_SEQUENCE=1
 }
 
@@ -45,6 +49,32 @@ required_state = ["quiescent"]
 
 [[file]]
 path = "bin/fsd"
+TOML
+    "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
+    FSD_SEQUENCE=$((FSD_SEQUENCE + 1))
+}
+
+blockdev_package() {
+    cat > "$WORK/pkg/manifest.toml" <<TOML
+[package]
+name = "blockdev-$FSD_SEQUENCE"
+sequence = $FSD_SEQUENCE
+expires_unix = $(( $(date +%s) + 86400 ))
+nature = "one-component"
+description = "measurement"
+deadline_ms = 10000
+
+[[component]]
+name = "blockdev"
+applies_to = ["$BD_VERSION"]
+new_version = "$BD_VERSION"
+binary = "bin/blockdev"
+state_schema_reads = [1, 2]
+state_schema_writes = 2
+required_state = ["quiescent"]
+
+[[file]]
+path = "bin/blockdev"
 TOML
     "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
     FSD_SEQUENCE=$((FSD_SEQUENCE + 1))

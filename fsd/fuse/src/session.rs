@@ -312,12 +312,17 @@ impl<F: Filesystem> Session<F> {
             }
             return Ok(Served::NoReply);
         }
-        self.fs.begin(&ctx);
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            self.serve(&ctx, h.nodeid, req.op, scratch)
-        }))
-        .unwrap_or(Err(Errno::EIO));
-        self.fs.end(&ctx);
+        // A panic anywhere in the filesystem's code becomes an EIO reply: the request is
+        // answered, `end` still runs, and the worker goes on.
+        let begun = catch_unwind(AssertUnwindSafe(|| self.fs.begin(&ctx))).is_ok();
+        let outcome = match begun {
+            true => catch_unwind(AssertUnwindSafe(|| {
+                self.serve(&ctx, h.nodeid, req.op, scratch)
+            }))
+            .unwrap_or(Err(Errno::EIO)),
+            false => Err(Errno::EIO),
+        };
+        let _ = catch_unwind(AssertUnwindSafe(|| self.fs.end(&ctx)));
         match outcome {
             Ok(Outcome::NoReply) => Ok(Served::NoReply),
             Ok(Outcome::Destroyed) => {
@@ -344,6 +349,15 @@ impl<F: Filesystem> Session<F> {
         let fs = &self.fs;
         let entry = |scratch: &mut Vec<u8>, e: Entry| put(scratch, &entry_out(&e));
         Ok(match op {
+            // A kernel of a newer major version gets ours and sends INIT again in it.
+            O::Init(kernel) if kernel.major > abi::KERNEL_VERSION => put(
+                scratch,
+                &abi::InitOut {
+                    major: abi::KERNEL_VERSION,
+                    minor: abi::KERNEL_MINOR_VERSION,
+                    ..Default::default()
+                },
+            ),
             O::Init(kernel) => {
                 let n = Negotiated::from_init(&kernel, &self.policy)?;
                 let _ = self.negotiated.set(n);

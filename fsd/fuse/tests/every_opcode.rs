@@ -388,10 +388,31 @@ fn init_minor_is_the_smaller_of_the_two() {
     }
 }
 
+/// A kernel of a newer major version gets this layer's version and nothing else, as the
+/// protocol says, and then sends INIT again in version 7.
+#[test]
+fn init_from_a_newer_major_version_answers_ours() {
+    for major in [8, u32::MAX] {
+        let k = abi::InitIn {
+            major,
+            ..kernel_init_in()
+        };
+        let (r, mut h) = negotiate(&k, InitPolicy::LOCAL_FILESYSTEM);
+        assert_eq!(r.error, 0, "{k:?}");
+        let out: abi::InitOut = parse(&r.payload);
+        assert_eq!((out.major, out.minor), (7, abi::KERNEL_MINOR_VERSION));
+        assert_eq!(out.flags, 0);
+        assert!(h.session.negotiated().is_none(), "{k:?}");
+        let r = h.one(opcode::INIT, 0, &[kernel_init_in().as_bytes()]);
+        assert_eq!(r.error, 0);
+        assert!(h.session.negotiated().is_some());
+    }
+}
+
 #[test]
 fn init_from_an_incompatible_kernel_is_refused() {
     let mut bad = Vec::new();
-    for major in [0, 6, 8, u32::MAX] {
+    for major in [0, 6] {
         bad.push(abi::InitIn {
             major,
             ..kernel_init_in()
@@ -465,7 +486,12 @@ proptest! {
         let body = if short { &k.as_bytes()[..abi::COMPAT_INIT_IN_SIZE] } else { k.as_bytes() };
         let mut h = Harness::new(InitPolicy::new(wanted));
         let r = h.one(opcode::INIT, 0, &[body]);
-        if major != 7 || minor < abi::OLDEST_MINOR {
+        if major > 7 {
+            prop_assert_eq!(r.error, 0);
+            let out: abi::InitOut = parse(&r.payload);
+            prop_assert_eq!((out.major, out.minor), (7, abi::KERNEL_MINOR_VERSION));
+            prop_assert!(h.session.negotiated().is_none());
+        } else if major != 7 || minor < abi::OLDEST_MINOR {
             prop_assert_eq!(r.error, -libc::EPROTO);
             prop_assert!(h.session.negotiated().is_none());
         } else {
