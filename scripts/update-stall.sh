@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Measures what a live update costs a running workload: the longest I/O stall seen by
 # molt-stress and the update's total time, with 1, 1,000 and 10,000 files held open.
-# Usage: [TRANSPORT=dev|uring] scripts/update-stall.sh [UPDATES_PER_CASE]   (root; builds
-# release). Over /dev/fuse (the default) the filesystem server is replaced; over io_uring,
-# which does not replace it live (docs/live-update.md), the block driver is.
+# Usage: [TRANSPORT=dev|uring] [COMPONENT=fsd|blockdev] scripts/update-stall.sh
+# [UPDATES_PER_CASE]   (root; builds release). COMPONENT is the one replaced (default fsd);
+# over io_uring, which does not replace fsd live (docs/live-update.md), it is blockdev.
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$(dirname "$0")/lib/common.sh"
 molt_start stall
 UPDATES="${1:-5}"
 TRANSPORT="${TRANSPORT:-dev}"
-component=fsd
+component="${COMPONENT:-fsd}"
 [ "$TRANSPORT" = uring ] && component=blockdev
 echo "transport $TRANSPORT: replacing $component"
 ulimit -n "$(ulimit -Hn)"
