@@ -272,6 +272,61 @@ impl Inner {
         Ok(plan.execute(self.store.as_ref())?)
     }
 
+    /// Where a block-aligned overwrite of `len` bytes at `offset` goes on the device —
+    /// (from, to, physical): bytes `from..to` of the data to blocks from `physical` on —
+    /// when every block it covers is allocated and written and it ends within the file.
+    /// Such a write changes no metadata but the times. `None` for any other write.
+    pub(crate) fn overwrite_plan(
+        &mut self,
+        ino: Ino,
+        offset: u64,
+        len: usize,
+    ) -> FsResult<Option<Vec<(usize, usize, u64)>>> {
+        let len = len as u64;
+        if len == 0 || !offset.is_multiple_of(BS) || !len.is_multiple_of(BS) {
+            return Ok(None);
+        }
+        let end = offset.checked_add(len).ok_or(FsError::TooBig)?;
+        let node = self.node(ino)?;
+        if !node.inode.is_reg() || end > node.inode.size {
+            return Ok(None);
+        }
+        let (fb_start, fb_end) = (offset / BS, end / BS);
+        let mut runs = Vec::new();
+        let mut fb = fb_start;
+        while fb < fb_end {
+            match lookup(node, fb) {
+                Lookup::Mapped {
+                    physical,
+                    unwritten: false,
+                    run,
+                } => {
+                    let n = run.min(fb_end - fb);
+                    let from = ((fb - fb_start) * BS) as usize;
+                    runs.push((from, from + (n * BS) as usize, physical));
+                    fb += n;
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(runs))
+    }
+
+    /// The times after an overwrite planned by `overwrite_plan` reached the device: the
+    /// size is left alone (another operation may have changed it meanwhile), and an
+    /// inode gone meanwhile is not brought back.
+    pub(crate) fn finish_overwrite(&mut self, ino: Ino, stamp_times: bool) {
+        if !stamp_times {
+            return;
+        }
+        let now = crate::mkfs::now();
+        if let Some(node) = self.nodes.get_mut(&ino.0) {
+            node.inode.mtime = now;
+            node.inode.ctime = now;
+            self.mark_dirty(ino);
+        }
+    }
+
     /// Writes `data` at `offset`, allocating as needed. Leaves metadata dirty for commit.
     /// `stamp_times` sets mtime and ctime to now.
     pub(crate) fn file_write(

@@ -774,14 +774,18 @@ impl Fs {
 
     /// `read`, updating the access time as the mount's `atime` policy says.
     pub fn read_with(&self, ino: Ino, offset: u64, size: u32, atime: Atime) -> FsResult<Vec<u8>> {
-        let (plan, store, reuse) = {
-            let mut g = self.lock();
-            let plan = g.read_plan(ino, offset, size)?;
-            g.note_access(ino, atime)?;
-            (plan, g.store.clone(), g.reuse.clone())
-        };
-        let _guard = reuse.read().unwrap_or_else(|p| p.into_inner());
-        Ok(plan.execute(store.as_ref())?)
+        let mut g = self.lock();
+        let plan = g.read_plan(ino, offset, size)?;
+        g.note_access(ino, atime)?;
+        let (store, reuse) = (g.store.clone(), g.reuse.clone());
+        // Taken before the lock is let go: a block freed once the lock is free cannot be
+        // released for reuse until this read is done. (Taking it under the lock never
+        // waits: only holders of the lock take it exclusively.)
+        let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
+        drop(g);
+        let data = plan.execute(store.as_ref());
+        drop(guard);
+        Ok(data?)
     }
 
     /// Records an access to `ino` (a directory listed, a file read) under `atime`.
@@ -816,6 +820,30 @@ impl Fs {
         g.check_writable()?;
         if !g.node(ino)?.inode.is_reg() {
             return Err(FsError::Invalid("write to a non-regular file"));
+        }
+        // A block-aligned overwrite of written blocks within the file changes no metadata
+        // but the times: its data goes to the device outside the lock, so such writes
+        // (O_DIRECT random writes, to one file or many) run side by side. The reuse
+        // guard, taken before the lock is let go, keeps the blocks it writes from being
+        // reallocated until it is done, as for a read. Two such writes to one block land
+        // in either order, as two overlapping writes may.
+        if let Some(runs) = g.overwrite_plan(ino, offset, data.len())? {
+            let (store, reuse) = (g.store.clone(), g.reuse.clone());
+            let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
+            drop(g);
+            let mut written = Ok(());
+            for (from, to, physical) in runs {
+                written = store.write(physical, &data[from..to]);
+                if written.is_err() {
+                    break;
+                }
+            }
+            drop(guard);
+            let mut g = self.lock();
+            g.latch(written)?;
+            g.finish_overwrite(ino, how.stamp_times);
+            g.op_done()?;
+            return Ok(data.len());
         }
         // Refuse up front a write the free space cannot hold (with room for the extent
         // blocks it may need), rather than fail half-way.
