@@ -2,7 +2,7 @@
 # Sourced by the measurement scripts after lib/common.sh. Needs BIN (release binaries) and
 # WORK (scratch dir).
 # fsd_package_setup: a signing key, a keyring the mount trusts ($WORK/keyring) and a
-# package directory holding this build's fsd.
+# package directory holding this build's fsd and blockdev.
 # fsd_package [FROM TO]: packs $WORK/u.lup replacing fsd with this build (same version),
 # with sequence numbers 1, 2, ... per call; with FROM TO it converts the image's format.
 # blockdev_package: packs $WORK/u.lup replacing the block driver with this build (same
@@ -18,64 +18,46 @@ fsd_package_setup() {
     FSD_SEQUENCE=1
 }
 
-fsd_package() {
-    local nature="one-component" name="fsd-$FSD_SEQUENCE" format=""
-    if [ $# -eq 2 ]; then
-        nature="data-on-disk"
-        name="format-v$1-to-v$2"
-        format="[format]
-from = $1
-to = $2
-"
-    fi
+# Packs $WORK/u.lup: package NAME of NATURE replacing COMPONENT (at VERSION) with this
+# build, with the manifest lines FORMAT (a [format] table, or nothing) before it.
+component_package() { # NAME NATURE COMPONENT VERSION FORMAT
     cat > "$WORK/pkg/manifest.toml" <<TOML
 [package]
-name = "$name"
+name = "$1"
 sequence = $FSD_SEQUENCE
 expires_unix = $(( $(date +%s) + 86400 ))
-nature = "$nature"
+nature = "$2"
 description = "measurement"
 deadline_ms = 10000
 
-$format
+$5
 [[component]]
-name = "fsd"
-applies_to = ["$FSD_VERSION"]
-new_version = "$FSD_VERSION"
-binary = "bin/fsd"
+name = "$3"
+applies_to = ["$4"]
+new_version = "$4"
+binary = "bin/$3"
 state_schema_reads = [1, 2]
 state_schema_writes = 2
 required_state = ["quiescent"]
 
 [[file]]
-path = "bin/fsd"
+path = "bin/$3"
 TOML
     "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
     FSD_SEQUENCE=$((FSD_SEQUENCE + 1))
 }
 
+fsd_package() {
+    if [ $# -eq 2 ]; then
+        component_package "format-v$1-to-v$2" data-on-disk fsd "$FSD_VERSION" "[format]
+from = $1
+to = $2
+"
+    else
+        component_package "fsd-$FSD_SEQUENCE" one-component fsd "$FSD_VERSION" ""
+    fi
+}
+
 blockdev_package() {
-    cat > "$WORK/pkg/manifest.toml" <<TOML
-[package]
-name = "blockdev-$FSD_SEQUENCE"
-sequence = $FSD_SEQUENCE
-expires_unix = $(( $(date +%s) + 86400 ))
-nature = "one-component"
-description = "measurement"
-deadline_ms = 10000
-
-[[component]]
-name = "blockdev"
-applies_to = ["$BD_VERSION"]
-new_version = "$BD_VERSION"
-binary = "bin/blockdev"
-state_schema_reads = [1, 2]
-state_schema_writes = 2
-required_state = ["quiescent"]
-
-[[file]]
-path = "bin/blockdev"
-TOML
-    "$BIN/updater" pack --manifest "$WORK/pkg/manifest.toml" --key "$WORK/key" --out "$WORK/u.lup" >/dev/null
-    FSD_SEQUENCE=$((FSD_SEQUENCE + 1))
+    component_package "blockdev-$FSD_SEQUENCE" one-component blockdev "$BD_VERSION" ""
 }
