@@ -494,7 +494,7 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
                 progress.clear();
                 if let Mode::Status { json } = mode {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
+                        println!("{}", serde_json::to_string_pretty(&status_json(&report)?)?);
                     } else {
                         print_status(&report);
                     }
@@ -539,6 +539,28 @@ fn phase_line(phase: Phase, state: PhaseState, elapsed_ms: u64, detail: &str) ->
         PhaseState::Finished => format!("phase {phase} finished in {elapsed_ms} ms{detail}"),
         PhaseState::Failed => format!("phase {phase} FAILED after {elapsed_ms} ms{detail}"),
     }
+}
+
+/// `updater status --json`: the report, with each component's counters as one object
+/// (name to value) and each update's start also as a UTC date.
+fn status_json(r: &StatusReport) -> serde_json::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(r)?;
+    if let Some(components) = v["components"].as_array_mut() {
+        for (c, report) in components.iter_mut().zip(&r.components) {
+            let counters: serde_json::Map<String, serde_json::Value> = report
+                .counters
+                .iter()
+                .map(|(k, n)| (k.clone(), (*n).into()))
+                .collect();
+            c["counters"] = counters.into();
+        }
+    }
+    if let Some(history) = v["history"].as_array_mut() {
+        for (h, u) in history.iter_mut().zip(&r.history) {
+            h["started_utc"] = updater::when::utc_date(u.started_unix).into();
+        }
+    }
+    Ok(v)
 }
 
 fn print_status(r: &StatusReport) {
@@ -586,11 +608,17 @@ fn print_status(r: &StatusReport) {
     if !r.history.is_empty() {
         println!("history:");
     }
+    let now = now_unix();
     for u in &r.history {
         let sep = if u.message.is_empty() { "" } else { ": " };
         println!(
             "  {} #{} ({}) started {}: {}{sep}{}",
-            u.package, u.sequence, u.nature, u.started_unix, u.outcome, u.message
+            u.package,
+            u.sequence,
+            u.nature,
+            updater::when::date_and_age(u.started_unix, now),
+            u.outcome,
+            u.message
         );
         for (phase, ms, state) in &u.phases {
             let s = match state {

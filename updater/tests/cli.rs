@@ -307,3 +307,54 @@ fn usage_errors_exit_64_and_help_documents_exit_codes() {
     assert_eq!(code(&o), 0);
     assert!(text(&o).contains("64  bad command line"), "{}", text(&o));
 }
+
+/// `updater status` shows times as UTC dates with their age, and `--json` gives each
+/// component's counters as one object.
+#[test]
+fn status_shows_dates_and_counters_as_an_object() {
+    use updater::protocol::{ComponentStatus, StatusReport, UpdateRecord};
+    let report = || StatusReport {
+        components: vec![ComponentStatus {
+            name: "blockdev".into(),
+            version: "0.1.0".into(),
+            pid: 42,
+            state_schema: 2,
+            counters: vec![("reads".into(), 7), ("writes".into(), 9)],
+        }],
+        history: vec![UpdateRecord {
+            package: "p".into(),
+            sequence: 1,
+            nature: "one-component".into(),
+            started_unix: 1_796_415_185,
+            phases: vec![],
+            outcome: Outcome::Committed,
+            message: String::new(),
+        }],
+        ..StatusReport::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, h) = fake_supervisor(dir.path(), vec![Event::Status(Box::new(report()))]);
+    let o = updater(&["status", "--socket", sock.to_str().unwrap(), "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["components"][0]["counters"]["reads"], 7, "{v}");
+    assert_eq!(v["components"][0]["counters"]["writes"], 9, "{v}");
+    assert_eq!(
+        v["history"][0]["started_utc"], "2026-12-04 20:13:05 UTC",
+        "{v}"
+    );
+    h.join().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, h) = fake_supervisor(dir.path(), vec![Event::Status(Box::new(report()))]);
+    let o = updater(&["status", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("started 2026-12-04 20:13:05 UTC ("), "{out}");
+    assert!(
+        out.contains(" ago)") || out.contains("(in the future)"),
+        "{out}"
+    );
+    assert!(!out.contains("1796415185"), "{out}");
+    h.join().unwrap();
+}
