@@ -17,6 +17,7 @@ pub mod inode;
 pub mod journal;
 pub mod superblock;
 pub mod version;
+pub mod when;
 pub mod xattr;
 
 pub use block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE};

@@ -12,7 +12,6 @@ pub mod manifest;
 pub mod package;
 pub mod protocol;
 pub mod requirements;
-pub mod when;
 
 pub use compatibility::{check_compatibility, RunningComponent, RunningSystem};
 pub use keyring::{Keyring, KeyringError, TrustedKey};

@@ -557,7 +557,7 @@ fn status_json(r: &StatusReport) -> serde_json::Result<serde_json::Value> {
     }
     if let Some(history) = v["history"].as_array_mut() {
         for (h, u) in history.iter_mut().zip(&r.history) {
-            h["started_utc"] = updater::when::utc_date(u.started_unix).into();
+            h["started_utc"] = formats::when::utc_date(u.started_unix).into();
         }
     }
     Ok(v)
@@ -616,7 +616,7 @@ fn print_status(r: &StatusReport) {
             u.package,
             u.sequence,
             u.nature,
-            updater::when::date_and_age(u.started_unix, now),
+            formats::when::date_and_age(u.started_unix, now),
             u.outcome,
             u.message
         );

@@ -1,11 +1,17 @@
 //! Times as a person reads them: a UTC date and how long ago it was.
 
+/// `unix` seconds as the UTC day `YYYY-MM-DD`.
+pub fn utc_day(unix: u64) -> String {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 /// `unix` seconds as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn utc_date(unix: u64) -> String {
-    let (days, secs) = (unix / 86_400, unix % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
+    let secs = unix % 86_400;
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        "{} {:02}:{:02}:{:02} UTC",
+        utc_day(unix),
         secs / 3600,
         secs / 60 % 60,
         secs % 60
@@ -32,7 +38,7 @@ pub fn date_and_age(unix: u64, now: u64) -> String {
 }
 
 /// The civil date (year, month, day) of `days` since 1970-01-01, proleptic Gregorian.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -50,7 +56,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn days_are_proleptic_gregorian() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+
+    #[test]
     fn dates_are_utc_calendar_dates() {
+        assert_eq!(utc_day(1_796_415_185), "2026-12-04");
         assert_eq!(utc_date(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(utc_date(1_796_415_185), "2026-12-04 20:13:05 UTC");
