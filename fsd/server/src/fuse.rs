@@ -153,8 +153,6 @@ pub struct MoltFuse {
     /// The mount's access-time policy (`Atime` as a number), kept in step with the
     /// mount's options by the server.
     atime: std::sync::atomic::AtomicU8,
-    /// The INIT flags in force on the connection.
-    negotiated: AtomicU64,
     /// The connection's parameters, once negotiated or adopted.
     connection: std::sync::OnceLock<Negotiated>,
     /// Notifications to the kernel (absent in tests).
@@ -294,7 +292,6 @@ impl MoltFuse {
             requests: AtomicU64::new(0),
             completed: Default::default(),
             atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
-            negotiated: AtomicU64::new(0),
             connection: std::sync::OnceLock::new(),
             notifier: std::sync::OnceLock::new(),
             transport: std::sync::atomic::AtomicU8::new(0),
@@ -371,7 +368,6 @@ impl MoltFuse {
             requests: AtomicU64::new(state.requests),
             completed: Default::default(),
             atime: std::sync::atomic::AtomicU8::new(atime_code(Atime::default())),
-            negotiated: AtomicU64::new(0),
             connection: std::sync::OnceLock::new(),
             notifier: std::sync::OnceLock::new(),
             transport: std::sync::atomic::AtomicU8::new(0),
@@ -419,7 +415,7 @@ impl MoltFuse {
             .collect();
         FsdState {
             version: persist::component_version(),
-            init_flags: self.negotiated.load(Ordering::SeqCst),
+            init_flags: self.init_flags(),
             connection: self
                 .connection
                 .get()
@@ -527,9 +523,14 @@ impl MoltFuse {
         })
     }
 
+    /// The INIT flags in force on the connection (none before INIT).
+    fn init_flags(&self) -> u64 {
+        self.connection.get().map_or(0, |n| n.flags)
+    }
+
     /// Whether the connection negotiated POSIX ACLs (the kernel then enforces them).
     fn acls_enabled(&self) -> bool {
-        self.negotiated.load(Ordering::Relaxed) & init::POSIX_ACL != 0
+        self.init_flags() & init::POSIX_ACL != 0
     }
 
     /// The ACL stored under `name` on `ino`, if any.
@@ -601,7 +602,7 @@ impl MoltFuse {
     /// kernel's cached path, which sends their I/O straight to the server all the same.
     fn open_flags(&self, flags: u32) -> u32 {
         let direct = flags & libc::O_DIRECT as u32 != 0;
-        if direct && self.negotiated.load(Ordering::Relaxed) & init::DIRECT_IO_ALLOW_MMAP != 0 {
+        if direct && self.init_flags() & init::DIRECT_IO_ALLOW_MMAP != 0 {
             fopen::DIRECT_IO | fopen::PARALLEL_DIRECT_WRITES
         } else {
             0
@@ -807,7 +808,6 @@ impl MoltFuse {
 
 impl Filesystem for MoltFuse {
     fn init(&self, negotiated: &Negotiated) {
-        self.negotiated.store(negotiated.flags, Ordering::Relaxed);
         let _ = self.connection.set(*negotiated);
         self.write_record(negotiated);
     }
