@@ -284,13 +284,21 @@ fn notification(
                 ));
             }
         };
-        // The driver's successor answers its first command; the server's says so.
+        // The server's successor says when it has started. The driver's answers commands
+        // once it has mapped the ring: its first answer is waited for, so that state
+        // transfer relabels the ring only after the successor has read the label its
+        // predecessor's state is taken under (a successor that mapped a relabelled ring
+        // would refuse that state).
         let started = if r.kind.name() == "fsd" {
             new.expect(&Reply::Spawned, Instant::now() + STEP_TIMEOUT, abort)
         } else if abort.load(std::sync::atomic::Ordering::SeqCst) {
             Err(ExchangeError::Aborted)
         } else {
-            Ok(())
+            match new.request(&Command::Status, STEP_TIMEOUT) {
+                Ok(Reply::Status(_)) => Ok(()),
+                Ok(other) => Err(ExchangeError::Unexpected(format!("{other:?}"))),
+                Err(e) => Err(e),
+            }
         };
         r.successor = Some(new);
         if let Err(e) = started {
