@@ -82,6 +82,33 @@ impl JournalSuper {
     }
 }
 
+impl JournalSuper {
+    /// Decodes a journal superblock, accepting one a power cut tore while the journal was
+    /// being reset. A reset rewrites only `sequence` (first sector) and the checksum (last
+    /// sector), and a torn write keeps a prefix of the new block, so a torn one is a valid
+    /// journal superblock in every byte but its checksum, carrying the new sequence. That
+    /// sequence is safe to scan with: a reset is written only once every block the log
+    /// carries is durable in place, and is flushed before anything is logged after it.
+    pub fn decode_allowing_torn_reset(b: &[u8], addr: BlockAddr) -> Result<JournalSuper> {
+        let strict = JournalSuper::decode(b, addr);
+        if strict.is_ok() || b.len() != block::BLOCK_SIZE {
+            return strict;
+        }
+        let fields = JournalSuper {
+            blocks: get_u32(b, JSB_OFF_BLOCKS),
+            sequence: get_u64(b, JSB_OFF_SEQUENCE),
+        };
+        let sealed = fields.encode(addr);
+        if get_u32(b, JSB_OFF_VERSION) == JOURNAL_VERSION
+            && sealed[..block::TAIL_CRC] == b[..block::TAIL_CRC]
+        {
+            Ok(fields)
+        } else {
+            strict
+        }
+    }
+}
+
 pub fn encode_descriptor(
     sequence: u64,
     targets: &[u64],

@@ -2215,6 +2215,32 @@ fn journal_bytes() {
         JournalSuper::decode(&c[..], BlockAddr(1)),
         Err(FormatError::UnsupportedVersion { .. })
     ));
+    // A reset torn by a power cut: the new block's first sectors over the old one's last.
+    let newer = JournalSuper {
+        sequence: j.sequence + 1,
+        ..j
+    }
+    .encode(BlockAddr(1));
+    for keep in (512..BLOCK_SIZE).step_by(512) {
+        let mut torn = b.clone();
+        torn[..keep].copy_from_slice(&newer[..keep]);
+        assert!(JournalSuper::decode(&torn[..], BlockAddr(1)).is_err());
+        assert_eq!(
+            JournalSuper::decode_allowing_torn_reset(&torn[..], BlockAddr(1)).unwrap(),
+            JournalSuper {
+                sequence: j.sequence + 1,
+                ..j
+            },
+            "torn after {keep} bytes"
+        );
+    }
+    // Anything else that fails its checksum is still refused.
+    let mut c = b.clone();
+    c[l.off("reserved") + 7] ^= 0x40;
+    assert!(JournalSuper::decode_allowing_torn_reset(&c[..], BlockAddr(1)).is_err());
+    let mut c = newer.clone();
+    c[block::TAIL_KIND] ^= 1;
+    assert!(JournalSuper::decode_allowing_torn_reset(&c[..], BlockAddr(1)).is_err());
 
     let l = layout("Journal descriptor");
     let targets: Vec<u64> = (0..journal::MAX_TX_BLOCKS as u64)

@@ -22,7 +22,7 @@ use formats::bitmap;
 use formats::block::{BlockAddr, BlockKind, BLOCK_SIZE, PAYLOAD_SIZE};
 use formats::dir::Bucket;
 use formats::inode::{Inode, INODE_SIZE};
-use formats::superblock::{FsState, Superblock};
+use formats::superblock::{FsState, Geometry, Superblock};
 use serde::Serialize;
 
 use crate::fs::journal::{self, JournalError};
@@ -351,8 +351,23 @@ fn run_pass(store: &dyn BlockStore) -> Result<(Pass, Vec<Problem>), FsckError> {
             e.to_string(),
         )),
     }
-    let pass = Checker::new(store, sb).run()?;
+    let mut pass = Checker::new(store, sb).run()?;
+    if journal_problems.is_empty() && reset_was_torn(store, &geo)? {
+        pass.notes.push(
+            "the journal superblock was torn by a power cut during a checkpoint's reset (its checksum is stale, its fields are whole); the next mount rewrites it".into(),
+        );
+    }
     Ok((pass, journal_problems))
+}
+
+/// Whether the journal superblock is readable only as a reset a power cut tore.
+fn reset_was_torn(store: &dyn BlockStore, geo: &Geometry) -> io::Result<bool> {
+    use formats::journal::JournalSuper;
+    let mut b = vec![0u8; BLOCK_SIZE];
+    store.read(geo.journal_start, &mut b)?;
+    let at = BlockAddr(geo.journal_start);
+    Ok(JournalSuper::decode(&b, at).is_err()
+        && JournalSuper::decode_allowing_torn_reset(&b, at).is_ok())
 }
 
 fn empty_pass() -> Pass {

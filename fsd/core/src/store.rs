@@ -17,6 +17,14 @@ pub trait BlockStore: Send + Sync {
     fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()>;
     fn write(&self, addr: u64, buf: &[u8]) -> io::Result<()>;
     fn flush(&self) -> io::Result<()>;
+    /// Writes every `(address, whole blocks)` pair; the device may run them side by side,
+    /// in any order (their ranges must not overlap). The default writes one at a time.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> io::Result<()> {
+        for (addr, buf) in writes {
+            self.write(*addr, buf)?;
+        }
+        Ok(())
+    }
     /// Drops the contents of a range; it reads as zeros afterwards.
     fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()>;
 }

@@ -94,7 +94,7 @@ impl Conversion {
 }
 
 /// The server's background work while it serves: commits changes left in memory about a
-/// second old, and moves a format conversion in progress forward a batch at a time
+/// second old, runs the checkpoints (outside the filesystem lock), and moves a format conversion in progress forward a batch at a time
 /// (resuming one a predecessor, a crash or an earlier mount left unfinished).
 /// `each_second` runs about once a second.
 pub(crate) fn background(
@@ -103,11 +103,17 @@ pub(crate) fn background(
     stopped: &std::sync::mpsc::Receiver<()>,
     each_second: &dyn Fn(),
 ) {
-    use std::sync::mpsc::RecvTimeoutError;
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
     let mut pause = Duration::from_millis(100);
     let mut last_tick = Instant::now();
+    fs.checkpoint_in_background_from_now();
+    let stop = || matches!(stopped.try_recv(), Err(TryRecvError::Disconnected));
     while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(pause) {
         let _ = fs.commit_older_than(Duration::from_secs(1));
+        // Writes the pinned journal blocks in place while operations go on.
+        if let Err(e) = fs.checkpoint_in_background(&stop) {
+            eprintln!("fsd serve: checkpoint failed: {e}");
+        }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
             each_second();

@@ -340,6 +340,11 @@ impl ControlledServer {
             if reason == StopReason::Disconnected && !period.prepared {
                 // Unmounted: make the image clean.
                 self.fs.unmount()?;
+                let holds = self.fs.lock_holds();
+                eprintln!(
+                    "fsd serve: unmounted; longest filesystem lock hold {} us (taken at {}), {} holds of 10 ms or more",
+                    holds.longest_us, holds.longest_site, holds.over_10ms
+                );
                 return Ok(());
             }
         }

@@ -83,6 +83,13 @@ impl BlockStore for RingStore {
     fn flush(&self) -> io::Result<()> {
         self.0.flush().map_err(block_error)
     }
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> io::Result<()> {
+        let mut batch = self.0.batch();
+        for (addr, buf) in writes {
+            batch.write(blockdev::Lba(*addr), buf);
+        }
+        batch.run_all().map_err(block_error)
+    }
     fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()> {
         self.0
             .discard(blockdev::Lba(addr), nblocks)

@@ -17,6 +17,10 @@ pub struct Bitmap {
     dirty: BTreeSet<u64>,
     /// Free on disk but not yet allocatable: freed by a transaction not known durable.
     withheld: Vec<(u64, u64)>,
+    /// How many of the last `withheld` ranges were freed by changes not yet written to
+    /// the journal: no checkpoint may release them, since a crash could still undo their
+    /// freeing.
+    unjournaled: usize,
 }
 
 impl Bitmap {
@@ -35,6 +39,7 @@ impl Bitmap {
             cursor: 0,
             dirty: BTreeSet::new(),
             withheld: Vec::new(),
+            unjournaled: 0,
         }
     }
 
@@ -125,6 +130,7 @@ impl Bitmap {
             self.set(i, false);
         }
         self.withheld.push((start, len));
+        self.unjournaled += 1;
     }
 
     pub(crate) fn dirty_count(&self) -> usize {
@@ -150,14 +156,23 @@ impl Bitmap {
     }
 
     /// Keeps an already-free range from being allocated until `release` (adopting a
-    /// predecessor's withheld blocks).
+    /// predecessor's withheld blocks, whose freeing is in its journal).
     pub(crate) fn withhold(&mut self, start: u64, len: u64) {
-        self.withheld.push((start, len));
+        let at = self.withheld.len() - self.unjournaled;
+        self.withheld.insert(at, (start, len));
     }
 
-    /// Makes every withheld range allocatable (its freeing is now durable).
+    /// Records that every range freed so far is named by a transaction in the journal.
+    pub(crate) fn journaled(&mut self) {
+        self.unjournaled = 0;
+    }
+
+    /// Makes the withheld ranges whose freeing is in the journal allocatable: the caller
+    /// has made that journal durable and written it in place (a checkpoint). Ranges freed
+    /// by changes not yet journaled stay withheld.
     pub fn release(&mut self) {
-        self.withheld.clear();
+        let journaled = self.withheld.len() - self.unjournaled;
+        self.withheld.drain(..journaled);
     }
 
     /// Payload of bitmap block `index`.

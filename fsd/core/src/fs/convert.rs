@@ -91,7 +91,7 @@ pub(crate) fn journaled_superblock(store: &dyn BlockStore) -> std::io::Result<Op
     }
     let mut b = vec![0u8; BLOCK_SIZE];
     store.read(start, &mut b)?;
-    let Ok(jsb) = JournalSuper::decode(&b, BlockAddr(start)) else {
+    let Ok(jsb) = JournalSuper::decode_allowing_torn_reset(&b, BlockAddr(start)) else {
         return Ok(None);
     };
     if start + jsb.blocks as u64 > store.num_blocks() || jsb.blocks < 3 {

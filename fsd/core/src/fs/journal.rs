@@ -80,8 +80,9 @@ fn read_block(store: &dyn BlockStore, addr: u64) -> io::Result<Vec<u8>> {
 /// checksum matches; the scan stops at the first block that is not.
 pub(crate) fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalError> {
     let start = geo.journal_start;
-    let jsb = JournalSuper::decode(&read_block(store, start)?, BlockAddr(start))
-        .map_err(JournalError::Super)?;
+    let jsb =
+        JournalSuper::decode_allowing_torn_reset(&read_block(store, start)?, BlockAddr(start))
+            .map_err(JournalError::Super)?;
     if jsb.blocks != geo.journal_blocks {
         return Err(JournalError::SizeMismatch {
             found: jsb.blocks,

@@ -1,9 +1,10 @@
 //! The filesystem core: POSIX operations on a Molt image over a `BlockStore`.
 //!
-//! Concurrency: one mutex serialises every operation. Each mutating operation stages the
-//! metadata blocks it changes in a transaction and commits it to the journal before it
-//! returns; committed blocks stay pinned in memory until a checkpoint writes them in
-//! place after a flush (see `journal`). File data is written in place, never journaled.
+//! Concurrency: one mutex serialises every operation's in-memory changes (reads, aligned
+//! overwrites and background checkpoints do their device I/O outside it; the lock order
+//! is in `lock_order`). Each mutating operation stages the metadata blocks it changes in
+//! a transaction that a group commit writes to the journal; committed blocks stay pinned
+//! in memory until a checkpoint writes them in place after a flush (see `journal`). File data is written in place, never journaled.
 //! Blocks freed by a transaction become allocatable only after the next checkpoint has
 //! retired every journal transaction that may still name them: otherwise a crash could
 //! leave a file pointing at another file's data, or a replay could overwrite data with
@@ -15,10 +16,12 @@ mod dirops;
 pub mod error;
 mod file;
 pub mod journal;
+mod lock_order;
 mod ops;
 pub mod redo;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -39,12 +42,77 @@ type Block = [u8; BLOCK_SIZE];
 
 /// Clean metadata blocks kept in memory before the cache is trimmed.
 const CLEAN_CACHE_BLOCKS: usize = 8192;
+/// Pinned blocks a background checkpoint writes between two looks at its stop signal.
+const IN_PLACE_BATCH: usize = 1024;
+/// Pinned blocks left after a background checkpoint's unlocked pass (those commits
+/// changed meanwhile) that it writes under the lock to retire the journal; more, and it
+/// runs another unlocked pass instead.
+const FINAL_PASS_BLOCKS: usize = 64;
+/// Adjacent blocks one in-place write request carries at most.
+const IN_PLACE_RUN: usize = 64;
 /// Seconds between checkpoints while the filesystem is busy.
 const CHECKPOINT_INTERVAL_SECS: u64 = 5;
 
 /// A mounted Molt filesystem.
 pub struct Fs {
     inner: Mutex<Inner>,
+    holds: LockHolds,
+}
+
+/// How long the filesystem lock has been held at a time: the pauses the filesystem
+/// itself imposes on every other operation.
+#[derive(Default)]
+struct LockHolds {
+    longest_us: AtomicU64,
+    /// Where the longest hold took the lock.
+    longest_site: Mutex<Option<&'static std::panic::Location<'static>>>,
+    over_10ms: AtomicU64,
+}
+
+/// The lock's hold times so far (see [`Fs::lock_holds`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockHoldStats {
+    pub longest_us: u64,
+    pub longest_site: String,
+    pub over_10ms: u64,
+}
+
+/// The filesystem lock, held: measures how long on release.
+pub(crate) struct FsGuard<'a> {
+    guard: MutexGuard<'a, Inner>,
+    _held: lock_order::Held,
+    since: Instant,
+    site: &'static std::panic::Location<'static>,
+    holds: &'a LockHolds,
+}
+
+impl std::ops::Deref for FsGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for FsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
+}
+
+impl Drop for FsGuard<'_> {
+    fn drop(&mut self) {
+        let us = self.since.elapsed().as_micros() as u64;
+        if us >= 10_000 {
+            self.holds.over_10ms.fetch_add(1, Ordering::Relaxed);
+        }
+        if us > self.holds.longest_us.fetch_max(us, Ordering::Relaxed) {
+            *self
+                .holds
+                .longest_site
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(self.site);
+        }
+    }
 }
 
 /// An inode with its whole block map decoded.
@@ -92,6 +160,18 @@ pub(crate) struct Inner {
     redo: Option<redo::RedoLog>,
     /// Blocks staged since the last operation was logged.
     op_staged: Vec<u64>,
+    /// Checkpoints run by [`Fs::checkpoint_in_background`] (the server's), outside the
+    /// lock; otherwise a commit that finds one due runs it under the lock (tools, tests).
+    background_checkpoints: bool,
+    /// A checkpoint is due (the journal is half full, or the interval has passed).
+    checkpoint_due: bool,
+    /// The in-place writes lock, held by whoever writes pinned blocks in place; its value
+    /// is the checkpoint epoch, moved on by every journal reset and by a quiesce. A
+    /// background checkpoint writes only while the epoch is still the one its snapshot
+    /// was taken in: after a reset its images may be older than what is on disk, after a
+    /// quiesce the journal is the successor's. Lock order: the filesystem lock, then this
+    /// (see `lock_order`).
+    in_place: Arc<Mutex<u64>>,
 }
 
 impl Fs {
@@ -227,9 +307,13 @@ impl Fs {
             failed: None,
             redo: None,
             op_staged: Vec::new(),
+            background_checkpoints: false,
+            checkpoint_due: false,
+            in_place: Arc::new(Mutex::new(0)),
         };
         Ok(Fs {
             inner: Mutex::new(inner),
+            holds: LockHolds::default(),
         })
     }
 
@@ -311,9 +395,13 @@ impl Fs {
             failed: None,
             redo: None,
             op_staged: Vec::new(),
+            background_checkpoints: false,
+            checkpoint_due: false,
+            in_place: Arc::new(Mutex::new(0)),
         };
         Ok(Fs {
             inner: Mutex::new(inner),
+            holds: LockHolds::default(),
         })
     }
 
@@ -323,10 +411,92 @@ impl Fs {
     pub fn quiesce(&self) -> FsResult<Vec<(u64, u64)>> {
         let mut g = self.lock();
         g.check_writable()?;
+        // A background checkpoint still writing in place finishes its writes first, and
+        // then writes nothing more: the successor owns the journal from here.
+        g.next_checkpoint_epoch();
         if g.has_pending_changes() {
             g.commit()?;
         }
         Ok(g.bbitmap.withheld().to_vec())
+    }
+
+    /// From now on checkpoints are left to [`Fs::checkpoint_in_background`], which the
+    /// caller runs regularly (the server's background thread); a commit runs one under
+    /// the lock only when the journal has no room left.
+    pub fn checkpoint_in_background_from_now(&self) {
+        self.lock().background_checkpoints = true;
+    }
+
+    /// Runs a checkpoint if one is due, with the filesystem lock free while the pinned
+    /// blocks are written in place: operations and commits go on meanwhile (new commits
+    /// land in the journal's free space). The journal is retired only if no commit came
+    /// in during the writes (or the few that did are written under the lock, a short
+    /// final pass); otherwise the next round writes what they changed. `stop` is polled
+    /// between batches: a checkpoint abandoned half-way leaves the journal as it was,
+    /// which replay makes right. Returns whether the journal was retired.
+    pub fn checkpoint_in_background(&self, stop: &dyn Fn() -> bool) -> FsResult<bool> {
+        let (snapshot, store, in_place, epoch) = {
+            let mut g = self.lock();
+            if g.failed.is_some() || !g.checkpoint_due {
+                return Ok(false);
+            }
+            g.checkpoint_due = false;
+            let mut snapshot: Vec<(u64, Arc<Block>)> =
+                g.pinned.iter().map(|(a, b)| (*a, b.clone())).collect();
+            snapshot.sort_unstable_by_key(|(a, _)| *a);
+            let epoch = g.checkpoint_epoch();
+            (snapshot, g.store.clone(), g.in_place.clone(), epoch)
+        };
+        {
+            let writes = lock_order::in_place(&in_place);
+            if *writes != epoch {
+                return Ok(false);
+            }
+            // The flush makes every transaction of the snapshot durable before any of
+            // its blocks is written in place (the journal invariant).
+            let written = store.flush().and_then(|()| {
+                for part in snapshot.chunks(IN_PLACE_BATCH) {
+                    if stop() {
+                        return Ok(false);
+                    }
+                    write_in_place(store.as_ref(), part)?;
+                }
+                store.flush().map(|()| true)
+            });
+            drop(writes);
+            match written {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.lock().checkpoint_due = true;
+                    return Ok(false);
+                }
+                Err(e) => return self.lock().latch(Err(e)),
+            }
+        }
+        let mut g = self.lock();
+        if g.checkpoint_epoch() != epoch || g.failed.is_some() {
+            return Ok(false);
+        }
+        // Blocks no commit changed meanwhile are now on disk as pinned: clean again.
+        for (addr, block) in snapshot {
+            if g.pinned.get(&addr).is_some_and(|p| Arc::ptr_eq(p, &block)) {
+                g.pinned.remove(&addr);
+                if g.clean.len() < CLEAN_CACHE_BLOCKS {
+                    g.clean.insert(addr, block);
+                }
+            }
+        }
+        if g.pinned.is_empty() {
+            // No commit came in: the unlocked pass's flush covered everything.
+            let in_place = g.in_place.clone();
+            g.retire_journal(&mut lock_order::in_place(&in_place))?;
+        } else if g.pinned.len() <= FINAL_PASS_BLOCKS {
+            g.checkpoint_pinned()?;
+        } else {
+            g.checkpoint_due = true;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Replaces the block store (reconnecting to the driver after a rolled-back update).
@@ -334,14 +504,38 @@ impl Fs {
         self.lock().store = store;
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+    #[track_caller]
+    pub(crate) fn lock(&self) -> FsGuard<'_> {
+        let site = std::panic::Location::caller();
+        let held = lock_order::waiting_for(lock_order::Rank::Filesystem);
         // A panic while holding the lock leaves a half-made transaction; refuse to go on.
-        self.inner.lock().unwrap_or_else(|p| {
+        let guard = self.inner.lock().unwrap_or_else(|p| {
             let mut g = p.into_inner();
             g.failed
                 .get_or_insert_with(|| "a previous operation panicked".into());
             g
-        })
+        });
+        FsGuard {
+            guard,
+            _held: held,
+            since: Instant::now(),
+            site,
+            holds: &self.holds,
+        }
+    }
+
+    /// How long the filesystem lock has been held at a time, since mount.
+    pub fn lock_holds(&self) -> LockHoldStats {
+        LockHoldStats {
+            longest_us: self.holds.longest_us.load(Ordering::Relaxed),
+            longest_site: self
+                .holds
+                .longest_site
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map_or_else(String::new, |l| format!("{}:{}", l.file(), l.line())),
+            over_10ms: self.holds.over_10ms.load(Ordering::Relaxed),
+        }
     }
 
     /// Makes everything durable and marks the image clean. Every later operation is
@@ -393,6 +587,25 @@ pub(crate) fn chain_blocks(extents: usize, codec: ExtentCodec) -> u64 {
     extents
         .saturating_sub(codec.inline_capacity())
         .div_ceil(codec.records_per_block()) as u64
+}
+
+/// Writes pinned blocks (sorted by address) in place, adjacent ones as one request, all
+/// requests handed to the device together.
+fn write_in_place(store: &dyn BlockStore, blocks: &[(u64, Arc<Block>)]) -> std::io::Result<()> {
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (addr, block) in blocks {
+        match runs.last_mut() {
+            Some((start, buf))
+                if *start + (buf.len() / BLOCK_SIZE) as u64 == *addr
+                    && buf.len() < IN_PLACE_RUN * BLOCK_SIZE =>
+            {
+                buf.extend_from_slice(&block[..]);
+            }
+            _ => runs.push((*addr, block.to_vec())),
+        }
+    }
+    let writes: Vec<(u64, &[u8])> = runs.iter().map(|(a, b)| (*a, &b[..])).collect();
+    store.write_many(&writes)
 }
 
 /// Reads blocks through a predecessor's uncheckpointed journal transactions.
@@ -612,7 +825,7 @@ impl Inner {
                 self.checkpoint()?;
                 // Reads outside the lock never wait for it, so this wait is bounded.
                 let reuse = self.reuse.clone();
-                let _quiet = reuse.write().unwrap_or_else(|p| p.into_inner());
+                let _quiet = lock_order::reuse_exclusive(&reuse);
                 self.bbitmap.release();
                 self.bbitmap.find_run(goal, want).ok_or(FsError::NoSpace)?
             }
@@ -632,7 +845,7 @@ impl Inner {
         if self.bbitmap.has_withheld() {
             self.checkpoint()?;
             let reuse = self.reuse.clone();
-            let _quiet = reuse.write().unwrap_or_else(|p| p.into_inner());
+            let _quiet = lock_order::reuse_exclusive(&reuse);
             self.bbitmap.release();
         }
         Ok(self.bbitmap.allocatable() >= n)
@@ -790,11 +1003,16 @@ impl Inner {
             self.clean.remove(&addr);
             self.pinned.insert(addr, Arc::from(b));
         }
+        self.bbitmap.journaled();
         self.last_commit = Instant::now();
         if self.journal.used_fraction() > 0.5
             || self.last_checkpoint.elapsed().as_secs() >= CHECKPOINT_INTERVAL_SECS
         {
-            self.checkpoint()?;
+            if self.background_checkpoints {
+                self.checkpoint_due = true;
+            } else {
+                self.checkpoint()?;
+            }
         }
         Ok(())
     }
@@ -845,29 +1063,53 @@ impl Inner {
     }
 
     fn checkpoint_pinned(&mut self) -> FsResult<()> {
+        // A background checkpoint's writes finish first, and it writes nothing after
+        // these (the epoch moves on at the reset): its images of a block may be older.
+        let in_place = self.in_place.clone();
+        let mut writes = lock_order::in_place(&in_place);
         let store = self.store.clone();
         let r = store.flush();
         self.latch(r)?;
         let mut pinned: Vec<(u64, Arc<Block>)> = self.pinned.drain().collect();
-        pinned.sort_by_key(|(a, _)| *a);
-        for (addr, b) in &pinned {
-            let r = store.write(*addr, &b[..]);
-            self.latch(r)?;
-        }
+        pinned.sort_unstable_by_key(|(a, _)| *a);
+        let r = write_in_place(store.as_ref(), &pinned);
+        self.latch(r)?;
         let r = store.flush();
         self.latch(r)?;
-        let geo = self.geo;
-        let r = self.journal.reset(store.as_ref(), &geo);
-        self.latch(r)?;
-        // Freed blocks become reusable only when no read started before now is running.
-        let reuse = self.reuse.clone();
-        if let Ok(_quiet) = reuse.try_write() {
-            self.bbitmap.release();
-        }
         for (addr, b) in pinned {
             if self.clean.len() < CLEAN_CACHE_BLOCKS {
                 self.clean.insert(addr, b);
             }
+        }
+        self.retire_journal(&mut writes)
+    }
+
+    /// The checkpoint epoch (see `in_place`). Waits for a background checkpoint's
+    /// writes, which only the background thread itself and checkpoints ever overlap.
+    fn checkpoint_epoch(&self) -> u64 {
+        *lock_order::in_place(&self.in_place)
+    }
+
+    /// Moves the checkpoint epoch on, once a background checkpoint's writes are done.
+    fn next_checkpoint_epoch(&self) {
+        *lock_order::in_place(&self.in_place) += 1;
+    }
+
+    /// Restarts the journal empty. Call only when every transaction in it is durable in
+    /// place (nothing is pinned and a flush followed the last in-place write).
+    fn retire_journal(&mut self, writes: &mut lock_order::InPlace<'_>) -> FsResult<()> {
+        debug_assert!(self.pinned.is_empty());
+        let store = self.store.clone();
+        let geo = self.geo;
+        let r = self.journal.reset(store.as_ref(), &geo);
+        self.latch(r)?;
+        **writes += 1;
+        self.checkpoint_due = false;
+        // Freed blocks become reusable only when no read started before now is running;
+        // those freed by changes not yet journaled stay withheld (`Bitmap::release`).
+        let reuse = self.reuse.clone();
+        if let Ok(_quiet) = reuse.try_write() {
+            self.bbitmap.release();
         }
         self.last_checkpoint = Instant::now();
         Ok(())

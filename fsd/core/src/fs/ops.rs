@@ -781,7 +781,7 @@ impl Fs {
         // Taken before the lock is let go: a block freed once the lock is free cannot be
         // released for reuse until this read is done. (Taking it under the lock never
         // waits: only holders of the lock take it exclusively.)
-        let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
+        let guard = super::lock_order::reuse_shared(&reuse);
         drop(g);
         let data = plan.execute(store.as_ref());
         drop(guard);
@@ -829,15 +829,13 @@ impl Fs {
         // in either order, as two overlapping writes may.
         if let Some(runs) = g.overwrite_plan(ino, offset, data.len())? {
             let (store, reuse) = (g.store.clone(), g.reuse.clone());
-            let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
+            let guard = super::lock_order::reuse_shared(&reuse);
             drop(g);
-            let mut written = Ok(());
-            for (from, to, physical) in runs {
-                written = store.write(physical, &data[from..to]);
-                if written.is_err() {
-                    break;
-                }
-            }
+            let writes: Vec<(u64, &[u8])> = runs
+                .iter()
+                .map(|&(from, to, physical)| (physical, &data[from..to]))
+                .collect();
+            let written = store.write_many(&writes);
             drop(guard);
             let mut g = self.lock();
             g.latch(written)?;
