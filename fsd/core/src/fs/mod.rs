@@ -16,6 +16,7 @@ pub mod error;
 mod file;
 pub mod journal;
 mod ops;
+mod read_only;
 pub mod redo;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -92,6 +93,8 @@ pub(crate) struct Inner {
     redo: Option<redo::RedoLog>,
     /// Blocks staged since the last operation was logged.
     op_staged: Vec<u64>,
+    /// Mounted read-only (`read_only.rs`): `failed` refuses every change from the start.
+    read_only: bool,
 }
 
 impl Fs {
@@ -227,6 +230,7 @@ impl Fs {
             failed: None,
             redo: None,
             op_staged: Vec::new(),
+            read_only: false,
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -311,6 +315,7 @@ impl Fs {
             failed: None,
             redo: None,
             op_staged: Vec::new(),
+            read_only: false,
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -348,6 +353,11 @@ impl Fs {
     /// refused: the filesystem is unmounted.
     pub fn unmount(&self) -> FsResult<()> {
         let mut g = self.lock();
+        if g.read_only {
+            // Nothing was changed, and the image stays exactly as it was found.
+            g.failed = Some("the filesystem is unmounted".into());
+            return Ok(());
+        }
         g.check_writable()?;
         g.checkpoint()?;
         g.sb.state = FsState::Clean;
@@ -373,7 +383,12 @@ impl Fs {
 
     /// Makes every completed operation durable (fsync/syncfs).
     pub fn sync(&self) -> FsResult<()> {
-        self.lock().sync()
+        let mut g = self.lock();
+        if g.read_only {
+            // Nothing is ever pending on a read-only mount.
+            return Ok(());
+        }
+        g.sync()
     }
 }
 
