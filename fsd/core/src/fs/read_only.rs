@@ -148,7 +148,10 @@ mod tests {
         fs.sync().unwrap();
         fs.commit_older_than(std::time::Duration::ZERO).unwrap();
         fs.unmount().unwrap();
-        assert!(before == bytes(&store), "the read-only mount wrote to the image");
+        assert!(
+            before == bytes(&store),
+            "the read-only mount wrote to the image"
+        );
     }
 
     #[test]
