@@ -44,12 +44,15 @@ pub struct UmountRequest {
     pub verbose: bool,
 }
 
+/// A helper's flags (with their values, for those that take one) and its positionals.
+type SplitArgs = (Vec<(char, Option<String>)>, Vec<String>);
+
 /// Splits helper arguments into flags (each letter of a `-abc` cluster), option values
 /// and positionals. `with_value` are the flags that take a value (`-o X` or `-oX`).
 fn split_args(
     args: &[String],
     with_value: &[char],
-) -> Result<(Vec<(char, Option<String>)>, Vec<String>), String> {
+) -> Result<SplitArgs, String> {
     let mut flags = Vec::new();
     let mut positionals = Vec::new();
     let mut it = args.iter();
