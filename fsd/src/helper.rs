@@ -49,10 +49,7 @@ type SplitArgs = (Vec<(char, Option<String>)>, Vec<String>);
 
 /// Splits helper arguments into flags (each letter of a `-abc` cluster), option values
 /// and positionals. `with_value` are the flags that take a value (`-o X` or `-oX`).
-fn split_args(
-    args: &[String],
-    with_value: &[char],
-) -> Result<SplitArgs, String> {
+fn split_args(args: &[String], with_value: &[char]) -> Result<SplitArgs, String> {
     let mut flags = Vec::new();
     let mut positionals = Vec::new();
     let mut it = args.iter();

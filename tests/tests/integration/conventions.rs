@@ -425,3 +425,56 @@ fn the_install_script_installs_into_a_destdir() {
     );
     assert!(at("/etc/molt/keyring").is_dir());
 }
+
+#[test]
+fn a_read_only_mount_stays_read_only_across_a_server_crash_and_refuses_live_updates() {
+    use crate::live::{apply, component, fsd_manifest, pack, status, REFUSED};
+    use molt_tests::harness::{kill9, poll_until, Keyring};
+    let img = TestImage::new("ro-crash", "64M");
+    let m = img.mount();
+    std::fs::write(m.path().join("kept"), b"before the crash").unwrap();
+    m.unmount();
+    let before = std::fs::read(&img.image).unwrap();
+
+    let keys = Keyring::new("ro-live-keys");
+    let m = img.mount_with(&["-o", "ro", "--keyring", s(&keys.keyring)], &[]);
+    let (_, server, _) = m.stack_pids().expect("the stack runs");
+    kill9(server);
+    // The supervisor starts a new server; it serves the same read-only image.
+    assert!(
+        poll_until(Duration::from_secs(30), || m
+            .stack_pids()
+            .is_some_and(|(_, s, _)| s != server)),
+        "no new filesystem server after the crash"
+    );
+    assert_eq!(
+        std::fs::read(m.path().join("kept")).unwrap(),
+        b"before the crash"
+    );
+    assert_every_write_refused(m.path());
+
+    // A live update is refused before anything is notified, with the reason.
+    let (version, _) = component(&status(m.path()), "fsd");
+    let work = TempDir::new("ro-live-work");
+    let manifest = fsd_manifest("ro-fsd", 1, &version, &version, &["quiescent"]);
+    let pkg = pack(
+        &keys,
+        &work.path().join("ro-fsd"),
+        &manifest,
+        &[("bin/fsd", &bin("fsd"))],
+    );
+    let r = apply(m.path(), &pkg, &[]);
+    assert_eq!(r.code, REFUSED, "{}", r.out);
+    assert!(
+        r.failed_checks().iter().any(|c| c == "read-write mount"),
+        "{}",
+        r.out
+    );
+    assert!(!r.reached("Notification"), "{}", r.out);
+    m.unmount();
+    assert!(
+        before == std::fs::read(&img.image).unwrap(),
+        "the read-only mount changed the image"
+    );
+    img.assert_clean();
+}
