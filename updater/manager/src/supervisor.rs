@@ -408,7 +408,9 @@ fn run(stack: &Arc<Mutex<Stack>>, stop: &AtomicBool) -> Result<(), MountError> {
             (None, Some(st)) => Some(Crashed::Driver(st)),
             _ => None,
         };
-        if let Some(what) = crashed {
+        // A component that ends while the mount is being stopped is not replaced (a
+        // terminal's Ctrl-C reaches the whole process group).
+        if let Some(what) = crashed.filter(|_| !stopping) {
             match recover(&mut s, what) {
                 Ok(()) => continue,
                 Err(e) => eprintln!("fsd: crash recovery failed, taking the stack down: {e}"),
