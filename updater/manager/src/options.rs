@@ -87,7 +87,7 @@ pub fn parse(list: &str, sloppy: bool) -> Result<ParsedOptions, OptionError> {
                     .parse()
                     .map_err(|_| bad(format!("{v:?} is not a number")))?;
                 if !(1..=MAX_THREADS).contains(&n) {
-                    return Err(bad(format!("between 1 and {MAX_THREADS} threads")));
+                    return Err(bad(format!("expected 1 to {MAX_THREADS} threads")));
                 }
                 p.threads = Some(n);
             }
