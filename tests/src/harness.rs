@@ -630,14 +630,24 @@ impl Drop for MountHelper {
     }
 }
 
-/// A child process killed (SIGKILL) and reaped on drop unless it has exited.
-pub struct ChildGuard(pub std::process::Child);
+/// A child process killed (SIGKILL) and reaped on drop unless it has exited; a
+/// supervisor in the foreground, say. If `mountpoint` is still mounted then (its
+/// supervisor was killed), the mount is aborted and detached.
+pub struct ChildGuard {
+    pub child: std::process::Child,
+    pub mountpoint: Option<PathBuf>,
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(mnt) = &self.mountpoint {
+            if is_mounted(mnt) {
+                force_unmount(mnt);
+            }
         }
     }
 }

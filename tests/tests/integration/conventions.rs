@@ -321,27 +321,43 @@ fn await_notification(sock: &UnixDatagram, want: &str, deadline: Duration) -> St
     panic!("no {want} within {deadline:?}; received {seen:?}");
 }
 
-#[test]
-fn foreground_mount_speaks_the_notify_protocol_and_stops_cleanly_on_sigterm() {
+/// A notification socket in the abstract namespace (nothing left behind), named by
+/// `tag`, and the `NOTIFY_SOCKET` value naming it.
+fn notify_socket(tag: &str) -> (UnixDatagram, String) {
     use std::os::linux::net::SocketAddrExt;
-    let img = TestImage::new("notify", "64M");
-    let name = format!("molt-test-notify-{}", std::process::id());
+    let name = format!("molt-test-notify-{tag}-{}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let sock = UnixDatagram::bind_addr(&addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    (sock, format!("@{name}"))
+}
+
+/// `fsd mount --foreground` as a service manager runs it, with `NOTIFY_SOCKET`.
+fn foreground_mount(img: &TestImage, notify: &str, extra: &[&str], driver: &Path) -> ChildGuard {
     let child = Command::new(bin("fsd"))
         .args(["mount", "--foreground", s(&img.image), s(&img.mnt)])
         .args(["--transport", &molt_tests::harness::transport()])
-        .env("NOTIFY_SOCKET", format!("@{name}"))
-        .env("MOLT_BLOCKDEV_BIN", bin("blockdev"))
+        .args(extra)
+        .env("NOTIFY_SOCKET", notify)
+        .env("MOLT_BLOCKDEV_BIN", driver)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = ChildGuard(child);
-    let pid = child.0.id();
+    ChildGuard {
+        child,
+        mountpoint: Some(img.mnt.canonicalize().expect("mountpoint")),
+    }
+}
+
+#[test]
+fn foreground_mount_speaks_the_notify_protocol_and_stops_cleanly_on_sigterm() {
+    let img = TestImage::new("notify", "64M");
+    let (sock, notify) = notify_socket("basic");
+    let mut child = foreground_mount(&img, &notify, &[], &bin("blockdev"));
+    let pid = child.child.id();
 
     let ready = await_notification(&sock, "READY=1", Duration::from_secs(60));
     // READY came after the mount answered: it is there, and a stat goes through it.
@@ -358,7 +374,7 @@ fn foreground_mount_speaks_the_notify_protocol_and_stops_cleanly_on_sigterm() {
     await_notification(&sock, "STOPPING=1", Duration::from_secs(30));
     let start = Instant::now();
     let status = loop {
-        if let Some(st) = child.0.try_wait().unwrap() {
+        if let Some(st) = child.child.try_wait().unwrap() {
             break st;
         }
         assert!(
@@ -476,5 +492,66 @@ fn a_read_only_mount_stays_read_only_across_a_server_crash_and_refuses_live_upda
         before == std::fs::read(&img.image).unwrap(),
         "the read-only mount changed the image"
     );
+    img.assert_clean();
+}
+
+#[test]
+fn notify_status_follows_the_phases_of_a_live_update() {
+    use crate::live::{apply, pack_example, variants, COMMITTED};
+    use molt_tests::harness::Keyring;
+    let w = TempDir::new("notify-bins");
+    let bins = variants(w.path());
+    let img = TestImage::new("notify-live", "64M");
+    let keys = Keyring::new("notify-live-keys");
+    let work = TempDir::new("notify-live-work");
+    let pkg = pack_example(
+        &keys,
+        work.path(),
+        "01-one-component",
+        &[("bin/blockdev", &bins.join("blockdev"))],
+    );
+    let (sock, notify) = notify_socket("live");
+    let mut child = foreground_mount(
+        &img,
+        &notify,
+        &["--keyring", s(&keys.keyring)],
+        &bins.join("blockdev-counters32"),
+    );
+    await_notification(&sock, "READY=1", Duration::from_secs(60));
+    let m = Mount::attach(&img.mnt);
+    let r = apply(m.path(), &pkg, &[]);
+    assert_eq!(r.code, COMMITTED, "{}", r.out);
+    for phase in [
+        "notification",
+        "preparation",
+        "state transfer",
+        "replacement",
+    ] {
+        await_notification(
+            &sock,
+            &format!("STATUS=live update blockdev-counters-u64: {phase} finished"),
+            Duration::from_secs(10),
+        );
+    }
+    let done = await_notification(
+        &sock,
+        &format!(
+            "STATUS=serving {}; live update blockdev-counters-u64: Committed",
+            m.path().display()
+        ),
+        Duration::from_secs(10),
+    );
+    assert!(!done.contains("READY=1"), "{done}");
+    molt_sys::kill(child.child.id() as i32, libc::SIGTERM).unwrap();
+    await_notification(&sock, "STOPPING=1", Duration::from_secs(30));
+    let start = Instant::now();
+    while child.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    m.forget();
     img.assert_clean();
 }
