@@ -46,6 +46,23 @@ impl Image {
         Image::from_file(file)
     }
 
+    /// Opens `path` read-only (for a read-only mount: a write through this descriptor
+    /// fails with EBADF), with `O_DIRECT` when the filesystem supports it.
+    pub fn open_read_only(path: &Path) -> io::Result<Image> {
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(flags | libc::O_CLOEXEC)
+                .open(path)
+        };
+        let file = match open(libc::O_DIRECT) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0)?,
+            Err(e) => return Err(e),
+        };
+        Image::from_file(file)
+    }
+
     /// Adopts an already open image descriptor (e.g. inherited from the supervisor).
     pub fn from_fd(fd: OwnedFd) -> io::Result<Image> {
         Image::from_file(File::from(fd))

@@ -319,9 +319,40 @@ pub fn convert_image(
 }
 
 /// `fsd fsck IMAGE [--repair]`: opens the image (writable only to repair) and checks it.
+/// A mount holds a lock on its image until its stack has made the image clean and
+/// exited, which finishes just after a plain `umount` returns: fsck waits for that
+/// (up to [`UNMOUNT_WAIT`]), then checks. A repair holds the lock while it runs, so no
+/// mount starts meanwhile.
 pub fn fsck_image(path: &Path, repair: bool) -> Result<FsckReport, fsck::FsckError> {
+    let _lock = wait_for_unmount(path);
     let store = FileStore::open(path, repair)?;
     fsck::check(&store, &FsckOptions { repair })
+}
+
+/// How long fsck waits for a mount of the image to finish.
+pub const UNMOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until no mount holds `path`'s lock (or [`UNMOUNT_WAIT`] passed, saying so), and
+/// returns the lock, held for as long as the returned file lives.
+fn wait_for_unmount(path: &Path) -> Option<File> {
+    let file = File::open(path).ok()?;
+    let deadline = std::time::Instant::now() + UNMOUNT_WAIT;
+    loop {
+        match fsd_server::host::try_lock_exclusive(&file) {
+            Ok(true) => return Some(file),
+            Ok(false) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Ok(false) => {
+                eprintln!(
+                    "fsd fsck: {} is in use by a mount; checking what is on the image now",
+                    path.display()
+                );
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,16 +3,17 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod helper;
 
 use fsd_core::fsck;
 use fsd_server::serve;
-use update_manager::supervisor;
+use update_manager::{options, supervisor};
 
 #[derive(Parser)]
 #[command(name = "fsd", version, about = "Molt filesystem daemon and tools")]
@@ -63,33 +64,55 @@ enum Command {
         image: PathBuf,
         mountpoint: PathBuf,
         /// Stay attached: run the supervisor in this process, logging to the terminal.
+        /// Under a service manager (`NOTIFY_SOCKET` set) it reports READY=1 once the mount
+        /// answers; SIGTERM unmounts and leaves a clean image.
         #[arg(long)]
         foreground: bool,
-        /// FUSE worker threads (over /dev/fuse).
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
+        /// FUSE worker threads over /dev/fuse (default 4; also `-o threads=N`).
+        #[arg(long)]
+        threads: Option<usize>,
         /// How the kernel's FUSE requests reach the server: dev (/dev/fuse, the default:
         /// every live update and crash recovery work over it), uring (FUSE over io_uring,
         /// one queue per CPU; fsd is then not replaced live and a server crash ends the
         /// mount), or auto (uring when the kernel has it, switching it on as root).
-        #[arg(long, default_value = "dev")]
-        transport: fsd_server::serve::TransportChoice,
-        /// I/O engine of the block driver: uring or sync.
-        #[arg(long, default_value = "uring")]
-        engine: blockdev::engine::EngineKind,
-        /// Directory of trusted live-update signing keys (root-owned, `*.pub`).
-        #[arg(long, default_value = supervisor::DEFAULT_KEYRING)]
-        keyring: PathBuf,
-        /// Let this user (besides root) use the control socket; repeatable.
+        /// Also `-o transport=…`.
+        #[arg(long)]
+        transport: Option<fsd_server::serve::TransportChoice>,
+        /// I/O engine of the block driver: uring (the default) or sync. Also `-o engine=…`.
+        #[arg(long)]
+        engine: Option<blockdev::engine::EngineKind>,
+        /// Directory of trusted live-update signing keys (root-owned, `*.pub`; default
+        /// /etc/molt/keyring). Also `-o keyring=DIR`.
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Let this user (besides root) use the control socket; repeatable. Also
+        /// `-o allow_uid=N`.
         #[arg(long = "allow-uid")]
         allowed_uids: Vec<u32>,
-        /// Mount options, comma-separated: dev|nodev, suid|nosuid, exec|noexec,
-        /// relatime|strictatime|noatime (default nodev,nosuid,exec,relatime).
-        #[arg(short = 'o', value_name = "OPTIONS", default_value = "", value_parser = parse_mount_flags)]
-        options: fsd_server::serve::MountFlags,
+        /// Mount options, comma-separated, repeatable: ro|rw, dev|nodev, suid|nosuid,
+        /// exec|noexec, relatime|strictatime|noatime (default rw,nodev,nosuid,exec,
+        /// relatime), threads=N, transport=…, engine=…, keyring=DIR, allow_uid=N; the
+        /// options mount(8) acts on (defaults, nofail, _netdev, noauto, user, x-*, …) are
+        /// ignored. A flag given both ways takes the command-line flag's value.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
         /// Internal: descriptor on which the supervisor reports readiness.
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
+    },
+    /// The mount(8) helper, as `mount.fuse.molt IMAGE MOUNTPOINT [-sfnv] [-o OPTIONS]`
+    /// runs it (this binary installed or linked under that name does the same).
+    #[command(name = "mount-helper")]
+    MountHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The umount(8) helper, as `umount.fuse.molt MOUNTPOINT [-nlfvr]` runs it: unmounts
+    /// and waits until the image is clean, like `fsd unmount`.
+    #[command(name = "umount-helper")]
+    UmountHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Unmount MOUNTPOINT and wait until the image is clean and every process has exited.
     Unmount { mountpoint: PathBuf },
@@ -111,6 +134,9 @@ enum Command {
         /// Take over from a predecessor that died (N counts this mount's recoveries).
         #[arg(long, value_name = "N", conflicts_with = "adopt")]
         recover: Option<u64>,
+        /// The mount is read-only: open the image without writing to it.
+        #[arg(long)]
+        read_only: bool,
     },
 }
 
@@ -118,10 +144,6 @@ enum Command {
 fn inherited_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
     molt_sys::adopt_inherited_fd(fd)
         .map_err(|_| anyhow::anyhow!("descriptor {fd} was not passed to this process"))
-}
-
-fn parse_mount_flags(s: &str) -> Result<fsd_server::serve::MountFlags, String> {
-    fsd_server::serve::MountFlags::parse(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -181,6 +203,19 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Multi-call: installed (or linked) as the mount(8) and umount(8) helpers.
+    let mut argv = std::env::args_os();
+    let called = argv.next().and_then(|a| {
+        Path::new(&a)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    });
+    let rest = || -> Vec<String> { argv.map(|a| a.to_string_lossy().into_owned()).collect() };
+    match called.as_deref() {
+        Some(helper::MOUNT_HELPER) => return helper::mount_main(helper::MOUNT_HELPER, &rest()),
+        Some(helper::UMOUNT_HELPER) => return helper::umount_main(helper::UMOUNT_HELPER, &rest()),
+        _ => {}
+    }
     match Args::parse().command {
         Command::Mkfs {
             image,
@@ -254,15 +289,19 @@ fn main() -> ExitCode {
             options,
             ready_fd,
         } => {
-            let opts = supervisor::MountOptions {
-                image,
-                mountpoint,
+            let given = helper::Given {
                 threads,
                 transport,
                 engine,
                 keyring,
                 allowed_uids,
-                flags: options,
+            };
+            let opts = match options::parse(&options.join(","), false) {
+                Ok(parsed) => helper::mount_options(image, mountpoint, parsed, given),
+                Err(e) => {
+                    eprintln!("fsd mount: {e}");
+                    return ExitCode::from(1);
+                }
             };
             let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fsd"));
             let r = if foreground {
@@ -281,6 +320,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::MountHelper { args } => helper::mount_main(helper::MOUNT_HELPER, &args),
+        Command::UmountHelper { args } => helper::umount_main(helper::UMOUNT_HELPER, &args),
         Command::ComponentInfo => {
             match serde_json::to_string(&fsd_server::component_info()) {
                 Ok(line) => println!("{line}"),
@@ -304,6 +345,7 @@ fn main() -> ExitCode {
             transport,
             adopt,
             recover,
+            read_only,
         } => {
             let transport = match transport {
                 serve::TransportChoice::Uring => fsd_server::persist::Transport::Uring,
@@ -315,6 +357,7 @@ fn main() -> ExitCode {
                 transport,
                 adopt,
                 recover,
+                read_only,
             };
             let fds = (|| -> anyhow::Result<serve::ServerFds> {
                 use fsd_server::serve::*;

@@ -564,3 +564,90 @@ impl Mount {
         }
     }
 }
+
+impl Mount {
+    /// A guard for a mount made by other tooling (mount(8) with the helper, a service
+    /// manager running `fsd mount --foreground`): dropping it unmounts as for [`Mount::new`].
+    pub fn attach(mnt: &Path) -> Mount {
+        let mnt = mnt.canonicalize().expect("mountpoint");
+        assert!(is_mounted(&mnt), "{} is not mounted", mnt.display());
+        let supervisor = supervisor_pid(&mnt);
+        Mount {
+            watchdog: Some(Watchdog::start(&mnt, Duration::from_secs(240))),
+            mnt,
+            supervisor,
+        }
+    }
+
+    /// Forgets the mount: it is gone (unmounted by the test some other way). The
+    /// supervisor is still waited for, and killed if it outlives its deadline.
+    pub fn forget(mut self) {
+        self.disarm();
+    }
+}
+
+/// Where mount(8) looks for the `mount.fuse.molt` helper (util-linux searches /sbin,
+/// /sbin/fs.d and /sbin/fs; none can be pointed elsewhere).
+pub const MOUNT_HELPER_PATH: &str = "/sbin/mount.fuse.molt";
+
+/// The mount helper installed for a test: `/sbin/mount.fuse.molt` as a symbolic link to
+/// the `fsd` under test, removed on drop. The tests that need it take turns: the guard
+/// holds an exclusive lock on the build directory (no file is left behind) while it
+/// lives. A helper that is not a link to this build is never replaced.
+pub struct MountHelper {
+    _lock: std::fs::File,
+    link: PathBuf,
+}
+
+impl MountHelper {
+    pub fn install() -> MountHelper {
+        let fsd = bin("fsd");
+        let dir = fsd.parent().expect("build dir").to_path_buf();
+        let lock = std::fs::File::open(&dir).expect("opening the build directory");
+        assert!(
+            poll_until(Duration::from_secs(300), || {
+                molt_sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(&lock)).unwrap_or(false)
+            }),
+            "another test held the mount helper for 5 minutes"
+        );
+        let link = PathBuf::from(MOUNT_HELPER_PATH);
+        match std::fs::read_link(&link) {
+            Ok(target) if target == fsd => {}
+            Ok(_) | Err(_) if link.symlink_metadata().is_ok() => panic!(
+                "{} exists and is not a link to the fsd under test; not replacing it",
+                link.display()
+            ),
+            _ => std::os::unix::fs::symlink(&fsd, &link)
+                .unwrap_or_else(|e| panic!("linking {}: {e}", link.display())),
+        }
+        MountHelper { _lock: lock, link }
+    }
+}
+
+impl Drop for MountHelper {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.link);
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop unless it has exited; a
+/// supervisor in the foreground, say. If `mountpoint` is still mounted then (its
+/// supervisor was killed), the mount is aborted and detached.
+pub struct ChildGuard {
+    pub child: std::process::Child,
+    pub mountpoint: Option<PathBuf>,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(mnt) = &self.mountpoint {
+            if is_mounted(mnt) {
+                force_unmount(mnt);
+            }
+        }
+    }
+}

@@ -119,7 +119,8 @@ pub(crate) fn background(
             each_second();
         }
         pause = Duration::from_millis(100);
-        if fs.conversion_target().is_none() {
+        // A read-only mount leaves a conversion in progress for a read-write one.
+        if fs.conversion_target().is_none() || fs.is_read_only() {
             continue;
         }
         conversion.started(fs);

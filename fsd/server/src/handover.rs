@@ -141,6 +141,10 @@ fn start(
     record: &File,
 ) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>, Option<Negotiated>)> {
     if args.adopt {
+        if args.read_only {
+            // The update manager refuses this before a successor starts.
+            anyhow::bail!("a read-only mount is not live-updated");
+        }
         return adopt(link, ring, redo);
     }
     if let Some(recovery) = args.recover {
@@ -158,12 +162,21 @@ fn start(
             }
             None => None,
         };
-        let (fs, completed) = Fs::recover(ring.connect()?, crate::host::open_redo_log(redo)?)?;
+        // A read-only server never accepted a change: nothing to replay, nothing written.
+        let (fs, completed) = if args.read_only {
+            (Fs::mount_read_only(ring.connect()?)?, Default::default())
+        } else {
+            Fs::recover(ring.connect()?, crate::host::open_redo_log(redo)?)?
+        };
         let fs = Arc::new(fs);
         let molt = Arc::new(MoltFuse::recovered(fs.clone(), completed, recovery));
         return Ok((fs, molt, negotiated));
     }
-    let fs = Fs::mount(ring.connect()?)?;
+    let fs = if args.read_only {
+        Fs::mount_read_only(ring.connect()?)?
+    } else {
+        Fs::mount(ring.connect()?)?
+    };
     fs.attach_redo_log(crate::host::open_redo_log(redo)?);
     let fs = Arc::new(fs);
     link.send(&Reply::FsReady)?;

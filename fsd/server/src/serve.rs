@@ -29,11 +29,14 @@ pub fn open_fuse_device() -> io::Result<File> {
         .open("/dev/fuse")
 }
 
-/// The per-mount options `fsd mount -o` takes (as mount(8) spells them). Defaults: no
-/// device files and no set-id execution (the safe choice for images of unknown origin),
-/// programs may run, and `relatime`.
+/// The per-mount flags the kernel mount carries (as mount(8) spells them). Defaults:
+/// read-write, no device files and no set-id execution (the safe choice for images of
+/// unknown origin), programs may run, and `relatime`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MountFlags {
+    /// `ro`: the kernel refuses every write (EROFS) and the server opens the image
+    /// without writing to it.
+    pub read_only: bool,
     pub dev: bool,
     pub suid: bool,
     pub exec: bool,
@@ -43,6 +46,7 @@ pub struct MountFlags {
 impl Default for MountFlags {
     fn default() -> MountFlags {
         MountFlags {
+            read_only: false,
             dev: false,
             suid: false,
             exec: true,
@@ -52,28 +56,27 @@ impl Default for MountFlags {
 }
 
 impl MountFlags {
-    /// Parses a comma-separated option list; a later option overrides an earlier one. An
-    /// option this version does not know is refused with its name.
-    pub fn parse(list: &str) -> Result<MountFlags, String> {
-        let mut f = MountFlags::default();
-        for opt in list.split(',').filter(|o| !o.is_empty()) {
-            match opt {
-                "dev" => f.dev = true,
-                "nodev" => f.dev = false,
-                "suid" => f.suid = true,
-                "nosuid" => f.suid = false,
-                "exec" => f.exec = true,
-                "noexec" => f.exec = false,
-                "relatime" => f.atime = Atime::Relative,
-                "strictatime" => f.atime = Atime::Always,
-                "noatime" => f.atime = Atime::Never,
-                other => return Err(format!("unknown mount option {other:?}")),
-            }
+    /// Applies one option if it is one of these flags; returns whether it was. A later
+    /// option overrides an earlier one.
+    pub fn apply(&mut self, opt: &str) -> bool {
+        match opt {
+            "ro" => self.read_only = true,
+            "rw" => self.read_only = false,
+            "dev" => self.dev = true,
+            "nodev" => self.dev = false,
+            "suid" => self.suid = true,
+            "nosuid" => self.suid = false,
+            "exec" => self.exec = true,
+            "noexec" => self.exec = false,
+            "relatime" => self.atime = Atime::Relative,
+            "strictatime" => self.atime = Atime::Always,
+            "noatime" => self.atime = Atime::Never,
+            _ => return false,
         }
-        Ok(f)
+        true
     }
 
-    /// The option list that parses back to these flags.
+    /// The option list that gives these flags.
     pub fn to_options(self) -> String {
         let atime = match self.atime {
             Atime::Never => "noatime",
@@ -81,7 +84,8 @@ impl MountFlags {
             Atime::Always => "strictatime",
         };
         format!(
-            "{},{},{},{atime}",
+            "{},{},{},{},{atime}",
+            if self.read_only { "ro" } else { "rw" },
             if self.dev { "dev" } else { "nodev" },
             if self.suid { "suid" } else { "nosuid" },
             if self.exec { "exec" } else { "noexec" },
@@ -90,6 +94,9 @@ impl MountFlags {
 
     fn ms_flags(self) -> libc::c_ulong {
         let mut ms = 0;
+        if self.read_only {
+            ms |= libc::MS_RDONLY;
+        }
         if !self.dev {
             ms |= libc::MS_NODEV;
         }
@@ -270,4 +277,6 @@ pub struct ServerArgs {
     pub adopt: bool,
     /// Take over from a predecessor that died (the `n`-th recovery of this mount).
     pub recover: Option<u64>,
+    /// The mount is read-only: the image is opened without a write, in every start mode.
+    pub read_only: bool,
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench_quick;
+mod conventions;
 mod convert;
 mod crash;
 mod fio;

@@ -6,7 +6,9 @@
 //! - [`manager`]: the control socket the `updater` CLI talks to: requirement checks,
 //!   package verification, and the update history;
 //! - `update`: the cooperative update's phases over the running components;
-//! - [`runtime`]: the per-mount runtime directory.
+//! - [`runtime`]: the per-mount runtime directory;
+//! - [`options`]: mount options as mount(8) and fstab spell them;
+//! - [`notify`]: the service manager's readiness protocol (`NOTIFY_SOCKET`).
 //!
 //! No unsafe code: the system calls go through `molt-sys`.
 
@@ -14,6 +16,8 @@
 
 mod component;
 pub mod manager;
+pub mod notify;
+pub mod options;
 pub mod runtime;
 mod stack;
 pub mod supervisor;

@@ -213,12 +213,12 @@ fn check_package(
             m.package.name
         ));
     }
-    let (running, image, fuse) = {
+    let (running, image, fuse, read_only) = {
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
         let fuse = server_status(&mut s).and_then(|st| st.fuse);
         let mut running = running_system(&s);
         running.fsd_transport = fuse.as_ref().map(|f| f.transport.clone());
-        (running, s.opts.image.clone(), fuse)
+        (running, s.opts.image.clone(), fuse, s.opts.flags.read_only)
     };
     let mut ctx = MachineContext::probe(&image);
     // The protocol the connection negotiated; before INIT, the newest this build speaks.
@@ -227,6 +227,16 @@ fn check_package(
         .unwrap_or_else(|| format!("7.{}", molt_fuse_minor()));
     ctx.io_uring_ops = Some(crate::sysinfo::io_uring_ops());
     let mut items = check_compatibility(m, &running);
+    if read_only {
+        // A read-only mount runs the versions it was mounted with until it is unmounted.
+        items.push(CheckItem::new(
+            "read-write mount",
+            false,
+            "the mount is read-only, and read-only mounts are not updated live; unmount it \
+             and mount it again to run the new version"
+                .to_string(),
+        ));
+    }
     items.extend(check_requirements(&m.requirements, &ctx));
     if let Some(change) = m.format {
         items.push(conversion_space_check(stack, change));
@@ -409,7 +419,18 @@ fn apply(
 
     let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
     let deadline = Duration::from_millis(deadline_ms.unwrap_or(m.package.deadline_ms));
+    let package = m.package.name.clone();
     let mut report = |e: PhaseEvent| {
+        // The service manager sees each phase as the unit's status line.
+        crate::notify::status(&format!(
+            "live update {package}: {} {}",
+            e.phase.as_str(),
+            match e.state {
+                protocol::PhaseState::Started => "started",
+                protocol::PhaseState::Finished => "finished",
+                protocol::PhaseState::Failed => "failed",
+            }
+        ));
         out(Event::Phase {
             phase: e.phase,
             state: e.state,
@@ -436,6 +457,11 @@ fn apply(
         Err(refusal) => refusal,
     };
     let record = phases.into_record();
+    crate::notify::status(&format!(
+        "serving {}; live update {}: {outcome:?}",
+        mnt.display(),
+        m.package.name
+    ));
     if outcome == Outcome::Committed {
         s.last_sequence = m.package.sequence;
     }

@@ -34,6 +34,11 @@ pub enum MountError {
     BadMountpoint(PathBuf),
     #[error("{0} is already a mount point (busy or already mounted)")]
     AlreadyMounted(PathBuf),
+    #[error(
+        "image {0} was not unmounted cleanly: a read-only mount cannot replay its journal \
+         (replaying writes); mount it read-write once, or run `fsd fsck --repair {0}`"
+    )]
+    DirtyReadOnly(PathBuf),
     #[error("image {0} is in use by another mount")]
     ImageInUse(PathBuf),
     #[error("{0} is not mounted")]
@@ -183,6 +188,9 @@ pub(crate) fn start_server_on(
         .arg(mnt)
         .args(["--threads", &opts.threads.to_string()])
         .args(["--transport", opts.transport.as_str()]);
+    if opts.flags.read_only {
+        cmd.arg("--read-only");
+    }
     match start {
         ServerStart::Mount => {}
         ServerStart::Adopt => {

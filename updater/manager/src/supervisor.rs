@@ -77,6 +77,10 @@ pub(crate) fn precheck(opts: &MountOptions) -> Result<PathBuf, MountError> {
                 "the image is shorter than its superblock says".into(),
             ))
         }
+        // A read-only mount writes nothing, so it cannot replay a journal.
+        Ok(sb) if opts.flags.read_only && sb.state != FsState::Clean => {
+            return Err(MountError::DirtyReadOnly(opts.image.clone()))
+        }
         Ok(_) => {}
     }
     let mnt = opts
@@ -90,6 +94,11 @@ pub(crate) fn precheck(opts: &MountOptions) -> Result<PathBuf, MountError> {
         return Err(MountError::AlreadyMounted(mnt));
     }
     Ok(mnt)
+}
+
+/// Checks what a mount of `opts` would check before starting a process (`mount -f`).
+pub fn check_mount(opts: &MountOptions) -> Result<(), MountError> {
+    precheck(opts).map(|_| ())
 }
 
 /// Runs `fsd mount`: starts a detached supervisor and returns once the mount is usable.
@@ -173,7 +182,14 @@ pub fn supervise(
     ready_fd: Option<OwnedFd>,
 ) -> Result<(), MountError> {
     let mut ready = Ready(ready_fd.map(File::from));
-    match start_and_wait(opts, exe, &mut ready) {
+    // SIGTERM (a service manager stopping the unit) and SIGINT stop the mount cleanly:
+    // the supervisor unmounts, and the server makes the image clean as for any unmount.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| MountError::Os("handling SIGTERM", e))?;
+    }
+    match start_and_wait(opts, exe, &mut ready, &stop) {
         Ok(()) => Ok(()),
         Err(e) => {
             ready.send(&format!("error: {e}"));
@@ -182,7 +198,12 @@ pub fn supervise(
     }
 }
 
-fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<(), MountError> {
+fn start_and_wait(
+    opts: &MountOptions,
+    exe: &Path,
+    ready: &mut Ready,
+    stop: &AtomicBool,
+) -> Result<(), MountError> {
     let stack = start(opts, exe)?;
     let mnt = stack.mnt.clone();
     if let Err(e) = runtime::create(&mnt, &opts.image, std::process::id()) {
@@ -207,7 +228,19 @@ fn start_and_wait(opts: &MountOptions, exe: &Path, ready: &mut Ready) -> Result<
         return Err(MountError::Os("creating the control socket", e));
     }
     ready.send("ok");
-    run(&stack)
+    crate::notify::ready(&format!(
+        "serving {} on {}{}",
+        opts.image.display(),
+        mnt.display(),
+        if opts.flags.read_only {
+            " (read-only)"
+        } else {
+            ""
+        }
+    ));
+    let r = run(&stack, stop);
+    crate::notify::stopping("unmounted");
+    r
 }
 
 /// Starts the driver and the server and makes the mount.
@@ -231,8 +264,13 @@ fn with_resolved_transport(opts: &MountOptions) -> Result<MountOptions, MountErr
 fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let mnt = precheck(opts)?;
     let opts = &with_resolved_transport(opts)?;
-    let image = Image::open(&opts.image)
-        .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
+    // A read-only mount's driver gets a read-only descriptor: no write reaches the image.
+    let image = if opts.flags.read_only {
+        Image::open_read_only(&opts.image)
+    } else {
+        Image::open(&opts.image)
+    }
+    .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
     lock_image(image.file().as_fd(), &opts.image)?;
 
     let config = DriverConfig {
@@ -351,10 +389,15 @@ fn format_version_of(image: &Path) -> u32 {
 /// same version, which recovers its state while the workload waits (crash recovery). If
 /// that fails, or components keep dying, the whole stack goes down so that the next mount
 /// recovers from the journal.
-fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
+fn run(stack: &Arc<Mutex<Stack>>, stop: &AtomicBool) -> Result<(), MountError> {
+    let mut stopping = false;
     loop {
         std::thread::sleep(Duration::from_millis(5));
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+        if stop.load(std::sync::atomic::Ordering::Relaxed) && !stopping {
+            stopping = true;
+            stop_mount(&s.mnt);
+        }
         let server_end = s.server.child.try_wait().ok().flatten();
         let driver_end = s.driver.child.try_wait().ok().flatten();
         if server_end.is_none() && driver_end.is_none() {
@@ -365,7 +408,9 @@ fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
             (None, Some(st)) => Some(Crashed::Driver(st)),
             _ => None,
         };
-        if let Some(what) = crashed {
+        // A component that ends while the mount is being stopped is not replaced (a
+        // terminal's Ctrl-C reaches the whole process group).
+        if let Some(what) = crashed.filter(|_| !stopping) {
             match recover(&mut s, what) {
                 Ok(()) => continue,
                 Err(e) => eprintln!("fsd: crash recovery failed, taking the stack down: {e}"),
@@ -393,6 +438,28 @@ fn run(stack: &Arc<Mutex<Stack>>) -> Result<(), MountError> {
                 "a component ended: server {server_end:?}, driver {driver_end:?}"
             )))
         };
+    }
+}
+
+/// Ends the mount on a stop signal: a plain unmount, so that the server sees the
+/// connection end and makes the image clean; if files are still open, a lazy one (the
+/// kernel ends the connection when the last of them is closed). The run loop then sees
+/// the server exit as after any unmount.
+fn stop_mount(mnt: &Path) {
+    crate::notify::stopping(&format!("unmounting {}", mnt.display()));
+    eprintln!("fsd: stop signal: unmounting {}", mnt.display());
+    match serve::unmount(mnt, false) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            eprintln!(
+                "fsd: {} is busy; detaching it, the image is made clean when the last open file closes",
+                mnt.display()
+            );
+            if let Err(e) = serve::unmount(mnt, true) {
+                eprintln!("fsd: detaching {}: {e}", mnt.display());
+            }
+        }
+        Err(e) => eprintln!("fsd: unmounting {}: {e}", mnt.display()),
     }
 }
 

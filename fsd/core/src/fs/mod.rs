@@ -18,6 +18,7 @@ mod file;
 pub mod journal;
 mod lock_order;
 mod ops;
+mod read_only;
 pub mod redo;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -172,6 +173,8 @@ pub(crate) struct Inner {
     /// quiesce the journal is the successor's. Lock order: the filesystem lock, then this
     /// (see `lock_order`).
     in_place: Arc<Mutex<u64>>,
+    /// Mounted read-only (`read_only.rs`): `failed` refuses every change from the start.
+    read_only: bool,
 }
 
 impl Fs {
@@ -310,6 +313,7 @@ impl Fs {
             background_checkpoints: false,
             checkpoint_due: false,
             in_place: Arc::new(Mutex::new(0)),
+            read_only: false,
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -398,6 +402,7 @@ impl Fs {
             background_checkpoints: false,
             checkpoint_due: false,
             in_place: Arc::new(Mutex::new(0)),
+            read_only: false,
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -542,6 +547,11 @@ impl Fs {
     /// refused: the filesystem is unmounted.
     pub fn unmount(&self) -> FsResult<()> {
         let mut g = self.lock();
+        if g.read_only {
+            // Nothing was changed, and the image stays exactly as it was found.
+            g.failed = Some("the filesystem is unmounted".into());
+            return Ok(());
+        }
         g.check_writable()?;
         g.checkpoint()?;
         g.sb.state = FsState::Clean;
@@ -567,7 +577,12 @@ impl Fs {
 
     /// Makes every completed operation durable (fsync/syncfs).
     pub fn sync(&self) -> FsResult<()> {
-        self.lock().sync()
+        let mut g = self.lock();
+        if g.read_only {
+            // Nothing is ever pending on a read-only mount.
+            return Ok(());
+        }
+        g.sync()
     }
 }
 
