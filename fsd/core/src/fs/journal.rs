@@ -80,14 +80,28 @@ fn read_block(store: &dyn BlockStore, addr: u64) -> io::Result<Vec<u8>> {
 /// checksum matches; the scan stops at the first block that is not.
 pub(crate) fn scan(store: &dyn BlockStore, geo: &Geometry) -> Result<LogScan, JournalError> {
     let start = geo.journal_start;
-    let jsb =
-        JournalSuper::decode_allowing_torn_reset(&read_block(store, start)?, BlockAddr(start))
-            .map_err(JournalError::Super)?;
+    let raw = read_block(store, start)?;
+    let jsb = JournalSuper::decode_allowing_torn_reset(&raw, BlockAddr(start))
+        .map_err(JournalError::Super)?;
     if jsb.blocks != geo.journal_blocks {
         return Err(JournalError::SizeMismatch {
             found: jsb.blocks,
             expected: geo.journal_blocks,
         });
+    }
+    if JournalSuper::decode(&raw, BlockAddr(start)).is_err() && geo.journal_blocks > 1 {
+        // Read as a torn reset: the reset follows every transaction still at journal
+        // block 1, so one there with this sequence or a later one means the sequence
+        // itself is damaged.
+        let first = read_block(store, start + 1)?;
+        if let Ok((first_seq, _)) = journal::decode_descriptor(&first, BlockAddr(start + 1)) {
+            if first_seq >= jsb.sequence {
+                return Err(JournalError::Super(formats::FormatError::corrupted(
+                    "journal superblock",
+                    "checksum mismatch, and its sequence is not past the log's",
+                )));
+            }
+        }
     }
     let mut reader = WindowReader {
         store,
