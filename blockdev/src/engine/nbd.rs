@@ -14,7 +14,8 @@
 //!   every part without a reply is sent again on the new one, in its original order (reads,
 //!   writes of whole blocks, zeroing and flushes are idempotent, and requests in flight are
 //!   unordered). Past `reconnect_bound` without a connection, every waiting request fails
-//!   with EIO, and so do new ones until a connection is back.
+//!   with EIO; from then on each new request waits for one more attempt (at most
+//!   [`FAILING_RETRY`] away) and fails with EIO if it fails, until a connection is back.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -37,6 +38,8 @@ use molt_sys as sys;
 pub const DEFAULT_RECONNECT_BOUND: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Past the bound, how soon a new request tries the connection again.
+const FAILING_RETRY: Duration = Duration::from_millis(100);
 /// Largest zeroing request: far below the protocol's u32 length.
 const ZEROES_CHUNK: u64 = 1 << 30;
 /// Largest zero-filled write, where the export cannot zero by itself.
@@ -196,10 +199,6 @@ impl NbdEngine {
         let IoRequest { user_data, op } = req;
         if let Err(e) = validate(&op, self.num_blocks(), &self.fixed) {
             self.complete_now(user_data, op, Err(e));
-            return Ok(());
-        }
-        if self.failing {
-            self.complete_now(user_data, op, Err(Errno(libc::EIO)));
             return Ok(());
         }
         let info = self.target.info;
@@ -436,8 +435,6 @@ impl NbdEngine {
                 self.backoff = FIRST_BACKOFF;
             }
             Err(e) => {
-                self.next_attempt = now + self.backoff;
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 if !self.failing && down_since.elapsed() >= self.reconnect_bound {
                     eprintln!(
                         "blockdev: no connection to {} for {} ms ({e}): failing requests \
@@ -447,6 +444,10 @@ impl NbdEngine {
                     );
                     self.failing = true;
                 }
+                // Past the bound, a new request waits for one more attempt, soon.
+                let wait = if self.failing { FAILING_RETRY } else { self.backoff };
+                self.next_attempt = now + wait;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 if self.failing {
                     self.fail_all();
                 }

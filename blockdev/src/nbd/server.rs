@@ -1,7 +1,7 @@
 //! NBD servers for tests and benchmarks: `qemu-nbd` or `nbdkit` started as a child on a
 //! private unix socket (or a loopback port), killed and reaped when the guard is dropped.
 
-use std::io;
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,12 +32,74 @@ pub enum Listen {
 pub const EXPORT_NAME: &str = "molt";
 
 /// A running server; dropping it kills it.
+///
+/// The server runs as a child of a small launcher shell started with the guard, not of
+/// the test process: a process with files open on a FUSE mount that forks and execs
+/// closes those files in the child, and each close sends the mount a FLUSH, which waits
+/// for the device — a server started that way while the device waits for it would never
+/// finish starting.
 #[derive(Debug)]
 pub struct NbdServer {
     export: Export,
     uri: NbdUri,
     dir: PathBuf,
-    child: Option<Child>,
+    launcher: Launcher,
+    pid: Option<u32>,
+}
+
+/// `sh` reading one command a line: `start` runs the server in the background and prints
+/// its pid; `stop` kills it (SIGKILL), reaps it and prints `stopped`.
+#[derive(Debug)]
+struct Launcher {
+    child: Child,
+    to: std::process::ChildStdin,
+    from: BufReader<std::process::ChildStdout>,
+}
+
+const LAUNCHER: &str = r#"pid=
+while read -r cmd; do
+  case "$cmd" in
+    start) "$@" </dev/null >/dev/null & pid=$!; echo "$pid" ;;
+    stop) [ -n "$pid" ] && { kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }; pid=; echo stopped ;;
+  esac
+done
+[ -n "$pid" ] && { kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }
+"#;
+
+impl Launcher {
+    fn new(cmd: &[String]) -> io::Result<Launcher> {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(LAUNCHER)
+            .arg("sh")
+            .args(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let to = child
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("no stdin"))?;
+        let from = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        Ok(Launcher {
+            child,
+            to,
+            from: BufReader::new(from),
+        })
+    }
+
+    fn ask(&mut self, cmd: &str) -> io::Result<String> {
+        writeln!(self.to, "{cmd}")?;
+        self.to.flush()?;
+        let mut line = String::new();
+        if self.from.read_line(&mut line)? == 0 {
+            return Err(io::Error::other("the launcher shell exited"));
+        }
+        Ok(line.trim().to_string())
+    }
 }
 
 impl NbdServer {
@@ -63,14 +125,17 @@ impl NbdServer {
                 }
             }
         };
+        let uri = NbdUri {
+            address,
+            export: EXPORT_NAME.into(),
+        };
+        let launcher = Launcher::new(&command(&export, &uri))?;
         let mut s = NbdServer {
             export,
-            uri: NbdUri {
-                address,
-                export: EXPORT_NAME.into(),
-            },
+            uri,
             dir,
-            child: None,
+            launcher,
+            pid: None,
         };
         s.spawn()?;
         Ok(s)
@@ -83,75 +148,50 @@ impl NbdServer {
 
     /// The server's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.pid
+    }
+
+    /// What the server exports.
+    pub fn export(&self) -> &Export {
+        &self.export
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let mut cmd = match &self.export {
-            Export::Qemu { image, format } => {
-                let mut c = Command::new("qemu-nbd");
-                c.args([
-                    "-f",
-                    format,
-                    "-x",
-                    EXPORT_NAME,
-                    "--persistent",
-                    "--shared=4",
-                ])
-                .args(["--cache=writeback", "--discard=unmap"]);
-                match &self.uri.address {
-                    NbdAddress::Unix { socket } => c.args(["-k", socket]),
-                    NbdAddress::Tcp { host, port } => c.args(["-b", host, "-p", &port.to_string()]),
-                };
-                c.arg(image);
-                c
-            }
-            Export::KitFile { .. } | Export::KitMemory { .. } => {
-                let mut c = Command::new("nbdkit");
-                c.args(["--foreground", "--exit-with-parent"]);
-                match &self.uri.address {
-                    NbdAddress::Unix { socket } => c.args(["--unix", socket]),
-                    NbdAddress::Tcp { host, port } => c.args(["-i", host, "-p", &port.to_string()]),
-                };
-                match &self.export {
-                    Export::KitFile { image } => c.arg("file").arg(image),
-                    Export::KitMemory { size } => c.arg("memory").arg(size.to_string()),
-                    Export::Qemu { .. } => unreachable!("matched above"),
-                };
-                c
-            }
-        };
         if let NbdAddress::Unix { socket } = &self.uri.address {
             let _ = std::fs::remove_file(socket);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let mut child = cmd.spawn()?;
+        let pid: u32 = self
+            .launcher
+            .ask("start")?
+            .parse()
+            .map_err(|_| io::Error::other("the launcher did not report a pid"))?;
+        self.pid = Some(pid);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if super::NbdConnection::connect(&self.uri).is_ok() {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
+            let last = match super::NbdConnection::connect(&self.uri) {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if molt_sys::process_gone(pid) {
+                self.kill();
                 return Err(io::Error::other(format!(
-                    "the NBD server exited at start ({status})"
+                    "the NBD server exited at start ({last})"
                 )));
             }
             if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(io::Error::other("the NBD server did not start within 10 s"));
+                self.kill();
+                return Err(io::Error::other(format!(
+                    "the NBD server did not start within 10 s (last attempt: {last})"
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.child = Some(child);
-        Ok(())
     }
 
-    /// Kills the server (SIGKILL) and waits for it.
+    /// Kills the server (SIGKILL) and waits until it is reaped.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if self.pid.take().is_some() {
+            let _ = self.launcher.ask("stop");
         }
     }
 
@@ -168,9 +208,44 @@ impl NbdServer {
     }
 }
 
+/// The server's command line.
+fn command(export: &Export, uri: &NbdUri) -> Vec<String> {
+    let mut c: Vec<String> = Vec::new();
+    let listen = |c: &mut Vec<String>, unix: &str, host: &str, port: &str| match &uri.address {
+        NbdAddress::Unix { socket } => c.extend([unix.to_string(), socket.clone()]),
+        NbdAddress::Tcp { host: h, port: p } => {
+            c.extend([host.to_string(), h.clone(), port.to_string(), p.to_string()])
+        }
+    };
+    match export {
+        Export::Qemu { image, format } => {
+            c.extend(
+                ["qemu-nbd", "-f", format, "-x", EXPORT_NAME, "--persistent"].map(String::from),
+            );
+            c.extend(["--shared=4", "--cache=writeback", "--discard=unmap"].map(String::from));
+            listen(&mut c, "-k", "-b", "-p");
+            c.push(image.to_string_lossy().into_owned());
+        }
+        Export::KitFile { image } => {
+            c.extend(["nbdkit", "--foreground", "--exit-with-parent"].map(String::from));
+            listen(&mut c, "--unix", "-i", "-p");
+            c.extend(["file".to_string(), image.to_string_lossy().into_owned()]);
+        }
+        Export::KitMemory { size } => {
+            c.extend(["nbdkit", "--foreground", "--exit-with-parent"].map(String::from));
+            listen(&mut c, "--unix", "-i", "-p");
+            c.extend(["memory".to_string(), size.to_string()]);
+        }
+    }
+    c
+}
+
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.kill();
+        // The launcher runs nothing now: it can go.
+        let _ = self.launcher.child.kill();
+        let _ = self.launcher.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

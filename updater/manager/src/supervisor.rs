@@ -232,6 +232,8 @@ fn with_resolved_transport(opts: &MountOptions) -> Result<MountOptions, MountErr
 fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let mnt = precheck(opts)?;
     let opts = &with_resolved_transport(opts)?;
+    // Read before the stack's own connection opens: an NBD server may take one client.
+    let format_version = format_version_of(&opts.image);
     let image = Image::open_named(&opts.image)
         .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
     // An NBD export's server decides who may connect; there is no file to lock.
@@ -299,7 +301,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         session,
         server,
         driver,
-        format_version: format_version_of(&opts.image),
+        format_version,
         history: Vec::new(),
         last_sequence: 0,
         recoveries: Vec::new(),
