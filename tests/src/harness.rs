@@ -110,7 +110,7 @@ impl Drop for TempDir {
 pub struct TestImage {
     /// The NBD server in front of the image, if any; first, so that it is killed before
     /// the directory is removed.
-    pub nbd: Option<NbdServer>,
+    pub nbd: Option<Box<NbdServer>>,
     pub dir: TempDir,
     /// The image file (behind the NBD server, if there is one).
     pub image: PathBuf,
@@ -205,7 +205,7 @@ impl TestImage {
             String::from_utf8_lossy(&out.stderr)
         );
         TestImage {
-            nbd: Some(server),
+            nbd: Some(Box::new(server)),
             dir,
             image,
             mnt,
@@ -240,7 +240,7 @@ impl TestImage {
                 image: image.clone(),
                 format: "raw".into(),
             };
-            NbdServer::start(export, Listen::Unix).expect("starting qemu-nbd")
+            Box::new(NbdServer::start(export, Listen::Unix).expect("starting qemu-nbd"))
         });
         TestImage {
             nbd,

@@ -445,7 +445,11 @@ impl NbdEngine {
                     self.failing = true;
                 }
                 // Past the bound, a new request waits for one more attempt, soon.
-                let wait = if self.failing { FAILING_RETRY } else { self.backoff };
+                let wait = if self.failing {
+                    FAILING_RETRY
+                } else {
+                    self.backoff
+                };
                 self.next_attempt = now + wait;
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 if self.failing {

@@ -333,8 +333,8 @@ mod nbd {
     fn every_server_round_trips() {
         let ops: Vec<TOp> = (0..200u64)
             .map(|i| match i % 7 {
-                0 | 1 | 2 => TOp::Write((i * 5) % (NBLOCKS - 4), 1 + i % 4, i as u8),
-                3 | 4 => TOp::Read((i * 3) % (NBLOCKS - 4), 1 + i % 4),
+                0..=2 => TOp::Write((i * 5) % (NBLOCKS - 4), 1 + i % 4, i as u8),
+                3..=4 => TOp::Read((i * 3) % (NBLOCKS - 4), 1 + i % 4),
                 5 => TOp::Discard((i * 11) % (NBLOCKS - 4), 1 + i % 3),
                 _ => TOp::Flush,
             })
@@ -536,7 +536,8 @@ mod nbd {
     #[test]
     fn misbehaving_servers_give_eio_after_the_bound() {
         use crate::nbd::proto::SIMPLE_REPLY_MAGIC;
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut std::net::TcpStream) + Send>)> = vec![
+        type Reply = Box<dyn FnOnce(&mut std::net::TcpStream) + Send>;
+        let cases: Vec<(&str, Reply)> = vec![
             (
                 "bad magic",
                 Box::new(|s| {

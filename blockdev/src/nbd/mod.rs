@@ -1,6 +1,6 @@
 //! Images served by an NBD server: URIs ([`uri`]), the wire protocol ([`proto`]), the
 //! connection, and a blocking client for tools ([`NbdClient`]). The driver's engine over a
-//! connection is [`crate::engine::NbdEngine`].
+//! connection is the engine module's `NbdEngine`.
 //!
 //! The handshake runs once per connection; what it learned (export size and transmission
 //! flags) travels with the connected socket ([`NbdConnection`]), so a process that

@@ -222,7 +222,7 @@ fn command(export: &Export, uri: &NbdUri) -> Vec<String> {
             c.extend(
                 ["qemu-nbd", "-f", format, "-x", EXPORT_NAME, "--persistent"].map(String::from),
             );
-            c.extend(["--shared=4", "--cache=writeback", "--discard=unmap"].map(String::from));
+            c.extend(["--cache=writeback", "--discard=unmap"].map(String::from));
             listen(&mut c, "-k", "-b", "-p");
             c.push(image.to_string_lossy().into_owned());
         }
