@@ -38,6 +38,9 @@ use molt_sys as sys;
 pub const DEFAULT_RECONNECT_BOUND: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long one reconnection attempt may take: the serve loop waits for it, so it is
+/// short (a server that accepts and then says nothing costs this much per attempt).
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Past the bound, how soon a new request tries the connection again.
 const FAILING_RETRY: Duration = Duration::from_millis(100);
 /// Largest zeroing request: far below the protocol's u32 length.
@@ -421,7 +424,8 @@ impl NbdEngine {
             return;
         }
         let down_since = *self.down_since.get_or_insert(now);
-        match NbdConnection::connect(&self.target.uri).and_then(|c| self.check_same(c)) {
+        let attempt = NbdConnection::connect_within(&self.target.uri, RECONNECT_TIMEOUT);
+        match attempt.and_then(|c| self.check_same(c)) {
             Ok(conn) => {
                 eprintln!(
                     "blockdev: reconnected to {} after {} ms; resending {} requests",

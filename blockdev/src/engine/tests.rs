@@ -431,6 +431,84 @@ mod nbd {
         }
     }
 
+    /// Replies in another order than the requests: a write delayed by the server completes
+    /// after a read submitted behind it, each matched to its own request.
+    #[test]
+    fn out_of_order_replies_are_matched_by_cookie() {
+        let args = ["--filter=delay", "memory", "4M", "wdelay=300ms"].map(String::from);
+        let server = NbdServer::start(Export::Kit(args.to_vec()), Listen::Unix).unwrap();
+        let mut e = engine(&server, 8, Duration::from_secs(5));
+        e.push(IoRequest {
+            user_data: 1,
+            op: IoOp::Write {
+                lba: Lba(3),
+                buf: IoBuf::Owned(fill(9, 3, 2)),
+            },
+        })
+        .unwrap();
+        e.push(IoRequest {
+            user_data: 2,
+            op: IoOp::Read {
+                lba: Lba(100),
+                buf: IoBuf::Owned(AlignedBuf::zeroed(1)),
+            },
+        })
+        .unwrap();
+        e.submit().unwrap();
+        let mut order = Vec::new();
+        let mut out = Vec::new();
+        while order.len() < 2 {
+            e.reap(&mut out);
+            for c in out.drain(..) {
+                assert_eq!(c.result, Ok(()));
+                order.push(c.user_data);
+            }
+            e.wait(None, Duration::from_secs(1)).unwrap();
+        }
+        assert_eq!(order, [2, 1], "the read's reply came first");
+        let c = e
+            .run_one(IoOp::Read {
+                lba: Lba(3),
+                buf: IoBuf::Owned(AlignedBuf::zeroed(2)),
+            })
+            .unwrap();
+        assert!(c.buf.unwrap()[..] == fill(9, 3, 2)[..]);
+    }
+
+    /// An export without WRITE_ZEROES: discards become zero-filled writes and still read
+    /// back as zeros.
+    #[test]
+    fn discard_without_write_zeroes_writes_zeros() {
+        let args = ["--filter=nozero", "memory", "8M", "zeromode=none"].map(String::from);
+        let server = NbdServer::start(Export::Kit(args.to_vec()), Listen::Tcp).unwrap();
+        let mut e = engine(&server, 8, Duration::from_secs(5));
+        let c = e
+            .run_one(IoOp::Write {
+                lba: Lba(0),
+                buf: IoBuf::Owned(fill(5, 0, 300)),
+            })
+            .unwrap();
+        assert_eq!(c.result, Ok(()));
+        let c = e
+            .run_one(IoOp::Discard {
+                lba: Lba(10),
+                nblocks: 280,
+            })
+            .unwrap();
+        assert_eq!(c.result, Ok(()));
+        let c = e
+            .run_one(IoOp::Read {
+                lba: Lba(0),
+                buf: IoBuf::Owned(AlignedBuf::zeroed(300)),
+            })
+            .unwrap();
+        let b = c.buf.unwrap();
+        let want = fill(5, 0, 300);
+        assert!(b[..10 * 4096] == want[..10 * 4096]);
+        assert!(b[10 * 4096..290 * 4096].iter().all(|&x| x == 0));
+        assert!(b[290 * 4096..] == want[290 * 4096..]);
+    }
+
     /// The tools' blocking client: writes, reads, zeroes, trims and flushes.
     #[test]
     fn blocking_client_round_trips() {

@@ -203,14 +203,20 @@ impl NbdConnection {
     /// Connects to `uri` and negotiates its export. Refuses a read-only export and one
     /// whose size is not whole blocks, naming it.
     pub fn connect(uri: &NbdUri) -> Result<NbdConnection, NbdError> {
+        NbdConnection::connect_within(uri, CONNECT_TIMEOUT)
+    }
+
+    /// [`NbdConnection::connect`], with `timeout` for the connection and each read or
+    /// write of the handshake.
+    pub fn connect_within(uri: &NbdUri, timeout: Duration) -> Result<NbdConnection, NbdError> {
         let mut stream =
-            Stream::connect(&uri.address, CONNECT_TIMEOUT).map_err(|source| NbdError::Connect {
+            Stream::connect(&uri.address, timeout).map_err(|source| NbdError::Connect {
                 target: uri.to_string(),
                 source,
             })?;
         // A server that accepts and then says nothing must not hang the caller.
         stream
-            .set_timeouts(Some(CONNECT_TIMEOUT))
+            .set_timeouts(Some(timeout))
             .map_err(|e| NbdError::io("setting socket timeouts", e))?;
         let info = proto::handshake(&mut stream, &uri.export)?;
         stream

@@ -18,6 +18,9 @@ pub enum Export {
     KitFile { image: PathBuf },
     /// `nbdkit`'s memory plugin, of this many bytes.
     KitMemory { size: u64 },
+    /// `nbdkit` with these arguments after the listening options (filters, a plugin and
+    /// its arguments).
+    Kit(Vec<String>),
 }
 
 /// Where it listens.
@@ -235,6 +238,11 @@ fn command(export: &Export, uri: &NbdUri) -> Vec<String> {
             c.extend(["nbdkit", "--foreground", "--exit-with-parent"].map(String::from));
             listen(&mut c, "--unix", "-i", "-p");
             c.extend(["memory".to_string(), size.to_string()]);
+        }
+        Export::Kit(args) => {
+            c.extend(["nbdkit", "--foreground", "--exit-with-parent"].map(String::from));
+            listen(&mut c, "--unix", "-i", "-p");
+            c.extend(args.iter().cloned());
         }
     }
     c
