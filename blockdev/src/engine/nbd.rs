@@ -41,6 +41,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How long one reconnection attempt may take: the serve loop waits for it, so it is
 /// short (a server that accepts and then says nothing costs this much per attempt).
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection on which a request waits this long for its reply (or a request this long
+/// to be written) is taken for lost: a server that hangs is treated like one that went
+/// away.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Past the bound, how soon a new request tries the connection again.
 const FAILING_RETRY: Duration = Duration::from_millis(100);
 /// Largest zeroing request: far below the protocol's u32 length.
@@ -75,6 +79,8 @@ struct Part {
     data: Option<Arc<Vec<u8>>>,
     /// Where a read's data goes in its request's buffer.
     buf_offset: usize,
+    /// When it was sent on the current connection.
+    sent_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -96,6 +102,7 @@ pub struct NbdEngine {
     target: NbdTarget,
     capacity: usize,
     reconnect_bound: Duration,
+    reply_timeout: Duration,
     /// The current connection; `None` while it is being replaced.
     stream: Option<Stream>,
     reader: Option<Reader>,
@@ -134,6 +141,7 @@ impl NbdEngine {
         reconnect_bound: Duration,
     ) -> io::Result<NbdEngine> {
         let (events_tx, events_rx) = channel();
+        conn.stream.set_timeouts(Some(REPLY_TIMEOUT))?;
         // Cookies start from the pid: a stray reply left on an inherited connection by an
         // earlier process is far more likely to be refused as unknown than matched.
         let first_cookie = (u64::from(std::process::id()) << 32) | 1;
@@ -141,6 +149,7 @@ impl NbdEngine {
             target: conn.target,
             capacity: depth.max(1) as usize,
             reconnect_bound,
+            reply_timeout: REPLY_TIMEOUT,
             stream: Some(conn.stream),
             reader: None,
             generation: 0,
@@ -162,6 +171,16 @@ impl NbdEngine {
             failing: false,
             zeros: Arc::new(Vec::new()),
         })
+    }
+
+    /// Changes how long a reply may take before the connection is taken for lost
+    /// (default [`REPLY_TIMEOUT`]).
+    pub fn with_reply_timeout(mut self, t: Duration) -> io::Result<NbdEngine> {
+        if let Some(s) = &self.stream {
+            s.set_timeouts(Some(t))?;
+        }
+        self.reply_timeout = t;
+        Ok(self)
     }
 
     pub fn target(&self) -> &NbdTarget {
@@ -295,6 +314,7 @@ impl NbdEngine {
                     len,
                     data: data.or_else(|| write_data.clone()),
                     buf_offset,
+                    sent_at: None,
                 },
             );
             self.unsent.push_back(cookie);
@@ -354,6 +374,9 @@ impl NbdEngine {
             match sent {
                 Ok(()) => {
                     self.unsent.pop_front();
+                    if let Some(p) = self.parts.get_mut(&cookie) {
+                        p.sent_at = Some(Instant::now());
+                    }
                 }
                 Err(e) => {
                     self.lose_connection(&format!("sending a request: {e}"));
@@ -410,6 +433,9 @@ impl NbdEngine {
         self.stop_reading();
         self.generation += 1;
         lock(&self.expected).clear();
+        for p in self.parts.values_mut() {
+            p.sent_at = None;
+        }
         self.unsent = self.parts.keys().copied().collect();
         if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
@@ -433,6 +459,9 @@ impl NbdEngine {
                     down_since.elapsed().as_millis(),
                     self.unsent.len()
                 );
+                if let Err(e) = conn.stream.set_timeouts(Some(self.reply_timeout)) {
+                    eprintln!("blockdev: setting NBD socket timeouts: {e}");
+                }
                 self.stream = Some(conn.stream);
                 self.down_since = None;
                 self.failing = false;
@@ -500,6 +529,15 @@ impl NbdEngine {
                     self.lose_connection(&why)
                 }
                 _ => {}
+            }
+        }
+        if self.stream.is_some() {
+            let oldest = self.parts.values().filter_map(|p| p.sent_at).min();
+            if oldest.is_some_and(|t| t.elapsed() >= self.reply_timeout) {
+                self.lose_connection(&format!(
+                    "no reply for {} ms",
+                    self.reply_timeout.as_millis()
+                ));
             }
         }
         out.append(&mut self.done);

@@ -662,6 +662,32 @@ mod nbd {
         }
     }
 
+    /// A server that keeps the connection but never answers: after the reply timeout the
+    /// connection is taken for lost, and past the bound the request fails with EIO.
+    #[test]
+    fn a_hung_server_gives_eio() {
+        let uri = scripted(|_| std::thread::sleep(Duration::from_secs(5)));
+        let conn = NbdConnection::connect(&uri).unwrap();
+        let e = crate::engine::NbdEngine::new(conn, 4, Duration::from_millis(300))
+            .unwrap()
+            .with_reply_timeout(Duration::from_millis(300))
+            .unwrap();
+        let mut e = Engine::Nbd(e);
+        let start = std::time::Instant::now();
+        let c = e
+            .run_one(IoOp::Read {
+                lba: Lba(0),
+                buf: IoBuf::Owned(AlignedBuf::zeroed(1)),
+            })
+            .unwrap();
+        assert_eq!(c.result, Err(Errno(libc::EIO)));
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
     /// The server restarts while requests wait: they are sent again on a new connection
     /// and complete; the data written before and during the restart is there.
     #[test]
