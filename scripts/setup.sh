@@ -6,8 +6,10 @@ set -euo pipefail
 need_apt=()
 # xfsprogs (xfs_io), acl (setfacl, getfacl), attr (setfattr, getfattr) and python3: the
 # permission tests, which compare Molt with kernel ext4 on a loop device; rsync: the copy
-# tests (cp -a, rsync -aX onto Molt).
-for pkg in fio fuse2fs e2fsprogs libacl1-dev pkg-config xfsprogs acl attr python3 rsync; do
+# tests (cp -a, rsync -aX onto Molt); qemu-utils (qemu-nbd, qemu-img) and nbdkit: the NBD
+# servers the NBD tests put in front of their images.
+for pkg in fio fuse2fs e2fsprogs libacl1-dev pkg-config xfsprogs acl attr python3 rsync \
+    qemu-utils nbdkit; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

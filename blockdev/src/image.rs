@@ -1,4 +1,5 @@
-//! The backing image: a regular file or a block device.
+//! The backing image: a regular file, a block device, or an NBD export (named by an NBD
+//! URI, see [`crate::nbd::uri`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -6,6 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use crate::nbd::{NbdConnection, NbdError, NbdTarget, NbdUri};
 use crate::BLOCK_SIZE;
 use molt_sys as sys;
 
@@ -21,12 +23,64 @@ pub(crate) enum DiscardMode {
 /// An open image with its geometry.
 #[derive(Debug)]
 pub struct Image {
+    /// The file or device; for an NBD export, the connected socket (in the transmission
+    /// phase), which is what a driver process is handed.
     file: File,
     num_blocks: u64,
     discard: DiscardMode,
+    nbd: Option<NbdTarget>,
 }
 
 impl Image {
+    /// Opens `name`: an NBD URI is connected and negotiated, anything else is a path
+    /// ([`Image::open`]).
+    pub fn open_named(name: &Path) -> io::Result<Image> {
+        match name.to_str().filter(|s| NbdUri::is_nbd(s)) {
+            Some(s) => Image::connect_nbd(&NbdUri::parse(s).map_err(NbdError::from)?),
+            None => Image::open(name),
+        }
+    }
+
+    /// Connects to an NBD export.
+    pub fn connect_nbd(uri: &NbdUri) -> io::Result<Image> {
+        let conn = NbdConnection::connect(uri)?;
+        let target = conn.target.clone();
+        Ok(Image {
+            file: File::from(conn.into_fd()),
+            num_blocks: target.num_blocks(),
+            discard: DiscardMode::WriteZeros,
+            nbd: Some(target),
+        })
+    }
+
+    /// For an NBD image, a new connection to the same export (the old one is closed
+    /// first: a server may allow one client at a time). Refuses an export that shrank.
+    /// A file image is returned as it is.
+    pub fn reconnect(self) -> io::Result<Image> {
+        let Some(target) = self.nbd.clone() else {
+            return Ok(self);
+        };
+        drop(self);
+        let new = Image::connect_nbd(&target.uri)?;
+        if new.num_blocks < target.num_blocks() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the export shrank from {} to {} blocks",
+                    target.uri,
+                    target.num_blocks(),
+                    new.num_blocks
+                ),
+            ));
+        }
+        Ok(new)
+    }
+
+    /// The NBD export this image is, if it is one.
+    pub fn nbd(&self) -> Option<&NbdTarget> {
+        self.nbd.as_ref()
+    }
+
     /// Opens `path` read-write, with `O_DIRECT` when the filesystem supports it.
     pub fn open(path: &Path) -> io::Result<Image> {
         let direct = OpenOptions::new()
@@ -85,6 +139,7 @@ impl Image {
             file,
             num_blocks: bytes / BLOCK_SIZE as u64,
             discard,
+            nbd: None,
         })
     }
 

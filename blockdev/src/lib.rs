@@ -25,6 +25,7 @@ pub mod engine;
 mod error;
 pub mod handover;
 pub mod image;
+pub mod nbd;
 pub mod persist;
 #[allow(unsafe_code)]
 pub mod ring;

@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use blockdev::engine::{Engine, EngineKind};
 use blockdev::handover::driver::{adopt_controlled, serve_controlled, DriverExit};
 use blockdev::image::Image;
+use blockdev::nbd::{ExportInfo, NbdConnection, NbdTarget, NbdUri};
 use blockdev::persist::{StateVersion, StopReason, COMPONENT_VERSION};
 use blockdev::ring::{ProtocolVersion, RingRegion, StatusTable};
 use blockdev::server::{Server, ServerConfig};
@@ -70,6 +71,17 @@ enum Cmd {
         /// work taken, take the ring over at once instead (crash recovery).
         #[arg(long, requires = "ctl_fd")]
         adopt: bool,
+        /// The image fd is a connection to this NBD export, past its handshake (what
+        /// `--nbd-size` and `--nbd-flags` say it negotiated): serve it with the NBD
+        /// engine, reconnecting to this URI when the connection is lost.
+        #[arg(long, requires_all = ["nbd_size", "nbd_flags"])]
+        nbd: Option<String>,
+        /// Export size in bytes, from the handshake.
+        #[arg(long, requires = "nbd")]
+        nbd_size: Option<u64>,
+        /// Transmission flags, from the handshake.
+        #[arg(long, requires = "nbd")]
+        nbd_flags: Option<u16>,
     },
 }
 
@@ -80,6 +92,17 @@ fn adopt(fd: i32, what: &str) -> Result<OwnedFd> {
     }
     // Each number is adopted once: `main` checks that the arguments are distinct.
     molt_sys::adopt_inherited_fd(fd).map_err(|e| anyhow!("{what}: fd {fd} is not open ({e})"))
+}
+
+/// How long the NBD engine waits for a lost connection: `MOLT_NBD_RECONNECT_MS`, else
+/// the engine's default.
+fn reconnect_bound() -> Result<Duration> {
+    match std::env::var("MOLT_NBD_RECONNECT_MS") {
+        Ok(v) => Ok(Duration::from_millis(v.parse().map_err(|_| {
+            anyhow!("MOLT_NBD_RECONNECT_MS={v:?} is not a number of milliseconds")
+        })?)),
+        Err(_) => Ok(blockdev::engine::DEFAULT_RECONNECT_BOUND),
+    }
 }
 
 fn main() -> Result<()> {
@@ -104,6 +127,9 @@ fn main() -> Result<()> {
         client_pid,
         ctl_fd,
         adopt: adopting,
+        nbd,
+        nbd_size,
+        nbd_flags,
     }) = cli.cmd
     else {
         bail!("nothing to do: use `blockdev serve …` or `blockdev component-info`");
@@ -118,11 +144,25 @@ fn main() -> Result<()> {
         .map(|fd| adopt(fd, "control socket").map(UnixStream::from))
         .transpose()?;
     let ring = RingRegion::open(adopt(ring_fd, "ring")?).context("opening the ring")?;
-    let image = Image::from_fd(adopt(image_fd, "image")?).context("opening the image")?;
+    let image_fd = adopt(image_fd, "image")?;
     let sq = adopt(sq_eventfd, "submission eventfd")?;
     let cq = adopt(cq_eventfd, "completion eventfd")?;
-    let engine =
-        Engine::new(engine, image, ring.geometry().queue_depth).context("building the engine")?;
+    let depth = ring.geometry().queue_depth;
+    let engine = match (nbd, nbd_size, nbd_flags) {
+        (Some(uri), Some(size), Some(flags)) => {
+            let uri = NbdUri::parse(&uri)?;
+            let target = NbdTarget {
+                uri,
+                info: ExportInfo { size, flags },
+            };
+            let conn = NbdConnection::from_fd(image_fd, target);
+            Engine::nbd(conn, depth, reconnect_bound()?).context("building the NBD engine")?
+        }
+        _ => {
+            let image = Image::from_fd(image_fd).context("opening the image")?;
+            Engine::new(engine, image, depth).context("building the engine")?
+        }
+    };
     let config = ServerConfig {
         spin: Duration::from_micros(spin_us),
         client_pid,

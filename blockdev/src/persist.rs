@@ -280,6 +280,7 @@ fn engine_code(e: EngineKind) -> u32 {
     match e {
         EngineKind::Uring => 1,
         EngineKind::Sync => 2,
+        EngineKind::Nbd => 3,
     }
 }
 
@@ -287,6 +288,7 @@ fn engine_of(code: u32) -> Option<EngineKind> {
     match code {
         1 => Some(EngineKind::Uring),
         2 => Some(EngineKind::Sync),
+        3 => Some(EngineKind::Nbd),
         _ => None,
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::client::{Client, ClientConfig};
 use crate::engine::EngineKind;
 use crate::image::Image;
+use crate::nbd::NbdTarget;
 use crate::ring::{RingError, RingGeometry, RingRegion};
 use crate::BlockError;
 use molt_sys as sys;
@@ -53,6 +54,9 @@ pub struct DriverConfig {
     /// Make the driver stop cleanly when this process exits.
     pub exit_with_client: bool,
     pub client: ClientConfig,
+    /// The image is this NBD export, and the image fd a connection to it: the driver
+    /// serves it with the NBD engine (`--nbd …`), whatever `engine` says.
+    pub nbd: Option<NbdTarget>,
 }
 
 impl Default for DriverConfig {
@@ -64,6 +68,7 @@ impl Default for DriverConfig {
             driver_spin: Duration::from_micros(50),
             exit_with_client: true,
             client: ClientConfig::default(),
+            nbd: None,
         }
     }
 }
@@ -170,6 +175,9 @@ fn build_command(
     if let Some(pid) = client_pid {
         cmd.args(["--client-pid", &pid.to_string()]);
     }
+    if let Some(t) = &config.nbd {
+        cmd.args(t.driver_args());
+    }
     if let Some((ctl, mode)) = ctl {
         pass.push((ctl, CTL_FD));
         cmd.args(["--ctl-fd", &CTL_FD.to_string()]);
@@ -181,9 +189,13 @@ fn build_command(
     Ok((cmd, sources))
 }
 
-/// Opens `image` (with `O_DIRECT` when possible), spawns a driver for it and connects.
-pub fn spawn_driver(image: &Path, config: DriverConfig) -> Result<(Client, Child), BlockError> {
-    let image = Image::open(image)?;
+/// Opens `image` (with `O_DIRECT` when possible; an NBD URI is connected), spawns a
+/// driver for it and connects.
+pub fn spawn_driver(image: &Path, mut config: DriverConfig) -> Result<(Client, Child), BlockError> {
+    let image = Image::open_named(image)?;
+    if let Some(t) = image.nbd() {
+        config.nbd = Some(t.clone());
+    }
     spawn_driver_with_fds(image.file().as_fd(), config)
 }
 

@@ -130,6 +130,9 @@ pub fn mkfs_image(
     force: bool,
     version: FormatVersion,
 ) -> Result<MkfsOutcome, CliError> {
+    if fsd_server::host::is_nbd_name(path) {
+        return mkfs_nbd(path, size, force, version);
+    }
     let name = path.display().to_string();
     let io_err = |source| CliError::Io {
         path: name.clone(),
@@ -222,6 +225,44 @@ fn format(
     Ok(MkfsOutcome { superblock, bytes })
 }
 
+/// `fsd mkfs nbd://…`: the export keeps its own size, which `size` must match if given.
+/// The root directory belongs to whoever runs mkfs.
+fn mkfs_nbd(
+    path: &Path,
+    size: Option<u64>,
+    force: bool,
+    version: FormatVersion,
+) -> Result<MkfsOutcome, CliError> {
+    let name = path.display().to_string();
+    let io_err = |source| CliError::Io {
+        path: name.clone(),
+        source,
+    };
+    let uri = blockdev::nbd::NbdUri::parse(&name)
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
+    let store = fsd_server::host::NbdStore::connect(&uri).map_err(io_err)?;
+    let bytes = store.size();
+    if let Some(asked) = size.filter(|&s| s != bytes) {
+        return Err(CliError::DeviceSizeMismatch {
+            path: name,
+            device: bytes,
+            asked,
+        });
+    }
+    Geometry::for_version(bytes / BLOCK_SIZE as u64, version)
+        .map_err(|e| CliError::Mkfs(MkfsError::Size(e)))?;
+    // Who runs mkfs, as /proc reports it (the process's own directory is its owner's).
+    let me = std::fs::metadata("/proc/self").map_err(io_err)?;
+    let opts = MkfsOptions {
+        force,
+        uid: me.uid(),
+        gid: me.gid(),
+        version,
+    };
+    let superblock = mkfs::mkfs(&store, &name, &opts)?;
+    Ok(MkfsOutcome { superblock, bytes })
+}
+
 /// What `fsd convert` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConvertOutcome {
@@ -258,18 +299,13 @@ pub fn convert_image(
         path: name.clone(),
         why,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io_err)?;
-    // Held until this function returns: the lock lives as long as a descriptor does.
-    let lock = file.try_clone().map_err(io_err)?;
-    if !fsd_server::host::try_lock_exclusive(&lock).map_err(io_err)? {
+    // Held until this function returns: the lock lives as long as a descriptor does. An
+    // NBD export has no lock here: its server decides who may connect.
+    let (store, lock) = open_locked(path).map_err(io_err)?;
+    if lock.as_ref().is_some_and(Option::is_none) {
         return Err(CliError::InUse(name));
     }
-    let store = FileStore::new(file).map_err(io_err)?;
-    let fs = Fs::mount(Arc::new(store)).map_err(fs_err)?;
+    let fs = Fs::mount(store).map_err(fs_err)?;
     let from = fs.format_version();
     // Why the image is not converted, if it is not; it is unmounted cleanly then.
     let refusal = match fs.conversion_target() {
@@ -318,15 +354,30 @@ pub fn convert_image(
     })
 }
 
-/// `fsd fsck IMAGE [--repair]`: opens the image (writable only to repair) and checks it.
-/// A mount holds a lock on its image until its stack has made the image clean and
-/// exited, which finishes just after a plain `umount` returns: fsck waits for that
-/// (up to [`UNMOUNT_WAIT`]), then checks. A repair holds the lock while it runs, so no
-/// mount starts meanwhile.
+/// Opens an image read-write for conversion with the lock `fsd mount` takes: `None` for
+/// an NBD export (no lock), `Some(None)` when a mount holds the lock, else the lock.
+#[allow(clippy::type_complexity)]
+fn open_locked(path: &Path) -> io::Result<(Arc<dyn store::BlockStore>, Option<Option<File>>)> {
+    if fsd_server::host::is_nbd_name(path) {
+        return Ok((fsd_server::host::open_store(path, true)?.into(), None));
+    }
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let lock = file.try_clone()?;
+    if !fsd_server::host::try_lock_exclusive(&lock)? {
+        return Ok((Arc::new(FileStore::new(file)?), Some(None)));
+    }
+    Ok((Arc::new(FileStore::new(file)?), Some(Some(lock))))
+}
+
+/// `fsd fsck IMAGE [--repair]`: opens the image (writable only to repair; an NBD URI is
+/// connected) and checks it. A mount holds a lock on its image file until its stack has
+/// made the image clean and exited, which finishes just after a plain `umount` returns:
+/// fsck waits for that (up to [`UNMOUNT_WAIT`]), then checks. A repair holds the lock
+/// while it runs, so no mount starts meanwhile. An NBD export has no lock.
 pub fn fsck_image(path: &Path, repair: bool) -> Result<FsckReport, fsck::FsckError> {
     let _lock = wait_for_unmount(path);
-    let store = FileStore::open(path, repair)?;
-    fsck::check(&store, &FsckOptions { repair })
+    let store = fsd_server::host::open_store(path, repair)?;
+    fsck::check(&*store, &FsckOptions { repair })
 }
 
 /// How long fsck waits for a mount of the image to finish.

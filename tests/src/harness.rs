@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use blockdev::nbd::server::{Export, Listen, NbdServer};
+
 /// A built workspace binary (`fsd`, `blockdev`, `molt-stress`, `updater`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -103,15 +105,120 @@ impl Drop for TempDir {
 }
 
 /// A fresh image of `size` (e.g. "256M") in its own temp directory, with a mountpoint.
+/// With `MOLT_TEST_IMAGE=nbd` (or made by [`TestImage::over_nbd`]) the image file is
+/// served by an NBD server of its own, and the image is mounted and checked by its NBD URI.
 pub struct TestImage {
+    /// The NBD server in front of the image, if any; first, so that it is killed before
+    /// the directory is removed.
+    pub nbd: Option<Box<NbdServer>>,
     pub dir: TempDir,
+    /// The image file (behind the NBD server, if there is one).
     pub image: PathBuf,
     pub mnt: PathBuf,
+}
+
+/// How the suite serves each test's image: `MOLT_TEST_IMAGE` (`file`, the default, or
+/// `nbd`: through qemu-nbd on a private unix socket), so that one suite runs over both.
+pub fn image_backing() -> String {
+    std::env::var("MOLT_TEST_IMAGE").unwrap_or_else(|_| "file".into())
+}
+
+/// The servers and transports [`TestImage::over_nbd`] can put in front of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdBacking {
+    /// qemu-nbd over a raw file.
+    QemuRaw(Listen),
+    /// qemu-nbd over a qcow2 image.
+    QemuQcow2(Listen),
+    /// nbdkit's file plugin.
+    KitFile(Listen),
+}
+
+/// Bytes in a size like `64M` or `1G` (binary multiples).
+fn size_bytes(size: &str) -> u64 {
+    let (num, mult) = match size.as_bytes().last() {
+        Some(b'K') => (&size[..size.len() - 1], 1u64 << 10),
+        Some(b'M') => (&size[..size.len() - 1], 1 << 20),
+        Some(b'G') => (&size[..size.len() - 1], 1 << 30),
+        _ => (size, 1),
+    };
+    num.parse::<u64>()
+        .unwrap_or_else(|_| panic!("size {size:?}"))
+        * mult
 }
 
 impl TestImage {
     pub fn new(tag: &str, size: &str) -> TestImage {
         TestImage::with_mkfs_args(tag, size, &[])
+    }
+
+    /// An image file of `size` behind an NBD server of its own, made by `fsd mkfs` over
+    /// the export's URI (which takes the export's size: no `--size`).
+    pub fn over_nbd(tag: &str, size: &str, backing: NbdBacking, extra: &[&str]) -> TestImage {
+        let dir = TempDir::new(tag);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mountpoint");
+        let bytes = size_bytes(size);
+        let (image, export, listen) = match backing {
+            NbdBacking::QemuQcow2(listen) => {
+                let image = dir.path().join("molt.qcow2");
+                let out = run(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2"])
+                        .arg(&image)
+                        .arg(bytes.to_string()),
+                    Duration::from_secs(30),
+                );
+                assert!(out.status.success(), "qemu-img create: {out:?}");
+                let export = Export::Qemu {
+                    image: image.clone(),
+                    format: "qcow2".into(),
+                };
+                (image, export, listen)
+            }
+            NbdBacking::QemuRaw(listen) | NbdBacking::KitFile(listen) => {
+                let image = dir.path().join("molt.img");
+                std::fs::File::create(&image)
+                    .and_then(|f| f.set_len(bytes))
+                    .expect("image file");
+                let export = if matches!(backing, NbdBacking::KitFile(_)) {
+                    Export::KitFile {
+                        image: image.clone(),
+                    }
+                } else {
+                    Export::Qemu {
+                        image: image.clone(),
+                        format: "raw".into(),
+                    }
+                };
+                (image, export, listen)
+            }
+        };
+        let server = NbdServer::start(export, listen).expect("starting the NBD server");
+        let uri = server.uri().to_string();
+        let mut args = vec!["mkfs", uri.as_str()];
+        args.extend_from_slice(extra);
+        let out = fsd(&args);
+        assert!(
+            out.status.success(),
+            "mkfs over NBD failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestImage {
+            nbd: Some(Box::new(server)),
+            dir,
+            image,
+            mnt,
+        }
+    }
+
+    /// What the image is called for `fsd mount` and `fsd fsck`: its NBD URI when it is
+    /// served, else its path.
+    pub fn name(&self) -> PathBuf {
+        match &self.nbd {
+            Some(s) => PathBuf::from(s.uri().to_string()),
+            None => self.image.clone(),
+        }
     }
 
     /// An image made with extra `fsd mkfs` arguments (e.g. `--format-version 1`).
@@ -128,16 +235,28 @@ impl TestImage {
             "mkfs failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        TestImage { dir, image, mnt }
+        let nbd = (image_backing() == "nbd").then(|| {
+            let export = Export::Qemu {
+                image: image.clone(),
+                format: "raw".into(),
+            };
+            Box::new(NbdServer::start(export, Listen::Unix).expect("starting qemu-nbd"))
+        });
+        TestImage {
+            nbd,
+            dir,
+            image,
+            mnt,
+        }
     }
 
     /// Mounts the image; the guard unmounts it.
     pub fn mount(&self) -> Mount {
-        Mount::new(&self.image, &self.mnt)
+        Mount::new(&self.name(), &self.mnt)
     }
 
     pub fn fsck(&self) -> Output {
-        fsd(&["fsck", self.image.to_str().expect("utf-8")])
+        fsd(&["fsck", self.name().to_str().expect("utf-8")])
     }
 
     /// Asserts the image checks clean.
@@ -528,7 +647,7 @@ impl TestImage {
     /// environment (e.g. `MOLT_BLOCKDEV_BIN` naming another driver build); the guard
     /// unmounts it.
     pub fn mount_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Mount {
-        Mount::new_with(&self.image, &self.mnt, args, env)
+        Mount::new_with(&self.name(), &self.mnt, args, env)
     }
 }
 

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use blockdev::buffer::AlignedBuf;
 use blockdev::engine::{Engine, EngineKind, IoBuf, IoOp, IoRequest};
 use blockdev::image::Image;
+use blockdev::nbd::{NbdConnection, NbdUri};
 use blockdev::ring::RingGeometry;
 use blockdev::{spawn_driver, DriverConfig, Lba, BLOCK_SIZE};
 use clap::Parser;
@@ -50,6 +51,11 @@ struct Args {
     /// Driver engine for the ring path.
     #[arg(long, default_value = "uring")]
     engine: EngineKind,
+    /// Measure an NBD export instead (it should serve `--image`, which is prepared
+    /// first): the ring path's driver and the in-process engine use the NBD engine, the
+    /// fio column fio's own nbd engine. The server must take three clients at once.
+    #[arg(long)]
+    nbd: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -220,23 +226,23 @@ fn engine_run(engine: &mut Engine, t: &Test, runtime: Duration, seed: u64) -> Re
     Ok(ops as f64 / start.elapsed().as_secs_f64())
 }
 
-fn fio_run(path: &Path, t: &Test, runtime: u64) -> Result<f64> {
+fn fio_run(path: &Path, nbd: Option<&str>, t: &Test, runtime: u64) -> Result<f64> {
     let rw = match t.kind {
         Kind::RandRead => "randread",
         Kind::RandWrite => "randwrite",
         Kind::SeqRead => "read",
         Kind::SeqWrite => "write",
     };
-    let out = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--time_based",
-            "--norandommap",
-        ])
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=bench", "--time_based", "--norandommap"]);
+    match nbd {
+        Some(uri) => cmd.args(["--ioengine=nbd", &format!("--uri={uri}")]),
+        None => cmd
+            .args(["--ioengine=io_uring", "--direct=1"])
+            .arg(format!("--filename={}", path.display())),
+    };
+    let out = cmd
         .args(["--randrepeat=0", "--output-format=json", "--numjobs=1"])
-        .arg(format!("--filename={}", path.display()))
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", t.blocks * BLOCK_SIZE))
         .arg(format!("--iodepth={}", t.qd))
@@ -314,8 +320,9 @@ fn main() -> Result<()> {
             queue_depth: 32,
             slot_size: 1 << 20,
         };
+        let target = a.nbd.as_ref().map_or(a.image.clone(), PathBuf::from);
         let (client, mut child) = spawn_driver(
-            &a.image,
+            &target,
             DriverConfig {
                 engine: a.engine,
                 geometry,
@@ -327,7 +334,13 @@ fn main() -> Result<()> {
                 ..DriverConfig::default()
             },
         )?;
-        let mut engine = Engine::new(EngineKind::Uring, Image::open(&a.image)?, 32)?;
+        let mut engine = match &a.nbd {
+            Some(uri) => {
+                let conn = NbdConnection::connect(&NbdUri::parse(uri)?)?;
+                Engine::nbd(conn, 32, blockdev::engine::DEFAULT_RECONNECT_BOUND)?
+            }
+            None => Engine::new(EngineKind::Uring, Image::open(&a.image)?, 32)?,
+        };
         for (i, t) in tests.iter().enumerate() {
             let seed = 0x1234_5678 + (rep * 100 + i) as u64;
             let r = ring_run(&client, t, runtime, seed)?;
@@ -335,7 +348,7 @@ fn main() -> Result<()> {
             let f = if a.no_fio {
                 f64::NAN
             } else {
-                fio_run(&a.image, t, a.runtime)?
+                fio_run(&a.image, a.nbd.as_deref(), t, a.runtime)?
             };
             eprintln!(
                 "rep {rep} {:<26} ring {r:>9.0}  engine {e:>9.0}  fio {f:>9.0} ops/s",
@@ -351,7 +364,12 @@ fn main() -> Result<()> {
         child.kill()?;
         child.wait()?;
     }
-    println!("| test | ring + driver process | in-process io_uring | fio io_uring | ring / fio |");
+    let (engine_col, fio_col) = if a.nbd.is_some() {
+        ("in-process NBD engine", "fio nbd")
+    } else {
+        ("in-process io_uring", "fio io_uring")
+    };
+    println!("| test | ring + driver process | {engine_col} | {fio_col} | ring / fio |");
     println!("|---|---:|---:|---:|---:|");
     for (i, t) in tests.iter().enumerate() {
         let [r, e, f] = [0, 1, 2].map(|p| median(&mut results[i][p]));

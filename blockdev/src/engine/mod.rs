@@ -12,6 +12,7 @@
 
 mod fault;
 mod file_ring;
+mod nbd;
 mod sync;
 mod uring;
 
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 pub use fault::{FaultPlan, FaultyEngine};
 pub use file_ring::{FileCompletion, FileOp, FileRing};
+pub use nbd::{NbdEngine, DEFAULT_RECONNECT_BOUND};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
@@ -146,6 +148,8 @@ fn validate(op: &IoOp, num_blocks: u64, fixed: &[(usize, usize)]) -> Result<(), 
 pub enum EngineKind {
     Uring,
     Sync,
+    /// An NBD export ([`NbdEngine`]); built with [`Engine::nbd`], not from an [`Image`].
+    Nbd,
 }
 
 impl std::str::FromStr for EngineKind {
@@ -154,7 +158,10 @@ impl std::str::FromStr for EngineKind {
         match s {
             "uring" => Ok(EngineKind::Uring),
             "sync" => Ok(EngineKind::Sync),
-            other => Err(format!("unknown engine {other:?} (expected uring or sync)")),
+            "nbd" => Ok(EngineKind::Nbd),
+            other => Err(format!(
+                "unknown engine {other:?} (expected uring, sync or nbd)"
+            )),
         }
     }
 }
@@ -164,6 +171,7 @@ impl EngineKind {
         match self {
             EngineKind::Uring => "uring",
             EngineKind::Sync => "sync",
+            EngineKind::Nbd => "nbd",
         }
     }
 }
@@ -183,6 +191,7 @@ pub struct WaitOutcome {
 pub enum Engine {
     Uring(UringEngine),
     Sync(SyncEngine),
+    Nbd(NbdEngine),
     Faulty(Box<FaultyEngine>),
 }
 
@@ -192,13 +201,30 @@ impl Engine {
         Ok(match kind {
             EngineKind::Uring => Engine::Uring(UringEngine::new(image, depth)?),
             EngineKind::Sync => Engine::Sync(SyncEngine::new(image, depth)),
+            EngineKind::Nbd => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the nbd engine serves an NBD export, not an image file",
+                ))
+            }
         })
+    }
+
+    /// Builds an NBD engine over `conn` that can keep `depth` requests in flight and
+    /// waits up to `reconnect_bound` for a lost connection to come back.
+    pub fn nbd(
+        conn: crate::nbd::NbdConnection,
+        depth: u32,
+        reconnect_bound: Duration,
+    ) -> io::Result<Engine> {
+        Ok(Engine::Nbd(NbdEngine::new(conn, depth, reconnect_bound)?))
     }
 
     pub fn kind(&self) -> EngineKind {
         match self {
             Engine::Uring(_) => EngineKind::Uring,
             Engine::Sync(_) => EngineKind::Sync,
+            Engine::Nbd(_) => EngineKind::Nbd,
             Engine::Faulty(f) => f.inner().kind(),
         }
     }
@@ -207,6 +233,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.num_blocks(),
             Engine::Sync(e) => e.num_blocks(),
+            Engine::Nbd(e) => e.num_blocks(),
             Engine::Faulty(e) => e.inner().num_blocks(),
         }
     }
@@ -216,6 +243,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.capacity(),
             Engine::Sync(e) => e.capacity(),
+            Engine::Nbd(e) => e.capacity(),
             Engine::Faulty(e) => e.inner().capacity(),
         }
     }
@@ -225,6 +253,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.in_flight(),
             Engine::Sync(e) => e.in_flight(),
+            Engine::Nbd(e) => e.in_flight(),
             Engine::Faulty(e) => e.in_flight(),
         }
     }
@@ -234,6 +263,16 @@ impl Engine {
     /// The engine holds on to the ring's mapping from here until it is dropped, so the
     /// slots stay mapped for as long as it may read or write them.
     pub(crate) fn register_ring_slots(&mut self, ring: &RingRegion) -> io::Result<()> {
+        // The NBD engine copies through the ring's own functions: no raw regions.
+        match self {
+            Engine::Nbd(e) => return e.register_ring(ring),
+            Engine::Faulty(f) => {
+                if let Engine::Nbd(e) = f.inner_mut() {
+                    return e.register_ring(ring);
+                }
+            }
+            _ => {}
+        }
         let regions = ring.slot_regions();
         // SAFETY: every region is a data slot, inside `ring.mapping()`, which the engine
         // keeps from here until it is dropped; the mapping is readable and writable.
@@ -255,6 +294,7 @@ impl Engine {
                 e.register_buffers(regions, mapping);
                 Ok(())
             }
+            Engine::Nbd(_) => Ok(()),
             // SAFETY: the caller's contract is passed on unchanged.
             Engine::Faulty(e) => unsafe { e.inner_mut().register_buffers(regions, mapping) },
         }
@@ -265,6 +305,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.push(req),
             Engine::Sync(e) => e.push(req),
+            Engine::Nbd(e) => e.push(req),
             Engine::Faulty(e) => e.push(req),
         }
     }
@@ -274,6 +315,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.submit(),
             Engine::Sync(e) => e.submit(),
+            Engine::Nbd(e) => e.submit(),
             Engine::Faulty(e) => e.inner_mut().submit(),
         }
     }
@@ -283,6 +325,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.reap(out),
             Engine::Sync(e) => e.reap(out),
+            Engine::Nbd(e) => e.reap(out),
             Engine::Faulty(e) => e.reap(out),
         }
     }
@@ -297,16 +340,22 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.wait(doorbell, timeout),
             Engine::Sync(e) => e.wait(doorbell, timeout),
+            Engine::Nbd(e) => e.wait(doorbell, timeout),
             Engine::Faulty(e) => e.wait(doorbell, timeout),
         }
     }
 
     /// Stops watching the doorbell (cancels the armed poll, reaping its completion), so
-    /// that the engine holds no kernel request except data I/O.
+    /// that the engine holds no kernel request except data I/O. The NBD engine stops
+    /// reading its connection, so that a live-update successor can take it over.
     pub(crate) fn disarm_doorbell(&mut self) -> io::Result<()> {
         match self {
             Engine::Uring(e) => e.disarm_doorbell(),
             Engine::Sync(_) => Ok(()),
+            Engine::Nbd(e) => {
+                e.stop_reading();
+                Ok(())
+            }
             Engine::Faulty(e) => e.inner_mut().disarm_doorbell(),
         }
     }

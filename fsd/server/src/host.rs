@@ -106,3 +106,67 @@ fn block_error(e: blockdev::BlockError) -> io::Error {
     };
     io::Error::new(io::Error::from_raw_os_error(errno).kind(), e.to_string())
 }
+
+/// The filesystem core's block store over an NBD export, for tools (mkfs, fsck, convert,
+/// the supervisor's checks): one request at a time.
+pub struct NbdStore {
+    client: blockdev::nbd::NbdClient,
+}
+
+impl NbdStore {
+    pub fn connect(uri: &blockdev::nbd::NbdUri) -> io::Result<NbdStore> {
+        Ok(NbdStore {
+            client: blockdev::nbd::NbdClient::connect(uri)?,
+        })
+    }
+
+    /// Size of the export in bytes.
+    pub fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    fn offset(addr: u64) -> io::Result<u64> {
+        addr.checked_mul(formats::BLOCK_SIZE as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "block address overflows"))
+    }
+}
+
+impl BlockStore for NbdStore {
+    fn num_blocks(&self) -> u64 {
+        self.client.target().num_blocks()
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.client.read_at(NbdStore::offset(addr)?, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> io::Result<()> {
+        self.client.write_at(NbdStore::offset(addr)?, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.client.flush()
+    }
+    fn discard(&self, addr: u64, nblocks: u64) -> io::Result<()> {
+        let len = nblocks
+            .checked_mul(formats::BLOCK_SIZE as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?;
+        self.client.write_zeroes(NbdStore::offset(addr)?, len)
+    }
+}
+
+/// Whether an image name is an NBD URI rather than a path.
+pub fn is_nbd_name(name: &std::path::Path) -> bool {
+    name.to_str().is_some_and(blockdev::nbd::NbdUri::is_nbd)
+}
+
+/// Opens an image for a tool: an NBD URI is connected ([`NbdStore`]; an NBD export is
+/// always writable), a path is opened as a [`fsd_core::store::FileStore`], writable only
+/// if `writable`.
+pub fn open_store(name: &std::path::Path, writable: bool) -> io::Result<Box<dyn BlockStore>> {
+    match name.to_str().filter(|s| blockdev::nbd::NbdUri::is_nbd(s)) {
+        Some(s) => {
+            let uri = blockdev::nbd::NbdUri::parse(s)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            Ok(Box::new(NbdStore::connect(&uri)?))
+        }
+        None => Ok(Box::new(fsd_core::store::FileStore::open(name, writable)?)),
+    }
+}

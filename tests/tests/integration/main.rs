@@ -13,6 +13,7 @@ mod live;
 mod modules;
 mod mount;
 mod namespace;
+mod nbd;
 mod permissions;
 mod pjdfstest;
 mod posix;

@@ -299,6 +299,7 @@ pub fn start_driver(
     let config = DriverConfig {
         engine,
         binary: Some(binary.to_path_buf()),
+        nbd: image.nbd().cloned(),
         ..DriverConfig::default()
     };
     let (ctl, child_ctl) =

@@ -26,7 +26,7 @@ use crate::runtime;
 use crate::stack::{
     start_driver, start_server, start_server_on, ServerEnv, ServerStart, Stack, START_TIMEOUT,
 };
-use fsd_core::store::{BlockStore, FileStore};
+
 use fsd_server::serve;
 use molt_control::{Command as ControlCommand, Reply};
 
@@ -50,11 +50,12 @@ pub fn is_mountpoint(path: &Path) -> bool {
 
 /// Checks everything that can be checked before starting processes, with clear errors.
 pub(crate) fn precheck(opts: &MountOptions) -> Result<PathBuf, MountError> {
-    if !opts.image.exists() {
+    let nbd = fsd_server::host::is_nbd_name(&opts.image);
+    if !nbd && !opts.image.exists() {
         return Err(MountError::ImageNotFound(opts.image.clone()));
     }
-    let store =
-        FileStore::open(&opts.image, false).map_err(|e| MountError::Os("opening the image", e))?;
+    let store = fsd_server::host::open_store(&opts.image, false)
+        .map_err(|e| MountError::Os("opening the image", e))?;
     if store.num_blocks() == 0 {
         return Err(MountError::NotMolt(opts.image.clone()));
     }
@@ -264,14 +265,20 @@ fn with_resolved_transport(opts: &MountOptions) -> Result<MountOptions, MountErr
 fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     let mnt = precheck(opts)?;
     let opts = &with_resolved_transport(opts)?;
-    // A read-only mount's driver gets a read-only descriptor: no write reaches the image.
-    let image = if opts.flags.read_only {
+    // Read before the stack's own connection opens: an NBD server may take one client.
+    let format_version = format_version_of(&opts.image);
+    // A read-only mount's driver gets a read-only descriptor: no write reaches the image
+    // (an NBD export's connection is the server's to restrict).
+    let image = if opts.flags.read_only && !fsd_server::host::is_nbd_name(&opts.image) {
         Image::open_read_only(&opts.image)
     } else {
-        Image::open(&opts.image)
+        Image::open_named(&opts.image)
     }
     .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
-    lock_image(image.file().as_fd(), &opts.image)?;
+    // An NBD export's server decides who may connect; there is no file to lock.
+    if image.nbd().is_none() {
+        lock_image(image.file().as_fd(), &opts.image)?;
+    }
 
     let config = DriverConfig {
         engine: opts.engine,
@@ -333,7 +340,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         session,
         server,
         driver,
-        format_version: format_version_of(&opts.image),
+        format_version,
         history: Vec::new(),
         last_sequence: 0,
         recoveries: Vec::new(),
@@ -376,7 +383,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
 
 fn format_version_of(image: &Path) -> u32 {
     let mut b = vec![0u8; formats::BLOCK_SIZE];
-    FileStore::open(image, false)
+    fsd_server::host::open_store(image, false)
         .and_then(|s| s.read(0, &mut b))
         .ok()
         .and_then(|()| Superblock::decode(&b).ok())
@@ -533,6 +540,15 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             // it a device latency's grace so that no stale write lands after the
             // successor re-executes the request (blockdev/RING.md, driver crash recovery).
             std::thread::sleep(DRIVER_RESTART_GRACE);
+            // An NBD connection the dead driver used may hold half a request or unread
+            // replies: the successor gets a new one (it resends what the client had
+            // submitted, as for a file).
+            if s.image.nbd().is_some() {
+                let old = std::mem::replace(&mut s.image, placeholder_image()?);
+                s.image = old.reconnect().map_err(|e| {
+                    MountError::Failed(format!("reconnecting to the NBD export: {e}"))
+                })?;
+            }
             let binary = s.driver.binary.clone();
             let new = start_driver(
                 &s.ring,
@@ -592,6 +608,14 @@ fn settle_abandoned_ring(ring: &RingSetup, deadline: Instant) -> Result<(), Moun
 
 fn signal(child: &Child, sig: i32) -> io::Result<()> {
     molt_sys::kill(child.id() as i32, sig)
+}
+
+/// Something to hold in the stack's image field for the moment an NBD image is replaced
+/// by a new connection (a memfd: no file, no connection).
+fn placeholder_image() -> Result<Image, MountError> {
+    let f = molt_sys::memfd_create(c"molt-no-image", 0)
+        .map_err(|e| MountError::Os("creating a placeholder", e))?;
+    Image::from_fd(f.into()).map_err(|e| MountError::Os("creating a placeholder", e))
 }
 
 /// Takes an exclusive lock on the image so that two mounts never share it; waits a while
