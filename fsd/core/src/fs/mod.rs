@@ -58,18 +58,6 @@ const CHECKPOINT_INTERVAL_SECS: u64 = 5;
 pub struct Fs {
     inner: Mutex<Inner>,
     holds: LockHolds,
-    /// The inodes' data locks, by inode number modulo their count (see `lock_order`).
-    inode_data: Box<[std::sync::RwLock<()>]>,
-}
-
-/// Stripes of the inodes' data locks: writes to inodes on different stripes never wait
-/// for each other's device I/O.
-const INODE_DATA_STRIPES: usize = 64;
-
-fn inode_data_locks() -> Box<[std::sync::RwLock<()>]> {
-    (0..INODE_DATA_STRIPES)
-        .map(|_| std::sync::RwLock::new(()))
-        .collect()
 }
 
 /// How long the filesystem lock has been held at a time: the pauses the filesystem
@@ -330,7 +318,6 @@ impl Fs {
         Ok(Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
-            inode_data: inode_data_locks(),
         })
     }
 
@@ -420,7 +407,6 @@ impl Fs {
         Ok(Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
-            inode_data: inode_data_locks(),
         })
     }
 
@@ -541,11 +527,6 @@ impl Fs {
             site,
             holds: &self.holds,
         }
-    }
-
-    /// The data lock of inode `ino` (see `lock_order`).
-    pub(crate) fn inode_data(&self, ino: Ino) -> &std::sync::RwLock<()> {
-        &self.inode_data[ino.0 as usize % INODE_DATA_STRIPES]
     }
 
     /// How long the filesystem lock has been held at a time, since mount.

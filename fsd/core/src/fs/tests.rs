@@ -856,10 +856,9 @@ fn background_checkpoints_run_beside_operations() {
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
-/// Writes whose data goes to the device outside the lock: threads write disjoint byte
-/// ranges that share blocks (each block's read-modify-write races the others'), into
-/// holes and over written blocks, while another thread extends the file and a third
-/// reads. Every byte must end up as the last write to it left it: a lost update shows as
+/// Threads write disjoint byte ranges that share blocks (each block's read-modify-write
+/// races the others' wherever the core lets them overlap), into holes and over written
+/// blocks, while another thread extends the file and a third reads. Every byte must end up as the last write to it left it: a lost update shows as
 /// a range holding an older value or zeros.
 #[test]
 fn partial_writes_sharing_blocks_lose_no_bytes() {
