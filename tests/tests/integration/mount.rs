@@ -115,8 +115,16 @@ fn mount_errors_are_clear() {
     assert!(stderr(&o).contains("mountpoint"), "{}", stderr(&o));
 
     // Mounting twice is refused, on the same mountpoint and for the same image.
+    // A mount that should have been refused but was not is taken down before the
+    // assertion fails, so no stack outlives the test.
+    let unmount_if_mounted = |o: &std::process::Output, at: &str| {
+        if o.status.success() {
+            fsd(&["unmount", at]);
+        }
+    };
     let m = img.mount();
     let o = fsd(&["mount", img.image.to_str().unwrap(), mnt]);
+    unmount_if_mounted(&o, mnt);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("already"), "{}", stderr(&o));
     let other = img.dir.path().join("mnt2");
@@ -126,6 +134,7 @@ fn mount_errors_are_clear() {
         img.image.to_str().unwrap(),
         other.to_str().unwrap(),
     ]);
+    unmount_if_mounted(&o, other.to_str().unwrap());
     assert!(!o.status.success());
     assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
 
