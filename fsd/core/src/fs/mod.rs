@@ -238,21 +238,7 @@ impl Fs {
         let mut b = vec![0u8; BLOCK_SIZE];
         store.read(0, &mut b)?;
         convert::recover_torn_superblock(store.as_ref(), &mut b)?;
-        let mut sb = Superblock::decode(&b).map_err(|e| match e {
-            formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
-            formats::FormatError::UnsupportedVersion { .. }
-            | formats::FormatError::UnsupportedFeatures { .. } => {
-                FsError::Unsupported("the image needs a newer version of Molt")
-            }
-            other => FsError::Corrupted(format!("{other}")),
-        })?;
-        if sb.geometry.total_blocks > store.num_blocks() {
-            return Err(FsError::Corrupted(format!(
-                "superblock records {} blocks but the image has {}",
-                sb.geometry.total_blocks,
-                store.num_blocks()
-            )));
-        }
+        let mut sb = decode_mountable_superblock(&b, store.as_ref())?;
         if sb.unknown_ro_compat() != 0 {
             return Err(FsError::Unsupported(
                 "the image uses read-only-compatible features this version does not know; it cannot be mounted read-write",
@@ -602,6 +588,30 @@ pub(crate) fn chain_blocks(extents: usize, codec: ExtentCodec) -> u64 {
     extents
         .saturating_sub(codec.inline_capacity())
         .div_ceil(codec.records_per_block()) as u64
+}
+
+/// Decodes block 0 for a mount: a Molt superblock this version can read, of an image no
+/// larger than the device.
+pub(crate) fn decode_mountable_superblock(
+    b: &[u8],
+    store: &dyn BlockStore,
+) -> FsResult<Superblock> {
+    let sb = Superblock::decode(b).map_err(|e| match e {
+        formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
+        formats::FormatError::UnsupportedVersion { .. }
+        | formats::FormatError::UnsupportedFeatures { .. } => {
+            FsError::Unsupported("the image needs a newer version of Molt")
+        }
+        other => FsError::Corrupted(format!("{other}")),
+    })?;
+    if sb.geometry.total_blocks > store.num_blocks() {
+        return Err(FsError::Corrupted(format!(
+            "superblock records {} blocks but the image has {}",
+            sb.geometry.total_blocks,
+            store.num_blocks()
+        )));
+    }
+    Ok(sb)
 }
 
 /// Writes pinned blocks (sorted by address) in place, adjacent ones as one request, all

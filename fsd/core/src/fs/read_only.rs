@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use formats::block::BLOCK_SIZE;
-use formats::superblock::{FsState, Superblock};
+use formats::superblock::FsState;
 
 use super::{journal, Fs, FsError, FsResult};
 use crate::store::BlockStore;
@@ -37,21 +37,7 @@ impl Fs {
     pub fn mount_read_only(store: Arc<dyn BlockStore>) -> FsResult<Fs> {
         let mut b = vec![0u8; BLOCK_SIZE];
         store.read(0, &mut b)?;
-        let sb = Superblock::decode(&b).map_err(|e| match e {
-            formats::FormatError::BadMagic { .. } => FsError::Invalid("not a Molt image"),
-            formats::FormatError::UnsupportedVersion { .. }
-            | formats::FormatError::UnsupportedFeatures { .. } => {
-                FsError::Unsupported("the image needs a newer version of Molt")
-            }
-            other => FsError::Corrupted(format!("{other}")),
-        })?;
-        if sb.geometry.total_blocks > store.num_blocks() {
-            return Err(FsError::Corrupted(format!(
-                "superblock records {} blocks but the image has {}",
-                sb.geometry.total_blocks,
-                store.num_blocks()
-            )));
-        }
+        let sb = super::decode_mountable_superblock(&b, store.as_ref())?;
         match sb.state {
             FsState::Clean => {}
             FsState::Errors => {
