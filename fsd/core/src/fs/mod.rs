@@ -617,16 +617,18 @@ pub(crate) fn decode_mountable_superblock(
 /// Writes pinned blocks (sorted by address) in place, adjacent ones as one request, all
 /// requests handed to the device together.
 fn write_in_place(store: &dyn BlockStore, blocks: &[(u64, Arc<Block>)]) -> std::io::Result<()> {
-    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    use std::borrow::Cow;
+    // A lone block is written from its pinned copy; only runs are gathered into a buffer.
+    let mut runs: Vec<(u64, Cow<'_, [u8]>)> = Vec::new();
     for (addr, block) in blocks {
         match runs.last_mut() {
             Some((start, buf))
                 if *start + (buf.len() / BLOCK_SIZE) as u64 == *addr
                     && buf.len() < IN_PLACE_RUN * BLOCK_SIZE =>
             {
-                buf.extend_from_slice(&block[..]);
+                buf.to_mut().extend_from_slice(&block[..]);
             }
-            _ => runs.push((*addr, block.to_vec())),
+            _ => runs.push((*addr, Cow::Borrowed(&block[..]))),
         }
     }
     let writes: Vec<(u64, &[u8])> = runs.iter().map(|(a, b)| (*a, &b[..])).collect();
