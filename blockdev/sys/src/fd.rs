@@ -138,6 +138,17 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, off: u64, len: u64) -> i
     cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off, len) }).map(|_| ())
 }
 
+/// Duplicates `fd` to a descriptor that is *not* close-on-exec, numbered 3 or above, for
+/// this process's own `exec` of a successor binary (which adopts it with
+/// [`adopt_inherited_fd`]). Keep the duplicate only until the exec: a child spawned
+/// meanwhile would inherit it.
+pub fn dup_for_exec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD takes an int argument and returns a new fd.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) })?;
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,15 +29,16 @@ pub mod process;
 pub mod socket;
 
 pub use fd::{
-    adopt_inherited_fd, block_device_size, close, dup_at_least, eventfd, eventfd_drain,
-    eventfd_signal, fallocate, fdatasync, status_flags, try_lock_exclusive,
+    adopt_inherited_fd, block_device_size, close, dup_at_least, dup_for_exec, eventfd,
+    eventfd_drain, eventfd_signal, fallocate, fdatasync, status_flags, try_lock_exclusive,
 };
 pub use fs::{truncate, zeroed_stat64, zeroed_statvfs64, FileHandle};
-pub use memory::{map_memfd, memfd_create, SharedMapping};
+pub use memory::{is_fully_sealed, map_memfd, memfd_create, memfd_sealed, SharedMapping};
 pub use mount::{mount, unmount};
 pub use poll::poll_readable;
 pub use process::{
-    kill, kill_group, pass_fds, pidfd_exited, pidfd_open, process_gone, ChildOptions,
+    kill, kill_group, pass_fds, pidfd_exited, pidfd_getfd, pidfd_open, pidfd_send_signal,
+    pidfd_try_wait, process_gone, ChildOptions,
 };
 pub use socket::{peer_credentials, PeerCredentials};
 

@@ -24,6 +24,32 @@ pub fn memfd_create(name: &CStr, len: u64) -> io::Result<File> {
     Ok(file)
 }
 
+/// Creates a close-on-exec memfd named `name` holding `data`, sealed against every
+/// change (write, grow, shrink, further seals): whoever is handed it reads exactly what
+/// was written here.
+pub fn memfd_sealed(name: &CStr, data: &[u8]) -> io::Result<File> {
+    use std::io::Write;
+    // SAFETY: as in `memfd_create`.
+    let fd = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(data)?;
+    add_seals(
+        &file,
+        libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+    )?;
+    Ok(file)
+}
+
+/// Whether `file` is a memfd sealed against every change (as [`memfd_sealed`] makes).
+pub fn is_fully_sealed(file: &File) -> bool {
+    let all = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_GET_SEALS only reads the file's seals.
+    matches!(cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) }), Ok(s) if s & all == all)
+}
+
 fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
     // SAFETY: F_ADD_SEALS takes an int argument; `file` keeps the descriptor open.
     cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(|_| ())
@@ -139,6 +165,20 @@ impl SharedMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sealed_memfd_holds_its_bytes_and_refuses_changes() {
+        use std::io::{Read, Seek, Write};
+        let mut f = memfd_sealed(c"molt-test", b"state").unwrap();
+        assert!(is_fully_sealed(&f));
+        assert!(f.write_all(b"x").is_err());
+        assert!(f.set_len(1).is_err());
+        f.rewind().unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "state");
+        assert!(!is_fully_sealed(&memfd_create(c"molt-test", 8).unwrap()));
+    }
     use std::io::{Read, Seek};
 
     #[test]

@@ -24,6 +24,70 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
     matches!(poll_readable(&[pidfd.as_raw_fd()], Duration::ZERO), Ok(v) if v[0])
 }
 
+/// A duplicate of descriptor `target` of the process behind `pidfd` (close-on-exec).
+/// Needs the right to ptrace that process (root, or the same user).
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd takes two descriptors' numbers and flags, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends signal `sig` to the process behind `pidfd` (never to a later process that
+/// reuses its pid).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: a null siginfo pointer is allowed (the kernel fills in a SI_USER one).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reaps the child behind `pidfd` if it has exited (`waitid(P_PIDFD, WNOHANG)`): its exit
+/// status, or `None` while it runs. Fails with `ECHILD` when the process is not this
+/// process's child.
+pub fn pidfd_try_wait(pidfd: BorrowedFd<'_>) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: siginfo_t is a plain C struct (integers and a union of them); all-zero is a
+    // valid value, and waitid with WNOHANG leaves si_pid 0 when no child has exited.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t that outlives the call; P_PIDFD takes
+    // the descriptor's number as the id.
+    cvt(unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    })?;
+    // SAFETY: after a successful waitid the kernel filled si_pid (0 when nothing exited)
+    // and, when si_pid is set, si_status.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // As a wait(2) status: exit code in the second byte, or the signal in the low bits.
+    let raw = match info.si_code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => status & 0x7f,
+    };
+    Ok(Some(std::process::ExitStatus::from_raw(raw)))
+}
+
 /// Whether no process `pid` runs: it never existed, was reaped, or is a zombie. An error
 /// other than "no such process" counts as running (the caller must not take over from a
 /// process that may be alive).
@@ -139,6 +203,48 @@ mod tests {
         child.wait().unwrap();
         assert!(process_gone(pid));
         assert!(process_gone(u32::MAX));
+    }
+
+    #[test]
+    // The children are reaped through their pidfds, which is what is tested.
+    #[allow(clippy::zombie_processes)]
+    fn a_childs_exit_status_comes_through_its_pidfd() {
+        let child = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let pidfd = pidfd_open(child.id() as libc::pid_t).unwrap();
+        let status = loop {
+            if let Some(st) = pidfd_try_wait(pidfd.as_fd()).unwrap() {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert_eq!(status.code(), Some(3));
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = pidfd_open(child.id() as libc::pid_t).unwrap();
+        assert!(pidfd_try_wait(pidfd.as_fd()).unwrap().is_none());
+        kill(child.id() as libc::pid_t, libc::SIGKILL).unwrap();
+        let status = loop {
+            if let Some(st) = pidfd_try_wait(pidfd.as_fd()).unwrap() {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // Not a child of this process: reaping it is not ours to do.
+        let init = pidfd_open(1).unwrap();
+        assert_eq!(
+            pidfd_try_wait(init.as_fd()).unwrap_err().raw_os_error(),
+            Some(libc::ECHILD)
+        );
+    }
+
+    #[test]
+    fn another_process_descriptor_is_duplicated_through_its_pidfd() {
+        let me = pidfd_open(std::process::id() as libc::pid_t).unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let dup = pidfd_getfd(me.as_fd(), file.as_raw_fd()).unwrap();
+        assert_ne!(dup.as_raw_fd(), file.as_raw_fd());
+        assert!(pidfd_getfd(me.as_fd(), 100_000).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The credentials of a Unix socket's peer.
+//! The credentials of a Unix socket's peer, and this process's own user to compare them
+//! with.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -39,6 +40,12 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
     })
 }
 
+/// This process's effective user id (what a Unix socket's peer sees as its uid).
+pub fn effective_uid() -> libc::uid_t {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +56,7 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let c = peer_credentials(a.as_fd()).unwrap();
         assert_eq!(c.pid as u32, std::process::id());
+        assert_eq!(c.uid, effective_uid());
         assert_eq!(
             c.uid,
             std::fs::metadata("/proc/self")
