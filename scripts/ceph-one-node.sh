@@ -8,17 +8,20 @@
 # temporary directory it names; on exit it unmounts and stops qemu-nbd, the Ceph daemons
 # and the loop device. Needs root.
 #
-#   scripts/ceph-one-node.sh [--runs N] [--runtime SECONDS]   (default 3 runs of 8 s per job)
+#   scripts/ceph-one-node.sh [--runs N] [--runtime SECONDS] [--threads N]
+# (default: 3 runs of 8 s per job; --threads is fsd mount's number of FUSE worker threads)
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$(dirname "$0")/lib/common.sh"
 
 RUNS=3
 RUNTIME=8
+MOUNT_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS="${2:?--runs needs a number}"; shift 2 ;;
         --runtime) RUNTIME="${2:?--runtime needs seconds}"; shift 2 ;;
-        *) molt_die "unknown argument $1 (usage: $0 [--runs N] [--runtime SECONDS])" ;;
+        --threads) MOUNT_ARGS=(--threads "${2:?--threads needs a number}"); shift 2 ;;
+        *) molt_die "unknown argument $1 (usage: $0 [--runs N] [--runtime SECONDS] [--threads N])" ;;
     esac
 done
 [ "$(id -u)" = 0 ] || molt_die "needs root (loop device, mount, apt-get)"
@@ -236,7 +239,7 @@ fio_values() { # TAG N
 t0=$(now_ms)
 "$BIN/fsd" mkfs "$URI"
 t1=$(now_ms)
-"$BIN/fsd" mount "$URI" "$MNT"
+"$BIN/fsd" mount "$URI" "$MNT" "${MOUNT_ARGS[@]}"
 t2=$(now_ms)
 echo "ceph-one-node: mkfs $((t1 - t0)) ms, mount $((t2 - t1)) ms; fio in the mount ($RUNS x ${RUNTIME}s per job)"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -255,7 +258,7 @@ load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 unit() { case "$1" in *4\ KiB*) echo IOPS ;; *) echo MiB/s ;; esac; }
 echo
-echo "Molt over qemu-nbd (rbd, --cache=none) on a one-node Ceph cluster: median of $RUNS run(s) of ${RUNTIME}s"
+echo "Molt${MOUNT_ARGS[*]:+ (fsd mount ${MOUNT_ARGS[*]})} over qemu-nbd (rbd, --cache=none) on a one-node Ceph cluster: median of $RUNS run(s) of ${RUNTIME}s"
 echo "(each run in brackets); load average $load_before before the fio runs, $load_after after."
 echo
 echo "| fio job | Molt over RBD | fio nbd engine | Molt / fio nbd |"
