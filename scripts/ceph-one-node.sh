@@ -1,36 +1,39 @@
 #!/usr/bin/env bash
 # Molt on Ceph RBD, end to end on one machine: installs Debian's Ceph packages and qemu's
 # rbd driver (qemu-block-extra), brings up a one-node cluster (one monitor, one manager,
-# one BlueStore OSD on a loop device, replication size 1), creates an RBD image, exports it
-# with qemu-nbd's rbd driver on a unix socket, makes and mounts Molt on the export, runs
-# fio in the mount, unmounts, runs fsck, then runs fio's own nbd engine on the same export
-# (the limit for a client). Prints the medians as a markdown table. Everything lives in the
+# one BlueStore OSD on a loop device, replication size 1), creates two RBD images and
+# exports each with qemu-nbd's rbd driver on a unix socket. Molt is made on the first
+# export; fio runs in its mount (mounted afresh with each FUSE worker thread count for
+# each job) and, as the limit for a client, with fio's own nbd engine on the twin export,
+# the jobs interleaved in rounds so that every column sees the same machine; fsck after
+# the last unmount. Prints the medians as a markdown table. Everything lives in the
 # temporary directory it names; on exit it unmounts and stops qemu-nbd, the Ceph daemons
 # and the loop device. Needs root.
 #
-#   scripts/ceph-one-node.sh [--runs N] [--runtime SECONDS] [--threads N]
-# (default: 3 runs of 8 s per job; --threads is fsd mount's number of FUSE worker threads)
+#   scripts/ceph-one-node.sh [--runs N] [--runtime SECONDS] [--threads N[,N...]]
+# (default: 3 rounds of 8 s per job; --threads: the `fsd mount --threads` values, 4,16)
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$(dirname "$0")/lib/common.sh"
 
 RUNS=3
 RUNTIME=8
-MOUNT_ARGS=()
+THREADS=4,16
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS="${2:?--runs needs a number}"; shift 2 ;;
         --runtime) RUNTIME="${2:?--runtime needs seconds}"; shift 2 ;;
-        --threads) MOUNT_ARGS=(--threads "${2:?--threads needs a number}"); shift 2 ;;
-        *) molt_die "unknown argument $1 (usage: $0 [--runs N] [--runtime SECONDS] [--threads N])" ;;
+        --threads) THREADS="${2:?--threads needs N[,N...]}"; shift 2 ;;
+        *) molt_die "unknown argument $1 (usage: $0 [--runs N] [--runtime SECONDS] [--threads N[,N...]])" ;;
     esac
 done
+IFS=, read -ra THREAD_COUNTS <<< "$THREADS"
 [ "$(id -u)" = 0 ] || molt_die "needs root (loop device, mount, apt-get)"
 
 molt_start ceph
 C="$WORK/ceph"
 CEPH_CONF="$C/ceph.conf"
-SOCK="$WORK/nbd.sock"
-URI="nbd+unix:///molt?socket=$SOCK"
+URI="nbd+unix:///molt?socket=$WORK/fs.sock"     # Molt's
+RAW_URI="nbd+unix:///molt?socket=$WORK/raw.sock" # fio's nbd engine's
 export CEPH_CONF
 LOOP=""
 DAEMONS=() # pids, in start order
@@ -189,36 +192,40 @@ pgs_clean() {
 }
 wait_for 180 "every placement group to be active+clean" pgs_clean
 rbd create molt/fs --size 2G
-echo "ceph-one-node: $(ceph --version | cut -d' ' -f1-3); pool molt (size 1, 32 PGs), image molt/fs (2 GiB)"
+rbd create molt/raw --size 2G
+echo "ceph-one-node: $(ceph --version | cut -d' ' -f1-3); pool molt (size 1, 32 PGs), images molt/fs and molt/raw (2 GiB)"
 
-# --- the export and Molt ----------------------------------------------------------------
+# --- the exports and Molt ---------------------------------------------------------------
 # --cache=none: qemu's rbd driver then turns librbd's client cache off, so that every
 # write and flush reaches the cluster.
-qemu-nbd -f raw -x molt --persistent --shared=4 --cache=none -k "$SOCK" \
-    "rbd:molt/fs:id=admin:conf=$CEPH_CONF" > "$C/log/qemu-nbd.out" 2>&1 &
-DAEMONS+=("$!")
-wait_for 60 "qemu-nbd's socket" test -S "$SOCK"
-alive "${DAEMONS[-1]}"
-echo "ceph-one-node: qemu-nbd $QEMU_VERSION exports molt/fs as $URI"
+for image in fs raw; do
+    qemu-nbd -f raw -x molt --persistent --shared=4 --cache=none -k "$WORK/$image.sock" \
+        "rbd:molt/$image:id=admin:conf=$CEPH_CONF" > "$C/log/qemu-nbd-$image.out" 2>&1 &
+    DAEMONS+=("$!")
+    wait_for 60 "qemu-nbd's socket for molt/$image" test -S "$WORK/$image.sock"
+    alive "${DAEMONS[-1]}"
+done
+echo "ceph-one-node: qemu-nbd $QEMU_VERSION exports molt/fs as $URI, molt/raw as $RAW_URI"
 
 # fio JOB NAME, then its arguments: rw, block size, queue depth.
 JOBS=("4 KiB random write, QD1|randwrite|4k|1" "4 KiB random write, QD32|randwrite|4k|32"
     "1 MiB sequential write, QD8|write|1M|8" "1 MiB sequential read, QD8|read|1M|8")
-# Lays out 512 MiB, then runs every job RUNS times in rounds; results in $WORK/fio/TAG-N-R.json.
-fio_rounds() { # TAG FIO-ARGS...
-    local tag="$1" r n rw bs qd
+MOLT_FIO=(--filename="$MNT/fio.dat" --direct=1 --ioengine=io_uring)
+NBD_FIO=(--ioengine=nbd --uri="$RAW_URI")
+mkdir -p "$WORK/fio"
+fio_layout() { # TAG FIO-ARGS...: writes the 512 MiB the jobs use
+    local tag="$1"
     shift
-    mkdir -p "$WORK/fio"
     fio --name=layout --rw=write --bs=1M --iodepth=8 --size=512M --output-format=json \
         --output="$WORK/fio/$tag-layout.json" "$@" >/dev/null
-    for ((r = 1; r <= RUNS; r++)); do
-        for n in "${!JOBS[@]}"; do
-            IFS='|' read -r _ rw bs qd <<< "${JOBS[$n]}"
-            fio --name=job --rw="$rw" --bs="$bs" --iodepth="$qd" --size=512M \
-                --runtime="$RUNTIME" --time_based --output-format=json \
-                --output="$WORK/fio/$tag-$n-$r.json" "$@" >/dev/null
-        done
-    done
+}
+fio_job() { # TAG N R FIO-ARGS...: job N of round R, into $WORK/fio/TAG-N-R.json
+    local tag="$1" n="$2" r="$3" rw bs qd
+    shift 3
+    IFS='|' read -r _ rw bs qd <<< "${JOBS[$n]}"
+    fio --name=job --rw="$rw" --bs="$bs" --iodepth="$qd" --size=512M \
+        --runtime="$RUNTIME" --time_based --output-format=json \
+        --output="$WORK/fio/$tag-$n-$r.json" "$@" >/dev/null
 }
 # The runs of job N under TAG, comma-separated: IOPS for 4 KiB jobs, MiB/s for the others.
 fio_values() { # TAG N
@@ -239,38 +246,60 @@ fio_values() { # TAG N
 t0=$(now_ms)
 "$BIN/fsd" mkfs "$URI"
 t1=$(now_ms)
-"$BIN/fsd" mount "$URI" "$MNT" "${MOUNT_ARGS[@]}"
+"$BIN/fsd" mount "$URI" "$MNT" --threads "${THREAD_COUNTS[0]}"
 t2=$(now_ms)
-echo "ceph-one-node: mkfs $((t1 - t0)) ms, mount $((t2 - t1)) ms; fio in the mount ($RUNS x ${RUNTIME}s per job)"
-load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
-fio_rounds molt --filename="$MNT/fio.dat" --direct=1 --ioengine=io_uring
+fio_layout molt "${MOLT_FIO[@]}"
 t3=$(now_ms)
 "$BIN/fsd" unmount "$MNT"
 t4=$(now_ms)
-fsck_out="$("$BIN/fsd" fsck "$URI")" || molt_die "fsck after unmount failed: $fsck_out"
-t5=$(now_ms)
-echo "ceph-one-node: unmount $((t4 - t3)) ms, fsck $((t5 - t4)) ms: $fsck_out"
-
-# fio's nbd engine on the same export (this overwrites the filesystem, checked above).
-echo "ceph-one-node: fio's nbd engine on $URI ($RUNS x ${RUNTIME}s per job)"
-fio_rounds nbd --ioengine=nbd --uri="$URI"
+echo "ceph-one-node: mkfs $((t1 - t0)) ms, mount $((t2 - t1)) ms, unmount $((t4 - t3)) ms"
+fio_layout nbd "${NBD_FIO[@]}"
+echo "ceph-one-node: $RUNS rounds of ${RUNTIME}s per job: Molt with ${THREADS} FUSE threads, fio's nbd engine"
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+for ((r = 1; r <= RUNS; r++)); do
+    for n in "${!JOBS[@]}"; do
+        for t in "${THREAD_COUNTS[@]}"; do
+            "$BIN/fsd" mount "$URI" "$MNT" --threads "$t"
+            fio_job "molt$t" "$n" "$r" "${MOLT_FIO[@]}"
+            "$BIN/fsd" unmount "$MNT"
+        done
+        fio_job nbd "$n" "$r" "${NBD_FIO[@]}"
+    done
+done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+t5=$(now_ms)
+fsck_out="$("$BIN/fsd" fsck "$URI")" || molt_die "fsck after the last unmount failed: $fsck_out"
+t6=$(now_ms)
+echo "ceph-one-node: fsck $((t6 - t5)) ms: $fsck_out"
 
 unit() { case "$1" in *4\ KiB*) echo IOPS ;; *) echo MiB/s ;; esac; }
 echo
-echo "Molt${MOUNT_ARGS[*]:+ (fsd mount ${MOUNT_ARGS[*]})} over qemu-nbd (rbd, --cache=none) on a one-node Ceph cluster: median of $RUNS run(s) of ${RUNTIME}s"
-echo "(each run in brackets); load average $load_before before the fio runs, $load_after after."
+echo "Molt over qemu-nbd (rbd, --cache=none) on a one-node Ceph cluster, fio's nbd engine on a twin"
+echo "export: medians of $RUNS runs of ${RUNTIME}s (each run in brackets); load average $load_before"
+echo "before the rounds, $load_after after."
 echo
-echo "| fio job | Molt over RBD | fio nbd engine | Molt / fio nbd |"
-echo "|---|---:|---:|---:|"
+header="| fio job |"
+rule="|---|"
+for t in "${THREAD_COUNTS[@]}"; do header+=" Molt, $t threads |"; rule+="---:|"; done
+header+=" fio nbd engine |"
+rule+="---:|"
+for t in "${THREAD_COUNTS[@]}"; do header+=" Molt $t / fio nbd |"; rule+="---:|"; done
+echo "$header"
+echo "$rule"
 for n in "${!JOBS[@]}"; do
     IFS='|' read -r label _ <<< "${JOBS[$n]}"
-    mv="$(fio_values molt "$n")"
-    nv="$(fio_values nbd "$n")"
-    IFS=, read -ra ma <<< "$mv"
-    IFS=, read -ra na <<< "$nv"
-    m="$(median "${ma[@]}")"
-    b="$(median "${na[@]}")"
     u="$(unit "$label")"
-    echo "| $label | $m $u ($mv) | $b $u ($nv) | $(python3 -c "print(f'{$m / max($b, 1):.2f}')") |"
+    nv="$(fio_values nbd "$n")"
+    IFS=, read -ra na <<< "$nv"
+    b="$(median "${na[@]}")"
+    row="| $label ($u) |"
+    ratios=""
+    for t in "${THREAD_COUNTS[@]}"; do
+        mv="$(fio_values "molt$t" "$n")"
+        IFS=, read -ra ma <<< "$mv"
+        m="$(median "${ma[@]}")"
+        row+=" $m ($mv) |"
+        ratios+=" $(python3 -c "print(f'{$m / max($b, 1):.2f}')") |"
+    done
+    echo "$row $b ($nv) |$ratios"
 done
