@@ -53,6 +53,17 @@ impl Image {
         })
     }
 
+    /// An NBD connection already in the transmission phase with `target` (handed over by
+    /// a previous supervisor).
+    pub fn from_connected_nbd(fd: OwnedFd, target: NbdTarget) -> Image {
+        Image {
+            file: File::from(fd),
+            num_blocks: target.num_blocks(),
+            discard: DiscardMode::WriteZeros,
+            nbd: Some(target),
+        }
+    }
+
     /// For an NBD image, a new connection to the same export (the old one is closed
     /// first: a server may allow one client at a time). Refuses an export that shrank.
     /// A file image is returned as it is.

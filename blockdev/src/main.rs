@@ -1,13 +1,15 @@
 //! `blockdev`: the Molt block driver process. Thin: parses arguments and calls the library.
 //!
 //! Exit codes: 0 stopped cleanly (stop signal, client exit, `exit` or `abort` on the
-//! control socket), 1 operational error (including a refused state import, or a
-//! supervisor lost during a handover), 3 the client broke the ring protocol.
+//! control socket, a successor found serving after the supervisor went away), 1
+//! operational error (including a refused state import, or a supervisor lost before a
+//! successor's commit), 3 the client broke the ring protocol.
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -71,6 +73,11 @@ enum Cmd {
         /// work taken, take the ring over at once instead (crash recovery).
         #[arg(long, requires = "ctl_fd")]
         adopt: bool,
+        /// Listen on DIR/blockdev-<pid>.sock (mode 0600): once the control socket's peer
+        /// is gone, the next connection there from root or this user becomes the control
+        /// socket. Removed when the driver exits.
+        #[arg(long, value_name = "DIR", requires = "ctl_fd")]
+        relink_dir: Option<PathBuf>,
         /// The image fd is a connection to this NBD export, past its handshake (what
         /// `--nbd-size` and `--nbd-flags` say it negotiated): serve it with the NBD
         /// engine, reconnecting to this URI when the connection is lost.
@@ -127,6 +134,7 @@ fn main() -> Result<()> {
         client_pid,
         ctl_fd,
         adopt: adopting,
+        relink_dir,
         nbd,
         nbd_size,
         nbd_flags,
@@ -143,6 +151,16 @@ fn main() -> Result<()> {
     let ctl = ctl_fd
         .map(|fd| adopt(fd, "control socket").map(UnixStream::from))
         .transpose()?;
+    let relink = relink_dir
+        .map(|dir| {
+            molt_control::Relink::bind(&dir, "blockdev", molt_sys::socket::effective_uid(), |s| {
+                Ok(molt_sys::peer_credentials(s.as_fd())?.uid)
+            })
+            .with_context(|| format!("listening for a new supervisor in {}", dir.display()))
+        })
+        .transpose()?;
+    // `process::exit` skips destructors: the socket's name is removed by hand.
+    let relink_path = relink.as_ref().map(|r| r.path().to_path_buf());
     let ring = RingRegion::open(adopt(ring_fd, "ring")?).context("opening the ring")?;
     let image_fd = adopt(image_fd, "image")?;
     let sq = adopt(sq_eventfd, "submission eventfd")?;
@@ -186,11 +204,14 @@ fn main() -> Result<()> {
         return Ok(());
     };
     let exit = if adopting {
-        adopt_controlled(server, ctl)
+        adopt_controlled(server, ctl, relink)
     } else {
-        serve_controlled(server, ctl)
+        serve_controlled(server, ctl, relink)
+    };
+    if let Some(p) = &relink_path {
+        let _ = std::fs::remove_file(p);
     }
-    .context("serving")?;
+    let exit = exit.context("serving")?;
     match &exit {
         DriverExit::Stopped(s) | DriverExit::Violation(s) => eprintln!("blockdev: stopped: {s:?}"),
         DriverExit::ImportFailed(e) => eprintln!("blockdev: state import refused: {e}"),

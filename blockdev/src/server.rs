@@ -312,6 +312,17 @@ impl Server {
         self.ring.driver_epoch().epoch
     }
 
+    /// Whether another driver attached to the ring after this one did (a successor was
+    /// committed): this one must not serve it again.
+    pub(crate) fn superseded(&self) -> bool {
+        self.attached && self.ring.driver_pid() != std::process::id()
+    }
+
+    /// The pid of the driver the ring header names.
+    pub(crate) fn ring_driver_pid(&self) -> u32 {
+        self.ring.driver_pid()
+    }
+
     /// Whether the ring was left by a driver that died with work taken: the header says
     /// serving (or quiesced with requests in flight) and its `driver_pid` no longer runs
     /// (never existed, reaped, or a zombie). A predecessor that is alive (a live update) or

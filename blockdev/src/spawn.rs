@@ -25,7 +25,7 @@ pub(crate) const BIN_ENV: &str = "MOLT_BLOCKDEV_BIN";
 pub(crate) const RING_FD: i32 = 3;
 pub(crate) const SQ_EVENTFD: i32 = 4;
 pub(crate) const CQ_EVENTFD: i32 = 5;
-pub(crate) const IMAGE_FD: i32 = 6;
+pub const IMAGE_FD: i32 = 6;
 /// Fd of the control socket (live update), when there is one.
 pub(crate) const CTL_FD: i32 = 7;
 
@@ -57,6 +57,9 @@ pub struct DriverConfig {
     /// The image is this NBD export, and the image fd a connection to it: the driver
     /// serves it with the NBD engine (`--nbd …`), whatever `engine` says.
     pub nbd: Option<NbdTarget>,
+    /// Where the driver listens for a new supervisor should its own die
+    /// (`--relink-dir`, see `molt_control::Relink`).
+    pub relink_dir: Option<PathBuf>,
 }
 
 impl Default for DriverConfig {
@@ -69,6 +72,7 @@ impl Default for DriverConfig {
             exit_with_client: true,
             client: ClientConfig::default(),
             nbd: None,
+            relink_dir: None,
         }
     }
 }
@@ -177,6 +181,9 @@ fn build_command(
     }
     if let Some(t) = &config.nbd {
         cmd.args(t.driver_args());
+    }
+    if let Some(dir) = &config.relink_dir {
+        cmd.arg("--relink-dir").arg(dir);
     }
     if let Some((ctl, mode)) = ctl {
         pass.push((ctl, CTL_FD));

@@ -604,3 +604,4 @@ fn driver_stops_cleanly_when_its_client_vanishes() {
 mod driver_control;
 mod handover;
 mod recovery;
+mod relink;

@@ -10,6 +10,13 @@
 //! A driver started with `--adopt` on a ring whose driver died while serving takes the
 //! ring over at once (no `state`, no `commit`: there is no predecessor to drain) and
 //! serves as [`serve_controlled`] does; `status` then says `phase=serving`.
+//!
+//! A serving driver outlives its supervisor: when the control link ends it serves on, and
+//! if it held for an update it serves again by itself (the update is abandoned) — unless
+//! another driver attached to the ring meanwhile (the supervisor committed a successor and
+//! died before its `exit`): then it ends as told to exit. With a [`Relink`] socket the next
+//! trusted connection on it becomes the control link. A successor that loses its
+//! supervisor before `commit` ends without touching the ring (its predecessor serves on).
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,7 +25,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use molt_control::{Command, ControlError, Link, LinkError, Reply, ServingPhase};
+use molt_control::{Command, ControlError, Link, LinkError, Relink, Reply, ServingPhase};
 
 use super::StateBlob;
 use crate::persist::{
@@ -34,15 +41,16 @@ pub enum DriverExit {
     Stopped(DriverState),
     /// The client broke the ring protocol.
     Violation(DriverState),
-    /// Told to `exit` after `ready`: a successor serves (or will) the ring.
+    /// Told to `exit` after `ready`, or, holding when the supervisor went away, found that
+    /// a successor had attached: a successor serves (or will) the ring.
     HandedOver,
     /// Told to `abort` before commit: the ring was never touched.
     Aborted,
     /// The successor refused the state (`error: …` was sent); the ring was never touched.
     ImportFailed(String),
-    /// The supervisor closed the control channel while this driver held after `ready`, or
-    /// before commit. It cannot know whether a successor serves, so it leaves the ring
-    /// alone.
+    /// The supervisor closed the control channel before commit (a successor: its
+    /// predecessor serves on), or while this driver held and could not serve again, with
+    /// no relink socket to hear from another. It leaves the ring alone.
     SupervisorGone,
 }
 
@@ -144,15 +152,28 @@ enum Event {
 enum Hold {
     Resume,
     Exit,
+    /// The control link ended: serve again unless a successor attached. Answered with
+    /// [`Event::Resumed`] when it serves (or could not), not at all when it ends.
     SupervisorGone,
 }
 
+/// How long a driver that held when its supervisor went away waits before it looks for a
+/// successor in the ring header: a successor told to commit just before the supervisor
+/// died attaches within this time unless it is starved of CPU. (Nothing closes that race
+/// entirely short of the supervisor surviving.)
+const SUCCESSOR_SETTLE: Duration = Duration::from_millis(200);
+
 /// Serves the ring and answers the control socket until the driver should exit. The
 /// server may be attached already ([`Server::new`]) or not (it attaches when it starts).
-pub fn serve_controlled(server: Server, ctl: UnixStream) -> Result<DriverExit, DriverError> {
+/// With `relink`, a new supervisor can connect there once the control link ends.
+pub fn serve_controlled(
+    server: Server,
+    ctl: UnixStream,
+    relink: Option<Relink>,
+) -> Result<DriverExit, DriverError> {
     let writer = Link::new(ctl, STATE_CAP);
     let reader = writer.try_clone()?;
-    serve_with(server, reader, writer)
+    serve_with(server, reader, writer, relink)
 }
 
 /// A successor: waits for `state`, imports it, waits for `commit`, then attaches and
@@ -161,7 +182,14 @@ pub fn serve_controlled(server: Server, ctl: UnixStream) -> Result<DriverExit, D
 ///
 /// Except when the ring's driver died while serving ([`Server::crashed_predecessor`],
 /// checked once, now): then it takes the ring over at once and serves.
-pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExit, DriverError> {
+///
+/// `relink` is used only once this driver serves: before `commit` a lost supervisor ends
+/// it ([`DriverExit::SupervisorGone`]).
+pub fn adopt_controlled(
+    mut server: Server,
+    ctl: UnixStream,
+    relink: Option<Relink>,
+) -> Result<DriverExit, DriverError> {
     let mut writer = Link::new(ctl, STATE_CAP);
     let mut reader = writer.try_clone()?;
     if let Some(dead) = server.crashed_predecessor() {
@@ -174,7 +202,7 @@ pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExi
             dead.in_flight,
             server.epoch()
         );
-        return serve_with(server, reader, writer);
+        return serve_with(server, reader, writer, relink);
     }
     let mut imported: Option<DriverState> = None;
     loop {
@@ -226,7 +254,7 @@ pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExi
                     return Ok(DriverExit::ImportFailed(e.to_string()));
                 }
                 send(&mut writer, Reply::Serving);
-                return serve_with(server, reader, writer);
+                return serve_with(server, reader, writer, relink);
             }
             Command::Abort => return Ok(DriverExit::Aborted),
             other => refuse(
@@ -237,7 +265,12 @@ pub fn adopt_controlled(mut server: Server, ctl: UnixStream) -> Result<DriverExi
     }
 }
 
-fn serve_with(mut server: Server, reader: Link, writer: Link) -> Result<DriverExit, DriverError> {
+fn serve_with(
+    mut server: Server,
+    reader: Link,
+    writer: Link,
+    relink: Option<Relink>,
+) -> Result<DriverExit, DriverError> {
     let (event_tx, event_rx) = mpsc::channel::<Event>();
     let (cmd_tx, cmd_rx) = mpsc::channel::<Hold>();
     let phase = Arc::new(AtomicU8::new(PHASE_SERVING));
@@ -246,7 +279,11 @@ fn serve_with(mut server: Server, reader: Link, writer: Link) -> Result<DriverEx
     let ctl_phase = phase.clone();
     thread::Builder::new()
         .name("blockdev-ctl".into())
-        .spawn(move || control_thread(reader, writer, view, stop, ctl_phase, event_rx, cmd_tx))?;
+        .spawn(move || {
+            control_thread(
+                reader, writer, relink, view, stop, ctl_phase, event_rx, cmd_tx,
+            )
+        })?;
     let mut state = server.run()?;
     loop {
         match state.reason {
@@ -269,19 +306,34 @@ fn serve_with(mut server: Server, reader: Link, writer: Link) -> Result<DriverEx
             // Hold until told; the ring is not touched meanwhile.
             loop {
                 match cmd_rx.recv() {
-                    Ok(Hold::Resume) => {
-                        let ok = server.check_can_resume().map_err(|e| e.to_string());
-                        let resumed = ok.is_ok();
-                        if resumed {
-                            server.clear_prepare();
-                        }
-                        let _ = event_tx.send(Event::Resumed(ok));
-                        if resumed {
-                            break;
-                        }
-                    }
+                    Ok(Hold::Resume) => {}
                     Ok(Hold::Exit) => return Ok(DriverExit::HandedOver),
-                    Ok(Hold::SupervisorGone) | Err(_) => return Ok(DriverExit::SupervisorGone),
+                    Ok(Hold::SupervisorGone) => {
+                        // The update is abandoned, unless it went as far as a successor's
+                        // commit: two drivers must never serve one ring.
+                        thread::sleep(SUCCESSOR_SETTLE);
+                        if server.superseded() {
+                            eprintln!(
+                                "blockdev: supervisor gone while held, and driver {} serves \
+                                 the ring: leaving it alone",
+                                server.ring_driver_pid()
+                            );
+                            return Ok(DriverExit::HandedOver);
+                        }
+                        eprintln!("blockdev: supervisor gone while held; serving again");
+                    }
+                    // Nobody is left to tell this driver anything (the control thread ended
+                    // after a lost supervisor and a failed resume).
+                    Err(_) => return Ok(DriverExit::SupervisorGone),
+                }
+                let ok = server.check_can_resume().map_err(|e| e.to_string());
+                let resumed = ok.is_ok();
+                if resumed {
+                    server.clear_prepare();
+                }
+                let _ = event_tx.send(Event::Resumed(ok));
+                if resumed {
+                    break;
                 }
             }
         }
@@ -289,9 +341,12 @@ fn serve_with(mut server: Server, reader: Link, writer: Link) -> Result<DriverEx
     }
 }
 
+// One argument per channel and handle the thread owns.
+#[allow(clippy::too_many_arguments)]
 fn control_thread(
     mut reader: Link,
     mut writer: Link,
+    relink: Option<Relink>,
     view: RingRegion,
     stop: StopHandle,
     phase: Arc<AtomicU8>,
@@ -313,11 +368,35 @@ fn control_thread(
     };
     loop {
         let Some(cmd) = next_command(&mut reader, &mut writer) else {
-            if phase.load(Ordering::Acquire) == PHASE_HELD {
-                let _ = commands.send(Hold::SupervisorGone);
+            // The supervisor is gone. While serving that changes nothing for the client.
+            if let Some(r) = &relink {
+                r.loss().link_lost();
             }
-            // While serving, a lost supervisor changes nothing for the client.
-            return;
+            if phase.load(Ordering::Acquire) == PHASE_HELD {
+                if commands.send(Hold::SupervisorGone).is_err() {
+                    return;
+                }
+                match events.recv() {
+                    Ok(Event::Resumed(Ok(()))) => phase.store(PHASE_SERVING, Ordering::Release),
+                    // Still held: a new supervisor may fix the ring's label and resume.
+                    Ok(Event::Resumed(Err(e))) => {
+                        eprintln!("blockdev: supervisor gone while held; cannot serve again: {e}")
+                    }
+                    Ok(Event::Drained(_)) => unreachable!("drained while held"),
+                    // The main loop ended the driver: a successor serves the ring.
+                    Err(_) => return,
+                }
+            }
+            // The next trusted connection on the relink socket is the new control link.
+            let Some(stream) = relink.as_ref().and_then(Relink::next_link) else {
+                return;
+            };
+            writer = Link::new(stream, STATE_CAP);
+            // If the clone fails the old reader reports the end again: wait for another.
+            if let Ok(r) = writer.try_clone() {
+                reader = r;
+            }
+            continue;
         };
         let now = phase.load(Ordering::Acquire);
         match (cmd, now) {

@@ -26,7 +26,7 @@ use blockdev::{BlockError, Client, ClientConfig, Lba, BLOCK_SIZE};
 
 use super::{config, pattern, wait_until, DEADLINE};
 
-const GEOMETRY: RingGeometry = RingGeometry {
+pub(crate) const GEOMETRY: RingGeometry = RingGeometry {
     queue_depth: 8,
     slot_size: 4 * BLOCK_SIZE as u32,
 };
@@ -76,7 +76,7 @@ fn start_binary(
     }
 }
 
-fn wait_exit(child: &mut Child) -> ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child) -> ExitStatus {
     let start = Instant::now();
     loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -87,7 +87,7 @@ fn wait_exit(child: &mut Child) -> ExitStatus {
     }
 }
 
-fn connect(setup: &RingSetup, pidfd: Option<std::os::fd::OwnedFd>) -> Arc<Client> {
+pub(crate) fn connect(setup: &RingSetup, pidfd: Option<std::os::fd::OwnedFd>) -> Arc<Client> {
     let (ring_fd, sq, cq) = setup.try_clone_fds().unwrap();
     let ring = RingRegion::open(ring_fd).unwrap();
     Arc::new(Client::connect(ring, sq, cq, pidfd, ClientConfig::default()).unwrap())
@@ -430,7 +430,7 @@ fn a_missed_deadline_resumes_serving() {
     )
     .unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let driver = thread::spawn(move || serve_controlled(server, theirs).unwrap());
+    let driver = thread::spawn(move || serve_controlled(server, theirs, None).unwrap());
     let mut ctl = DriverControl::new(ours).unwrap();
     let client = connect(&setup, None);
     client.write(Lba(0), &pattern(0, 1)).unwrap();

@@ -21,13 +21,19 @@
 //!
 //! A component binary also answers the probe `component-info` with its
 //! [`ComponentInfo`] as one line of JSON, before the manager starts it.
+//!
+//! A component started with a relink directory outlives its supervisor: it serves on, and
+//! a new supervisor connects to its [`relink_socket_path`] to become its control link
+//! ([`Relink`]).
 #![forbid(unsafe_code)]
 
 mod link;
 mod message;
+mod relink;
 
 pub use link::{Link, LinkError};
 pub use message::{
     Command, ComponentInfo, ControlError, ConversionProgress, ConversionResult, FuseInfo, Reply,
     RequiredState, ServingPhase, Status,
 };
+pub use relink::{may_relink, relink_socket_path, LinkLoss, PeerUid, Relink};

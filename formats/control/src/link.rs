@@ -44,6 +44,13 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// The link's socket (to hand it across an exec).
+impl std::os::fd::AsFd for Link {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
 impl Link {
     /// A link whose messages may carry a state blob of up to `state_cap` bytes.
     pub fn new(stream: UnixStream, state_cap: u64) -> Link {
