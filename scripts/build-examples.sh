@@ -21,6 +21,9 @@
 #   fsd-err2                fsd and blockdev built together with --features
 #   blockdev-err2             fsd/errcodes-v2,blockdev/errcodes-v2 (0.1.0+err2, 0.2.0+errcodes2)
 #   fsd-touch               fsd --features usage-on-touch (0.1.0+touch)
+#   fsd-sup2                fsd --features supervisor-next (its supervisor: 0.1.0+sup2)
+#   fsd-takeover-fault      fsd --features takeover-fault (a supervisor, 0.1.0+takeover-fault,
+#                             that panics while taking a mount over)
 #
 # The variants are built in their own target directory, $CARGO_TARGET_DIR/variants
 # (default target/variants), so they never overwrite the default binaries; builds of
@@ -105,9 +108,12 @@ variant blockdev/legacy-counters-u32 blockdev-counters32=blockdev
 variant fsd/ring48,blockdev/ring48 fsd-ring48=fsd blockdev-ring48=blockdev
 variant fsd/errcodes-v2,blockdev/errcodes-v2 fsd-err2=fsd blockdev-err2=blockdev
 variant fsd/usage-on-touch fsd-touch=fsd
+variant fsd/supervisor-next fsd-sup2=fsd
+variant fsd/takeover-fault fsd-takeover-fault=fsd
 flock -u 9
 
-for b in blockdev-counters32 fsd-ring48 blockdev-ring48 fsd-err2 blockdev-err2 fsd-touch; do
+for b in blockdev-counters32 fsd-ring48 blockdev-ring48 fsd-err2 blockdev-err2 fsd-touch \
+    fsd-sup2 fsd-takeover-fault; do
     cp -f "$variants/bin/$b" "$out/bin/$b"
 done
 
@@ -128,6 +134,18 @@ expect blockdev-ring48 0.2.0+ring48
 expect fsd-err2 0.1.0+err2
 expect blockdev-err2 0.2.0+errcodes2
 expect fsd-touch 0.1.0+touch
+# The supervisor variants: what their supervisor says of itself.
+expect_supervisor() {
+    local got
+    got="$("$out/bin/$1" supervisor-info | sed -n 's/.*"version":"\([^"]*\)".*/\1/p')"
+    if [ "$got" != "$2" ]; then
+        echo "build-examples: bin/$1 reports supervisor version $got, expected $2" >&2
+        exit 1
+    fi
+}
+expect_supervisor fsd 0.1.0
+expect_supervisor fsd-sup2 0.1.0+sup2
+expect_supervisor fsd-takeover-fault 0.1.0+takeover-fault
 
 [ "$bins_only" = 1 ] && exit 0
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Measures what a component crash costs a running workload: molt-stress runs verified I/O
-# with 1,000 files held open while the filesystem server (then, on a fresh mount, the
-# block driver) is killed with SIGKILL four times; for each kill, the longest window with
-# no completed operation around it, and the workload's error count.
+# with 1,000 files held open while the supervisor (then, on a fresh mount each, the
+# filesystem server and the block driver) is killed with SIGKILL four times; for each
+# kill, the longest window with no completed operation around it, and the workload's
+# error count. A killed supervisor is replaced by one that adopts the running components;
+# each kill waits for that before the next.
 # Usage: [TRANSPORT=dev|uring] scripts/recovery-stall.sh   (root; builds release). Over
 # io_uring a server crash is not recovered (docs/live-update.md): only the driver is killed.
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
@@ -21,8 +23,8 @@ victim_pid() { # SUPERVISOR NAME
 }
 
 TRANSPORT="${TRANSPORT:-dev}"
-victims="fsd blockdev"
-[ "$TRANSPORT" = uring ] && victims=blockdev
+victims="supervisor fsd blockdev"
+[ "$TRANSPORT" = uring ] && victims="supervisor blockdev"
 echo "transport $TRANSPORT"
 printf '| component killed | kills | longest stall per kill (ms) | median (ms) | workload errors |\n|---|---:|---|---:|---:|\n'
 for victim in $victims; do
@@ -38,11 +40,19 @@ for victim in $victims; do
     sleep 3
     kills=()
     for _ in 1 2 3 4; do
-        pid=$(victim_pid "$sup" "$victim")
+        if [ "$victim" = supervisor ]; then
+            pid=$(supervisor_pid)
+        else
+            pid=$(victim_pid "$sup" "$victim")
+        fi
         at=$(now_ms)
         kill -9 "$pid"
         kills+=("$at")
         sleep 4
+        if [ "$victim" = supervisor ]; then
+            [ "$(supervisor_pid)" != "$pid" ] \
+                || molt_die "no supervisor adopted the mount after killing pid $pid"
+        fi
     done
     wait "$stress" || true
     per_kill=$(scripts/stall_window.py "$WORK/stress.json" near "${kills[@]}")
@@ -51,7 +61,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 stalls = [int(x) for x in sys.argv[3].split(",")]
 med = sorted(stalls)[len(stalls) // 2]
-name = "filesystem server" if sys.argv[2] == "fsd" else "block driver"
+name = {"fsd": "filesystem server", "blockdev": "block driver"}.get(sys.argv[2], sys.argv[2])
 print(f"| {name} | {len(stalls)} | {', '.join(map(str, stalls))} | {med} | {r['errors_total']} |")
 PY
     "$BIN/fsd" unmount "$MNT"

@@ -119,6 +119,19 @@ enum Command {
     /// Print what this build is (name, version, state schemas, ring protocol, error codes)
     /// as one line of JSON: the update manager's probe.
     ComponentInfo,
+    /// Print what this build's supervisor is (version, state schemas) as one line of JSON:
+    /// the update manager's probe of a supervisor package.
+    SupervisorInfo,
+    /// Internal: take a mount over from the supervisor that exec'd this binary (a live
+    /// update of the supervisor), from the state in the sealed memfd at --state-fd.
+    #[command(hide = true)]
+    SupervisorTakeover {
+        #[arg(long)]
+        state_fd: i32,
+        /// Only check that this build reads the state (a saved supervisor state), then exit.
+        #[arg(long)]
+        check: bool,
+    },
     /// Internal: the filesystem server process, started by the supervisor.
     #[command(hide = true)]
     Serve {
@@ -137,6 +150,11 @@ enum Command {
         /// The mount is read-only: open the image without writing to it.
         #[arg(long)]
         read_only: bool,
+        /// Listen on DIR/fsd-<pid>.sock (mode 0600): once the supervisor is gone, the next
+        /// connection there from root or this user becomes the control link. Removed when
+        /// the server exits.
+        #[arg(long, value_name = "DIR")]
+        relink_dir: Option<PathBuf>,
     },
 }
 
@@ -332,6 +350,38 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::SupervisorInfo => {
+            match serde_json::to_string(&update_manager::identity::supervisor_info()) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("fsd: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::SupervisorTakeover { state_fd, check } => {
+            let fd = match inherited_fd(state_fd) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    eprintln!("fsd supervisor-takeover: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let r = if check {
+                update_manager::succession::check_state_fd(fd)
+                    .map_err(supervisor::MountError::Failed)
+            } else {
+                supervisor::supervise_takeover(fd)
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fsd supervisor-takeover: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Unmount { mountpoint } => match supervisor::unmount(&mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -346,6 +396,7 @@ fn main() -> ExitCode {
             adopt,
             recover,
             read_only,
+            relink_dir,
         } => {
             let transport = match transport {
                 serve::TransportChoice::Uring => fsd_server::persist::Transport::Uring,
@@ -358,6 +409,7 @@ fn main() -> ExitCode {
                 adopt,
                 recover,
                 read_only,
+                relink_dir,
             };
             let fds = (|| -> anyhow::Result<serve::ServerFds> {
                 use fsd_server::serve::*;

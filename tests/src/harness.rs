@@ -314,24 +314,38 @@ impl Mount {
         &self.mnt
     }
 
-    /// The pids of the stack: (supervisor, fsd server, block driver).
+    /// The pids of the stack: (supervisor, its children). The supervisor is the one the
+    /// runtime directory names now (one that adopted the mount after a crash replaces the
+    /// one that mounted it).
     pub fn pids(&self) -> (i32, Vec<i32>) {
-        let sup = self.supervisor.expect("supervisor pid");
+        let sup = self.current_supervisor().expect("supervisor pid");
         (sup, children_of(sup))
     }
 
-    /// (supervisor, filesystem server, block driver) pids, found by name among the
-    /// supervisor's children (a component installed by an update runs as `NAME-HASH`);
-    /// `None` while one is missing (being replaced).
+    fn current_supervisor(&self) -> Option<i32> {
+        supervisor_pid(&self.mnt).or(self.supervisor)
+    }
+
+    /// (supervisor, filesystem server, block driver) pids: the components are found by
+    /// name among the supervisor's children (a component installed by an update runs as
+    /// `NAME-HASH`), or, for components a supervisor adopted (not its children), as
+    /// `updater status` lists them; `None` while one is missing (being replaced).
     pub fn stack_pids(&self) -> Option<(i32, i32, i32)> {
-        let (sup, children) = self.pids();
+        let sup = self.current_supervisor()?;
+        let children = children_of(sup);
         let find = |name: &str| {
             children
                 .iter()
                 .copied()
                 .find(|c| comm(*c).is_some_and(|n| n == name || n.starts_with(&format!("{name}-"))))
         };
-        Some((sup, find("fsd")?, find("blockdev")?))
+        match (find("fsd"), find("blockdev")) {
+            (Some(f), Some(b)) => Some((sup, f, b)),
+            _ => {
+                let (f, b) = listed_components(&self.mnt)?;
+                Some((sup, f, b))
+            }
+        }
     }
 
     /// Unmounts with `fsd unmount` and checks it succeeded.
@@ -356,6 +370,12 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         self.disarm();
+        // Who runs the stack now, before the unmount removes the runtime directory.
+        let supervisor = self.current_supervisor();
+        let components: Vec<i32> = self
+            .stack_pids()
+            .map(|(_, f, b)| vec![f, b])
+            .unwrap_or_default();
         if is_mounted(&self.mnt) {
             let ok = std::panic::catch_unwind(|| {
                 fsd(&["unmount", self.mnt.to_str().unwrap_or_default()])
@@ -366,17 +386,39 @@ impl Drop for Mount {
                 force_unmount(&self.mnt);
             }
         }
-        if let Some(pid) = self.supervisor {
+        if let Some(pid) = supervisor {
             let deadline = Instant::now() + Duration::from_secs(20);
-            while alive(pid) && Instant::now() < deadline {
+            while [pid].iter().chain(&components).any(|p| alive(*p)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            for p in children_of(pid).into_iter().chain([pid]) {
-                // A pid we started.
-                let _ = molt_sys::kill(p, libc::SIGKILL);
+            for p in children_of(pid).into_iter().chain(components).chain([pid]) {
+                // A pid of the stack we started.
+                if alive(p) {
+                    let _ = molt_sys::kill(p, libc::SIGKILL);
+                }
             }
         }
     }
+}
+
+/// The (filesystem server, block driver) pids `updater status` lists for the mount at
+/// `mnt`, when both run.
+pub fn listed_components(mnt: &Path) -> Option<(i32, i32)> {
+    let out = updater(&["status", "--mount", mnt.to_str()?, "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let pid = |name: &str| {
+        v["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == name)?["pid"]
+            .as_i64()
+            .map(|p| p as i32)
+            .filter(|p| alive(*p))
+    };
+    Some((pid("fsd")?, pid("blockdev")?))
 }
 
 pub fn supervisor_pid(mnt: &Path) -> Option<i32> {

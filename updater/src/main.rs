@@ -555,6 +555,9 @@ fn status_json(r: &StatusReport) -> serde_json::Result<serde_json::Value> {
             c["counters"] = counters.into();
         }
     }
+    if let Some(s) = &r.supervisor {
+        v["supervisor"]["took_over_utc"] = formats::when::utc_date(s.took_over_unix).into();
+    }
     if let Some(history) = v["history"].as_array_mut() {
         for (h, u) in history.iter_mut().zip(&r.history) {
             h["started_utc"] = formats::when::utc_date(u.started_unix).into();
@@ -567,8 +570,12 @@ fn print_status(r: &StatusReport) {
     println!("format version {}", r.format_version);
     if let Some(s) = &r.supervisor {
         println!(
-            "supervisor version {:<8} pid {:<7} log {}",
-            s.version, s.pid, s.log
+            "supervisor version {:<8} pid {:<7} since {} ({})  log {}",
+            s.version,
+            s.pid,
+            formats::when::date_and_age(s.took_over_unix, now_unix()),
+            s.how,
+            s.log
         );
     }
     if let Some(f) = &r.fuse {

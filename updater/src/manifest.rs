@@ -104,6 +104,8 @@ impl fmt::Display for Nature {
 pub enum ComponentName {
     Fsd,
     Blockdev,
+    /// The supervisor and update manager itself (`fsd mount`'s process).
+    Supervisor,
 }
 
 impl ComponentName {
@@ -111,6 +113,7 @@ impl ComponentName {
         match self {
             ComponentName::Fsd => "fsd",
             ComponentName::Blockdev => "blockdev",
+            ComponentName::Supervisor => "supervisor",
         }
     }
 }
@@ -301,6 +304,15 @@ impl Manifest {
                 ));
             }
         }
+        if names.contains(&ComponentName::Supervisor) && self.components.len() > 1 {
+            return Err(
+                "the supervisor is replaced alone: a package naming it names no other component"
+                    .into(),
+            );
+        }
+        if names.contains(&ComponentName::Supervisor) && self.format.is_some() {
+            return Err("a supervisor package converts no on-disk format".into());
+        }
         let both = names.contains(&ComponentName::Fsd) && names.contains(&ComponentName::Blockdev);
         match p.nature {
             Nature::Interaction | Nature::GlobalData if !both && !not_live => {
@@ -455,6 +467,19 @@ size = 0
         ] {
             assert!(Manifest::parse(&s.replacen(from, to, 1)).is_err(), "{to}");
         }
+    }
+
+    #[test]
+    fn a_supervisor_package_replaces_the_supervisor_alone() {
+        let alone = edit(|m| m.components[0].name = ComponentName::Supervisor);
+        assert_eq!(alone, Ok(()));
+        let with_other = edit(|m| {
+            let mut sup = m.components[0].clone();
+            sup.name = ComponentName::Supervisor;
+            m.components.push(sup);
+            m.package.nature = Nature::Interaction;
+        });
+        assert!(with_other.unwrap_err().contains("replaced alone"));
     }
 
     #[test]

@@ -240,6 +240,10 @@ pub struct SupervisorStatus {
     pub version: String,
     /// Where it and the components log.
     pub log: String,
+    /// When this supervisor took the mount over (Unix seconds).
+    pub took_over_unix: u64,
+    /// How: "mount", "live update", "rolled back", "adopted after a crash".
+    pub how: String,
 }
 
 #[derive(Debug, Error)]
@@ -429,6 +433,8 @@ mod tests {
                     pid: 7,
                     version: "0.1.0".into(),
                     log: "/run/molt/x.log".into(),
+                    took_over_unix: 1_700_000_000,
+                    how: "live update".into(),
                 }),
                 fuse: Some(molt_control::FuseInfo {
                     transport: "dev".into(),

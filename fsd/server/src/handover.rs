@@ -18,6 +18,14 @@
 //! then holds: [`Command::Resume`] serves again, [`Command::Exit`] ends the process without
 //! touching the mount. When the kernel ends the connection (unmount) it makes the image
 //! clean and exits.
+//!
+//! A serving server outlives its supervisor. When the control link ends it serves on; if
+//! it held for an update it serves again by itself (the update is abandoned), unless a
+//! successor has used the ring since (the supervisor committed one and died before its
+//! `Exit`): then it ends untouched, as told to exit. Started with a relink directory, it
+//! takes the next trusted connection on its relink socket ([`Relink`]) as its control
+//! link. A successor that loses its supervisor before the commit ends untouched: its
+//! predecessor serves on.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -28,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use fsd_core::fs::Fs;
 use molt_control::{
-    Command, ControlError, Link, LinkError, Reply, RequiredState, ServingPhase, Status,
+    Command, ControlError, Link, LinkError, LinkLoss, Relink, Reply, RequiredState, ServingPhase,
+    Status,
 };
 
 use crate::background::{background, follow_mount_options, Conversion, Flusher};
@@ -52,15 +61,30 @@ const URING_NO_TAKEOVER: &str = "the connection is served over FUSE io_uring, wh
 /// The FUSE session of this server.
 type FuseSession = molt_fuse::Session<MoltFuse>;
 
+/// How long a server that held when its supervisor went away waits before it looks for a
+/// successor's use of the ring: a successor told to commit just before the supervisor died
+/// reads the image within this time unless it is starved of CPU. (Nothing closes that
+/// race entirely short of the supervisor surviving.)
+const SUCCESSOR_SETTLE: Duration = Duration::from_millis(200);
+
 /// The ring's descriptors, kept so that the server can connect again after a rolled-back
 /// update (a successor may have moved the ring's positions).
 struct ServerRing {
     ring: OwnedFd,
     sq_eventfd: OwnedFd,
     cq_eventfd: OwnedFd,
+    /// Read only: where the ring's submission queue is.
+    view: blockdev::ring::RingRegion,
 }
 
 impl ServerRing {
+    /// Entries ever submitted to the ring, by this process or another.
+    fn sq_tail(&self) -> u32 {
+        self.view
+            .sq_tail()
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// A ring client on duplicates of the descriptors.
     fn connect(&self) -> anyhow::Result<Arc<crate::host::RingStore>> {
         let region = blockdev::ring::RingRegion::open(self.ring.try_clone()?)?;
@@ -80,12 +104,29 @@ impl ServerRing {
 /// until told to exit after a prepare).
 pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
     let mut link = Link::new(fds.ctl, STATE_CAP);
+    // Dropped (its socket removed) when this returns; `end_untouched` removes it by hand.
+    let relink = match args.relink_dir.as_deref().map(bind_relink).transpose() {
+        Ok(r) => r,
+        Err(e) => return Err(fail(&mut link, e)),
+    };
+    let view = match blockdev::ring::RingRegion::open(fds.ring.try_clone()?) {
+        Ok(v) => v,
+        Err(e) => return Err(fail(&mut link, e.into())),
+    };
     let ring = ServerRing {
         ring: fds.ring,
         sq_eventfd: fds.sq_eventfd,
         cq_eventfd: fds.cq_eventfd,
+        view,
     };
-    let started = start(args, &mut link, &ring, &fds.redo, &fds.session);
+    let started = start(
+        args,
+        &mut link,
+        &ring,
+        &fds.redo,
+        &fds.session,
+        relink.as_ref(),
+    );
     let (fs, molt, negotiated) = match started {
         Ok(v) => v,
         Err(e) => return Err(fail(&mut link, e)),
@@ -108,11 +149,16 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
             return Err(fail(&mut link, e));
         }
     }
-    let commands = inbox(&link)?;
+    let commands = inbox(&link, relink.as_ref().map(Relink::loss))?;
     let mut server = ControlledServer {
         args: args.clone(),
         link,
         commands,
+        restart: args
+            .relink_dir
+            .as_deref()
+            .and_then(|d| crate::restart::SupervisorRestart::new(d, &args.mountpoint)),
+        relink,
         session,
         fuse,
         uring: Arc::default(),
@@ -123,6 +169,25 @@ pub fn run_server(args: &ServerArgs, fds: ServerFds) -> anyhow::Result<()> {
         retry: None,
     };
     server.serve_until_unmounted()
+}
+
+/// The relink socket in `dir`: a connection from root or this process's user may replace
+/// a lost control link.
+fn bind_relink(dir: &std::path::Path) -> anyhow::Result<Relink> {
+    use std::os::fd::AsFd;
+    Relink::bind(dir, "fsd", molt_sys::socket::effective_uid(), |s| {
+        Ok(molt_sys::peer_credentials(s.as_fd())?.uid)
+    })
+    .map_err(|e| anyhow::anyhow!("listening for a new supervisor in {}: {e}", dir.display()))
+}
+
+/// Ends the process without touching anything shared (no unmount, no image write), and
+/// without its relink socket.
+fn end_untouched(relink: Option<&Relink>) -> ! {
+    if let Some(r) = relink {
+        r.remove();
+    }
+    std::process::exit(0)
 }
 
 /// Reports a start-up failure to the supervisor and returns it.
@@ -139,13 +204,14 @@ fn start(
     ring: &ServerRing,
     redo: &File,
     record: &File,
+    relink: Option<&Relink>,
 ) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>, Option<Negotiated>)> {
     if args.adopt {
         if args.read_only {
             // The update manager refuses this before a successor starts.
             anyhow::bail!("a read-only mount is not live-updated");
         }
-        return adopt(link, ring, redo);
+        return adopt(link, ring, redo, relink);
     }
     if let Some(recovery) = args.recover {
         // The predecessor died: the supervisor settled the ring; the kernel holds the
@@ -189,16 +255,18 @@ fn start(
 }
 
 /// A live update's successor: imports the predecessor's state (writing nothing), then
-/// takes over at the commit. An abort (or a lost supervisor) ends the process untouched.
+/// takes over at the commit. An abort (or a lost supervisor) ends the process untouched:
+/// the predecessor serves on.
 fn adopt(
     link: &mut Link,
     ring: &ServerRing,
     redo: &File,
+    relink: Option<&Relink>,
 ) -> anyhow::Result<(Arc<Fs>, Arc<MoltFuse>, Option<Negotiated>)> {
     link.send(&Reply::Spawned)?;
     let blob = match link.recv::<Command>()? {
         Command::State(b) => b,
-        Command::Abort => std::process::exit(0),
+        Command::Abort => end_untouched(relink),
         other => anyhow::bail!("expected the state, got {other:?}"),
     };
     let (state, negotiated) = match import(&blob) {
@@ -211,7 +279,7 @@ fn adopt(
     link.send(&Reply::Imported)?;
     match link.recv::<Command>() {
         Ok(Command::Commit) => {}
-        _ => std::process::exit(0),
+        _ => end_untouched(relink),
     }
     let fs = Arc::new(Fs::adopt(ring.connect()?, &state.withheld)?);
     fs.attach_redo_log(crate::host::open_redo_log(redo)?);
@@ -282,13 +350,22 @@ fn serve_connection(
     }
 }
 
-/// Commands arrive on their own thread so that the server also notices an unmount.
-fn inbox(link: &Link) -> std::io::Result<Receiver<Result<Command, LinkError>>> {
+/// Commands arrive on their own thread so that the server also notices an unmount. The
+/// channel disconnects when the link ends; `loss` hears of it first.
+fn inbox(
+    link: &Link,
+    loss: Option<LinkLoss>,
+) -> std::io::Result<Receiver<Result<Command, LinkError>>> {
     let mut reader = link.try_clone()?;
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || loop {
         let m = reader.recv::<Command>();
         let end = matches!(m, Err(LinkError::Closed | LinkError::Io(_)));
+        if end {
+            if let Some(l) = &loss {
+                l.link_lost();
+            }
+        }
         if tx.send(m).is_err() || end {
             return;
         }
@@ -299,8 +376,14 @@ fn inbox(link: &Link) -> std::io::Result<Receiver<Result<Command, LinkError>>> {
 /// A serving server and its control link.
 struct ControlledServer {
     args: ServerArgs,
+    /// The supervisor's link. A reply that cannot be sent is dropped: the inbox notices a
+    /// lost supervisor.
     link: Link,
     commands: Receiver<Result<Command, LinkError>>,
+    /// Where a new supervisor connects once `link` ended.
+    relink: Option<Relink>,
+    /// Starts a new supervisor while the link is gone (with a relink directory only).
+    restart: Option<crate::restart::SupervisorRestart>,
     session: Arc<FuseSession>,
     /// The connection's `/dev/fuse` descriptor.
     fuse: File,
@@ -324,6 +407,9 @@ struct Period {
     flusher: Option<Flusher>,
     /// Drained and holding after a `Ready`.
     prepared: bool,
+    /// The ring's submission tail when `Ready` was sent: nothing but a committed successor
+    /// moves it while this server holds.
+    held_at: Option<u32>,
 }
 
 /// What a command leaves the serving period to do.
@@ -339,7 +425,7 @@ impl ControlledServer {
             let announce = self.retry.is_none();
             let mut period = self.start_period()?;
             if announce {
-                self.link.send(&Reply::Serving)?;
+                self.tell(&Reply::Serving);
             }
             self.answer_commands(&mut period)?;
             period.stopper.stop()?;
@@ -390,6 +476,7 @@ impl ControlledServer {
             workers,
             flusher: Some(Flusher { stop, handle }),
             prepared: false,
+            held_at: None,
         })
     }
 
@@ -409,16 +496,26 @@ impl ControlledServer {
                 None => match self.commands.recv_timeout(Duration::from_millis(20)) {
                     Ok(Ok(c)) => c,
                     Ok(Err(LinkError::Malformed(m))) => {
-                        self.refuse(ControlError::Failed(m))?;
+                        self.refuse(ControlError::Failed(m));
                         continue;
                     }
                     Ok(Err(_)) | Err(RecvTimeoutError::Timeout) => continue,
-                    // The supervisor is gone; keep serving (it kills us if it means to).
+                    // The supervisor is gone: keep serving, and take a new one's link.
                     Err(RecvTimeoutError::Disconnected) => {
-                        if period.workers.is_finished() {
+                        if period.prepared {
+                            self.serve_again_unsupervised(period)?;
                             return Ok(());
                         }
-                        thread::sleep(Duration::from_millis(20));
+                        if self.take_new_link() {
+                            if let Some(r) = &mut self.restart {
+                                r.linked();
+                            }
+                        } else {
+                            if let Some(r) = &mut self.restart {
+                                r.orphaned();
+                            }
+                            thread::sleep(Duration::from_millis(20));
+                        }
                         continue;
                     }
                 },
@@ -429,11 +526,57 @@ impl ControlledServer {
         }
     }
 
+    /// Held for an update when the supervisor went away: the update is abandoned and the
+    /// server serves again (the caller ends the period) — unless a successor has used the
+    /// ring since `Ready` (it was committed): then this process ends untouched, as `Exit`
+    /// would have ended it.
+    fn serve_again_unsupervised(&mut self, period: &Period) -> anyhow::Result<()> {
+        thread::sleep(SUCCESSOR_SETTLE);
+        if period.held_at.is_some_and(|t| t != self.ring.sq_tail()) {
+            eprintln!("fsd serve: supervisor gone while held, and a successor serves: exiting");
+            end_untouched(self.relink.as_ref());
+        }
+        eprintln!("fsd serve: supervisor gone while held; serving again");
+        // A driver successor may have been committed: connect from the ring's positions.
+        self.fs.replace_store(self.ring.connect()?);
+        Ok(())
+    }
+
+    /// Makes a connection a new supervisor made on the relink socket the control link.
+    /// Returns whether there was one.
+    fn take_new_link(&mut self) -> bool {
+        let Some(relink) = &self.relink else {
+            return false;
+        };
+        let Some(stream) = relink.try_next_link() else {
+            return false;
+        };
+        let link = Link::new(stream, STATE_CAP);
+        match inbox(&link, Some(relink.loss())) {
+            Ok(commands) => {
+                eprintln!("fsd serve: a new supervisor took over the control link");
+                self.link = link;
+                self.commands = commands;
+                true
+            }
+            Err(_) => {
+                // Unreadable: dropped, and the socket waits for another.
+                relink.loss().link_lost();
+                false
+            }
+        }
+    }
+
+    /// Sends a reply; one the supervisor is gone for is dropped.
+    fn tell(&mut self, reply: &Reply) {
+        let _ = self.link.send(reply);
+    }
+
     fn answer(&mut self, command: Command, period: &mut Period) -> anyhow::Result<Next> {
         match (command, period.prepared) {
             (Command::Status, prepared) => {
                 let status = self.status(prepared);
-                self.link.send(&Reply::Status(status))?;
+                self.tell(&Reply::Status(status));
             }
             (Command::ConversionSpace(to), _) => {
                 let reply = match self.fs.conversion_space_needed(to) {
@@ -443,7 +586,7 @@ impl ControlledServer {
                     },
                     Err(e) => Reply::Error(ControlError::Failed(e.to_string())),
                 };
-                self.link.send(&reply)?;
+                self.tell(&reply);
             }
             (Command::Convert(to), false) => {
                 let reply = match self.fs.start_conversion(to) {
@@ -453,7 +596,7 @@ impl ControlledServer {
                     }
                     Err(e) => Reply::Error(ControlError::Failed(e.to_string())),
                 };
-                self.link.send(&reply)?;
+                self.tell(&reply);
             }
             (
                 Command::Prepare {
@@ -470,14 +613,14 @@ impl ControlledServer {
                 self.fs.replace_store(self.ring.connect()?);
                 return Ok(Next::EndPeriod);
             }
-            (Command::Exit, true) => std::process::exit(0),
-            (other, _) => self.refuse(ControlError::Unexpected(format!("{other:?}")))?,
+            (Command::Exit, true) => end_untouched(self.relink.as_ref()),
+            (other, _) => self.refuse(ControlError::Unexpected(format!("{other:?}"))),
         }
         Ok(Next::Serve)
     }
 
-    fn refuse(&mut self, e: ControlError) -> anyhow::Result<()> {
-        Ok(self.link.send(&Reply::Error(e))?)
+    fn refuse(&mut self, e: ControlError) {
+        self.tell(&Reply::Error(e));
     }
 
     /// Notification and preparation: converge while serving, drain, re-check, export.
@@ -488,7 +631,7 @@ impl ControlledServer {
         required: Vec<RequiredState>,
     ) -> anyhow::Result<Next> {
         if let Err(why) = self.converge(&required, deadline) {
-            self.refuse(ControlError::Deadline(why))?;
+            self.refuse(ControlError::Deadline(why));
             return Ok(Next::Serve);
         }
         eprintln!("fsd serve: prepare: state reached, draining");
@@ -519,12 +662,13 @@ impl ControlledServer {
             });
         match exported {
             Ok(blob) => {
-                self.link.send(&Reply::Ready(blob))?;
+                period.held_at = Some(self.ring.sq_tail());
+                self.tell(&Reply::Ready(blob));
                 Ok(Next::Serve)
             }
             Err(e) => {
                 // Serves again by itself; a resume is then answered as unexpected.
-                self.refuse(ControlError::Failed(format!("{e:#}")))?;
+                self.refuse(ControlError::Failed(format!("{e:#}")));
                 Ok(Next::EndPeriod)
             }
         }

@@ -21,6 +21,7 @@ mod fuse;
 mod handover;
 pub mod host;
 pub mod persist;
+mod restart;
 pub mod serve;
 
 pub use handover::run_server;

@@ -279,4 +279,7 @@ pub struct ServerArgs {
     pub recover: Option<u64>,
     /// The mount is read-only: the image is opened without a write, in every start mode.
     pub read_only: bool,
+    /// Listen on `molt_control::relink_socket_path(dir, "fsd", pid)` for a supervisor
+    /// that replaces a lost one (`molt_control::Relink`).
+    pub relink_dir: Option<std::path::PathBuf>,
 }

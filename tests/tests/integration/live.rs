@@ -31,7 +31,7 @@ pub(super) const EXPIRES: u64 = 1_893_456_000;
 pub(super) const COMMITTED: i32 = 0;
 pub(super) const REFUSED: i32 = 2;
 const ABORTED: i32 = 3;
-const ROLLED_BACK: i32 = 4;
+pub(super) const ROLLED_BACK: i32 = 4;
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -437,7 +437,7 @@ impl Held {
 
 /// A copy of `src` that differs in its bytes (trailing padding an ELF loader ignores), so
 /// the supervisor installs and runs it as a distinct binary.
-fn distinct_copy(src: &Path, dst: &Path, tag: &str) {
+pub(super) fn distinct_copy(src: &Path, dst: &Path, tag: &str) {
     std::fs::copy(src, dst).expect("copy binary");
     let mut f = OpenOptions::new()
         .append(true)

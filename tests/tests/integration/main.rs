@@ -17,4 +17,5 @@ mod nbd;
 mod permissions;
 mod pjdfstest;
 mod posix;
+mod supervisor;
 mod transport;

@@ -6,15 +6,17 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process};
+use std::process::Command as ProcessCommand;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use molt_control::{Command, ComponentInfo, ControlError, Link, LinkError, Reply};
 
+use crate::process::Process;
+
 pub struct ComponentProc {
-    pub child: Child,
+    pub process: Process,
     pub binary: PathBuf,
     pub info: ComponentInfo,
     link: Link,
@@ -43,7 +45,7 @@ pub enum ExchangeError {
 
 /// Asks a component binary what it is (`<binary> component-info`).
 pub fn probe(binary: &Path) -> Result<ComponentInfo, String> {
-    let out = Process::new(binary)
+    let out = ProcessCommand::new(binary)
         .arg("component-info")
         .output()
         .map_err(|e| format!("{}: {e}", binary.display()))?;
@@ -63,8 +65,14 @@ pub fn probe(binary: &Path) -> Result<ComponentInfo, String> {
 }
 
 impl ComponentProc {
+    /// The supervisor's end of the control link (to hand it across an exec).
+    pub(crate) fn link_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.link.as_fd()
+    }
+
     pub fn new(
-        child: Child,
+        process: Process,
         binary: PathBuf,
         info: ComponentInfo,
         stream: UnixStream,
@@ -81,7 +89,7 @@ impl ComponentProc {
             }
         });
         Ok(ComponentProc {
-            child,
+            process,
             binary,
             info,
             link,
@@ -91,7 +99,7 @@ impl ComponentProc {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.id()
     }
 
     pub fn send(&mut self, command: &Command) -> Result<(), ExchangeError> {
@@ -170,15 +178,14 @@ impl ComponentProc {
 
     /// Kills the process and reaps it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Waits up to `within` for the process to exit by itself; kills it after that.
     pub fn reap(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if self.process.try_wait().is_some() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));

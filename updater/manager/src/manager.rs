@@ -41,12 +41,27 @@ pub struct Control {
 
 /// Binds `control.sock` (mode 0600) in the mount's runtime directory (mode 0700) and serves
 /// it on a thread.
-pub fn start(stack: &Arc<Mutex<Stack>>, control: Arc<Control>) -> io::Result<PathBuf> {
+/// A `listener` handed over by a previous supervisor (a live update) is served as it is.
+pub fn start(
+    stack: &Arc<Mutex<Stack>>,
+    control: Arc<Control>,
+    listener: Option<UnixListener>,
+) -> io::Result<PathBuf> {
     let mnt = stack.lock().unwrap_or_else(|p| p.into_inner()).mnt.clone();
     let path = crate::runtime::dir_for(&mnt).join(updater::control::SOCKET_NAME);
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = match listener {
+        Some(l) => l,
+        None => {
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            listener
+        }
+    };
+    stack
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .control_socket = Some(listener.as_fd().try_clone_to_owned()?);
     let stack = stack.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -95,6 +110,7 @@ fn serve_connection(
             return Ok(());
         }
     };
+    let client = conn.try_clone()?;
     let mut out = |ev: Event| {
         let _ = send(&mut conn, &ev);
     };
@@ -135,7 +151,19 @@ fn serve_connection(
             deadline_ms,
             no_wait,
         } => {
-            let (outcome, message) = apply(stack, control, package, deadline_ms, no_wait, &mut out);
+            // A supervisor update hands this connection to the new supervisor.
+            let client = client.try_clone()?;
+            let (outcome, message) = apply(
+                stack,
+                control,
+                package,
+                Options {
+                    deadline_ms,
+                    no_wait,
+                    client: client.as_fd(),
+                },
+                &mut out,
+            );
             out(Event::Done { outcome, message });
         }
     }
@@ -304,6 +332,12 @@ fn running_system(s: &Stack) -> updater::RunningSystem {
                 state_schema: s.driver.info.state_schema,
                 ring_protocol: Some(s.driver.info.ring),
             },
+            updater::RunningComponent {
+                name: ComponentName::Supervisor,
+                version: s.supervisor.version.clone(),
+                state_schema: crate::identity::STATE_VERSION,
+                ring_protocol: None,
+            },
         ],
         format_version: s.format_version,
         last_sequence: (s.last_sequence > 0).then_some(s.last_sequence),
@@ -343,14 +377,26 @@ impl Drop for InProgress<'_> {
     }
 }
 
+/// How an `apply` request runs.
+struct Options<'a> {
+    deadline_ms: Option<u64>,
+    no_wait: bool,
+    /// The requester's connection.
+    client: std::os::fd::BorrowedFd<'a>,
+}
+
 fn apply(
     stack: &Arc<Mutex<Stack>>,
     control: &Control,
     package: Vec<u8>,
-    deadline_ms: Option<u64>,
-    no_wait: bool,
+    options: Options<'_>,
     out: &mut dyn FnMut(Event),
 ) -> (Outcome, String) {
+    let Options {
+        deadline_ms,
+        no_wait,
+        client,
+    } = options;
     // One update at a time.
     {
         let mut running = control
@@ -389,7 +435,7 @@ fn apply(
                 .package
                 .unwrap_or_else(|| ("(unverified package)".into(), 0, String::new()));
             let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
-            s.history.push(UpdateRecord {
+            s.record(UpdateRecord {
                 package,
                 sequence,
                 nature,
@@ -418,6 +464,9 @@ fn apply(
         .unwrap_or_else(|p| p.into_inner()) = Some(m.package.name.clone());
 
     let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
+    if m.component(ComponentName::Supervisor).is_some() {
+        return apply_supervisor(&mut s, &verified, started_unix, t0, client, out);
+    }
     let deadline = Duration::from_millis(deadline_ms.unwrap_or(m.package.deadline_ms));
     let package = m.package.name.clone();
     let mut report = |e: PhaseEvent| {
@@ -465,7 +514,7 @@ fn apply(
     if outcome == Outcome::Committed {
         s.last_sequence = m.package.sequence;
     }
-    s.history.push(UpdateRecord {
+    s.record(UpdateRecord {
         package: m.package.name.clone(),
         sequence: m.package.sequence,
         nature: m.package.nature.as_str().to_string(),
@@ -529,6 +578,7 @@ fn convert_after_update(
                 .push((protocol::Phase::Conversion, elapsed_ms, state));
             r.message = format!("{}; {detail}", r.message);
         }
+        s.save();
     };
     match started {
         Ok(Reply::Converting) => {}
@@ -610,6 +660,7 @@ fn replacements(
         out.push(match name {
             ComponentName::Fsd => Replacement::of_server(binary),
             ComponentName::Blockdev => Replacement::of_driver(binary),
+            ComponentName::Supervisor => unreachable!("not in the list above"),
         });
     }
     if out.is_empty() {
@@ -644,7 +695,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
             update_in_progress: in_progress,
             conversion: None,
             last_conversion: None,
-            supervisor: Some(supervisor_status(&control.mountpoint)),
+            supervisor: None,
             fuse: None,
         };
     };
@@ -686,7 +737,7 @@ fn status(stack: &Arc<Mutex<Stack>>, control: &Control) -> StatusReport {
         update_in_progress: in_progress,
         conversion,
         last_conversion,
-        supervisor: Some(supervisor_status(&s.mnt)),
+        supervisor: Some(supervisor_status(&s)),
         fuse,
     }
 }
@@ -703,10 +754,141 @@ fn server_status(s: &mut Stack) -> Option<molt_control::Status> {
     status_of(&mut s.server)
 }
 
-fn supervisor_status(mnt: &Path) -> updater::protocol::SupervisorStatus {
+fn supervisor_status(s: &Stack) -> updater::protocol::SupervisorStatus {
     updater::protocol::SupervisorStatus {
         pid: std::process::id(),
-        version: fsd_server::persist::component_version(),
-        log: crate::runtime::log_path(mnt).display().to_string(),
+        version: s.supervisor.version.clone(),
+        log: crate::runtime::log_path(&s.mnt).display().to_string(),
+        took_over_unix: s.supervisor.took_over_unix,
+        how: s.supervisor.how.clone(),
     }
+}
+
+/// A live update of the supervisor: checks the new binary, then hands the mount to it
+/// (an exec in this process; see `crate::succession`). The new supervisor answers the
+/// requester; this function returns only when the mount stays with this supervisor.
+fn apply_supervisor(
+    s: &mut Stack,
+    verified: &VerifiedPackage,
+    started_unix: u64,
+    t0: Instant,
+    client: std::os::fd::BorrowedFd<'_>,
+    out: &mut dyn FnMut(Event),
+) -> (Outcome, String) {
+    let m = &verified.manifest;
+    let ms = |t: Instant| t.elapsed().as_millis() as u64;
+    let mut record = UpdateRecord {
+        package: m.package.name.clone(),
+        sequence: m.package.sequence,
+        nature: m.package.nature.as_str().to_string(),
+        started_unix,
+        phases: vec![(
+            protocol::Phase::Initialization,
+            ms(t0),
+            protocol::PhaseState::Finished,
+        )],
+        outcome: Outcome::Failed,
+        message: String::new(),
+    };
+    let fail = |s: &mut Stack,
+                out: &mut dyn FnMut(Event),
+                record: &mut UpdateRecord,
+                outcome,
+                why: String| {
+        out(Event::Phase {
+            phase: protocol::Phase::StateTransfer,
+            state: protocol::PhaseState::Failed,
+            elapsed_ms: ms(t0),
+            detail: why.clone(),
+        });
+        record.phases.push((
+            protocol::Phase::StateTransfer,
+            ms(t0),
+            protocol::PhaseState::Failed,
+        ));
+        record.outcome = outcome;
+        record.message = format!("{why}; supervisor {} stays in charge", s.supervisor.version);
+        s.record(record.clone());
+        (outcome, record.message.clone())
+    };
+    let Some(component) = m.component(ComponentName::Supervisor) else {
+        return fail(
+            s,
+            out,
+            &mut record,
+            Outcome::Refused,
+            "no supervisor component".into(),
+        );
+    };
+    let binary = match verified
+        .binary(ComponentName::Supervisor)
+        .map(|b| install_binary(&s.mnt, "supervisor", b))
+    {
+        Some(Ok(path)) => path,
+        Some(Err(e)) => {
+            return fail(
+                s,
+                out,
+                &mut record,
+                Outcome::Failed,
+                format!("installing the supervisor: {e}"),
+            )
+        }
+        None => {
+            return fail(
+                s,
+                out,
+                &mut record,
+                Outcome::Refused,
+                "the package carries no supervisor binary".into(),
+            )
+        }
+    };
+    // What the binary says of itself must be what the package says it is.
+    let info = match crate::identity::probe_supervisor(&binary) {
+        Ok(info) => info,
+        Err(why) => return fail(s, out, &mut record, Outcome::Refused, why),
+    };
+    if info.version != component.new_version
+        || !info
+            .state_schema_reads
+            .contains(&crate::identity::STATE_VERSION)
+    {
+        let why = format!(
+            "the supervisor binary is {} reading state schemas {:?}; the package says {} \
+             and this supervisor hands over schema {}",
+            info.version,
+            info.state_schema_reads,
+            component.new_version,
+            crate::identity::STATE_VERSION
+        );
+        return fail(s, out, &mut record, Outcome::Refused, why);
+    }
+    let detail = format!(
+        "handing the mount to supervisor {} (state schema {})",
+        info.version,
+        crate::identity::STATE_VERSION
+    );
+    out(Event::Phase {
+        phase: protocol::Phase::StateTransfer,
+        state: protocol::PhaseState::Started,
+        elapsed_ms: ms(t0),
+        detail,
+    });
+    record.phases.push((
+        protocol::Phase::StateTransfer,
+        ms(t0),
+        protocol::PhaseState::Finished,
+    ));
+    crate::notify::status(&format!(
+        "live update {}: handing over to supervisor {}",
+        m.package.name, info.version
+    ));
+    let pending = crate::succession::PendingUpdate {
+        record: record.clone(),
+        new_version: info.version.clone(),
+    };
+    // Returns only if the mount stays here.
+    let why = crate::succession::exec_update(s, &binary, client, pending);
+    fail(s, out, &mut record, Outcome::RolledBack, why)
 }

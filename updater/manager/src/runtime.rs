@@ -37,6 +37,14 @@ pub fn create(mountpoint: &Path, image: &Path, pid: u32) -> io::Result<PathBuf> 
     Ok(dir)
 }
 
+/// Records `pid` as the mount's supervisor (one that adopted the mount).
+pub fn record_supervisor(mountpoint: &Path, pid: u32) -> io::Result<()> {
+    let dir = dir_for(mountpoint);
+    let tmp = dir.join("pid.tmp");
+    std::fs::write(&tmp, pid.to_string())?;
+    std::fs::rename(&tmp, dir.join("pid"))
+}
+
 /// The supervisor pid recorded for a mountpoint, if any.
 pub fn supervisor_pid(mountpoint: &Path) -> Option<i32> {
     std::fs::read_to_string(dir_for(mountpoint).join("pid"))

@@ -95,6 +95,43 @@ pub struct Stack {
     pub recoveries: Vec<Instant>,
     /// Crash recoveries since the mount.
     pub recovered: u64,
+    /// This supervisor process: version, binary, since when.
+    pub supervisor: crate::identity::SupervisorIdentity,
+    /// The mount's supervisor lock, held for this supervisor's life (one at a time).
+    pub lock: File,
+    /// A duplicate of the control socket's listener, to hand over to a successor.
+    pub control_socket: Option<OwnedFd>,
+}
+
+/// Whether `path` is the root of a mount (its device differs from its parent's, or it is
+/// listed in the mount table).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let want = path.as_os_str().to_string_lossy();
+    mounts.lines().any(|l| {
+        l.split(' ')
+            .nth(1)
+            .map(serve::unescape_mount_path)
+            .as_deref()
+            == Some(&*want)
+    })
+}
+
+/// Takes an exclusive lock on the image so that two mounts never share it; waits a while
+/// for a previous mount that is still finishing its unmount.
+pub(crate) fn lock_image(fd: BorrowedFd<'_>, path: &Path) -> Result<(), MountError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if matches!(molt_sys::try_lock_exclusive(fd), Ok(true)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MountError::ImageInUse(path.to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// How a filesystem server process starts.
@@ -187,7 +224,9 @@ pub(crate) fn start_server_on(
     cmd.arg("serve")
         .arg(mnt)
         .args(["--threads", &opts.threads.to_string()])
-        .args(["--transport", opts.transport.as_str()]);
+        .args(["--transport", opts.transport.as_str()])
+        .arg("--relink-dir")
+        .arg(crate::runtime::dir_for(mnt));
     if opts.flags.read_only {
         cmd.arg("--read-only");
     }
@@ -245,8 +284,10 @@ impl<G> Launch<'_, G> {
         let child = spawn_component(self.cmd).map_err(|e| MountError::Os(what, e))?;
         drop(self.guard);
         drop(link.child);
+        let process =
+            crate::process::Process::spawned(child).map_err(|e| MountError::Os(what, e))?;
         ComponentProc::new(
-            child,
+            process,
             self.binary.to_path_buf(),
             self.info,
             link.ours,
@@ -294,12 +335,14 @@ pub fn start_driver(
     engine: blockdev::engine::EngineKind,
     binary: &Path,
     mode: blockdev::spawn::StartMode,
+    relink_dir: &Path,
 ) -> Result<ComponentProc, MountError> {
     let info = probe(binary).map_err(MountError::Failed)?;
     let config = DriverConfig {
         engine,
         binary: Some(binary.to_path_buf()),
         nbd: image.nbd().cloned(),
+        relink_dir: Some(relink_dir.to_path_buf()),
         ..DriverConfig::default()
     };
     let (ctl, child_ctl) =
@@ -313,7 +356,8 @@ pub fn start_driver(
     let (cmd, guard) = blockdev::spawn::driver_command_with_control(
         fds,
         &config,
-        Some(std::process::id()),
+        // Not the supervisor's pid: the driver outlives a supervisor that dies.
+        None,
         child_ctl.as_fd(),
         mode,
     )
@@ -335,17 +379,17 @@ pub fn start_driver(
     )
 }
 
-/// Arranges for `fds` to appear as consecutive descriptors from `first` in the child,
-/// and for the child to die with the supervisor. Returns duplicates that must live until
-/// the command is spawned.
+/// Arranges for `fds` to appear as consecutive descriptors from `first` in the child.
+/// The child does not die with the supervisor: components serve on without one until
+/// another adopts them. Returns duplicates that must live until the command is spawned.
 pub fn pass_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>], first: i32) -> io::Result<Vec<OwnedFd>> {
     let targets = fds
         .iter()
         .enumerate()
         .map(|(i, fd)| (*fd, first + i as i32));
-    let die_with_us = molt_sys::ChildOptions {
-        new_session: false,
-        die_with_parent: true,
-    };
-    molt_sys::pass_fds(cmd, &targets.collect::<Vec<_>>(), die_with_us)
+    molt_sys::pass_fds(
+        cmd,
+        &targets.collect::<Vec<_>>(),
+        molt_sys::ChildOptions::default(),
+    )
 }

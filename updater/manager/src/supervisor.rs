@@ -9,10 +9,10 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use blockdev::spawn::{DriverConfig, RingSetup};
 use formats::superblock::{FsState, Superblock};
 use formats::FormatError;
 
+use crate::process::Ended;
 use crate::runtime;
 use crate::stack::{
     start_driver, start_server, start_server_on, ServerEnv, ServerStart, Stack, START_TIMEOUT,
@@ -32,21 +33,7 @@ use molt_control::{Command as ControlCommand, Reply};
 
 pub use crate::stack::{MountError, MountOptions, DEFAULT_KEYRING};
 
-/// Whether `path` is the root of a mount (its device differs from its parent's, or it is
-/// listed in the mount table).
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
-    let want = path.as_os_str().to_string_lossy();
-    mounts.lines().any(|l| {
-        l.split(' ')
-            .nth(1)
-            .map(serve::unescape_mount_path)
-            .as_deref()
-            == Some(&*want)
-    })
-}
+pub use crate::stack::is_mountpoint;
 
 /// Checks everything that can be checked before starting processes, with clear errors.
 pub(crate) fn precheck(opts: &MountOptions) -> Result<PathBuf, MountError> {
@@ -104,7 +91,11 @@ pub fn check_mount(opts: &MountOptions) -> Result<(), MountError> {
 
 /// Runs `fsd mount`: starts a detached supervisor and returns once the mount is usable.
 pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
-    let mnt = precheck(opts)?;
+    // A mount whose supervisor died is adopted by the new one (see `start_and_wait`).
+    let mnt = match opts.mountpoint.canonicalize() {
+        Ok(m) if crate::succession::is_orphaned(&m) => m,
+        _ => precheck(opts)?,
+    };
     let (mut rd, wr) = UnixStream::pair().map_err(|e| MountError::Os("creating a pipe", e))?;
     let log = log_file(&mnt);
     let mut cmd = Command::new(exe);
@@ -205,14 +196,49 @@ fn start_and_wait(
     ready: &mut Ready,
     stop: &AtomicBool,
 ) -> Result<(), MountError> {
-    let stack = start(opts, exe)?;
+    let mnt = opts
+        .mountpoint
+        .canonicalize()
+        .map_err(|_| MountError::BadMountpoint(opts.mountpoint.clone()))?;
+    // A mount whose supervisor died is adopted, not mounted again.
+    let stack = if crate::succession::is_orphaned(&mnt) {
+        let lock = crate::succession::lock(&mnt)?;
+        eprintln!(
+            "fsd: {} has no supervisor: adopting its components",
+            mnt.display()
+        );
+        let stack = crate::succession::adopt(&mnt, lock)?;
+        runtime::record_supervisor(&mnt, std::process::id())
+            .map_err(|e| MountError::Os("recording the supervisor", e))?;
+        stack
+    } else {
+        // The components listen in the runtime directory, so it exists before they start.
+        precheck(opts)?;
+        runtime::create(&mnt, &opts.image, std::process::id())
+            .map_err(|e| MountError::Os("creating the runtime directory", e))?;
+        let lock = crate::succession::lock(&mnt)?;
+        match start(opts, exe, lock) {
+            Ok(s) => s,
+            Err(e) => {
+                runtime::remove(&mnt);
+                return Err(e);
+            }
+        }
+    };
+    serve_stack(stack, ready, stop, None)
+}
+
+/// Runs the control socket (`listener`, when one was handed over, else a new one) and
+/// the watch loop over a stack until the mount ends.
+fn serve_stack(
+    stack: Stack,
+    ready: &mut Ready,
+    stop: &AtomicBool,
+    listener: Option<std::os::unix::net::UnixListener>,
+) -> Result<(), MountError> {
     let mnt = stack.mnt.clone();
-    if let Err(e) = runtime::create(&mnt, &opts.image, std::process::id()) {
-        let mut stack = stack;
-        stack.kill_all();
-        let _ = serve::unmount(&mnt, true);
-        return Err(MountError::Os("creating the runtime directory", e));
-    }
+    let opts = stack.opts.clone();
+    stack.save();
     let stack = Arc::new(Mutex::new(stack));
     let control = Arc::new(crate::manager::Control {
         mountpoint: mnt.clone(),
@@ -221,7 +247,7 @@ fn start_and_wait(
         keyring_dir: opts.keyring.clone(),
         allowed_uids: opts.allowed_uids.clone(),
     });
-    if let Err(e) = crate::manager::start(&stack, control) {
+    if let Err(e) = crate::manager::start(&stack, control, listener) {
         let mut s = stack.lock().unwrap_or_else(|p| p.into_inner());
         s.kill_all();
         let _ = serve::unmount(&mnt, true);
@@ -244,6 +270,42 @@ fn start_and_wait(
     r
 }
 
+/// `fsd supervisor-takeover --state-fd N`: this process was exec'd by the mount's
+/// previous supervisor (a live update of the supervisor, or the roll-back of one); it
+/// takes the mount over and answers the `updater apply` that asked for it.
+pub fn supervise_takeover(state_fd: OwnedFd) -> Result<(), MountError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| MountError::Os("handling SIGTERM", e))?;
+    }
+    let t = crate::succession::take_over(state_fd)?;
+    eprintln!(
+        "fsd: supervisor {} (pid {}) serves {}: {}",
+        t.stack.supervisor.version,
+        std::process::id(),
+        t.stack.mnt.display(),
+        t.message
+    );
+    if let Some(mut client) = t.client {
+        let _ = updater::protocol::write_msg(
+            &mut client,
+            &updater::protocol::EVENTS,
+            &updater::protocol::Event::Done {
+                outcome: t.outcome,
+                message: t.message.clone(),
+            },
+        );
+    }
+    crate::notify::status(&format!(
+        "serving {}; supervisor {}: {:?}",
+        t.stack.mnt.display(),
+        t.stack.supervisor.version,
+        t.outcome
+    ));
+    serve_stack(t.stack, &mut Ready(None), &stop, Some(t.control_socket))
+}
+
 /// Starts the driver and the server and makes the mount.
 /// `opts` with `--transport auto` resolved: io_uring when the kernel has it, else
 /// `/dev/fuse`, saying why in one log line.
@@ -262,7 +324,7 @@ fn with_resolved_transport(opts: &MountOptions) -> Result<MountOptions, MountErr
     })
 }
 
-fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
+fn start(opts: &MountOptions, exe: &Path, lock: File) -> Result<Stack, MountError> {
     let mnt = precheck(opts)?;
     let opts = &with_resolved_transport(opts)?;
     // Read before the stack's own connection opens: an NBD server may take one client.
@@ -277,7 +339,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
     .map_err(|e| MountError::Failed(format!("opening the image: {e}")))?;
     // An NBD export's server decides who may connect; there is no file to lock.
     if image.nbd().is_none() {
-        lock_image(image.file().as_fd(), &opts.image)?;
+        crate::stack::lock_image(image.file().as_fd(), &opts.image)?;
     }
 
     let config = DriverConfig {
@@ -293,6 +355,7 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         opts.engine,
         &driver_binary,
         blockdev::spawn::StartMode::Fresh,
+        &runtime::dir_for(&mnt),
     )?;
     let fuse_dev = match serve::open_fuse_device() {
         Ok(f) => f,
@@ -345,6 +408,9 @@ fn start(opts: &MountOptions, exe: &Path) -> Result<Stack, MountError> {
         last_sequence: 0,
         recoveries: Vec::new(),
         recovered: 0,
+        supervisor: crate::identity::SupervisorIdentity::of_this_process("mount"),
+        lock,
+        control_socket: None,
     };
     let never = AtomicBool::new(false);
     let deadline = Instant::now() + START_TIMEOUT;
@@ -405,13 +471,18 @@ fn run(stack: &Arc<Mutex<Stack>>, stop: &AtomicBool) -> Result<(), MountError> {
             stopping = true;
             stop_mount(&s.mnt);
         }
-        let server_end = s.server.child.try_wait().ok().flatten();
-        let driver_end = s.driver.child.try_wait().ok().flatten();
+        let server_end = s.server.process.try_wait();
+        let driver_end = s.driver.process.try_wait();
         if server_end.is_none() && driver_end.is_none() {
             continue;
         }
+        // A server ends by itself only after the unmount; one adopted after a supervisor
+        // crash has no status here, so the mount still being there says it crashed.
+        let server_failed = server_end
+            .map(|st| st.success().map_or_else(|| is_mountpoint(&s.mnt), |ok| !ok))
+            .unwrap_or(false);
         let crashed = match (server_end, driver_end) {
-            (Some(st), None) if !st.success() => Some(Crashed::Server(st)),
+            (Some(st), None) if server_failed => Some(Crashed::Server(st)),
             (None, Some(st)) => Some(Crashed::Driver(st)),
             _ => None,
         };
@@ -423,13 +494,13 @@ fn run(stack: &Arc<Mutex<Stack>>, stop: &AtomicBool) -> Result<(), MountError> {
                 Err(e) => eprintln!("fsd: crash recovery failed, taking the stack down: {e}"),
             }
         }
-        let clean = server_end.map(|st| st.success()).unwrap_or(false) && driver_end.is_none();
+        let clean = server_end.is_some() && !server_failed && driver_end.is_none();
         if server_end.is_none() {
             s.server.kill();
         }
-        let _ = signal(&s.driver.child, libc::SIGTERM);
+        let _ = s.driver.process.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while s.driver.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        while s.driver.process.try_wait().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         s.driver.kill();
@@ -473,8 +544,8 @@ fn stop_mount(mnt: &Path) {
 /// A component that ended without being asked to.
 #[derive(Debug, Clone, Copy)]
 enum Crashed {
-    Server(std::process::ExitStatus),
-    Driver(std::process::ExitStatus),
+    Server(Ended),
+    Driver(Ended),
 }
 
 /// At most this many crash recoveries within `RECOVERY_WINDOW`; more means a component
@@ -533,7 +604,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
         Crashed::Driver(status) => {
             eprintln!(
                 "fsd: the block driver (pid {}) died ({status}); recovering",
-                s.driver.child.id()
+                s.driver.pid()
             );
             // The kernel finishes a dead process's io_uring requests while it exits; an
             // O_DIRECT write already at the device may complete just after the reap. Give
@@ -556,20 +627,21 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
                 s.opts.engine,
                 &binary,
                 blockdev::spawn::StartMode::Adopt,
+                &crate::runtime::dir_for(&s.mnt),
             )?;
             let mut dead = std::mem::replace(&mut s.driver, new);
-            let dead_pid = dead.child.id();
+            let dead_pid = dead.pid();
             dead.kill();
-            eprintln!("fsd: block driver recovered (pid {})", s.driver.child.id());
+            eprintln!("fsd: block driver recovered (pid {})", s.driver.pid());
             format!(
                 "blockdev (pid {dead_pid}) died ({status}); {} (pid {}) took the ring over",
                 s.driver.info.version,
-                s.driver.child.id()
+                s.driver.pid()
             )
         }
     };
     // Shown by `updater status` with the updates: a replacement of a dead process.
-    s.history.push(updater::protocol::UpdateRecord {
+    s.record(updater::protocol::UpdateRecord {
         package: "(crash recovery)".into(),
         sequence: 0,
         nature: "crash-recovery".into(),
@@ -606,31 +678,12 @@ fn settle_abandoned_ring(ring: &RingSetup, deadline: Instant) -> Result<(), Moun
     }
 }
 
-fn signal(child: &Child, sig: i32) -> io::Result<()> {
-    molt_sys::kill(child.id() as i32, sig)
-}
-
 /// Something to hold in the stack's image field for the moment an NBD image is replaced
 /// by a new connection (a memfd: no file, no connection).
 fn placeholder_image() -> Result<Image, MountError> {
     let f = molt_sys::memfd_create(c"molt-no-image", 0)
         .map_err(|e| MountError::Os("creating a placeholder", e))?;
     Image::from_fd(f.into()).map_err(|e| MountError::Os("creating a placeholder", e))
-}
-
-/// Takes an exclusive lock on the image so that two mounts never share it; waits a while
-/// for a previous mount that is still finishing its unmount.
-fn lock_image(fd: BorrowedFd<'_>, path: &Path) -> Result<(), MountError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if matches!(molt_sys::try_lock_exclusive(fd), Ok(true)) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(MountError::ImageInUse(path.to_path_buf()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `fsd unmount`: unmounts, then waits for the stack to make the image clean and exit.

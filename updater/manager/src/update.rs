@@ -146,6 +146,7 @@ impl Replaceable for BlockDriver {
             stack.opts.engine,
             binary,
             StartMode::Adopt,
+            &crate::runtime::dir_for(&stack.mnt),
         )
         .map_err(|e| e.to_string())
     }
