@@ -13,9 +13,9 @@ use super::*;
 use crate::fsck::{check, FsckOptions};
 use crate::store::{BlockStore, MemStore};
 
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
-    fn below(&mut self, k: u64) -> u64 {
+    pub(super) fn below(&mut self, k: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -171,14 +171,8 @@ fn power_cuts_during_background_checkpoints_lose_nothing_fsynced() {
         .unwrap_or(60);
     for run in 0..runs {
         let mut rng = Rng(0x51AB_0C1E_D00D_F00D ^ ((run + 1) * 0x9876_5431));
-        let store = Arc::new(LedgerCutStore {
-            mem: fresh(8192),
-            ios: 0.into(),
-            cut_at: 20 + rng.below(1500),
-            rng: std::sync::Mutex::new(Rng(rng.below(u64::MAX) | 1)),
-            published: Default::default(),
-            cut: Default::default(),
-        });
+        let cut_at = 20 + rng.below(1500);
+        let store = Arc::new(LedgerCutStore::new(fresh(8192), cut_at, &mut rng));
         let fs = Arc::new(Fs::mount(store.clone() as Arc<dyn BlockStore>).unwrap());
         fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap();
         fs.checkpoint_in_background_from_now();
@@ -225,7 +219,7 @@ fn power_cuts_during_background_checkpoints_lose_nothing_fsynced() {
 
 /// A `MemStore` that takes the image a power cut would leave at its `cut_at`-th I/O,
 /// with the ledger of fsynced files published at that moment.
-struct LedgerCutStore {
+pub(super) struct LedgerCutStore {
     mem: Arc<MemStore>,
     ios: std::sync::atomic::AtomicU64,
     cut_at: u64,
@@ -236,6 +230,36 @@ struct LedgerCutStore {
 }
 
 impl LedgerCutStore {
+    pub(super) fn new(mem: Arc<MemStore>, cut_at: u64, rng: &mut Rng) -> LedgerCutStore {
+        LedgerCutStore {
+            mem,
+            ios: 0.into(),
+            cut_at,
+            rng: std::sync::Mutex::new(Rng(rng.below(u64::MAX) | 1)),
+            published: Default::default(),
+            cut: Default::default(),
+        }
+    }
+
+    pub(super) fn cut_at(&self) -> u64 {
+        self.cut_at
+    }
+
+    /// Whether the cut has been taken.
+    pub(super) fn is_cut(&self) -> bool {
+        self.cut.lock().unwrap().is_some()
+    }
+
+    /// Adds a file whose fsync has returned to the ledger.
+    pub(super) fn publish(&self, name: String, data: Vec<u8>) {
+        self.published.lock().unwrap().insert(name, data);
+    }
+
+    /// The image the cut left and the files durable at that moment.
+    pub(super) fn take_cut(&self) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
+        self.cut.lock().unwrap().take().expect("cut taken")
+    }
+
     /// Before an I/O: counts it and at the cut point takes the image, so the cut falls
     /// between the I/O before and this one.
     fn tick(&self) {

@@ -1160,6 +1160,8 @@ impl Inner {
 }
 
 #[cfg(test)]
+mod concurrency_tests;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod tests;
