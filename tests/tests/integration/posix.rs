@@ -1104,6 +1104,42 @@ fn enospc_fill_and_delete_twenty_times_leaks_nothing() {
     img.assert_clean();
 }
 
+/// On a full image, a file closed, unlinked and at once replaced by a new one: the new
+/// one finds the space the old one held, every time. The old file's space comes back
+/// when the kernel forgets it, and the kernel sends that FORGET on its own time (queued
+/// inside `unlink`, or once the close's RELEASE is answered), so the create may reach the
+/// server first; it waits for the space instead of failing with ENOSPC.
+#[test]
+fn a_create_right_after_an_unlink_on_a_full_image_finds_the_space() {
+    let img = TestImage::new("unlink-create", "64M");
+    let m = img.mount();
+    for round in 0..100 {
+        let filler = File::create(m.path().join("filler")).expect("create the filler");
+        let mut end = 0u64;
+        for piece in [1u64 << 20, 64 << 10, BS as u64] {
+            loop {
+                match fallocate(&filler, 0, end, piece) {
+                    Ok(()) => end += piece,
+                    Err(e) if os_err(&e) == libc::ENOSPC => break,
+                    Err(e) => panic!("round {round}: fallocate: {e}"),
+                }
+            }
+        }
+        drop(filler);
+        std::fs::remove_file(m.path().join("filler")).expect("remove the filler");
+        let p = m.path().join(format!("after-{round}"));
+        let mut f = File::create(&p)
+            .unwrap_or_else(|e| panic!("round {round}: create right after the unlink: {e}"));
+        f.write_all(b"ok")
+            .and_then(|()| f.sync_all())
+            .unwrap_or_else(|e| panic!("round {round}: write right after the unlink: {e}"));
+        drop(f);
+        std::fs::remove_file(&p).expect("remove");
+    }
+    m.unmount();
+    img.assert_clean();
+}
+
 // ---- fsync against a killed server ------------------------------------------------------
 
 /// A server killed with SIGKILL is replaced: what was fsynced, and what was only

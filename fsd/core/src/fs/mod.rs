@@ -23,7 +23,7 @@ pub mod redo;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use formats::block::{BlockAddr, BlockKind, Ino, BLOCK_SIZE, PAYLOAD_SIZE};
@@ -58,6 +58,46 @@ const CHECKPOINT_INTERVAL_SECS: u64 = 5;
 pub struct Fs {
     inner: Mutex<Inner>,
     holds: LockHolds,
+    releases: Releases,
+}
+
+/// The inodes [`Fs::release`] has freed, counted, so that an operation refused for want
+/// of space can wait for the space an unlinked file gives back (`Fs::waiting_for_space`).
+/// A release counts under the filesystem lock; a waiter waits with no lock held; nothing
+/// is locked while its own lock is held.
+#[derive(Default)]
+struct Releases {
+    count: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Releases {
+    fn seen(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.freed.notify_all();
+    }
+
+    /// Waits until an inode has been freed since the count was `seen`, or `deadline`
+    /// passes: whether one was.
+    fn wait_past(&self, seen: u64, deadline: Instant) -> bool {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *count == seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            count = self
+                .freed
+                .wait_timeout(count, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
 }
 
 /// How long the filesystem lock has been held at a time: the pauses the filesystem
@@ -175,6 +215,9 @@ pub(crate) struct Inner {
     in_place: Arc<Mutex<u64>>,
     /// Mounted read-only (`read_only.rs`): `failed` refuses every change from the start.
     read_only: bool,
+    /// Inodes this mount moved to the orphan directory (their last name went), and when:
+    /// the space they hold comes back when the kernel forgets them ([`Fs::release`]).
+    orphaned: HashMap<u32, Instant>,
 }
 
 impl Fs {
@@ -300,10 +343,12 @@ impl Fs {
             checkpoint_due: false,
             in_place: Arc::new(Mutex::new(0)),
             read_only: false,
+            orphaned: HashMap::new(),
         };
         Ok(Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
+            releases: Releases::default(),
         })
     }
 
@@ -389,10 +434,12 @@ impl Fs {
             checkpoint_due: false,
             in_place: Arc::new(Mutex::new(0)),
             read_only: false,
+            orphaned: HashMap::new(),
         };
         Ok(Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
+            releases: Releases::default(),
         })
     }
 
@@ -922,6 +969,7 @@ impl Inner {
         self.stage(addr.0, blk);
         self.nodes.remove(&ino.0);
         self.dirty_nodes.remove(&ino.0);
+        self.orphaned.remove(&ino.0);
         self.ibitmap.set(ino.0 as u64, false);
         self.changes += 1;
         Ok(())

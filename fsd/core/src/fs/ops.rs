@@ -1,6 +1,8 @@
 //! The public operations of `Fs`. Each one validates everything it can before changing
 //! anything, then mutates, then commits one transaction.
 
+use std::time::{Duration, Instant};
+
 use formats::block::{Ino, BLOCK_SIZE};
 use formats::dir::{dtype_of_mode, validate_name, DirEntry, MAX_NAME_LEN};
 use formats::inode::{InlineArea, Inode, Timespec, INLINE_SIZE, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
@@ -19,6 +21,15 @@ pub(crate) const SYMLINK_MAX: usize = BLOCK_SIZE - 1;
 const CREATE_RESERVE: u64 = 16;
 /// Free blocks a write keeps beyond its data, for extent blocks.
 const WRITE_RESERVE: u64 = 4;
+/// An unlinked inode's space comes back when the kernel forgets the inode, and the kernel
+/// sends that FORGET without waiting for it: a create right after `unlink` can reach the
+/// filesystem first. So an operation refused for want of space, while an inode unlinked
+/// less than [`RECENT_UNLINK`] ago waits to be forgotten, waits up to this long for
+/// inodes to be freed, and runs again each time one is.
+pub(crate) const RELEASE_WAIT: Duration = Duration::from_millis(200);
+/// How long after its last name went an unlinked inode still open is no longer waited
+/// for: its FORGET is then the last close's, whenever that comes.
+pub(crate) const RECENT_UNLINK: Duration = Duration::from_secs(1);
 
 /// Attributes as `stat` reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +218,12 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether an inode unlinked less than [`RECENT_UNLINK`] ago may yet give its space
+    /// back: an operation refused for want of space waits for it then.
+    pub(crate) fn awaits_release(&self) -> bool {
+        self.orphaned.values().any(|t| t.elapsed() < RECENT_UNLINK)
+    }
+
     fn reserve(&self, blocks: u64) -> FsResult<()> {
         if self.bbitmap.free() < blocks {
             return Err(FsError::NoSpace);
@@ -229,6 +246,7 @@ impl Inner {
         let dtype = dtype_of_mode(n.inode.mode);
         self.mark_dirty(ino);
         if gone {
+            self.orphaned.insert(ino.0, Instant::now());
             self.dir_insert(
                 ORPHAN_INO,
                 DirEntry {
@@ -318,7 +336,43 @@ impl Fs {
     /// anything, or else its changes are committed; if it fails half-way (I/O error,
     /// space exhausted despite the reserve) the filesystem turns read-only to protect
     /// the image.
-    fn mutate<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
+    ///
+    /// Refused for want of space while a recently unlinked inode waits to be forgotten,
+    /// the operation waits for the space and runs again (see [`RELEASE_WAIT`]).
+    fn mutate<T>(&self, mut f: impl FnMut(&mut Inner) -> FsResult<T>) -> FsResult<T> {
+        self.waiting_for_space(|| self.mutate_once(&mut f))
+    }
+
+    /// Runs `op`, and again each time an inode is freed while it is refused for want of
+    /// space (or of inodes) and a recently unlinked inode still waits to be forgotten,
+    /// until [`RELEASE_WAIT`] has passed. Only a refusal that left the filesystem
+    /// writable is retried (one half-way latched it: its error stands).
+    fn waiting_for_space<T>(&self, mut op: impl FnMut() -> FsResult<T>) -> FsResult<T> {
+        let deadline = Instant::now() + RELEASE_WAIT;
+        loop {
+            let seen = self.releases.seen();
+            let r = op();
+            if !matches!(r, Err(FsError::NoSpace | FsError::NoInodes)) {
+                return r;
+            }
+            // Releases are counted under the lock, so one that freed the last recent
+            // orphan before this look shows in the count by now. The wait is not under
+            // the lock: the release needs it.
+            let (latched, awaits) = {
+                let g = self.lock();
+                (g.failed.is_some(), g.awaits_release())
+            };
+            let again = !latched
+                && ((self.releases.seen() != seen && Instant::now() < deadline)
+                    || (awaits && self.releases.wait_past(seen, deadline)));
+            if !again {
+                return r;
+            }
+        }
+    }
+
+    /// `mutate` without the wait for space.
+    fn mutate_once<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
         let mut g = self.lock();
         g.check_writable()?;
         let before = g.changes;
@@ -716,13 +770,15 @@ impl Fs {
     /// Frees an inode with no names left once nothing refers to it any more (the kernel
     /// forgot it and no handle is open). A no-op for inodes that still have names.
     pub fn release(&self, ino: Ino) -> FsResult<()> {
-        self.mutate(|g| {
+        self.mutate_once(|g| {
             let Ok(n) = g.node(ino) else { return Ok(()) };
             if n.inode.nlink != 0 || ino == ROOT_INO || ino == ORPHAN_INO {
                 return Ok(());
             }
             if g.dir_remove(ORPHAN_INO, &orphan_name(ino))?.is_some() {
                 g.destroy_node(ino)?;
+                // Under the lock, with the frees (see `waiting_for_space`).
+                self.releases.note();
             }
             Ok(())
         })
@@ -808,6 +864,12 @@ impl Fs {
         data: &[u8],
         how: WriteMode,
     ) -> FsResult<usize> {
+        // Written again whole if refused: the bytes a write cut short did write are the
+        // same bytes again.
+        self.waiting_for_space(|| self.write_once(ino, offset, data, how))
+    }
+
+    fn write_once(&self, ino: Ino, offset: u64, data: &[u8], how: WriteMode) -> FsResult<usize> {
         if offset >= MAX_FILE_SIZE && !data.is_empty() {
             return Err(FsError::TooBig);
         }
@@ -886,6 +948,10 @@ impl Fs {
 
     /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
     pub fn fallocate(&self, ino: Ino, mode: i32, offset: u64, len: u64) -> FsResult<()> {
+        self.waiting_for_space(|| self.fallocate_once(ino, mode, offset, len))
+    }
+
+    fn fallocate_once(&self, ino: Ino, mode: i32, offset: u64, len: u64) -> FsResult<()> {
         const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
@@ -906,7 +972,7 @@ impl Fs {
                 return Err(FsError::NoSpace);
             }
         }
-        self.mutate(|g| {
+        self.mutate_once(|g| {
             if !g.node(ino)?.inode.is_reg() {
                 return Err(FsError::Invalid("fallocate on a non-regular file"));
             }

@@ -958,3 +958,107 @@ impl BlockStore for SlowStore {
         self.0.discard(addr, nblocks)
     }
 }
+
+/// A filesystem on `s` mounted as the server mounts it: with a redo log, so that each
+/// operation's frees count as free space as soon as it is done.
+fn mount_as_served(s: &Arc<MemStore>) -> Fs {
+    let fs = Fs::mount(s.clone() as Arc<dyn BlockStore>).unwrap();
+    let region = vec![0u8; redo::REDO_LOG_SIZE as usize];
+    fs.attach_redo_log(redo::RedoLog::new(Box::new(region)).unwrap());
+    fs
+}
+
+/// Writes `f` from its start until a write is refused for want of space, large writes
+/// first and then single blocks: what is left is less than a one-block write needs.
+fn fill_file(fs: &Fs, f: Ino) {
+    let mut off = 0u64;
+    for chunk in [64 * formats::BLOCK_SIZE, formats::BLOCK_SIZE] {
+        let data = vec![0x5Au8; chunk];
+        loop {
+            match fs.write(f, off, &data) {
+                Ok(n) => off += n as u64,
+                Err(FsError::NoSpace) => break,
+                Err(e) => panic!("filling: {e}"),
+            }
+        }
+    }
+}
+
+/// The kernel forgets an unlinked file (and the filesystem frees it) on its own time,
+/// so the FORGET may come just after the next request: a create or a write refused for
+/// want of space while a file unlinked just before still waits to be freed waits for it,
+/// and succeeds once it is.
+#[test]
+fn an_operation_refused_for_space_waits_for_an_unlinked_file_to_be_freed() {
+    use std::time::Duration;
+    let s = fresh(4096);
+    let fs = Arc::new(mount_as_served(&s));
+    let small = mk(&fs, ROOT_INO, "small");
+    // Freed by another thread a while after the operation began, as a FORGET served by
+    // another worker would be.
+    let free_later = |name: &'static str, ino: Ino| {
+        let fs = fs.clone();
+        fs.unlink(ROOT_INO, name.as_bytes()).unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            fs.release(ino).unwrap();
+        })
+    };
+
+    let big = mk(&fs, ROOT_INO, "big");
+    fill_file(&fs, big);
+    assert!(matches!(
+        fs.mknod(ROOT_INO, b"refused", S_IFREG | 0o644, 0, 0, 0),
+        Err(FsError::NoSpace)
+    ));
+    let releaser = free_later("big", big);
+    let created = fs.mknod(ROOT_INO, b"after-the-unlink", S_IFREG | 0o644, 0, 0, 0);
+    releaser.join().unwrap();
+    assert!(created.is_ok(), "create after the unlink: {created:?}");
+
+    let big = mk(&fs, ROOT_INO, "big-again");
+    fill_file(&fs, big);
+    assert!(matches!(
+        fs.write(small, 0, &[1u8; 8192]),
+        Err(FsError::NoSpace)
+    ));
+    let releaser = free_later("big-again", big);
+    let written = fs.write(small, 0, &[1u8; 8192]);
+    releaser.join().unwrap();
+    assert_eq!(written.ok(), Some(8192), "write after the unlink");
+    assert_eq!(fs.read(small, 0, 8192).unwrap(), vec![1u8; 8192]);
+
+    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
+    fs.unmount().unwrap();
+    let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+/// A file unlinked but still open (never released) does not hold a refusal back for
+/// long: the operation is refused once `RELEASE_WAIT` has passed, and the filesystem
+/// takes changes as before.
+#[test]
+fn a_refusal_waits_no_longer_than_release_wait_for_a_file_held_open() {
+    use super::ops::RELEASE_WAIT;
+    use std::time::Instant;
+    let s = fresh(4096);
+    let fs = mount_as_served(&s);
+    let big = mk(&fs, ROOT_INO, "held-open");
+    fill_file(&fs, big);
+    fs.unlink(ROOT_INO, b"held-open").unwrap();
+    let t = Instant::now();
+    let r = fs.mknod(ROOT_INO, b"refused", S_IFREG | 0o644, 0, 0, 0);
+    assert!(matches!(r, Err(FsError::NoSpace)), "{r:?}");
+    assert!(
+        t.elapsed() >= RELEASE_WAIT,
+        "refused after {:?}",
+        t.elapsed()
+    );
+    // Still open: readable, and freed by its release as before.
+    assert_eq!(fs.read(big, 0, 4).unwrap(), vec![0x5A; 4]);
+    fs.release(big).unwrap();
+    mk(&fs, ROOT_INO, "after-the-release");
+    fs.unmount().unwrap();
+    let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
