@@ -8,8 +8,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockdev::image::Image;
@@ -281,7 +280,8 @@ impl<G> Launch<'_, G> {
         link: ControlPair,
         state_cap: u64,
     ) -> Result<ComponentProc, MountError> {
-        let child = spawn_component(self.cmd).map_err(|e| MountError::Os(what, e))?;
+        let mut cmd = self.cmd;
+        let child = cmd.spawn().map_err(|e| MountError::Os(what, e))?;
         drop(self.guard);
         drop(link.child);
         let process =
@@ -295,37 +295,6 @@ impl<G> Launch<'_, G> {
         )
         .map_err(|e| MountError::Os("control channel", e))
     }
-}
-
-type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
-
-/// Starts a component process from one long-lived thread. Components die with their
-/// parent (PR_SET_PDEATHSIG), and the kernel means the parent *thread*: a component
-/// started by a short-lived thread (a control connection) would be killed when that
-/// thread ends.
-pub(crate) fn spawn_component(cmd: Command) -> io::Result<Child> {
-    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
-        std::sync::OnceLock::new();
-    let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("starting the spawner thread");
-        Mutex::new(tx)
-    });
-    let (reply, result) = std::sync::mpsc::channel();
-    tx.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((cmd, reply))
-        .map_err(|_| io::Error::other("spawner thread gone"))?;
-    result
-        .recv()
-        .map_err(|_| io::Error::other("spawner thread gone"))?
 }
 
 /// Starts a block driver from `binary` on a stack's descriptors.

@@ -240,6 +240,43 @@ impl SavedStack {
     }
 }
 
+/// What a supervisor taking a mount over holds besides the saved state.
+struct Held {
+    image: Image,
+    ring: RingSetup,
+    fuse_dev: File,
+    redo: File,
+    session: File,
+    server: ComponentProc,
+    driver: ComponentProc,
+    lock: File,
+}
+
+impl SavedStack {
+    /// The stack this state and `held` make, run by this process (`how` it took over).
+    fn restore(&self, opts: MountOptions, held: Held, how: &str) -> Stack {
+        Stack {
+            mnt: self.mountpoint.clone(),
+            opts,
+            image: held.image,
+            ring: held.ring,
+            fuse_dev: held.fuse_dev,
+            redo: held.redo,
+            session: held.session,
+            server: held.server,
+            driver: held.driver,
+            format_version: self.format_version,
+            history: self.history.clone(),
+            last_sequence: self.last_sequence,
+            recoveries: self.restore_recoveries(),
+            recovered: self.recovered,
+            supervisor: SupervisorIdentity::of_this_process(how),
+            lock: held.lock,
+            control_socket: None,
+        }
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -692,9 +729,7 @@ fn build(succession: &Succession, fds: Fds<OwnedFd>) -> Result<TakenOver, MountE
         UnixStream::from(fds.driver_link),
         blockdev::persist::STATE_CAP,
     )?;
-    let mut stack = Stack {
-        mnt: saved.mountpoint.clone(),
-        opts,
+    let held = Held {
         image,
         ring,
         fuse_dev: File::from(fds.fuse_dev),
@@ -702,19 +737,14 @@ fn build(succession: &Succession, fds: Fds<OwnedFd>) -> Result<TakenOver, MountE
         session: File::from(fds.session),
         server,
         driver,
-        format_version: saved.format_version,
-        history: saved.history.clone(),
-        last_sequence: saved.last_sequence,
-        recoveries: saved.restore_recoveries(),
-        recovered: saved.recovered,
-        supervisor: SupervisorIdentity::of_this_process(if succession.rolled_back.is_some() {
-            "rolled back"
-        } else {
-            "live update"
-        }),
         lock: File::from(fds.lock),
-        control_socket: None,
     };
+    let how = if succession.rolled_back.is_some() {
+        "rolled back"
+    } else {
+        "live update"
+    };
+    let mut stack = saved.restore(opts, held, how);
     answers(&mut stack)?;
     #[cfg(feature = "takeover-fault")]
     panic!("a fault built into this supervisor: it crashes while taking over");
@@ -863,9 +893,7 @@ pub fn adopt(mnt: &Path, lock: File) -> Result<Stack, MountError> {
             (image, c)
         }
     };
-    let mut stack = Stack {
-        mnt: mnt.to_path_buf(),
-        opts,
+    let held = Held {
         image,
         ring,
         fuse_dev,
@@ -873,15 +901,9 @@ pub fn adopt(mnt: &Path, lock: File) -> Result<Stack, MountError> {
         session,
         server,
         driver,
-        format_version: saved.format_version,
-        history: saved.history.clone(),
-        last_sequence: saved.last_sequence,
-        recoveries: saved.restore_recoveries(),
-        recovered: saved.recovered,
-        supervisor: SupervisorIdentity::of_this_process("adopted after a crash"),
         lock,
-        control_socket: None,
     };
+    let mut stack = saved.restore(opts, held, "adopted after a crash");
     answers(&mut stack)?;
     if let Some(p) = &saved.pending {
         let mut r = p.record.clone();

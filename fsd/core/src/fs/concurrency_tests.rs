@@ -15,10 +15,9 @@ use formats::block::Ino;
 use formats::inode::S_IFREG;
 use formats::superblock::ROOT_INO;
 
-use super::crash_tests::{LedgerCutStore, Rng};
+use super::crash_tests::{assert_clean, LedgerCutStore, Rng};
 use super::tests::fresh;
 use super::*;
-use crate::fsck::{check, FsckOptions};
 use crate::store::{BlockStore, MemStore};
 
 const THREADS: usize = 4;
@@ -281,15 +280,6 @@ fn matches_models(fs: &Fs, workers: &[Worker], durable: &HashMap<String, Vec<u8>
     }
 }
 
-fn assert_clean(store: &dyn BlockStore, when: &str) {
-    let report = check(store, &FsckOptions::default()).expect("fsck runs");
-    assert!(
-        report.is_clean(),
-        "{when}: fsck found {:#?}",
-        report.problems
-    );
-}
-
 /// Sets up the directories and the workers (one per thread, seeded from `seed`).
 fn workers(fs: &Fs, seed: u64) -> Vec<Worker> {
     let shared = fs.mkdir(ROOT_INO, b"shared", 0o755, 0, 0).unwrap().ino;
@@ -309,7 +299,7 @@ fn workers(fs: &Fs, seed: u64) -> Vec<Worker> {
 }
 
 /// Runs checkpoints in the background until `stop`, as the server does.
-fn checkpointer(fs: &Arc<Fs>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+pub(super) fn checkpointer(fs: &Arc<Fs>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     fs.checkpoint_in_background_from_now();
     let (fs, stop) = (fs.clone(), stop.clone());
     std::thread::spawn(move || {

@@ -109,7 +109,7 @@ fn workload(
     }
 }
 
-fn assert_clean(store: &dyn BlockStore, when: &str) {
+pub(super) fn assert_clean(store: &dyn BlockStore, when: &str) {
     let report = check(store, &FsckOptions::default()).expect("fsck runs");
     assert!(
         report.is_clean(),
@@ -175,18 +175,8 @@ fn power_cuts_during_background_checkpoints_lose_nothing_fsynced() {
         let store = Arc::new(LedgerCutStore::new(fresh(8192), cut_at, &mut rng));
         let fs = Arc::new(Fs::mount(store.clone() as Arc<dyn BlockStore>).unwrap());
         fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap();
-        fs.checkpoint_in_background_from_now();
         let stop = Arc::new(AtomicBool::new(false));
-        let checkpointer = {
-            let (fs, stop) = (fs.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    fs.lock().checkpoint_due = true;
-                    fs.checkpoint_in_background(&|| stop.load(Ordering::Relaxed))
-                        .unwrap();
-                }
-            })
-        };
+        let checkpointer = super::concurrency_tests::checkpointer(&fs, &stop);
         let (mut ledger, mut serial) = (HashMap::new(), 0);
         while store.cut.lock().unwrap().is_none() {
             workload(&fs, &mut rng, 1, &mut ledger, &mut serial, false);
