@@ -53,6 +53,9 @@ const FINAL_PASS_BLOCKS: usize = 64;
 const IN_PLACE_RUN: usize = 64;
 /// Seconds between checkpoints while the filesystem is busy.
 const CHECKPOINT_INTERVAL_SECS: u64 = 5;
+/// Free blocks an operation that does not count its allocations up front may need: a
+/// directory block, an xattr block, extent blocks for the commit's block maps.
+const OPERATION_HEADROOM: u64 = 16;
 
 /// A mounted Molt filesystem.
 pub struct Fs {
@@ -218,6 +221,10 @@ pub(crate) struct Inner {
     /// Inodes this mount moved to the orphan directory (their last name went), and when:
     /// the space they hold comes back when the kernel forgets them ([`Fs::release`]).
     orphaned: HashMap<u32, Instant>,
+    /// An operation or a commit is half-way through its changes. Nothing may commit
+    /// meanwhile: the journal would get half of them (a bitmap naming blocks of inodes
+    /// whose new block maps are not in it, say).
+    changing: bool,
 }
 
 impl Fs {
@@ -344,6 +351,7 @@ impl Fs {
             in_place: Arc::new(Mutex::new(0)),
             read_only: false,
             orphaned: HashMap::new(),
+            changing: false,
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -435,6 +443,7 @@ impl Fs {
             in_place: Arc::new(Mutex::new(0)),
             read_only: false,
             orphaned: HashMap::new(),
+            changing: false,
         };
         Ok(Fs {
             inner: Mutex::new(inner),
@@ -896,11 +905,7 @@ impl Inner {
         let (start, len) = match self.bbitmap.find_run(goal, want) {
             Some(run) => run,
             None if self.bbitmap.has_withheld() => {
-                self.checkpoint()?;
-                // Reads outside the lock never wait for it, so this wait is bounded.
-                let reuse = self.reuse.clone();
-                let _quiet = lock_order::reuse_exclusive(&reuse);
-                self.bbitmap.release();
+                self.release_freed()?;
                 self.bbitmap.find_run(goal, want).ok_or(FsError::NoSpace)?
             }
             None => return Err(FsError::NoSpace),
@@ -913,16 +918,38 @@ impl Inner {
 
     /// Whether `n` blocks can be allocated now, releasing withheld blocks if that helps.
     pub(crate) fn can_allocate(&mut self, n: u64) -> FsResult<bool> {
-        if self.bbitmap.allocatable() >= n {
-            return Ok(true);
-        }
-        if self.bbitmap.has_withheld() {
-            self.checkpoint()?;
-            let reuse = self.reuse.clone();
-            let _quiet = lock_order::reuse_exclusive(&reuse);
-            self.bbitmap.release();
+        if self.bbitmap.allocatable() < n && self.bbitmap.has_withheld() {
+            self.release_freed()?;
         }
         Ok(self.bbitmap.allocatable() >= n)
+    }
+
+    /// Makes blocks freed by earlier transactions allocatable: they are reusable once their
+    /// freeing is durable and written in place (a checkpoint). Between operations what is
+    /// pending is committed first, so every free so far comes back; inside an operation
+    /// or a commit (`changing`) only the frees already journaled do, since a commit now
+    /// would journal half of its changes.
+    fn release_freed(&mut self) -> FsResult<()> {
+        if self.changing {
+            self.checkpoint_pinned()?;
+        } else {
+            self.checkpoint()?;
+        }
+        // Reads outside the lock never wait for it, so this wait is bounded.
+        let reuse = self.reuse.clone();
+        let _quiet = lock_order::reuse_exclusive(&reuse);
+        self.bbitmap.release();
+        Ok(())
+    }
+
+    /// Before an operation that may allocate without counting its blocks first (a
+    /// directory block, an xattr block): brings withheld blocks back while that is still
+    /// a commit between operations, so that the operation does not run out half-way.
+    pub(crate) fn keep_headroom(&mut self) -> FsResult<()> {
+        if self.bbitmap.allocatable() < OPERATION_HEADROOM && self.bbitmap.has_withheld() {
+            self.release_freed()?;
+        }
+        Ok(())
     }
 
     /// Frees blocks as part of the transaction in progress (allocatable after a flush).
@@ -1035,6 +1062,14 @@ impl Inner {
 
     /// Turns in-memory changes (dirty inodes, freed blocks, bitmaps) into staged blocks.
     fn prepare_tx(&mut self) -> FsResult<()> {
+        // Encoding block maps may allocate extent blocks: no commit may run inside.
+        let outer = std::mem::replace(&mut self.changing, true);
+        let r = self.prepare_tx_inner();
+        self.changing = outer;
+        r
+    }
+
+    fn prepare_tx_inner(&mut self) -> FsResult<()> {
         let dirty: Vec<u32> = self.dirty_nodes.drain().collect();
         for ino in dirty {
             if self.nodes.contains_key(&ino) {
@@ -1131,6 +1166,7 @@ impl Inner {
 
     /// Writes every pinned block in place and retires the journal.
     pub(crate) fn checkpoint(&mut self) -> FsResult<()> {
+        debug_assert!(!self.changing, "a commit inside an operation or a commit");
         if self.has_pending_changes() {
             self.commit()?;
         }

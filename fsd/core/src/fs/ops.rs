@@ -375,8 +375,12 @@ impl Fs {
     fn mutate_once<T>(&self, f: impl FnOnce(&mut Inner) -> FsResult<T>) -> FsResult<T> {
         let mut g = self.lock();
         g.check_writable()?;
+        g.keep_headroom()?;
         let before = g.changes;
-        match f(&mut g) {
+        g.changing = true;
+        let r = f(&mut g);
+        g.changing = false;
+        match r {
             Ok(v) => {
                 g.op_done()?;
                 Ok(v)
@@ -914,6 +918,7 @@ impl Fs {
         let before = g.changes;
         let mut done = 0;
         let mut result = Ok(());
+        g.changing = true;
         for chunk in data.chunks(1 << 20) {
             match g.file_write(ino, offset + done as u64, chunk, how.stamp_times) {
                 Ok(n) => done += n,
@@ -923,6 +928,7 @@ impl Fs {
                 }
             }
         }
+        g.changing = false;
         match result {
             // Refused before it changed anything: nothing to undo, nothing to latch.
             Err(e) if g.changes == before => return Err(e),
