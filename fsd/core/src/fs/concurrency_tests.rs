@@ -5,7 +5,9 @@
 //! threads' names never meet, every interleaving must leave exactly the union of the
 //! models, and every read a thread makes must match its model at that moment. With power
 //! cuts taken at a random I/O of such a run, whichever thread issues it, the image must
-//! check clean and hold every file whose fsync had returned.
+//! check clean and hold every file whose fsync had returned; the same with the cut a
+//! process kill (every write made so far stays), and with a server killed between
+//! operations whose successor recovers from the image and the redo log as it left them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -359,18 +361,33 @@ fn concurrent_mixed_operations_match_a_sequential_model() {
 
 #[test]
 fn power_cuts_during_a_concurrent_run_lose_nothing_fsynced() {
+    cuts_during_concurrent_runs(false);
+}
+
+/// The same with the cut a process kill: the image holds every write made before it.
+#[test]
+fn kills_during_a_concurrent_run_lose_nothing_fsynced() {
+    cuts_during_concurrent_runs(true);
+}
+
+fn cuts_during_concurrent_runs(kill: bool) {
     let runs: u64 = std::env::var("MOLT_CRASH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     for run in 0..runs {
         let mut rng = Rng(0xFEED_FACE_CAFE_BEEF ^ (run + 1).wrapping_mul(0x0123_4567));
-        let store = Arc::new(LedgerCutStore::new(
-            fresh(32_768),
-            200 + rng.below(4000),
-            &mut rng,
-        ));
+        let (mem, cut_at) = (fresh(32_768), 200 + rng.below(4000));
+        let store = Arc::new(if kill {
+            LedgerCutStore::killing(mem, cut_at, &mut rng)
+        } else {
+            LedgerCutStore::new(mem, cut_at, &mut rng)
+        });
         let fs = Arc::new(Fs::mount(store.clone() as Arc<dyn BlockStore>).unwrap());
+        if run % 2 == 1 {
+            // As in the server: every operation's changes are staged when it completes.
+            fs.attach_redo_log(redo::RedoLog::new(Box::new(vec![0u8; 4 << 20])).unwrap());
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let background = checkpointer(&fs, &stop);
         let handles: Vec<_> = workers(&fs, rng.below(u64::MAX))
@@ -394,7 +411,8 @@ fn power_cuts_during_a_concurrent_run_lose_nothing_fsynced() {
         background.join().unwrap();
         drop(fs);
         let (image, durable) = store.take_cut();
-        let when = format!("run {run}, cut at I/O {}", store.cut_at());
+        let how = if kill { "killed" } else { "cut" };
+        let when = format!("run {run}, {how} at I/O {}", store.cut_at());
         let after = Arc::new(MemStore::from_image(image));
         assert_clean(after.as_ref(), &format!("{when}, before mount"));
         let fs = Fs::mount(after.clone() as Arc<dyn BlockStore>)
@@ -417,5 +435,77 @@ fn power_cuts_during_a_concurrent_run_lose_nothing_fsynced() {
         }
         fs.unmount().unwrap();
         assert_clean(after.as_ref(), &format!("{when}, after recovery"));
+    }
+}
+
+/// A server killed at a random moment of a concurrent run (the filesystem lock free):
+/// its successor recovers from the image and the redo log as they were, the image
+/// checks clean and holds every file whose fsync had returned.
+#[test]
+fn a_server_killed_during_a_concurrent_run_recovers_clean() {
+    let runs: u64 = std::env::var("MOLT_CRASH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    for run in 0..runs {
+        let mut rng = Rng(0xABCD_EF01_2345_6789 ^ (run + 1).wrapping_mul(0x0765_4321));
+        let mem = fresh(32_768);
+        let fs = Arc::new(Fs::mount(mem.clone() as Arc<dyn BlockStore>).unwrap());
+        fs.attach_redo_log(redo::RedoLog::new(Box::new(vec![0u8; 4 << 20])).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = checkpointer(&fs, &stop);
+        let published = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let handles: Vec<_> = workers(&fs, rng.below(u64::MAX))
+            .into_iter()
+            .map(|mut w| {
+                let (fs, stop, published) = (fs.clone(), stop.clone(), published.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some((name, data)) = w.step(&fs) {
+                            published.lock().unwrap().insert(name, data);
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(5 + rng.below(400)));
+        let (image, region, durable) = {
+            let g = fs.lock();
+            let durable = published.lock().unwrap().clone();
+            let region = g.redo.as_ref().expect("attached").region_copy();
+            (mem.image(), region, durable)
+        };
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("a worker panicked");
+        }
+        background.join().unwrap();
+        drop(fs);
+        let when = format!("run {run}, killed");
+        let after = Arc::new(MemStore::from_image(image));
+        let (fs, _) = Fs::recover(
+            after.clone() as Arc<dyn BlockStore>,
+            redo::RedoLog::new(Box::new(region)).unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{when}: recovery: {e}"));
+        assert_clean(after.as_ref(), &format!("{when}, recovered"));
+        for (name, data) in &durable {
+            let id: usize = name[1..name.find('-').expect("t<id>-")]
+                .parse()
+                .expect("thread id");
+            let dir = fs
+                .lookup(ROOT_INO, format!("t{id}").as_bytes())
+                .unwrap()
+                .ino;
+            let a = fs
+                .lookup(dir, name.as_bytes())
+                .unwrap_or_else(|e| panic!("{when}: {name} lost: {e}"));
+            assert!(
+                &fs.read(a.ino, 0, data.len() as u32 + 1).unwrap() == data,
+                "{when}: {name} content"
+            );
+        }
+        fs.unmount().unwrap();
+        assert_clean(after.as_ref(), &format!("{when}, after unmount"));
     }
 }

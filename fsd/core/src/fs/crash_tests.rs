@@ -215,6 +215,8 @@ pub(super) struct LedgerCutStore {
     cut_at: u64,
     rng: std::sync::Mutex<Rng>,
     published: std::sync::Mutex<HashMap<String, Vec<u8>>>,
+    /// Takes what a process kill leaves (every write made so far) instead of a power cut.
+    kill: bool,
     #[allow(clippy::type_complexity)]
     cut: std::sync::Mutex<Option<(Vec<u8>, HashMap<String, Vec<u8>>)>>,
 }
@@ -227,7 +229,16 @@ impl LedgerCutStore {
             cut_at,
             rng: std::sync::Mutex::new(Rng(rng.below(u64::MAX) | 1)),
             published: Default::default(),
+            kill: false,
             cut: Default::default(),
+        }
+    }
+
+    /// A store whose cut is a process kill: the image holds every write made before it.
+    pub(super) fn killing(mem: Arc<MemStore>, cut_at: u64, rng: &mut Rng) -> LedgerCutStore {
+        LedgerCutStore {
+            kill: true,
+            ..LedgerCutStore::new(mem, cut_at, rng)
         }
     }
 
@@ -258,7 +269,11 @@ impl LedgerCutStore {
             // The ledger first: an fsync that returns after it is not counted on.
             let durable = self.published.lock().unwrap().clone();
             let mut rng = self.rng.lock().unwrap();
-            let image = self.mem.crash_image(&mut |k| rng.below(k));
+            let image = if self.kill {
+                self.mem.image()
+            } else {
+                self.mem.crash_image(&mut |k| rng.below(k))
+            };
             *self.cut.lock().unwrap() = Some((image, durable));
         }
     }

@@ -110,6 +110,12 @@ impl RedoLog {
         self.map
     }
 
+    /// A copy of the log's memory, as a successor would find it now (tests).
+    #[cfg(test)]
+    pub(crate) fn region_copy(&self) -> Vec<u8> {
+        self.map.to_vec()
+    }
+
     fn u64_at(&self, off: usize) -> u64 {
         formats::bytes::get_u64(&self.map, off)
     }
