@@ -112,6 +112,51 @@ pub(crate) fn set_written(exts: &mut Vec<Extent>, start: u64, end: u64, max_len:
     *exts = merged;
 }
 
+/// One run of file blocks a planned write covers: where they are on the device, whether
+/// their old contents show at partial edges (written blocks), and whether the write must
+/// mark them written when it is published (new or unwritten blocks).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DataRun {
+    pub fb: u64,
+    pub n: u64,
+    pub physical: u64,
+    pub keeps_old: bool,
+    pub publish: bool,
+}
+
+/// Puts a planned write's data on the device: whole blocks, the old contents kept at the
+/// partial edges of written blocks and zeros at those of new ones, every run handed to
+/// the device together. Runs without the filesystem lock.
+pub(crate) fn write_data_runs(
+    store: &dyn crate::store::BlockStore,
+    runs: &[DataRun],
+    offset: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let end = offset + data.len() as u64;
+    let mut bufs = Vec::with_capacity(runs.len());
+    for r in runs {
+        let mut buf = vec![0u8; (r.n * BS) as usize];
+        let run_start = r.fb * BS;
+        let run_end = (r.fb + r.n) * BS;
+        let data_from = offset.max(run_start);
+        let data_to = end.min(run_end);
+        if r.keeps_old && data_from > run_start {
+            store.read(r.physical, &mut buf[..BLOCK_SIZE])?;
+        }
+        if r.keeps_old && data_to < run_end && !(r.n == 1 && data_from > run_start) {
+            let last = r.n - 1;
+            let off = (last * BS) as usize;
+            store.read(r.physical + last, &mut buf[off..off + BLOCK_SIZE])?;
+        }
+        buf[(data_from - run_start) as usize..(data_to - run_start) as usize]
+            .copy_from_slice(&data[(data_from - offset) as usize..(data_to - offset) as usize]);
+        bufs.push((r.physical, buf));
+    }
+    let writes: Vec<(u64, &[u8])> = bufs.iter().map(|(p, b)| (*p, &b[..])).collect();
+    store.write_many(&writes)
+}
+
 /// The device reads that serve one file read.
 #[derive(Debug, Default)]
 pub(crate) struct ReadPlan {
@@ -409,6 +454,90 @@ impl Inner {
     }
 
     /// Blocks a write of `[offset, offset+len)` must allocate (the holes it covers).
+    /// Plans a write of `len` bytes at `offset` whose data goes to the device outside the
+    /// lock (the caller holds the inode's data lock exclusively). Holes get new blocks,
+    /// mapped as unwritten: until the write is published they read as zeros, and a
+    /// commit that carries them meanwhile leaves a valid file (preallocated blocks) that
+    /// never shows another file's old data. On running out of space the blocks mapped
+    /// here are unmapped again and nothing else changed.
+    pub(crate) fn plan_data_write(
+        &mut self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<Vec<DataRun>> {
+        let end = offset.checked_add(len).ok_or(FsError::TooBig)?;
+        let fb_end = end.div_ceil(BS);
+        let mut runs: Vec<DataRun> = Vec::new();
+        let mut fb = offset / BS;
+        while fb < fb_end {
+            let found = lookup(self.node(ino)?, fb);
+            let run = match found {
+                Lookup::Mapped {
+                    physical,
+                    unwritten,
+                    run,
+                } => DataRun {
+                    fb,
+                    n: run.min(fb_end - fb),
+                    physical,
+                    keeps_old: !unwritten,
+                    publish: unwritten,
+                },
+                Lookup::Hole { run } => {
+                    let want = run.unwrap_or(fb_end - fb).min(fb_end - fb);
+                    match self.map_new(ino, fb, want, true) {
+                        Ok((physical, n)) => DataRun {
+                            fb,
+                            n,
+                            physical,
+                            keeps_old: false,
+                            publish: true,
+                        },
+                        Err(e) => {
+                            for r in runs.iter().filter(|r| r.publish && !r.keeps_old) {
+                                self.unmap_new(ino, r.fb, r.fb + r.n)?;
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            fb += run.n;
+            runs.push(run);
+        }
+        Ok(runs)
+    }
+
+    /// Unmaps blocks `plan_data_write` mapped for a write that does not happen.
+    fn unmap_new(&mut self, ino: Ino, start: u64, end: u64) -> FsResult<()> {
+        let node = self.node(ino)?;
+        let freed = remove_range(&mut node.extents, start, end);
+        self.mark_dirty(ino);
+        for (s, l) in freed {
+            self.free_blocks_tx(s, l);
+        }
+        Ok(())
+    }
+
+    /// Publishes a write planned by `plan_data_write` once its data is on the device:
+    /// its new and unwritten blocks become written, the size and times follow.
+    pub(crate) fn publish_data_write(
+        &mut self,
+        ino: Ino,
+        runs: &[DataRun],
+        end: u64,
+        stamp_times: bool,
+    ) -> FsResult<()> {
+        let max_len = self.codec.max_len();
+        let node = self.node(ino)?;
+        for r in runs.iter().filter(|r| r.publish) {
+            set_written(&mut node.extents, r.fb, r.fb + r.n, max_len);
+        }
+        self.finish_write(ino, end, stamp_times);
+        Ok(())
+    }
+
     pub(crate) fn blocks_to_allocate(&mut self, ino: Ino, offset: u64, len: u64) -> FsResult<u64> {
         let end = offset.saturating_add(len);
         let fb_end = end.div_ceil(BS);

@@ -1,10 +1,15 @@
 //! The core's locks and their order, stated once and checked in debug builds:
 //!
-//! 1. the filesystem lock (`Fs::lock`), around every operation's in-memory changes;
-//! 2. the in-place writes lock (`Inner::in_place`), held while pinned blocks are written
+//! 1. an inode's data lock (`Fs::inode_io`, one of a fixed set of stripes chosen by
+//!    inode number), held across a data write whose device I/O runs outside the
+//!    filesystem lock: shared by whole-block overwrites, exclusive for writes that
+//!    allocate or merge partial blocks and for size and allocation changes (truncate,
+//!    fallocate), so a read-modify-write never races another write to its blocks;
+//! 2. the filesystem lock (`Fs::lock`), around every operation's in-memory changes;
+//! 3. the in-place writes lock (`Inner::in_place`), held while pinned blocks are written
 //!    in place: by a checkpoint under the filesystem lock, or by a background checkpoint
 //!    alone;
-//! 3. the reuse guard (`Inner::reuse`), held shared by device I/O that runs outside the
+//! 4. the reuse guard (`Inner::reuse`), held shared by device I/O that runs outside the
 //!    filesystem lock (taken before that lock is let go), and exclusively, under the
 //!    filesystem lock, to release freed blocks for reuse.
 //!
@@ -16,15 +21,23 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Rank {
-    Filesystem = 0,
-    InPlace = 1,
-    Reuse = 2,
+    InodeData = 0,
+    Filesystem = 1,
+    InPlace = 2,
+    Reuse = 3,
 }
+
+const RANKS: [Rank; 4] = [
+    Rank::InodeData,
+    Rank::Filesystem,
+    Rank::InPlace,
+    Rank::Reuse,
+];
 
 #[cfg(debug_assertions)]
 thread_local! {
     /// How many locks of each rank this thread holds.
-    static HELD: std::cell::Cell<[u8; 3]> = const { std::cell::Cell::new([0; 3]) };
+    static HELD: std::cell::Cell<[u8; 4]> = const { std::cell::Cell::new([0; 4]) };
 }
 
 /// Checks that this thread may wait for a lock of `rank`, and counts it as held until
@@ -34,10 +47,10 @@ pub(crate) fn waiting_for(rank: Rank) -> Held {
     #[cfg(debug_assertions)]
     HELD.with(|held| {
         let mut h = held.get();
-        if let Some(later) = (rank as usize..3).find(|&r| h[r] > 0) {
+        if let Some(later) = (rank as usize..RANKS.len()).find(|&r| h[r] > 0) {
             panic!(
                 "lock order: waiting for the {rank:?} lock while holding the {:?} lock",
-                [Rank::Filesystem, Rank::InPlace, Rank::Reuse][later]
+                RANKS[later]
             );
         }
         h[rank as usize] += 1;
@@ -84,6 +97,35 @@ pub(crate) fn in_place(lock: &Mutex<u64>) -> InPlace<'_> {
     let held = waiting_for(Rank::InPlace);
     InPlace {
         guard: lock.lock().unwrap_or_else(|p| p.into_inner()),
+        _held: held,
+    }
+}
+
+/// An inode's data lock, held shared (whole-block overwrites) or exclusively.
+pub(crate) struct InodeData<'a> {
+    _guard: InodeDataGuard<'a>,
+    _held: Held,
+}
+
+enum InodeDataGuard<'a> {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
+}
+
+#[track_caller]
+pub(crate) fn inode_shared(lock: &RwLock<()>) -> InodeData<'_> {
+    let held = waiting_for(Rank::InodeData);
+    InodeData {
+        _guard: InodeDataGuard::Shared(lock.read().unwrap_or_else(|p| p.into_inner())),
+        _held: held,
+    }
+}
+
+#[track_caller]
+pub(crate) fn inode_exclusive(lock: &RwLock<()>) -> InodeData<'_> {
+    let held = waiting_for(Rank::InodeData);
+    InodeData {
+        _guard: InodeDataGuard::Exclusive(lock.write().unwrap_or_else(|p| p.into_inner())),
         _held: held,
     }
 }

@@ -62,6 +62,8 @@ pub struct Fs {
     inner: Mutex<Inner>,
     holds: LockHolds,
     releases: Releases,
+    /// The inodes' data locks, by inode number modulo their count (see `lock_order`).
+    inode_data: Box<[std::sync::RwLock<()>]>,
 }
 
 /// The inodes [`Fs::release`] has freed, counted, so that an operation refused for want
@@ -101,6 +103,16 @@ impl Releases {
         }
         true
     }
+}
+
+/// Stripes of the inodes' data locks: writes to inodes on different stripes never wait
+/// for each other's device I/O.
+const INODE_DATA_STRIPES: usize = 64;
+
+fn inode_data_locks() -> Box<[std::sync::RwLock<()>]> {
+    (0..INODE_DATA_STRIPES)
+        .map(|_| std::sync::RwLock::new(()))
+        .collect()
 }
 
 /// How long the filesystem lock has been held at a time: the pauses the filesystem
@@ -357,6 +369,7 @@ impl Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
             releases: Releases::default(),
+            inode_data: inode_data_locks(),
         })
     }
 
@@ -449,6 +462,7 @@ impl Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
             releases: Releases::default(),
+            inode_data: inode_data_locks(),
         })
     }
 
@@ -569,6 +583,11 @@ impl Fs {
             site,
             holds: &self.holds,
         }
+    }
+
+    /// The data lock of inode `ino` (see `lock_order`).
+    pub(crate) fn inode_data(&self, ino: Ino) -> &std::sync::RwLock<()> {
+        &self.inode_data[ino.0 as usize % INODE_DATA_STRIPES]
     }
 
     /// How long the filesystem lock has been held at a time, since mount.

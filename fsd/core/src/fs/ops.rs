@@ -9,7 +9,8 @@ use formats::inode::{InlineArea, Inode, Timespec, INLINE_SIZE, S_IFDIR, S_IFLNK,
 use formats::superblock::{ORPHAN_INO, ROOT_INO};
 use formats::xattr::XattrSet;
 
-use super::file::MAX_FILE_SIZE;
+use super::file::{self, MAX_FILE_SIZE};
+use super::lock_order;
 use super::{Fs, FsError, FsResult, Inner, Node};
 
 /// Most hard links one inode may have.
@@ -774,6 +775,9 @@ impl Fs {
     /// Frees an inode with no names left once nothing refers to it any more (the kernel
     /// forgot it and no handle is open). A no-op for inodes that still have names.
     pub fn release(&self, ino: Ino) -> FsResult<()> {
+        // Waits for the file's writes in flight, whose data goes to its blocks with the
+        // filesystem lock free: an inode is freed only once none is left.
+        let _data = lock_order::inode_exclusive(self.inode_data(ino));
         self.mutate_once(|g| {
             let Ok(n) = g.node(ino) else { return Ok(()) };
             if n.inode.nlink != 0 || ino == ROOT_INO || ino == ORPHAN_INO {
@@ -800,6 +804,10 @@ impl Fs {
         s: SetAttr,
         xattr: Option<(&[u8], Option<&[u8]>)>,
     ) -> FsResult<Attr> {
+        // A size change waits for the file's writes in flight (see `lock_order`).
+        let _data = s
+            .size
+            .map(|_| lock_order::inode_exclusive(self.inode_data(ino)));
         self.mutate(|g| {
             // Everything that can refuse the change is checked before anything changes.
             let set = match xattr {
@@ -841,7 +849,7 @@ impl Fs {
         // Taken before the lock is let go: a block freed once the lock is free cannot be
         // released for reuse until this read is done. (Taking it under the lock never
         // waits: only holders of the lock take it exclusively.)
-        let guard = super::lock_order::reuse_shared(&reuse);
+        let guard = lock_order::reuse_shared(&reuse);
         drop(g);
         let data = plan.execute(store.as_ref());
         drop(guard);
@@ -882,32 +890,44 @@ impl Fs {
             return Err(FsError::TooBig);
         }
         let data = &data[..data.len().min(room)];
+        let data_lock = self.inode_data(ino);
+        {
+            // Whole-block overwrites share the inode's data lock; anything else holds it
+            // alone, so its read-modify-write of partial blocks races no other write.
+            let _shared = lock_order::inode_shared(data_lock);
+            let mut g = self.lock();
+            g.check_writable()?;
+            if !g.node(ino)?.inode.is_reg() {
+                return Err(FsError::Invalid("write to a non-regular file"));
+            }
+            // A block-aligned overwrite of written blocks within the file changes no
+            // metadata but the times: its data goes to the device outside the lock, so
+            // such writes (O_DIRECT random writes, to one file or many) run side by side.
+            // The reuse guard, taken before the lock is let go, keeps the blocks it writes
+            // from being reallocated until it is done, as for a read. Two such writes to
+            // one block land in either order, as two overlapping writes may.
+            if let Some(runs) = g.overwrite_plan(ino, offset, data.len())? {
+                let (store, reuse) = (g.store.clone(), g.reuse.clone());
+                let guard = lock_order::reuse_shared(&reuse);
+                drop(g);
+                let writes: Vec<(u64, &[u8])> = runs
+                    .iter()
+                    .map(|&(from, to, physical)| (physical, &data[from..to]))
+                    .collect();
+                let written = store.write_many(&writes);
+                drop(guard);
+                let mut g = self.lock();
+                g.latch(written)?;
+                g.finish_overwrite(ino, how.stamp_times);
+                g.op_done()?;
+                return Ok(data.len());
+            }
+        }
+        let _exclusive = lock_order::inode_exclusive(data_lock);
         let mut g = self.lock();
         g.check_writable()?;
         if !g.node(ino)?.inode.is_reg() {
             return Err(FsError::Invalid("write to a non-regular file"));
-        }
-        // A block-aligned overwrite of written blocks within the file changes no metadata
-        // but the times: its data goes to the device outside the lock, so such writes
-        // (O_DIRECT random writes, to one file or many) run side by side. The reuse
-        // guard, taken before the lock is let go, keeps the blocks it writes from being
-        // reallocated until it is done, as for a read. Two such writes to one block land
-        // in either order, as two overlapping writes may.
-        if let Some(runs) = g.overwrite_plan(ino, offset, data.len())? {
-            let (store, reuse) = (g.store.clone(), g.reuse.clone());
-            let guard = super::lock_order::reuse_shared(&reuse);
-            drop(g);
-            let writes: Vec<(u64, &[u8])> = runs
-                .iter()
-                .map(|&(from, to, physical)| (physical, &data[from..to]))
-                .collect();
-            let written = store.write_many(&writes);
-            drop(guard);
-            let mut g = self.lock();
-            g.latch(written)?;
-            g.finish_overwrite(ino, how.stamp_times);
-            g.op_done()?;
-            return Ok(data.len());
         }
         // Refuse up front a write the free space cannot hold (with room for the extent
         // blocks it may need), rather than fail half-way.
@@ -918,17 +938,40 @@ impl Fs {
         let before = g.changes;
         let mut done = 0;
         let mut result = Ok(());
-        g.changing = true;
+        // Each chunk: new blocks mapped (unwritten) under the lock, the data written
+        // without it, the blocks marked written and the size moved under it again.
         for chunk in data.chunks(1 << 20) {
-            match g.file_write(ino, offset + done as u64, chunk, how.stamp_times) {
-                Ok(n) => done += n,
+            let at = offset + done as u64;
+            // Mapping may allocate: no commit may run inside it. (Outside it the mapped
+            // blocks are unwritten extents of a valid file: commits may carry them.)
+            g.changing = true;
+            let planned = g.plan_data_write(ino, at, chunk.len() as u64);
+            g.changing = false;
+            let runs = match planned {
+                Ok(runs) => runs,
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
+            };
+            let (store, reuse) = (g.store.clone(), g.reuse.clone());
+            let guard = lock_order::reuse_shared(&reuse);
+            drop(g);
+            let written = file::write_data_runs(store.as_ref(), &runs, at, chunk);
+            drop(guard);
+            g = self.lock();
+            if let Err(e) = g.latch(written) {
+                result = Err(e);
+                break;
             }
+            if let Err(e) = g.check_writable().and_then(|()| {
+                g.publish_data_write(ino, &runs, at + chunk.len() as u64, how.stamp_times)
+            }) {
+                result = Err(e);
+                break;
+            }
+            done += chunk.len();
         }
-        g.changing = false;
         match result {
             // Refused before it changed anything: nothing to undo, nothing to latch.
             Err(e) if g.changes == before => return Err(e),
@@ -961,6 +1004,8 @@ impl Fs {
         const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
         const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        // Allocation changes wait for the file's writes in flight (see `lock_order`).
+        let _data = lock_order::inode_exclusive(self.inode_data(ino));
         if len == 0 {
             return Err(FsError::Invalid("fallocate of zero length"));
         }

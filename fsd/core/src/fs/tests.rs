@@ -856,9 +856,10 @@ fn background_checkpoints_run_beside_operations() {
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
-/// Threads write disjoint byte ranges that share blocks (each block's read-modify-write
-/// races the others' wherever the core lets them overlap), into holes and over written
-/// blocks, while another thread extends the file and a third reads. Every byte must end up as the last write to it left it: a lost update shows as
+/// Writes whose data goes to the device outside the lock: threads write disjoint byte
+/// ranges that share blocks (each block's read-modify-write races the others'), into
+/// holes and over written blocks, while another thread extends the file and a third
+/// reads. Every byte must end up as the last write to it left it: a lost update shows as
 /// a range holding an older value or zeros.
 #[test]
 fn partial_writes_sharing_blocks_lose_no_bytes() {
@@ -1058,6 +1059,96 @@ fn a_refusal_waits_no_longer_than_release_wait_for_a_file_held_open() {
     assert_eq!(fs.read(big, 0, 4).unwrap(), vec![0x5A; 4]);
     fs.release(big).unwrap();
     mk(&fs, ROOT_INO, "after-the-release");
+    fs.unmount().unwrap();
+    let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+/// A `MemStore` whose next write, once armed, waits until it is let through.
+#[derive(Default)]
+struct GateStore {
+    mem: Option<Arc<MemStore>>,
+    /// (armed, a write waits at the gate, let through)
+    state: std::sync::Mutex<(bool, bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl GateStore {
+    fn wait_until(&self, what: impl Fn(&(bool, bool, bool)) -> bool) {
+        let mut s = self.state.lock().unwrap();
+        while !what(&s) {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+    fn set(&self, f: impl FnOnce(&mut (bool, bool, bool))) {
+        f(&mut self.state.lock().unwrap());
+        self.changed.notify_all();
+    }
+}
+
+impl BlockStore for GateStore {
+    fn num_blocks(&self) -> u64 {
+        self.mem.as_ref().unwrap().num_blocks()
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.as_ref().unwrap().read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> std::io::Result<()> {
+        let stop = std::mem::take(&mut self.state.lock().unwrap().0);
+        if stop {
+            self.set(|s| s.1 = true);
+            self.wait_until(|s| s.2);
+        }
+        self.mem.as_ref().unwrap().write(addr, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.mem.as_ref().unwrap().flush()
+    }
+    fn discard(&self, addr: u64, nblocks: u64) -> std::io::Result<()> {
+        self.mem.as_ref().unwrap().discard(addr, nblocks)
+    }
+}
+
+/// A write that fills holes puts its data on the device with the filesystem lock free; a
+/// release of its file that comes meanwhile (the last name gone) frees the inode only
+/// once the write is done, so the write finishes on its own inode and the filesystem
+/// stays writable and consistent.
+#[test]
+fn a_release_during_an_allocating_write_waits_for_it() {
+    let s = fresh(4096);
+    let gate = Arc::new(GateStore {
+        mem: Some(s.clone()),
+        ..Default::default()
+    });
+    let fs = Arc::new(Fs::mount(gate.clone() as Arc<dyn BlockStore>).unwrap());
+    let f = mk(&fs, ROOT_INO, "f");
+    fs.sync().unwrap();
+    gate.set(|s| s.0 = true);
+    let writer = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.write(f, 0, &[3u8; 8192]))
+    };
+    gate.wait_until(|s| s.1);
+    fs.unlink(ROOT_INO, b"f").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let releaser = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let r = fs.release(f);
+            tx.send(()).unwrap();
+            r
+        })
+    };
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(100))
+            .is_err(),
+        "the release freed the inode while its write was in flight"
+    );
+    gate.set(|s| s.2 = true);
+    assert_eq!(writer.join().unwrap().unwrap(), 8192);
+    releaser.join().unwrap().unwrap();
+    mk(&fs, ROOT_INO, "after");
+    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
     fs.unmount().unwrap();
     let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
