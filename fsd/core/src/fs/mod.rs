@@ -62,6 +62,7 @@ pub struct Fs {
     inner: Mutex<Inner>,
     holds: LockHolds,
     releases: Releases,
+    flushes: Flushes,
     /// The inodes' data locks, by inode number modulo their count (see `lock_order`).
     inode_data: Box<[std::sync::RwLock<()>]>,
 }
@@ -102,6 +103,36 @@ impl Releases {
                 .0;
         }
         true
+    }
+}
+
+/// Device flushes that syncs run with the filesystem lock free. Flushes are numbered as
+/// they start and run one at a time; flush `n` covers every write completed before it
+/// started. A sync takes a ticket (the number of flushes started) once its commit is
+/// written; any flush numbered past the ticket covers that commit, so a sync that finds
+/// one completed returns without its own. The lock is taken with no other held.
+#[derive(Default)]
+struct Flushes {
+    started: AtomicU64,
+    /// The number of the last flush that completed.
+    done: Mutex<u64>,
+}
+
+impl Flushes {
+    fn ticket(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Returns once a flush that started after `ticket` was taken has completed.
+    fn flush_after(&self, ticket: u64, store: &dyn BlockStore) -> std::io::Result<()> {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if *done > ticket {
+            return Ok(());
+        }
+        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        store.flush()?;
+        *done = n;
+        Ok(())
     }
 }
 
@@ -369,6 +400,7 @@ impl Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
             releases: Releases::default(),
+            flushes: Flushes::default(),
             inode_data: inode_data_locks(),
         })
     }
@@ -462,6 +494,7 @@ impl Fs {
             inner: Mutex::new(inner),
             holds: LockHolds::default(),
             releases: Releases::default(),
+            flushes: Flushes::default(),
             inode_data: inode_data_locks(),
         })
     }
@@ -636,14 +669,24 @@ impl Fs {
         Ok(())
     }
 
-    /// Makes every completed operation durable (fsync/syncfs).
+    /// Makes every completed operation durable (fsync/syncfs): commits what is pending
+    /// under the lock, then flushes without it, so that other operations go on during the
+    /// flush and concurrent syncs share one.
     pub fn sync(&self) -> FsResult<()> {
-        let mut g = self.lock();
-        if g.read_only {
-            // Nothing is ever pending on a read-only mount.
-            return Ok(());
-        }
-        g.sync()
+        let (store, ticket) = {
+            let mut g = self.lock();
+            if g.read_only {
+                // Nothing is ever pending on a read-only mount.
+                return Ok(());
+            }
+            g.check_writable()?;
+            if g.has_pending_changes() {
+                g.commit()?;
+            }
+            (g.store.clone(), self.flushes.ticket())
+        };
+        let flushed = self.flushes.flush_after(ticket, store.as_ref());
+        self.lock().latch(flushed)
     }
 }
 
@@ -1167,19 +1210,6 @@ impl Inner {
                 self.stage(addr, blk);
             }
         }
-        Ok(())
-    }
-
-    /// Flushes the device: every committed transaction (and every data write before it)
-    /// is durable afterwards, and blocks freed by them become allocatable.
-    pub(crate) fn sync(&mut self) -> FsResult<()> {
-        self.check_writable()?;
-        if self.has_pending_changes() {
-            self.commit()?;
-        }
-        let store = self.store.clone();
-        let r = store.flush();
-        self.latch(r)?;
         Ok(())
     }
 

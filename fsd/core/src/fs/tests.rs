@@ -1064,10 +1064,12 @@ fn a_refusal_waits_no_longer_than_release_wait_for_a_file_held_open() {
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
-/// A `MemStore` whose next write, once armed, waits until it is let through.
+/// A `MemStore` whose next write (or flush, with `flushes`), once armed, waits until it
+/// is let through.
 #[derive(Default)]
 struct GateStore {
     mem: Option<Arc<MemStore>>,
+    flushes: bool,
     /// (armed, a write waits at the gate, let through)
     state: std::sync::Mutex<(bool, bool, bool)>,
     changed: std::sync::Condvar,
@@ -1084,6 +1086,14 @@ impl GateStore {
         f(&mut self.state.lock().unwrap());
         self.changed.notify_all();
     }
+    /// Holds the I/O at the gate if armed (once).
+    fn gate(&self) {
+        let stop = std::mem::take(&mut self.state.lock().unwrap().0);
+        if stop {
+            self.set(|s| s.1 = true);
+            self.wait_until(|s| s.2);
+        }
+    }
 }
 
 impl BlockStore for GateStore {
@@ -1094,14 +1104,15 @@ impl BlockStore for GateStore {
         self.mem.as_ref().unwrap().read(addr, buf)
     }
     fn write(&self, addr: u64, buf: &[u8]) -> std::io::Result<()> {
-        let stop = std::mem::take(&mut self.state.lock().unwrap().0);
-        if stop {
-            self.set(|s| s.1 = true);
-            self.wait_until(|s| s.2);
+        if !self.flushes {
+            self.gate();
         }
         self.mem.as_ref().unwrap().write(addr, buf)
     }
     fn flush(&self) -> std::io::Result<()> {
+        if self.flushes {
+            self.gate();
+        }
         self.mem.as_ref().unwrap().flush()
     }
     fn discard(&self, addr: u64, nblocks: u64) -> std::io::Result<()> {
@@ -1152,4 +1163,53 @@ fn a_release_during_an_allocating_write_waits_for_it() {
     fs.unmount().unwrap();
     let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+/// An fsync flushes with the filesystem lock free: other operations (and their commits)
+/// go on while the device flushes, and a sync whose commit came after a flush began gets
+/// a flush of its own.
+#[test]
+fn operations_go_on_while_a_sync_flushes() {
+    let s = fresh(4096);
+    let gate = Arc::new(GateStore {
+        mem: Some(s.clone()),
+        flushes: true,
+        ..Default::default()
+    });
+    let fs = Arc::new(Fs::mount(gate.clone() as Arc<dyn BlockStore>).unwrap());
+    let f = mk(&fs, ROOT_INO, "f");
+    fs.write(f, 0, &[1u8; 100]).unwrap();
+    gate.set(|s| s.0 = true);
+    let syncer = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.fsync(f))
+    };
+    gate.wait_until(|s| s.1);
+    // The flush waits at the gate; operations run meanwhile.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let g = mk(&fs, ROOT_INO, "g");
+            fs.write(g, 0, &[2u8; 5000]).unwrap();
+            fs.lock().commit().unwrap();
+            tx.send(g).unwrap();
+            fs.fsync(g)
+        })
+    };
+    let g = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("operations waited for the flush");
+    gate.set(|s| s.2 = true);
+    syncer.join().unwrap().unwrap();
+    other.join().unwrap().unwrap();
+    // Both files' data and names are durable: a power cut now loses none of it.
+    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
+    drop(fs);
+    let cut = Arc::new(MemStore::from_image(s.crash_image(&mut |_| 0)));
+    let fs = Fs::mount(cut.clone() as Arc<dyn BlockStore>).unwrap();
+    assert_eq!(fs.read(f, 0, 100).unwrap(), vec![1u8; 100]);
+    assert_eq!(fs.lookup(ROOT_INO, b"g").unwrap().ino, g);
+    assert_eq!(fs.read(g, 0, 5000).unwrap(), vec![2u8; 5000]);
+    fs.unmount().unwrap();
 }
