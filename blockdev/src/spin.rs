@@ -3,9 +3,10 @@
 //! A spin that work ends saves a wake-up (tens of µs of latency on a VM); a spin that
 //! expires is CPU taken from the client and the kernel, which on a small machine slows the
 //! very work the driver waits for. [`SpinMode::Fixed`] always spins the configured
-//! maximum; [`SpinMode::Adaptive`] keeps a budget per kind of wait ([`Wait`]) and learns
-//! from each idle period whether spinning paid ([`SpinBudget`]). This is policy only: the
-//! loop announces its sleep and re-checks the queue exactly as before, whatever the spin.
+//! maximum; [`SpinMode::Adaptive`] learns per kind of wait ([`Wait`]) from each idle
+//! period whether spinning pays, and spins only where most spins do ([`SpinBudget`]).
+//! This is policy only: the loop announces its sleep and re-checks the queue exactly as
+//! before, whatever the spin.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 pub enum SpinMode {
     /// Always spin the maximum.
     Fixed,
-    /// Spin a budget between 0 and the maximum, learned per [`Wait`].
+    /// Spin the maximum only where most spins pay, learned per [`Wait`].
     #[default]
     Adaptive,
 }
@@ -53,88 +54,119 @@ pub enum Wait {
     Client,
 }
 
-/// Allowance for a wake-up's latency when judging a sleep: an idle period that ended
-/// within `max + WAKE_ALLOWANCE` of its start (spin, sleep and wake-up together) may have
-/// been one a spin of `max` would have caught. Two wake-ups cost about 45 µs each on the
-/// 2-vCPU VM of `docs/BENCHMARKS.md`; this rounds that up.
+/// Allowance for a wake-up's latency when judging a sleep: an idle period that outlasted
+/// `max + WAKE_ALLOWANCE` (spin, sleep and wake-up together) was one a spin of `max` would
+/// not have caught. Two wake-ups cost about 45 µs each on the 2-vCPU VM of
+/// `docs/BENCHMARKS.md`; this rounds that up.
 pub const WAKE_ALLOWANCE: Duration = Duration::from_micros(50);
 
-/// After the `n`th failed probe in a row, no probe for the next `2^n` idle periods (n at
-/// most this): a workload whose gaps are just too long costs a probe per 64 periods.
-const MAX_PROBE_BACKOFF: u32 = 6;
+/// Fixed point of [`SpinBudget`]'s hit rate: `ONE` is every idle period caught.
+const ONE: u32 = 1024;
+/// Each observation moves the hit rate by 1/8 of the way (an average over ~8 periods).
+const WEIGHT_SHIFT: u32 = 3;
+/// Spinning starts once the hit rate reaches 5/8 and stops below 3/8: spin only where
+/// most spins pay, without flapping on a few unlucky gaps.
+const START: u32 = ONE * 5 / 8;
+const STOP: u32 = ONE * 3 / 8;
+/// While not spinning, at most this many idle periods pass between probes.
+const MAX_PROBE_EVERY: u32 = 64;
 
-/// One learned spin budget, in `[0, max]`; starts at `max`. Pure and deterministic: the
-/// loop measures each idle period (from its last progress to its next) and reports it
-/// with [`SpinBudget::record`]. Only a spin tells for sure whether spinning pays (a
-/// sleep's length includes the wake-up), so:
+/// One learned spin, `max` or nothing. Pure and deterministic: the loop measures each
+/// idle period (from its last progress to its next) and reports it with
+/// [`SpinBudget::record`].
 ///
-/// - Work arrived during the spin: the spin paid. The budget keeps at least twice that
-///   gap (it never shrinks here), so a stream of short gaps keeps spinning.
-/// - The spin expired and the driver slept: the spin was wasted. The budget halves, and
-///   drops to 0 once below `max / 8`: sporadic requests cost four shrinking spins, then
-///   none.
-/// - If that sleep was short (the work came within `max + WAKE_ALLOWANCE`), the next idle
-///   period spins `max` once: a *probe*. A probe that pays restores the budget to `max`
-///   (a burst after idleness recovers in two requests); one that expires counts as
-///   wasted, and the next probe waits twice as many idle periods as the last, up to 64.
+/// It keeps an estimate of the share of idle periods a spin of `max` catches (a moving
+/// average over about eight periods), and spins `max` while that share is high (from 5/8
+/// up; it stops below 3/8). Between the two there is nothing to gain: a spin that expires
+/// costs the whole budget, and the gaps that matter cluster just below the maximum (a
+/// synchronous stream's at 40–50 µs of 50), so a shorter budget catches none of them.
+/// Observations:
+///
+/// - Work arrived during the spin: a hit.
+/// - A spin of `max` expired: a miss.
+/// - The driver slept without spinning: a hit if work came within `max` of the idle
+///   period's start (a spin would have caught it, wake-up latency and all), a miss if it
+///   came after `max + WAKE_ALLOWANCE`; in between the wake-up hides which, so nothing.
+///
+/// While not spinning, a *probe* spins `max` once in a while: the interval between probes
+/// doubles after one that expired (up to 64 idle periods) and shrinks to a quarter after
+/// one that paid, so it grows where fewer than a third of the probes pay (a workload whose
+/// gaps are just too long for the maximum costs one spin per 64 periods) and shrinks
+/// where most do (a burst after idleness is spun for again within about 100 periods, or
+/// 8 if its gaps show within `max` even after a sleep).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpinBudget {
     max: Duration,
-    budget: Duration,
-    /// The next idle period spins `max`.
-    probe: bool,
-    /// Probes that expired since a spin last paid.
-    failed_probes: u32,
-    /// Idle periods to go before a short sleep may arm a probe.
-    holdoff: u32,
+    /// Estimated share of idle periods a spin of `max` catches, in `1 / ONE`.
+    hits: u32,
+    spinning: bool,
+    /// Idle periods until the next probe, while not spinning (0: this one probes).
+    probe_in: u32,
+    /// Current interval between probes.
+    probe_every: u32,
 }
 
 impl SpinBudget {
+    /// Starts spinning, at the hit rate where four misses in a row stop it.
     pub fn new(max: Duration) -> SpinBudget {
         SpinBudget {
             max,
-            budget: max,
-            probe: false,
-            failed_probes: 0,
-            holdoff: 0,
+            hits: START,
+            spinning: true,
+            probe_in: 0,
+            probe_every: 1,
         }
     }
 
     /// How long to spin in the next idle period.
     pub fn get(&self) -> Duration {
-        if self.probe {
+        if self.spinning || self.probe_in == 0 {
             self.max
         } else {
-            self.budget
+            Duration::ZERO
         }
     }
 
-    /// An idle period ended after `gap`; `slept`: the spin expired and the driver slept.
+    /// The idle period spun [`SpinBudget::get`] and ended after `gap`; `slept`: the spin
+    /// expired and the driver slept.
     pub fn record(&mut self, gap: Duration, slept: bool) {
-        let probed = std::mem::take(&mut self.probe);
-        self.holdoff = self.holdoff.saturating_sub(1);
-        if !slept {
-            self.failed_probes = 0;
-            let want = if probed {
-                self.max
+        let spun = self.get();
+        let probed = !self.spinning && self.probe_in == 0;
+        let hit = if !slept {
+            Some(true)
+        } else if spun >= self.max {
+            Some(false)
+        } else if gap <= self.max {
+            Some(true)
+        } else if gap > self.max.saturating_add(WAKE_ALLOWANCE) {
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(hit) = hit {
+            let target = if hit { ONE } else { 0 };
+            // 1/8 of the way to `target`, rounded up: a run of one kind reaches it.
+            if target > self.hits {
+                self.hits += (target - self.hits).div_ceil(1 << WEIGHT_SHIFT);
             } else {
-                self.budget.max(gap.saturating_mul(2))
-            };
-            self.budget = want.min(self.max);
-            return;
+                self.hits -= (self.hits - target).div_ceil(1 << WEIGHT_SHIFT);
+            }
         }
         if probed {
-            self.failed_probes = (self.failed_probes + 1).min(MAX_PROBE_BACKOFF);
-            self.holdoff = 1 << self.failed_probes;
+            self.probe_every = if hit == Some(true) {
+                (self.probe_every / 4).max(1)
+            } else {
+                (self.probe_every * 2).min(MAX_PROBE_EVERY)
+            };
+            self.probe_in = self.probe_every;
+        } else if !self.spinning {
+            self.probe_in -= 1;
         }
-        let half = self.budget / 2;
-        self.budget = if half < self.max / 8 {
-            Duration::ZERO
-        } else {
-            half
-        };
-        let soon = gap <= self.max.saturating_add(WAKE_ALLOWANCE);
-        self.probe = soon && self.holdoff == 0 && !self.max.is_zero();
+        let was = self.spinning;
+        self.spinning = self.hits >= if was { STOP } else { START };
+        if was && !self.spinning {
+            self.probe_in = self.probe_every;
+        }
     }
 }
 
@@ -192,78 +224,98 @@ mod tests {
 
     /// Plays idle periods of the given true gaps through `b` as the serve loop would:
     /// a gap within the spin is caught, a longer one is seen after a sleep and a wake-up.
-    /// Returns the time spun in all.
-    fn play(b: &mut SpinBudget, gaps: impl IntoIterator<Item = Duration>) -> Duration {
-        let mut spun = Duration::ZERO;
+    /// Returns the time spun and the gaps caught.
+    fn play(b: &mut SpinBudget, gaps: impl IntoIterator<Item = Duration>) -> (Duration, usize) {
+        let (mut spun, mut caught) = (Duration::ZERO, 0);
         for gap in gaps {
             let spin = b.get();
             if gap <= spin {
                 spun += gap;
+                caught += 1;
                 b.record(gap, false);
             } else {
                 spun += spin;
                 b.record(gap + WAKE, true);
             }
         }
-        spun
+        (spun, caught)
+    }
+
+    /// A deterministic spread of gaps in `[lo, lo + span)`.
+    fn spread(n: u64, lo: u64, span: u64) -> impl Iterator<Item = Duration> {
+        (0..n).map(move |i| us(lo + i * 7 % span))
     }
 
     #[test]
     fn a_stream_of_short_gaps_keeps_spinning() {
         let mut b = SpinBudget::new(MAX);
-        for i in 0..10_000u64 {
-            play(&mut b, [us(20 + i % 30)]);
+        for gap in spread(10_000, 20, 30) {
+            play(&mut b, [gap]);
             assert_eq!(b.get(), MAX);
         }
     }
 
     #[test]
-    fn a_gap_just_past_the_spin_costs_one_probe() {
+    fn a_few_gaps_past_the_spin_do_not_stop_it() {
+        // A synchronous stream: most gaps at 40–50 µs, one in six at 55–85 µs.
         let mut b = SpinBudget::new(MAX);
-        play(&mut b, [us(40), us(60)]);
-        // Halved, but the sleep was short: the next period probes with the maximum...
-        assert_eq!(b.budget, us(25));
-        assert_eq!(b.get(), MAX);
-        // ...which the stream pays for.
-        play(&mut b, [us(40)]);
+        let gaps = (0..12_000u64).map(|i| {
+            if i % 6 == 5 {
+                us(55 + i % 31)
+            } else {
+                us(40 + i % 11)
+            }
+        });
+        let (_, caught) = play(&mut b, gaps);
+        assert_eq!(caught, 10_000, "every short gap caught");
         assert_eq!(b.get(), MAX);
     }
 
     #[test]
     fn sporadic_long_gaps_drive_the_budget_to_zero() {
         let mut b = SpinBudget::new(MAX);
-        let expected = [
-            us(25),
-            Duration::from_nanos(12_500),
-            Duration::from_nanos(6_250),
-        ];
-        for want in expected {
+        let mut wasted = 0;
+        while b.get() > Duration::ZERO {
             play(&mut b, [us(400)]);
-            assert_eq!(b.get(), want);
+            wasted += 1;
         }
-        play(&mut b, [us(400)]);
-        assert_eq!(b.get(), Duration::ZERO);
-        // And stays there: nothing is spun for sporadic requests.
-        assert_eq!(
-            play(&mut b, (0..1000).map(|i| us(150 + i * 7))),
-            Duration::ZERO
-        );
+        assert_eq!(wasted, 4, "spins wasted before stopping");
+        // And stays there, save a probe now and then that backs off to one per 64.
+        let (spun, caught) = play(&mut b, spread(10_000, 150, 3000));
+        assert_eq!(caught, 0);
+        assert!(spun <= MAX * (10_000 / 64 + 7), "spun {spun:?}");
         assert_eq!(b.get(), Duration::ZERO);
     }
 
     #[test]
     fn a_burst_after_idleness_recovers() {
         let mut b = SpinBudget::new(MAX);
-        play(&mut b, (0..10).map(|_| Duration::from_millis(100)));
+        play(&mut b, (0..1000).map(|_| Duration::from_millis(100)));
         assert_eq!(b.get(), Duration::ZERO);
-        // Requests now come 40 µs apart: the first is seen after a short sleep, so the
-        // second period probes, pays, and the driver spins again.
-        play(&mut b, [us(40)]);
-        assert_eq!(b.get(), MAX);
-        play(&mut b, [us(40)]);
-        assert_eq!(b.budget, MAX);
-        assert_eq!(play(&mut b, (0..100).map(|_| us(40))), us(40 * 100));
-        assert_eq!(b.get(), MAX);
+        assert_eq!(b.hits, 0);
+        // Requests now come 45 µs apart: each sleep shows a gap that a spin may or may
+        // not have caught; the probes find that it does.
+        let mut periods = 0;
+        while b.get() < MAX || !b.spinning {
+            play(&mut b, [us(45)]);
+            periods += 1;
+            assert!(periods <= 100, "not spinning after {periods} periods");
+        }
+        let (_, caught) = play(&mut b, (0..1000).map(|_| us(45)));
+        assert_eq!(caught, 1000);
+    }
+
+    #[test]
+    fn short_sleeps_restart_the_spin_at_once() {
+        // Work that came within the maximum even after a sleep and a wake-up.
+        let mut b = SpinBudget::new(MAX);
+        play(&mut b, (0..100).map(|_| Duration::from_millis(1)));
+        let mut periods = 0;
+        while !b.spinning {
+            b.record(us(30), true);
+            periods += 1;
+        }
+        assert!(periods <= 8, "{periods} periods");
     }
 
     #[test]
@@ -271,35 +323,22 @@ mod tests {
         // E.g. device completions at 60–90 µs: every sleep is short, but no spin of at
         // most 50 µs catches one. Probes back off, so little is spun.
         let mut b = SpinBudget::new(MAX);
-        let spun = play(&mut b, (0..10_000u64).map(|i| us(60 + i % 31)));
-        assert!(spun < us(10_000), "spun {spun:?} over 10,000 gaps");
-        assert_eq!(b.budget, Duration::ZERO);
+        let (spun, caught) = play(&mut b, spread(10_000, 60, 31));
+        assert_eq!(caught, 0);
+        assert!(
+            spun <= MAX * (10_000 / 64 + 10),
+            "spun {spun:?} over 10,000 gaps"
+        );
+        assert_eq!(b.get(), Duration::ZERO);
     }
 
     #[test]
-    fn mostly_short_gaps_keep_most_of_the_spin() {
-        // Three of four gaps within the spin, one a little beyond it.
+    fn a_workload_that_mostly_misses_stops_spinning() {
+        // One gap in four within the spin.
         let mut b = SpinBudget::new(MAX);
-        let gaps = (0..10_000u64).map(|i| if i % 4 == 3 { us(80) } else { us(35) });
-        let mut caught = 0;
-        for gap in gaps {
-            caught += usize::from(gap <= b.get());
-            play(&mut b, [gap]);
-        }
-        assert!(caught >= 7_000, "caught {caught} of 7,500 short gaps");
-    }
-
-    #[test]
-    fn a_spin_that_pays_near_its_end_grows_the_budget() {
-        let mut b = SpinBudget::new(MAX);
-        play(&mut b, [us(400), us(400)]);
-        assert_eq!(b.get(), Duration::from_nanos(12_500));
-        // Caught at 10 µs of a 12.5 µs budget: room for twice that.
-        play(&mut b, [us(10)]);
-        assert_eq!(b.get(), us(20));
-        // Never beyond the maximum.
-        play(&mut b, [us(20), us(45)]);
-        assert_eq!(b.get(), MAX);
+        let gaps = (0..10_000u64).map(|i| if i % 4 == 0 { us(30) } else { us(300) });
+        let (spun, _) = play(&mut b, gaps);
+        assert!(spun < MAX * 1000, "spun {spun:?}");
     }
 
     #[test]
@@ -331,7 +370,7 @@ mod tests {
             p.record(Wait::Client, us(250), true);
         }
         assert_eq!(p.budget(Wait::Device), MAX);
-        assert_eq!(p.budget(Wait::Client), Duration::ZERO);
+        assert!(!p.client.spinning);
     }
 
     #[test]
