@@ -588,7 +588,7 @@ impl Server {
             if progressed {
                 let now = Instant::now();
                 if let Some(i) = idle.take() {
-                    spin.record(i.wait, now - last_progress, i.slept);
+                    spin.record(i.wait, i.spin, now - last_progress, i.slept);
                 }
                 last_progress = now;
                 continue;
