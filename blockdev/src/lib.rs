@@ -8,6 +8,7 @@
 //! - [`ring`]: the protocol between a client and the driver over shared memory (`RING.md`).
 //! - [`server`]: the driver's serve loop; [`client`]: the thread-safe client.
 //! - [`spawn`]: starts the `blockdev` driver process and returns a connected client.
+//! - [`spin`]: how long the serve loop polls before it sleeps (fixed or adaptive).
 //! - [`persist`]: the driver's exported state and its versioned schemas;
 //!   [`handover`]: the live update control protocol, both ends.
 //!
@@ -31,6 +32,7 @@ pub mod persist;
 pub mod ring;
 pub mod server;
 pub mod spawn;
+pub mod spin;
 
 pub use client::{Batch, Client, ClientConfig, RecoveryStats};
 pub use error::BlockError;

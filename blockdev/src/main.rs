@@ -20,6 +20,7 @@ use blockdev::nbd::{ExportInfo, NbdConnection, NbdTarget, NbdUri};
 use blockdev::persist::{StateVersion, StopReason, COMPONENT_VERSION};
 use blockdev::ring::{ProtocolVersion, RingRegion, StatusTable};
 use blockdev::server::{Server, ServerConfig};
+use blockdev::spin::SpinMode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 fn long_version() -> String {
@@ -59,9 +60,13 @@ enum Cmd {
         image_fd: i32,
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
-        /// Bounded spin before sleeping, in microseconds.
+        /// Longest spin before sleeping, in microseconds.
         #[arg(long, default_value_t = 50)]
         spin_us: u64,
+        /// `fixed`: always spin `--spin-us`; `adaptive`: spin up to it, as long as recent
+        /// idle periods say pays (RING.md, "Doorbells").
+        #[arg(long, default_value = "adaptive")]
+        spin: SpinMode,
         /// Stop cleanly when this process exits.
         #[arg(long)]
         client_pid: Option<i32>,
@@ -131,6 +136,7 @@ fn main() -> Result<()> {
         image_fd,
         engine,
         spin_us,
+        spin,
         client_pid,
         ctl_fd,
         adopt: adopting,
@@ -183,6 +189,7 @@ fn main() -> Result<()> {
     };
     let config = ServerConfig {
         spin: Duration::from_micros(spin_us),
+        spin_mode: spin,
         client_pid,
         ..ServerConfig::default()
     };

@@ -6,6 +6,8 @@
 //! every completion and publishes them with one tail update and at most one doorbell. It
 //! sleeps only after a bounded spin finds nothing to do, and only after announcing it in the
 //! header (`sq_need_wakeup`) and re-checking the queue, so a busy ring costs no wakeups.
+//! How long it spins is [`crate::spin`]'s policy: fixed, or learned from how soon work came
+//! after earlier idle periods.
 //!
 //! The loop stops between requests: once a stop is requested it takes no new entries,
 //! reaps everything in flight, and returns its exportable state; `resume` serves again.
@@ -34,6 +36,7 @@ use crate::ring::ProtocolVersion;
 use crate::ring::{
     Completion, DriverEpoch, DriverPhase, Op, Request, RingError, RingRegion, Status,
 };
+use crate::spin::{SpinMode, SpinPolicy, Wait};
 use crate::{Lba, BLOCK_SIZE};
 use molt_sys as sys;
 
@@ -53,8 +56,11 @@ pub enum DriverError {
 /// Tunables of the serve loop.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// How long to poll the queues after the last activity before sleeping.
+    /// Longest poll of the queues after the last activity before sleeping (`spin_mode`
+    /// says whether the loop always spins this long or learns a shorter budget).
     pub spin: Duration,
+    /// Fixed or adaptive ([`crate::spin`]).
+    pub spin_mode: SpinMode,
     /// Longest sleep: the heartbeat, stop flag and client liveness are checked this often.
     pub tick: Duration,
     /// Stop serving (cleanly) when this process exits.
@@ -65,6 +71,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             spin: Duration::from_micros(50),
+            spin_mode: SpinMode::Adaptive,
             tick: Duration::from_millis(100),
             client_pid: None,
         }
@@ -127,6 +134,15 @@ pub(crate) struct CrashedDriver {
     pub phase: DriverPhase,
     /// The `in_flight` counter it published last.
     pub in_flight: u64,
+}
+
+/// An idle period of the serve loop: what it waits for, how long it spins, and whether it
+/// went on to sleep.
+#[derive(Debug, Clone, Copy)]
+struct Idle {
+    wait: Wait,
+    spin: Duration,
+    slept: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -516,7 +532,10 @@ impl Server {
         self.ring.set_driver_phase(DriverPhase::Serving);
         // Wake a client waiting for the driver to attach.
         let _ = sys::eventfd_signal(self.cq_eventfd.as_fd());
+        let mut spin = SpinPolicy::new(self.config.spin_mode, self.config.spin);
         let mut last_progress = Instant::now();
+        // The idle period since `last_progress`, once an iteration found nothing to do.
+        let mut idle: Option<Idle> = None;
         let mut last_client_check = Instant::now();
         loop {
             self.heartbeat = self.heartbeat.wrapping_add(1);
@@ -567,10 +586,26 @@ impl Server {
                 break;
             }
             if progressed {
-                last_progress = Instant::now();
+                let now = Instant::now();
+                if let Some(i) = idle.take() {
+                    spin.record(i.wait, i.spin, now - last_progress, i.slept);
+                }
+                last_progress = now;
                 continue;
             }
-            if last_progress.elapsed() < self.config.spin {
+            let i = idle.get_or_insert_with(|| {
+                let wait = if self.outstanding() > self.backlog.len() {
+                    Wait::Device
+                } else {
+                    Wait::Client
+                };
+                Idle {
+                    wait,
+                    spin: spin.budget(wait),
+                    slept: false,
+                }
+            });
+            if !i.slept && last_progress.elapsed() < i.spin {
                 std::hint::spin_loop();
                 continue;
             }
@@ -595,6 +630,7 @@ impl Server {
             } else {
                 Some(self.sq_eventfd.as_fd())
             };
+            i.slept = true;
             let outcome = self.engine.wait(doorbell, timeout)?;
             self.ring.sq_need_wakeup().store(0, Ordering::Relaxed);
             if outcome.doorbell {

@@ -15,11 +15,17 @@ use crate::engine::EngineKind;
 use crate::image::Image;
 use crate::nbd::NbdTarget;
 use crate::ring::{RingError, RingGeometry, RingRegion};
+use crate::spin::SpinMode;
 use crate::BlockError;
 use molt_sys as sys;
 
 /// Environment variable naming the `blockdev` binary.
 pub(crate) const BIN_ENV: &str = "MOLT_BLOCKDEV_BIN";
+/// Environment variables that set [`DriverConfig::default`]'s spin: the mode (`adaptive`
+/// or `fixed`) and the longest spin in microseconds. They reach every driver a process
+/// starts with the default config, e.g. those of `fsd mount` (read by its supervisor).
+pub const SPIN_MODE_ENV: &str = "MOLT_DRIVER_SPIN";
+pub const SPIN_US_ENV: &str = "MOLT_DRIVER_SPIN_US";
 
 /// Fd numbers the driver receives its descriptors on.
 pub(crate) const RING_FD: i32 = 3;
@@ -49,8 +55,10 @@ pub struct DriverConfig {
     /// Driver binary; default: `$MOLT_BLOCKDEV_BIN`, else `blockdev` next to the current
     /// executable (or one directory up, for test binaries in `deps/`).
     pub binary: Option<PathBuf>,
-    /// The driver's bounded spin before sleeping.
+    /// The driver's longest spin before sleeping (`--spin-us`).
     pub driver_spin: Duration,
+    /// Whether it always spins that long or learns a shorter budget (`--spin`).
+    pub driver_spin_mode: SpinMode,
     /// Make the driver stop cleanly when this process exits.
     pub exit_with_client: bool,
     pub client: ClientConfig,
@@ -68,13 +76,28 @@ impl Default for DriverConfig {
             engine: EngineKind::Uring,
             geometry: RingGeometry::default(),
             binary: None,
-            driver_spin: Duration::from_micros(50),
+            driver_spin: env_or(SPIN_US_ENV, Duration::from_micros(50), |v| {
+                v.parse().ok().map(Duration::from_micros)
+            }),
+            driver_spin_mode: env_or(SPIN_MODE_ENV, SpinMode::default(), |v| v.parse().ok()),
             exit_with_client: true,
             client: ClientConfig::default(),
             nbd: None,
             relink_dir: None,
         }
     }
+}
+
+/// The value of environment variable `name` as `parse` reads it; `default` when unset, or
+/// (with a warning on stderr) when `parse` refuses it.
+fn env_or<T>(name: &str, default: T, parse: impl FnOnce(&str) -> Option<T>) -> T {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    parse(&v).unwrap_or_else(|| {
+        eprintln!("blockdev: ignoring {name}={v:?}: not a valid value");
+        default
+    })
 }
 
 /// A ring and its two eventfds, created in one process to be shared with a driver.
@@ -176,6 +199,11 @@ fn build_command(
         .args(["--image-fd", &IMAGE_FD.to_string()])
         .args(["--engine", config.engine.as_str()])
         .args(["--spin-us", &config.driver_spin.as_micros().to_string()]);
+    // Only when not the driver's default: builds from before `--spin` spin fixed and
+    // refuse flags they do not know.
+    if config.driver_spin_mode != SpinMode::default() {
+        cmd.args(["--spin", config.driver_spin_mode.as_str()]);
+    }
     if let Some(pid) = client_pid {
         cmd.args(["--client-pid", &pid.to_string()]);
     }
@@ -242,5 +270,44 @@ pub fn spawn_driver_with_fds(
             let _ = child.wait();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(mode: SpinMode) -> Vec<String> {
+        let fd = sys::eventfd().unwrap();
+        let fds = DriverFds {
+            ring: fd.as_fd(),
+            sq_eventfd: fd.as_fd(),
+            cq_eventfd: fd.as_fd(),
+            image: fd.as_fd(),
+        };
+        let config = DriverConfig {
+            binary: Some("blockdev".into()),
+            driver_spin: Duration::from_micros(30),
+            driver_spin_mode: mode,
+            ..DriverConfig::default()
+        };
+        let (cmd, _guard) = driver_command(fds, &config, None).unwrap();
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_spin_mode_is_passed_only_when_fixed() {
+        let fixed = args(SpinMode::Fixed);
+        let adaptive = args(SpinMode::Adaptive);
+        for a in [&fixed, &adaptive] {
+            assert!(a.windows(2).any(|w| w == ["--spin-us", "30"]), "{a:?}");
+        }
+        assert!(
+            fixed.windows(2).any(|w| w == ["--spin", "fixed"]),
+            "{fixed:?}"
+        );
+        assert!(!adaptive.iter().any(|a| a == "--spin"), "{adaptive:?}");
     }
 }

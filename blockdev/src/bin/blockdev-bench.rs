@@ -42,9 +42,12 @@ struct Args {
     /// Skip the fio column.
     #[arg(long)]
     no_fio: bool,
-    /// Driver's bounded spin before sleeping, in microseconds.
+    /// Driver's longest spin before sleeping, in microseconds.
     #[arg(long, default_value_t = 50)]
     driver_spin_us: u64,
+    /// Driver's spin policy: `adaptive` or `fixed`.
+    #[arg(long, default_value = "adaptive")]
+    driver_spin: blockdev::spin::SpinMode,
     /// Client's bounded spin before sleeping, in microseconds.
     #[arg(long, default_value_t = 0)]
     client_spin_us: u64,
@@ -327,6 +330,7 @@ fn main() -> Result<()> {
                 engine: a.engine,
                 geometry,
                 driver_spin: Duration::from_micros(a.driver_spin_us),
+                driver_spin_mode: a.driver_spin,
                 client: blockdev::ClientConfig {
                     spin: Duration::from_micros(a.client_spin_us),
                     ..blockdev::ClientConfig::default()

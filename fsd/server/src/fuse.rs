@@ -1328,10 +1328,14 @@ impl Filesystem for MoltFuse {
                 // "." and "..": the kernel takes no reference on them.
                 out.add_plus(None, child, next, typ, name)
             } else {
-                match self.fs.getattr(Ino(child as u32)) {
+                // The kernel caches an entry's name and node as a lookup's, so attributes
+                // go only with a name that still names the inode listed: the listing may
+                // be older than the name's removal, and the inode number may be another
+                // file's by now.
+                match self.fs.lookup(ino, name) {
                     // The kernel takes a reference on the entry's node exactly when the
                     // entry fits: counted then.
-                    Ok(a) => {
+                    Ok(a) if a.ino.0 as u64 == child => {
                         let e = entry_of(&a);
                         let fits = out.add_plus(Some(&e), child, next, typ, name);
                         if fits {
@@ -1339,8 +1343,9 @@ impl Filesystem for MoltFuse {
                         }
                         fits
                     }
-                    // Removed since the listing was taken: listed without attributes.
-                    Err(_) => out.add_plus(None, child, next, typ, name),
+                    // Removed (or replaced) since the listing was taken: listed without
+                    // attributes.
+                    _ => out.add_plus(None, child, next, typ, name),
                 }
             };
             if !added {

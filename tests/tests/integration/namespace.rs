@@ -686,6 +686,79 @@ fn a_directory_stream_under_concurrent_changes_lists_no_name_twice_and_misses_no
     img.assert_clean();
 }
 
+/// A directory stream read on after names in it were removed, and their inode numbers
+/// reused by new files, hands the kernel no entry for a removed name: the listing was taken
+/// at the stream's first read, but a readdirplus entry is a lookup the kernel caches (for
+/// the entry timeout), so an entry for a removed name would make `stat` find it and
+/// `open(O_CREAT)` open whatever file now has its inode number (or fail with ENOENT once
+/// that inode is gone too) instead of creating the file.
+#[test]
+fn a_directory_stream_read_after_removals_gives_the_kernel_no_entry_for_a_removed_name() {
+    const NAMES: usize = 2000;
+    let img = TestImage::new("ns-readdir-removed", "64M");
+    let m = img.mount();
+    let dir = m.path().join("d");
+    std::fs::create_dir(&dir).expect("mkdir");
+    for i in 0..NAMES {
+        std::fs::write(dir.join(format!("x{i}")), b"old").expect("create");
+    }
+    let mut s = DirStream::open(&dir);
+    let first = s.next_name().expect("a first entry");
+    // Everything goes, and new files take the freed inode numbers, before the stream
+    // reads on: every entry past its first read names a removed file.
+    for i in 0..NAMES {
+        std::fs::remove_file(dir.join(format!("x{i}"))).expect("unlink");
+    }
+    for i in 0..NAMES {
+        std::fs::write(dir.join(format!("y{i}")), b"new").expect("create");
+    }
+    let rest = s.rest();
+    drop(s);
+    println!(
+        "the stream listed {} names after its first, {first:?}",
+        rest.len()
+    );
+    let mut found = Vec::new();
+    let mut opened_other = Vec::new();
+    for i in 0..NAMES {
+        let p = dir.join(format!("x{i}"));
+        match std::fs::symlink_metadata(&p) {
+            Err(e) if os_err(&e) == libc::ENOENT => {}
+            Err(e) => panic!("stat {p:?}: {e}"),
+            Ok(md) => found.push((i, md.ino())),
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("open(O_CREAT) {p:?}: {e}"));
+        let md = f.metadata().expect("fstat");
+        if md.len() != 0 || md.nlink() != 1 {
+            opened_other.push((i, md.len(), md.nlink()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "stat found {} removed names (name, inode), e.g. {:?}",
+        found.len(),
+        &found[..found.len().min(5)]
+    );
+    assert!(
+        opened_other.is_empty(),
+        "open(O_CREAT) of {} removed names opened an existing file (name, size, links), \
+         e.g. {:?}",
+        opened_other.len(),
+        &opened_other[..opened_other.len().min(5)]
+    );
+    for i in 0..NAMES {
+        let got = std::fs::read(dir.join(format!("y{i}"))).expect("read");
+        assert_eq!(got, b"new", "y{i} after the opens of the removed names");
+    }
+    m.unmount();
+    img.assert_clean();
+}
+
 // ---- file handles -----------------------------------------------------------------------
 
 /// A `struct file_handle` with room for the largest handle (MAX_HANDLE_SZ bytes).
