@@ -452,7 +452,11 @@ impl Fs {
                     "withheld blocks {start}+{len} out of range"
                 )));
             }
-            bbitmap.withhold(start, len);
+            if !bbitmap.withhold(start, len) {
+                return Err(FsError::Corrupted(format!(
+                    "withheld blocks {start}+{len} are not free or are withheld twice"
+                )));
+            }
         }
         // A predecessor's uncheckpointed conversion step may hold a newer superblock.
         let sb = match pinned.get(&0) {
@@ -1092,9 +1096,22 @@ impl Inner {
         r
     }
 
+    /// Releases the blocks the last checkpoint made reusable if no read outside the lock
+    /// is running (one may still read them). Never waits.
+    fn try_release(&mut self) {
+        if self.bbitmap.has_releasable() {
+            let reuse = self.reuse.clone();
+            let quiet = reuse.try_write();
+            if quiet.is_ok() {
+                self.bbitmap.release();
+            }
+        }
+    }
+
     /// Completes an operation that succeeded: logs its changes to the redo log (before
     /// the reply goes out), then commits if the transaction has grown large.
     pub(crate) fn op_done(&mut self) -> FsResult<()> {
+        self.try_release();
         if self.redo.is_some() {
             self.prepare_tx()?;
             let mut addrs = std::mem::take(&mut self.op_staged);
@@ -1265,12 +1282,11 @@ impl Inner {
         self.latch(r)?;
         **writes += 1;
         self.checkpoint_due = false;
-        // Freed blocks become reusable only when no read started before now is running;
-        // those freed by changes not yet journaled stay withheld (`Bitmap::release`).
-        let reuse = self.reuse.clone();
-        if let Ok(_quiet) = reuse.try_write() {
-            self.bbitmap.release();
-        }
+        // Freed blocks become reusable only when no read started before now is running
+        // (if one is, a later operation's end releases them: `op_done`); those freed by
+        // changes not yet journaled stay withheld (`Bitmap::checkpointed`).
+        self.bbitmap.checkpointed();
+        self.try_release();
         self.last_checkpoint = Instant::now();
         Ok(())
     }
