@@ -77,10 +77,19 @@ pub(crate) fn remove_range(exts: &mut Vec<Extent>, start: u64, end: u64) -> Vec<
     freed
 }
 
-/// Marks file blocks `[start, end)` written where they are mapped unwritten.
+/// Marks file blocks `[start, end)` written where they are mapped unwritten. Only the
+/// extents the range touches and their two neighbours (which the written pieces may
+/// merge with) are rebuilt.
 pub(crate) fn set_written(exts: &mut Vec<Extent>, start: u64, end: u64, max_len: u32) {
-    let mut out: Vec<Extent> = Vec::with_capacity(exts.len() + 2);
-    for e in exts.drain(..) {
+    let first = exts.partition_point(|e| e.logical_end() <= start);
+    let last = exts.partition_point(|e| e.logical < end);
+    if !exts[first..last.max(first)].iter().any(|e| e.unwritten) {
+        return;
+    }
+    let lo = first.saturating_sub(1);
+    let hi = (last + 1).min(exts.len());
+    let mut out: Vec<Extent> = Vec::with_capacity(hi - lo + 2);
+    for &e in &exts[lo..hi] {
         if !e.unwritten || e.logical_end() <= start || e.logical >= end {
             out.push(e);
             continue;
@@ -109,7 +118,7 @@ pub(crate) fn set_written(exts: &mut Vec<Extent>, start: u64, end: u64, max_len:
             _ => merged.push(e),
         }
     }
-    *exts = merged;
+    exts.splice(lo..hi, merged);
 }
 
 /// One run of file blocks a planned write covers: where they are on the device, whether
@@ -754,5 +763,57 @@ mod tests {
         assert_eq!((v[1].logical, v[1].physical, v[1].len), (3, 53, 2));
         set_written(&mut v, 0, 10, 65535);
         assert_eq!(v, vec![e(0, 50, 10)]);
+    }
+
+    /// Random block maps of written and unwritten extents, random ranges marked written:
+    /// every block keeps its place, blocks in the range become written, the rest keep
+    /// their state, and the map stays sorted, disjoint and within `max_len`.
+    #[test]
+    fn set_written_agrees_with_a_block_by_block_model() {
+        let max_len = 16;
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rand = |k: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % k
+        };
+        let blocks = |v: &[Extent]| -> std::collections::BTreeMap<u64, (u64, bool)> {
+            v.iter()
+                .flat_map(|e| {
+                    (0..e.len as u64).map(move |k| (e.logical + k, (e.physical + k, e.unwritten)))
+                })
+                .collect()
+        };
+        for _ in 0..2000 {
+            let mut v = Vec::new();
+            let (mut logical, mut physical) = (rand(4), 1000);
+            for _ in 0..rand(12) {
+                let len = 1 + rand(max_len as u64);
+                v.push(Extent {
+                    logical,
+                    physical,
+                    len: len as u32,
+                    unwritten: rand(3) != 0,
+                });
+                logical += len + rand(3);
+                physical += len + rand(2) * 7;
+            }
+            let before = blocks(&v);
+            let start = rand(logical + 4);
+            let end = start + 1 + rand(30);
+            set_written(&mut v, start, end, max_len);
+            let mut want = before.clone();
+            for (b, (_, unwritten)) in want.iter_mut() {
+                if (start..end).contains(b) {
+                    *unwritten = false;
+                }
+            }
+            assert_eq!(blocks(&v), want, "[{start}, {end}) of {v:?}");
+            for w in v.windows(2) {
+                assert!(w[0].logical_end() <= w[1].logical, "{v:?}");
+            }
+            assert!(v.iter().all(|e| e.len >= 1 && e.len <= max_len), "{v:?}");
+        }
     }
 }
