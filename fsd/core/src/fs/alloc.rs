@@ -270,13 +270,8 @@ mod tests {
         let mut b = Bitmap::new(bits, items);
         let mut model = vec![Item::Free; items as usize];
         let mut used: Vec<u64> = Vec::new();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut rand = |k: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % k
-        };
+        let mut rng = crate::fs::crash_tests::Rng(0x9E37_79B9_7F4A_7C15u64);
+        let mut rand = |k: u64| rng.below(k);
         for step in 0..20_000 {
             match rand(10) {
                 0..=4 => {

@@ -417,22 +417,7 @@ fn cuts_during_concurrent_runs(kill: bool) {
         assert_clean(after.as_ref(), &format!("{when}, before mount"));
         let fs = Fs::mount(after.clone() as Arc<dyn BlockStore>)
             .unwrap_or_else(|e| panic!("{when}: mount after the cut: {e}"));
-        for (name, data) in &durable {
-            let id: usize = name[1..name.find('-').expect("t<id>-")]
-                .parse()
-                .expect("thread id");
-            let dir = fs
-                .lookup(ROOT_INO, format!("t{id}").as_bytes())
-                .unwrap()
-                .ino;
-            let a = fs
-                .lookup(dir, name.as_bytes())
-                .unwrap_or_else(|e| panic!("{when}: {name} lost: {e}"));
-            assert!(
-                &fs.read(a.ino, 0, data.len() as u32 + 1).unwrap() == data,
-                "{when}: {name} content"
-            );
-        }
+        assert_durable(&fs, &durable, &when);
         fs.unmount().unwrap();
         assert_clean(after.as_ref(), &format!("{when}, after recovery"));
     }
@@ -489,23 +474,28 @@ fn a_server_killed_during_a_concurrent_run_recovers_clean() {
         )
         .unwrap_or_else(|e| panic!("{when}: recovery: {e}"));
         assert_clean(after.as_ref(), &format!("{when}, recovered"));
-        for (name, data) in &durable {
-            let id: usize = name[1..name.find('-').expect("t<id>-")]
-                .parse()
-                .expect("thread id");
-            let dir = fs
-                .lookup(ROOT_INO, format!("t{id}").as_bytes())
-                .unwrap()
-                .ino;
-            let a = fs
-                .lookup(dir, name.as_bytes())
-                .unwrap_or_else(|e| panic!("{when}: {name} lost: {e}"));
-            assert!(
-                &fs.read(a.ino, 0, data.len() as u32 + 1).unwrap() == data,
-                "{when}: {name} content"
-            );
-        }
+        assert_durable(&fs, &durable, &when);
         fs.unmount().unwrap();
         assert_clean(after.as_ref(), &format!("{when}, after unmount"));
+    }
+}
+
+/// Every file whose fsync returned (`t<id>-...` in directory `t<id>`) is there whole.
+fn assert_durable(fs: &Fs, durable: &HashMap<String, Vec<u8>>, when: &str) {
+    for (name, data) in durable {
+        let id: usize = name[1..name.find('-').expect("t<id>-")]
+            .parse()
+            .expect("thread id");
+        let dir = fs
+            .lookup(ROOT_INO, format!("t{id}").as_bytes())
+            .unwrap()
+            .ino;
+        let a = fs
+            .lookup(dir, name.as_bytes())
+            .unwrap_or_else(|e| panic!("{when}: {name} lost: {e}"));
+        assert!(
+            &fs.read(a.ino, 0, data.len() as u32 + 1).unwrap() == data,
+            "{when}: {name} content"
+        );
     }
 }

@@ -771,13 +771,8 @@ mod tests {
     #[test]
     fn set_written_agrees_with_a_block_by_block_model() {
         let max_len = 16;
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut rand = |k: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % k
-        };
+        let mut rng = crate::fs::crash_tests::Rng(0x2545_F491_4F6C_DD1Du64);
+        let mut rand = |k: u64| rng.below(k);
         let blocks = |v: &[Extent]| -> std::collections::BTreeMap<u64, (u64, bool)> {
             v.iter()
                 .flat_map(|e| {

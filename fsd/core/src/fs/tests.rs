@@ -695,10 +695,7 @@ fn unlocked_overwrites_never_land_in_reallocated_blocks() {
             "block {b} holds another block's or file's data"
         );
     }
-    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
-    fs.unmount().unwrap();
-    let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
-    assert!(report.is_clean(), "{:?}", report.problems);
+    unmount_clean(fs, &s);
 }
 
 /// Content of file block `b` for a write tagged `tag`: its first 8 bytes name the block,
@@ -1029,10 +1026,7 @@ fn an_operation_refused_for_space_waits_for_an_unlinked_file_to_be_freed() {
     assert_eq!(written.ok(), Some(8192), "write after the unlink");
     assert_eq!(fs.read(small, 0, 8192).unwrap(), vec![1u8; 8192]);
 
-    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
-    fs.unmount().unwrap();
-    let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
-    assert!(report.is_clean(), "{:?}", report.problems);
+    unmount_clean(fs, &s);
 }
 
 /// A file unlinked but still open (never released) does not hold a refusal back for
@@ -1159,10 +1153,7 @@ fn a_release_during_an_allocating_write_waits_for_it() {
     assert_eq!(writer.join().unwrap().unwrap(), 8192);
     releaser.join().unwrap().unwrap();
     mk(&fs, ROOT_INO, "after");
-    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
-    fs.unmount().unwrap();
-    let report = crate::fsck::check(s.as_ref(), &crate::fsck::FsckOptions::default()).unwrap();
-    assert!(report.is_clean(), "{:?}", report.problems);
+    unmount_clean(fs, &s);
 }
 
 /// An fsync flushes with the filesystem lock free: other operations (and their commits)
@@ -1212,4 +1203,11 @@ fn operations_go_on_while_a_sync_flushes() {
     assert_eq!(fs.lookup(ROOT_INO, b"g").unwrap().ino, g);
     assert_eq!(fs.read(g, 0, 5000).unwrap(), vec![2u8; 5000]);
     fs.unmount().unwrap();
+}
+
+/// Unmounts a filesystem shared with threads that are done, and checks the image.
+fn unmount_clean(fs: Arc<Fs>, s: &Arc<MemStore>) {
+    let fs = Arc::try_unwrap(fs).ok().expect("threads done");
+    fs.unmount().unwrap();
+    super::crash_tests::assert_clean(s.as_ref(), "after unmount");
 }
