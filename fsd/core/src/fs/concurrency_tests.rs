@@ -6,8 +6,8 @@
 //! models, and every read a thread makes must match its model at that moment. With power
 //! cuts taken at a random I/O of such a run, whichever thread issues it, the image must
 //! check clean and hold every file whose fsync had returned; the same with the cut a
-//! process kill (every write made so far stays), and with a server killed between
-//! operations whose successor recovers from the image and the redo log as it left them.
+//! process kill (every write made so far stays), whose successor recovers from the image
+//! and the redo log as the kill left them, and with a server killed between operations.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,7 @@ use formats::block::Ino;
 use formats::inode::S_IFREG;
 use formats::superblock::ROOT_INO;
 
-use super::crash_tests::{assert_clean, LedgerCutStore, Rng};
+use super::crash_tests::{assert_clean, KilledRegion, LedgerCutStore, Rng};
 use super::tests::fresh;
 use super::*;
 use crate::store::{BlockStore, MemStore};
@@ -364,7 +364,9 @@ fn power_cuts_during_a_concurrent_run_lose_nothing_fsynced() {
     cuts_during_concurrent_runs(false);
 }
 
-/// The same with the cut a process kill: the image holds every write made before it.
+/// The same with the cut a process kill: the image holds every write made before it, and
+/// in half the runs the successor recovers with the redo log as the kill left it (the
+/// server's recovery), in the others without (a mount after the stack went down).
 #[test]
 fn kills_during_a_concurrent_run_lose_nothing_fsynced() {
     cuts_during_concurrent_runs(true);
@@ -384,9 +386,12 @@ fn cuts_during_concurrent_runs(kill: bool) {
             LedgerCutStore::new(mem, cut_at, &mut rng)
         });
         let fs = Arc::new(Fs::mount(store.clone() as Arc<dyn BlockStore>).unwrap());
+        let mut left_by_kill = None;
         if run % 2 == 1 {
             // As in the server: every operation's changes are staged when it completes.
-            fs.attach_redo_log(redo::RedoLog::new(Box::new(vec![0u8; 4 << 20])).unwrap());
+            let (region, left) = KilledRegion::new(store.clone(), 4 << 20);
+            fs.attach_redo_log(redo::RedoLog::new(Box::new(region)).unwrap());
+            left_by_kill = kill.then_some(left);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let background = checkpointer(&fs, &stop);
@@ -414,9 +419,23 @@ fn cuts_during_concurrent_runs(kill: bool) {
         let how = if kill { "killed" } else { "cut" };
         let when = format!("run {run}, {how} at I/O {}", store.cut_at());
         let after = Arc::new(MemStore::from_image(image));
-        assert_clean(after.as_ref(), &format!("{when}, before mount"));
-        let fs = Fs::mount(after.clone() as Arc<dyn BlockStore>)
-            .unwrap_or_else(|e| panic!("{when}: mount after the cut: {e}"));
+        let fs = match left_by_kill {
+            Some(left) => {
+                let region = left.lock().unwrap().take().expect("the region at the kill");
+                let (fs, _) = Fs::recover(
+                    after.clone() as Arc<dyn BlockStore>,
+                    redo::RedoLog::new(Box::new(region)).unwrap(),
+                )
+                .unwrap_or_else(|e| panic!("{when}: recovery with the redo log: {e}"));
+                assert_clean(after.as_ref(), &format!("{when}, recovered"));
+                fs
+            }
+            None => {
+                assert_clean(after.as_ref(), &format!("{when}, before mount"));
+                Fs::mount(after.clone() as Arc<dyn BlockStore>)
+                    .unwrap_or_else(|e| panic!("{when}: mount after the cut: {e}"))
+            }
+        };
         assert_durable(&fs, &durable, &when);
         fs.unmount().unwrap();
         assert_clean(after.as_ref(), &format!("{when}, after recovery"));

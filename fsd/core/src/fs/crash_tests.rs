@@ -234,7 +234,9 @@ impl LedgerCutStore {
         }
     }
 
-    /// A store whose cut is a process kill: the image holds every write made before it.
+    /// A store whose cut is a process kill: the image holds every write made before it
+    /// and the `cut_at`-th I/O itself (one the server had handed to the driver when it
+    /// died, which the driver completes).
     pub(super) fn killing(mem: Arc<MemStore>, cut_at: u64, rng: &mut Rng) -> LedgerCutStore {
         LedgerCutStore {
             kill: true,
@@ -261,11 +263,15 @@ impl LedgerCutStore {
         self.cut.lock().unwrap().take().expect("cut taken")
     }
 
-    /// Before an I/O: counts it and at the cut point takes the image, so the cut falls
-    /// between the I/O before and this one.
+    /// Counts an I/O and at the cut point takes the image: a power cut falls between the
+    /// I/O before and this one (called before it), a kill just after this one (called
+    /// after it). The image is taken with the cut's lock held, which a [`KilledRegion`]
+    /// takes too: a redo log change made after the cut is never in the region's copy,
+    /// one made before always is.
     fn tick(&self) {
         let n = self.ios.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if n == self.cut_at {
+            let mut cut = self.cut.lock().unwrap();
             // The ledger first: an fsync that returns after it is not counted on.
             let durable = self.published.lock().unwrap().clone();
             let mut rng = self.rng.lock().unwrap();
@@ -274,8 +280,77 @@ impl LedgerCutStore {
             } else {
                 self.mem.crash_image(&mut |k| rng.below(k))
             };
-            *self.cut.lock().unwrap() = Some((image, durable));
+            *cut = Some((image, durable));
         }
+    }
+
+    /// Runs `io` with the tick where the kind of cut puts it.
+    fn io(&self, io: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        if self.kill {
+            // As slow as a device, so that other threads' operations overlap this one
+            // (writes whose data is on its way while another thread commits).
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            let r = io();
+            self.tick();
+            r
+        } else {
+            self.tick();
+            io()
+        }
+    }
+}
+
+/// The memory of a server's redo log, as a process kill at a [`LedgerCutStore`]'s cut
+/// leaves it: a copy is taken before the first change after the cut (or when the
+/// filesystem lets it go), so what a successor recovers from is the log as it was when
+/// the image was taken.
+pub(super) struct KilledRegion {
+    live: Vec<u8>,
+    store: Arc<LedgerCutStore>,
+    left: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl KilledRegion {
+    /// A region of `len` bytes, and where its contents at the cut will be.
+    pub(super) fn new(
+        store: Arc<LedgerCutStore>,
+        len: usize,
+    ) -> (KilledRegion, Arc<std::sync::Mutex<Option<Vec<u8>>>>) {
+        let left = Arc::new(std::sync::Mutex::new(None));
+        let region = KilledRegion {
+            live: vec![0u8; len],
+            store,
+            left: left.clone(),
+        };
+        (region, left)
+    }
+
+    fn keep_if_cut(&self) {
+        let cut = self.store.cut.lock().unwrap();
+        let mut left = self.left.lock().unwrap();
+        if cut.is_some() && left.is_none() {
+            *left = Some(self.live.clone());
+        }
+    }
+}
+
+impl std::ops::Deref for KilledRegion {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.live
+    }
+}
+
+impl std::ops::DerefMut for KilledRegion {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.keep_if_cut();
+        &mut self.live
+    }
+}
+
+impl Drop for KilledRegion {
+    fn drop(&mut self) {
+        self.keep_if_cut();
     }
 }
 
@@ -287,16 +362,13 @@ impl BlockStore for LedgerCutStore {
         self.mem.read(addr, buf)
     }
     fn write(&self, addr: u64, buf: &[u8]) -> std::io::Result<()> {
-        self.tick();
-        self.mem.write(addr, buf)
+        self.io(|| self.mem.write(addr, buf))
     }
     fn flush(&self) -> std::io::Result<()> {
-        self.tick();
-        self.mem.flush()
+        self.io(|| self.mem.flush())
     }
     fn discard(&self, addr: u64, nblocks: u64) -> std::io::Result<()> {
-        self.tick();
-        self.mem.discard(addr, nblocks)
+        self.io(|| self.mem.discard(addr, nblocks))
     }
 }
 

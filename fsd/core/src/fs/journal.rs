@@ -220,6 +220,11 @@ impl JournalWriter {
         }
     }
 
+    /// The sequence number the next transaction will carry.
+    pub(crate) fn next_sequence(&self) -> u64 {
+        self.sequence
+    }
+
     /// Most block images one transaction may carry in this journal.
     pub(crate) fn max_tx_blocks(&self) -> usize {
         MAX_TX_BLOCKS.min((self.blocks - 3) as usize)

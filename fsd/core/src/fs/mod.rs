@@ -281,7 +281,10 @@ impl Fs {
 
     /// Recovers the filesystem of a server that died while the kernel kept the mount:
     /// replays the journal, then commits what the dead server acknowledged but had not
-    /// yet committed (its redo log). Orphans stay: the kernel may still hold them open.
+    /// yet committed (its redo log), unless the journal already holds the transaction
+    /// that carries those records (the server died between that commit and moving the
+    /// log on: the records are older images of blocks the journal has newer ones of).
+    /// Orphans stay: the kernel may still hold them open.
     /// Returns the filesystem, logging to `log` from now on, and the requests the dead
     /// server completed (a resent one must not run again).
     pub fn recover(
@@ -294,7 +297,8 @@ impl Fs {
         convert::recover_torn_superblock(store.as_ref(), &mut b)?;
         let geo = Superblock::decode(&b)?.geometry;
         let (_, next_seq) = journal::replay(store.as_ref(), &geo)?;
-        if !recovered.blocks.is_empty() {
+        let in_journal = recovered.covered_by.is_some_and(|tx| next_seq > tx);
+        if !recovered.blocks.is_empty() && !in_journal {
             if let Some(bad) = recovered.blocks.keys().find(|&&a| a >= geo.total_blocks) {
                 return Err(FsError::Corrupted(format!(
                     "redo log names block {bad}, outside the image"
@@ -315,15 +319,20 @@ impl Fs {
             journal::replay(store.as_ref(), &geo)?;
         }
         let fs = Fs::mount_keeping_orphans(store)?;
-        log.reset();
-        fs.lock().redo = Some(log);
+        let mut g = fs.lock();
+        log.reset(g.journal.next_sequence());
+        g.redo = Some(log);
+        drop(g);
         Ok((fs, recovered.completed))
     }
 
     /// Starts logging every operation's changes to `log` before it is acknowledged.
-    pub fn attach_redo_log(&self, log: redo::RedoLog) {
+    /// The log starts a new generation: it holds no record this filesystem has not
+    /// committed.
+    pub fn attach_redo_log(&self, mut log: redo::RedoLog) {
         let mut g = self.lock();
         g.op_staged.clear();
+        log.reset(g.journal.next_sequence());
         g.redo = Some(log);
     }
 
@@ -1184,8 +1193,10 @@ impl Inner {
         let r = self.journal.append(store.as_ref(), &tx);
         self.latch(r)?;
         // Written through the same driver a successor reads from: the log may forget.
+        // (Killed before this, the successor finds this transaction in the journal and
+        // replays none of the records it carries.)
         if let Some(log) = self.redo.as_mut() {
-            log.reset();
+            log.reset(self.journal.next_sequence());
         }
         self.op_staged.clear();
         for (addr, b) in tx {

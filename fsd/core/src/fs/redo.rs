@@ -7,13 +7,23 @@
 //! staged are appended here as one record. A successor recovering from the crash replays
 //! the records (in order, the later image of a block wins) as one journal transaction.
 //! Each journal commit empties the log by moving to a new generation, so the log never
-//! holds more than one open transaction.
+//! holds more than one open transaction. A generation records the sequence number of the
+//! journal transaction that will carry its records (the next commit holds every change
+//! staged until then, the records' blocks at their latest): a successor that finds that
+//! transaction in the journal replays nothing from the log, since the records are older
+//! images of what the journal already holds. (The commit's transaction is on the device
+//! before the log moves on, so a server killed between the two leaves both.)
 //!
 //! The log also remembers the FUSE request ids (`unique`) of the last completed
 //! operations, so that a request the kernel resends after the crash (FUSE_NOTIFY_RESEND)
 //! is answered without running a non-idempotent operation twice.
 //!
-//! Layout (little endian): header at 0 (magic, version, generation, completed count),
+//! Layout (little endian): header at 0 (magic, version, generation, completed count,
+//! then two slots of (generation, sequence of the journal transaction that carries that
+//! generation's records), generation `g` in slot `g % 2`: a reset fills the new
+//! generation's slot before it moves the generation on, one store, so a server killed
+//! at any point of it leaves a generation whose slot is right. A generation without its
+//! slot, moved on by a build that did not fill them, has its records replayed),
 //! the ring of completed request ids at `DONE_OFF`, records from `RECORDS_OFF`:
 //! `magic u32 | nblocks u32 | generation u64 | unique u64 | crc u32 | 0 u32`, then
 //! `nblocks` addresses (u64), then the `nblocks` block images. The crc covers everything
@@ -36,6 +46,8 @@ const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_GENERATION: usize = 16;
 const OFF_DONE_COUNT: usize = 24;
+/// Two slots of 16 bytes: generation, covering journal sequence.
+const OFF_COVERED_SLOTS: usize = 32;
 const DONE_OFF: usize = 4096;
 /// Completed request ids remembered: more than the kernel can have outstanding.
 const DONE_SLOTS: usize = 8192;
@@ -73,6 +85,8 @@ pub struct Recovered {
     /// Requests whose operation completed (their changes are in the journal or above).
     pub completed: HashSet<u64>,
     pub records: usize,
+    /// The journal transaction that carries these records, if the log recorded it.
+    pub covered_by: Option<u64>,
 }
 
 pub struct RedoLog {
@@ -182,11 +196,16 @@ impl RedoLog {
         self.put_u64(OFF_DONE_COUNT, n + 1);
     }
 
-    /// Forgets every record: their blocks are now in a journal transaction. The
-    /// completed request ids stay.
-    pub(crate) fn reset(&mut self) {
-        let g = self.generation();
-        self.put_u64(OFF_GENERATION, g + 1);
+    /// Forgets every record: their blocks are now in a journal transaction (or in
+    /// place). The records of the new generation will be carried by the journal
+    /// transaction `next_journal_sequence`. The completed request ids stay.
+    pub(crate) fn reset(&mut self, next_journal_sequence: u64) {
+        let g = self.generation() + 1;
+        // The old generation's slot stays as it was until the generation moves on.
+        let slot = covered_slot(g);
+        self.put_u64(slot, g);
+        self.put_u64(slot + 8, next_journal_sequence);
+        self.put_u64(OFF_GENERATION, g);
         self.end = RECORDS_OFF;
     }
 
@@ -202,6 +221,8 @@ impl RedoLog {
             }
         }
         let generation = self.generation();
+        let slot = covered_slot(generation);
+        out.covered_by = (self.u64_at(slot) == generation).then(|| self.u64_at(slot + 8));
         let mut off = RECORDS_OFF;
         while off + RECORD_HEADER <= self.map.len() {
             if self.u32_at(off) != RECORD_MAGIC || self.u64_at(off + 8) != generation {
@@ -231,6 +252,11 @@ impl RedoLog {
         self.end = off;
         out
     }
+}
+
+/// Where generation `g`'s covering sequence is kept.
+fn covered_slot(g: u64) -> usize {
+    OFF_COVERED_SLOTS + (g % 2) as usize * 16
 }
 
 fn record_len(nblocks: usize) -> usize {
@@ -282,12 +308,37 @@ mod tests {
         let mut log = fresh();
         set_current_request(9);
         log.append(&[(5, &block(1))]);
-        log.reset();
+        log.reset(3);
         set_current_request(0);
         let r = reopen(log).recover();
         assert_eq!(r.records, 0);
         assert!(r.blocks.is_empty());
         assert!(r.completed.contains(&9));
+    }
+
+    /// Each generation names the journal transaction that carries its records, and a
+    /// reset cut short anywhere before it moves the generation on leaves the old
+    /// generation's name as it was. A log whose generation has no name (moved on by a
+    /// build that did not record it) names none.
+    #[test]
+    fn a_generation_names_the_transaction_that_carries_it() {
+        let mut log = fresh();
+        assert_eq!(log.recover().covered_by, None);
+        log.reset(10);
+        log.append(&[(5, &block(1))]);
+        assert_eq!(log.recover().covered_by, Some(10));
+        // Killed after the new generation's slot, before the generation moved on.
+        let next = log.generation() + 1;
+        log.put_u64(covered_slot(next), next);
+        log.put_u64(covered_slot(next) + 8, 11);
+        let r = reopen(log).recover();
+        assert_eq!((r.covered_by, r.records), (Some(10), 1));
+        // Moved on without a slot.
+        let mut log = fresh();
+        log.reset(10);
+        let g = log.generation();
+        log.put_u64(OFF_GENERATION, g + 2);
+        assert_eq!(log.recover().covered_by, None);
     }
 
     #[test]
