@@ -480,13 +480,9 @@ fn check_entry(path: &Path, e: &Entry, what: &str) {
             assert!(meta.is_file(), "{what}: not a regular file: {meta:?}");
             let got = std::fs::read(path).unwrap_or_else(|err| panic!("{what}: read: {err}"));
             assert_eq!(got.len(), *len, "{what}: wrong size");
-            if got != content(*seed, *len) {
-                let want = content(*seed, *len);
-                let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-                panic!(
-                    "{what}: contents differ from byte {at} (block {})",
-                    at / 4096
-                );
+            let want = content(*seed, *len);
+            if got != want {
+                panic!("{what}: {}", describe_difference(&got, &want));
             }
         }
         Entry::Symlink(t) => {
@@ -496,6 +492,34 @@ fn check_entry(path: &Path, e: &Entry, what: &str) {
         }
         Entry::Dir => assert!(meta.is_dir(), "{what}: not a directory"),
     }
+}
+
+/// Which 4 KiB blocks of a file differ from what was written, and what they hold instead
+/// (zeros, or data found at another block of the same file), so a failure says what
+/// kind of loss it was.
+fn describe_difference(got: &[u8], want: &[u8]) -> String {
+    const BLOCK: usize = 4096;
+    let mut bad = Vec::new();
+    for (i, (g, w)) in got.chunks(BLOCK).zip(want.chunks(BLOCK)).enumerate() {
+        if g != w {
+            let what = if g.iter().all(|&b| b == 0) {
+                "zeros".to_string()
+            } else if let Some(j) = want.chunks(BLOCK).position(|c| c == g) {
+                format!("block {j}'s data")
+            } else {
+                let at = g.iter().zip(w).position(|(a, b)| a != b).unwrap_or(0);
+                format!("other data from byte {at} of the block")
+            };
+            bad.push(format!("{i}: {what}"));
+        }
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+    format!(
+        "contents differ from byte {first}; {} of {} blocks differ [{}]",
+        bad.len(),
+        want.len().div_ceil(BLOCK),
+        bad.join(", ")
+    )
 }
 
 /// Removes everything under `keep/` that the ledger does not name (steps a crash cut
