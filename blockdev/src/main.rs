@@ -123,7 +123,7 @@ fn main() -> Result<()> {
     let long: &'static str = Box::leak(long_version().into_boxed_str());
     let cli = Cli::from_arg_matches(&Cli::command().long_version(long).get_matches())?;
     if let Some(Cmd::ComponentInfo) = cli.cmd {
-        println!(
+        molt_sys::outln!(
             "{}",
             serde_json::to_string(&blockdev::persist::component_info())?
         );

@@ -232,7 +232,7 @@ pub fn mount_main(name: &str, args: &[String]) -> ExitCode {
     }
     let opts = mount_options(r.image, r.mountpoint, parsed, Given::none());
     if r.verbose {
-        println!(
+        molt_sys::outln!(
             "{name}: mounting {} on {} ({})",
             opts.image.display(),
             opts.mountpoint.display(),
@@ -264,7 +264,7 @@ pub fn umount_main(name: &str, args: &[String]) -> ExitCode {
         Err(e) => return fail(&e),
     };
     if r.verbose {
-        println!("{name}: unmounting {}", r.mountpoint.display());
+        molt_sys::outln!("{name}: unmounting {}", r.mountpoint.display());
     }
     let done = if r.lazy {
         fsd_server::serve::unmount(&r.mountpoint, true)

@@ -200,11 +200,11 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
     eprintln!();
     match r {
         Ok(out) if out.from == out.to => {
-            println!("{name} already has format v{}", out.to.0);
+            molt_sys::outln!("{name} already has format v{}", out.to.0);
             ExitCode::SUCCESS
         }
         Ok(out) => {
-            println!(
+            molt_sys::outln!(
                 "converted {name} from format v{} to v{}{}: {} KiB of metadata rewritten",
                 out.from.0,
                 out.to.0,
@@ -248,12 +248,12 @@ fn main() -> ExitCode {
             format_version.unwrap_or(formats::FormatVersion::CURRENT),
         ) {
             Ok(out) if json => {
-                println!("{}", out.to_json(&image.display().to_string()));
+                molt_sys::outln!("{}", out.to_json(&image.display().to_string()));
                 ExitCode::SUCCESS
             }
             Ok(out) => {
                 let g = out.superblock.geometry;
-                println!(
+                molt_sys::outln!(
                     "made a Molt filesystem (format v{}) on {}: {} bytes, {} blocks, {} inodes",
                     out.superblock.format_version.0,
                     image.display(),
@@ -278,15 +278,15 @@ fn main() -> ExitCode {
             let code = match cli::fsck_image(&image, repair) {
                 Ok(report) => {
                     if json {
-                        println!("{}", report.to_json(&name));
+                        molt_sys::outln!("{}", report.to_json(&name));
                     } else {
-                        print!("{}", report.render(&name));
+                        molt_sys::out!("{}", report.render(&name));
                     }
                     report.exit_code()
                 }
                 Err(e) => {
                     if json {
-                        println!("{}", fsck::error_json(&name, &e));
+                        molt_sys::outln!("{}", fsck::error_json(&name, &e));
                     } else {
                         eprintln!("fsd fsck: {name}: {e}");
                     }
@@ -342,7 +342,7 @@ fn main() -> ExitCode {
         Command::UmountHelper { args } => helper::umount_main(helper::UMOUNT_HELPER, &args),
         Command::ComponentInfo => {
             match serde_json::to_string(&fsd_server::component_info()) {
-                Ok(line) => println!("{line}"),
+                Ok(line) => molt_sys::outln!("{line}"),
                 Err(e) => {
                     eprintln!("fsd: {e}");
                     return ExitCode::from(1);
@@ -352,7 +352,7 @@ fn main() -> ExitCode {
         }
         Command::SupervisorInfo => {
             match serde_json::to_string(&update_manager::identity::supervisor_info()) {
-                Ok(line) => println!("{line}"),
+                Ok(line) => molt_sys::outln!("{line}"),
                 Err(e) => {
                     eprintln!("fsd: {e}");
                     return ExitCode::from(1);

@@ -102,3 +102,21 @@ fn not_a_molt_image_is_operational_error() {
     let o = fsd(&["fsck", p(&dir.path().join("missing"))]);
     assert_eq!(o.status.code(), Some(8), "{}", text(&o));
 }
+
+/// A reader that stops reading (`fsd fsck IMG | head`) ends the command quietly with
+/// status 141, as SIGPIPE would, not with a panic.
+#[test]
+fn a_closed_standard_output_ends_fsck_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    assert!(fsd(&["mkfs", p(&img), "--size", "8M"]).status.success());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_fsd"))
+        .args(["fsck", p(&img)])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", text(&o));
+    assert!(o.stderr.is_empty(), "{}", text(&o));
+}

@@ -155,12 +155,12 @@ fn run(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Keygen { out } => {
             let public = keyring::write_key_pair(&out, &keyring::generate())?;
-            println!(
+            molt_sys::outln!(
                 "wrote {} (secret, mode 0600) and {}",
                 out.display(),
                 public.display()
             );
-            println!(
+            molt_sys::outln!(
                 "install {} in the supervisor's keyring (a root-owned directory that only \
                  root can write, default {})",
                 public.display(),
@@ -233,7 +233,7 @@ fn pack(manifest: &Path, key: &Path, out: &Path) -> anyhow::Result<i32> {
         std::fs::rename(&tmp, out)
     };
     write().with_context(|| format!("writing {}", out.display()))?;
-    println!(
+    molt_sys::outln!(
         "wrote {}: {} bytes, {} file(s), package {} sequence {}, signed by {}",
         out.display(),
         bytes.len(),
@@ -270,17 +270,17 @@ fn inspect(path: &Path, keyring_dir: Option<&Path>) -> anyhow::Result<i32> {
     let pkg = match Package::parse(&bytes, &Limits::default()) {
         Ok(p) => p,
         Err(e) => {
-            println!("{}: {e}", path.display());
+            molt_sys::outln!("{}: {e}", path.display());
             return Ok(exit::REFUSED);
         }
     };
     let signer = pkg.signer;
-    println!("signer     {} ({})", hex(&signer), fingerprint(&signer));
+    molt_sys::outln!("signer     {} ({})", hex(&signer), fingerprint(&signer));
     if !pkg.self_signature_valid() {
-        println!("signature  INVALID (manifest not parsed)");
+        molt_sys::outln!("signature  INVALID (manifest not parsed)");
         return Ok(exit::REFUSED);
     }
-    println!("signature  valid for the signer's key");
+    molt_sys::outln!("signature  valid for the signer's key");
     let own = pkg
         .signer_key()
         .expect("a valid signature implies a valid key");
@@ -299,24 +299,24 @@ fn inspect(path: &Path, keyring_dir: Option<&Path>) -> anyhow::Result<i32> {
                     print_manifest(&m, None);
                 }
             }
-            println!("verify     FAILED: {e}");
+            molt_sys::outln!("verify     FAILED: {e}");
             return Ok(exit::REFUSED);
         }
     }
     let Some(dir) = keyring_dir else {
-        println!("trusted    not checked (no --keyring)");
+        molt_sys::outln!("trusted    not checked (no --keyring)");
         return Ok(exit::OK);
     };
     let ring = match Keyring::load(dir) {
         Ok(r) => r,
         Err(e) => {
-            println!("trusted    cannot load keyring: {e}");
+            molt_sys::outln!("trusted    cannot load keyring: {e}");
             return Ok(exit::FAILURE);
         }
     };
     match Package::verify(bytes, &ring) {
         Ok(v) => {
-            println!(
+            molt_sys::outln!(
                 "trusted    yes: key {:?} in {}",
                 v.signer.name,
                 dir.display()
@@ -324,7 +324,7 @@ fn inspect(path: &Path, keyring_dir: Option<&Path>) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Err(e) => {
-            println!("trusted    NO: {e}");
+            molt_sys::outln!("trusted    NO: {e}");
             Ok(exit::REFUSED)
         }
     }
@@ -336,9 +336,9 @@ fn hex(bytes: &[u8]) -> String {
 
 fn print_manifest(m: &updater::Manifest, verified: Option<&updater::VerifiedPackage>) {
     let p = &m.package;
-    println!("package    {} (sequence {})", p.name, p.sequence);
+    molt_sys::outln!("package    {} (sequence {})", p.name, p.sequence);
     if !p.description.is_empty() {
-        println!("           {}", p.description);
+        molt_sys::outln!("           {}", p.description);
     }
     let live = if p.live && p.nature != updater::Nature::NotLive {
         "live".to_string()
@@ -348,18 +348,18 @@ fn print_manifest(m: &updater::Manifest, verified: Option<&updater::VerifiedPack
             p.reason.as_deref().unwrap_or("no reason given")
         )
     };
-    println!("nature     {}, {live}", p.nature);
+    molt_sys::outln!("nature     {}, {live}", p.nature);
     let now = now_unix();
     let state = if now > p.expires_unix {
         "EXPIRED"
     } else {
         "not expired"
     };
-    println!("expires    {} (unix; {state})", p.expires_unix);
-    println!("deadline   {} ms", p.deadline_ms);
+    molt_sys::outln!("expires    {} (unix; {state})", p.expires_unix);
+    molt_sys::outln!("deadline   {} ms", p.deadline_ms);
     for c in &m.components {
         let states: Vec<&str> = c.required_state.iter().map(|s| s.as_str()).collect();
-        println!(
+        molt_sys::outln!(
             "component  {} {} -> {}: binary {}, state schema reads {:?} writes {}, requires [{}]{}",
             c.name,
             c.applies_to.join("|"),
@@ -374,7 +374,7 @@ fn print_manifest(m: &updater::Manifest, verified: Option<&updater::VerifiedPack
         );
     }
     if let Some(f) = &m.format {
-        println!("format     {} -> {}", f.from, f.to);
+        molt_sys::outln!("format     {} -> {}", f.from, f.to);
     }
     if !m.requirements.is_empty() {
         let r = &m.requirements;
@@ -403,13 +403,15 @@ fn print_manifest(m: &updater::Manifest, verified: Option<&updater::VerifiedPack
         if !r.io_uring_ops.is_empty() {
             parts.push(format!("io_uring {}", r.io_uring_ops.join(" ")));
         }
-        println!("requires   {}", parts.join(", "));
+        molt_sys::outln!("requires   {}", parts.join(", "));
     }
     for f in &m.files {
         let ok = if verified.is_some() { "ok" } else { "?" };
-        println!(
+        molt_sys::outln!(
             "file       {}  {} bytes  sha256 {}  {ok}",
-            f.path, f.size, f.sha256
+            f.path,
+            f.size,
+            f.sha256
         );
     }
 }
@@ -484,7 +486,7 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
             Event::Done { outcome, message } => {
                 progress.clear();
                 let sep = if message.is_empty() { "" } else { ": " };
-                println!("{outcome}{sep}{message}");
+                molt_sys::outln!("{outcome}{sep}{message}");
                 return Ok(match (mode, outcome) {
                     (Mode::Abort, Outcome::Aborted) => exit::OK,
                     (_, o) => o.exit_code(),
@@ -494,7 +496,10 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
                 progress.clear();
                 if let Mode::Status { json } = mode {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&status_json(&report)?)?);
+                        molt_sys::outln!(
+                            "{}",
+                            serde_json::to_string_pretty(&status_json(&report)?)?
+                        );
                     } else {
                         print_status(&report);
                     }
@@ -567,9 +572,9 @@ fn status_json(r: &StatusReport) -> serde_json::Result<serde_json::Value> {
 }
 
 fn print_status(r: &StatusReport) {
-    println!("format version {}", r.format_version);
+    molt_sys::outln!("format version {}", r.format_version);
     if let Some(s) = &r.supervisor {
-        println!(
+        molt_sys::outln!(
             "supervisor version {:<8} pid {:<7} since {} ({})  log {}",
             s.version,
             s.pid,
@@ -579,7 +584,7 @@ fn print_status(r: &StatusReport) {
         );
     }
     if let Some(f) = &r.fuse {
-        println!(
+        molt_sys::outln!(
             "fuse      transport {:<6} protocol {}",
             f.transport,
             f.protocol.as_deref().unwrap_or("(not negotiated yet)")
@@ -587,7 +592,7 @@ fn print_status(r: &StatusReport) {
     }
     for c in &r.components {
         let counters: Vec<String> = c.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
+        molt_sys::outln!(
             "{:<9} version {:<8} pid {:<7} state schema {}  {}",
             c.name,
             c.version,
@@ -597,28 +602,30 @@ fn print_status(r: &StatusReport) {
         );
     }
     match &r.update_in_progress {
-        Some(p) => println!("update in progress: {p}"),
-        None => println!("no update in progress"),
+        Some(p) => molt_sys::outln!("update in progress: {p}"),
+        None => molt_sys::outln!("no update in progress"),
     }
     if let Some(c) = &r.conversion {
-        println!(
+        molt_sys::outln!(
             "conversion: {}/{} inodes ({:.0}/s)",
-            c.done, c.total, c.rate_per_s
+            c.done,
+            c.total,
+            c.rate_per_s
         );
     }
     if let Some(c) = &r.last_conversion {
-        println!(
+        molt_sys::outln!(
             "last conversion: to format v{}, {} inodes and {} bytes rewritten in {} ms ({} steps, longest {} us, mean {} us)",
             c.to.0, c.inodes, c.bytes, c.millis, c.steps, c.longest_step_us, c.mean_step_us
         );
     }
     if !r.history.is_empty() {
-        println!("history:");
+        molt_sys::outln!("history:");
     }
     let now = now_unix();
     for u in &r.history {
         let sep = if u.message.is_empty() { "" } else { ": " };
-        println!(
+        molt_sys::outln!(
             "  {} #{} ({}) started {}: {}{sep}{}",
             u.package,
             u.sequence,
@@ -633,7 +640,7 @@ fn print_status(r: &StatusReport) {
                 PhaseState::Finished => "ok",
                 PhaseState::Failed => "FAILED",
             };
-            println!("    {phase:<15} {ms:>6} ms  {s}");
+            molt_sys::outln!("    {phase:<15} {ms:>6} ms  {s}");
         }
     }
 }
@@ -651,7 +658,7 @@ impl Progress {
             let tenth = (done.saturating_mul(10)).checked_div(total).unwrap_or(10);
             let key = (what.to_string(), tenth);
             if self.last_tenth.as_ref() != Some(&key) {
-                println!("progress {what}: {done}/{total}");
+                molt_sys::outln!("progress {what}: {done}/{total}");
                 self.last_tenth = Some(key);
             }
             return;
@@ -673,7 +680,7 @@ impl Progress {
     fn line(&self, text: String) {
         match &self.bar {
             Some(b) => b.println(text),
-            None => println!("{text}"),
+            None => molt_sys::outln!("{text}"),
         }
     }
 

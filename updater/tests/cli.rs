@@ -358,3 +358,21 @@ fn status_shows_dates_and_counters_as_an_object() {
     assert!(!out.contains("1796415185"), "{out}");
     h.join().unwrap();
 }
+
+/// A reader that stops reading (`updater status | head`) ends the command quietly with
+/// status 141, as SIGPIPE would, not with a panic.
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, h) = fake_supervisor(dir.path(), vec![Event::Status(Box::default())]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_updater"))
+        .args(["status", "--socket", sock.to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 141, "{}", text(&o));
+    assert!(o.stderr.is_empty(), "{}", text(&o));
+    h.join().unwrap();
+}

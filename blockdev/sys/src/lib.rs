@@ -14,7 +14,9 @@
 //! - [`fd`]: eventfds, duplicates, descriptors inherited across `exec`, checked close,
 //!   file locks, descriptor flags, block device sizes, `fdatasync` and `fallocate`;
 //! - [`poll`]: readiness of a set of descriptors;
-//! - [`process`]: pidfds, signals, and the descriptors and session a child starts with;
+//! - [`process`]: pidfds, signals, the descriptors and session a child starts with, and
+//!   command-line programs' standard output ([`outln!`], which ends the program on a
+//!   closed pipe instead of panicking);
 //! - [`memory`]: memfds and their shared mappings;
 //! - [`mount`]: `mount(2)` and `umount2(2)`;
 //! - [`socket`]: the credentials of a Unix socket's peer;

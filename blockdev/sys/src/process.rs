@@ -189,6 +189,47 @@ pub fn pass_fds(
     Ok(sources)
 }
 
+/// Exit status of a command whose standard output was closed by its reader
+/// (`updater status | head`): the status a shell reports for a program SIGPIPE ended.
+pub const STDOUT_CLOSED_EXIT: i32 = 128 + libc::SIGPIPE;
+/// Exit status of a command that could not write its standard output (EX_IOERR).
+pub const STDOUT_FAILED_EXIT: i32 = 74;
+
+/// Writes to standard output for a command-line program. A reader that went away ends
+/// the program quietly with [`STDOUT_CLOSED_EXIT`] (Rust ignores SIGPIPE, so `println!`
+/// would panic instead); any other write error ends it with a message and
+/// [`STDOUT_FAILED_EXIT`]. Used through [`outln!`](crate::outln) and [`out!`](crate::out).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            std::process::exit(STDOUT_CLOSED_EXIT);
+        }
+        eprintln!("writing to standard output: {e}");
+        std::process::exit(STDOUT_FAILED_EXIT);
+    }
+}
+
+/// `println!` for command-line programs: see [`process::write_stdout`](crate::process::write_stdout).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::process::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::process::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command-line programs: see [`process::write_stdout`](crate::process::write_stdout).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::process::write_stdout(format_args!($($arg)*))
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,7 +60,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "molt-fuse",
         ],
     ),
-    ("updater", &["formats", "molt-control"]),
+    ("updater", &["molt-sys", "formats", "molt-control"]),
     (
         "update-manager",
         &[
