@@ -58,8 +58,9 @@ pub fn remove(mountpoint: &Path) {
     let _ = std::fs::remove_dir_all(dir_for(mountpoint));
 }
 
-/// Where the supervisor of the mount at `mnt` and its components log.
-pub(crate) fn log_path(mnt: &Path) -> PathBuf {
+/// Where the supervisor of the mount at `mnt` and its components log (the one before,
+/// rotated away by a new mount, has `.1` appended).
+pub fn log_path(mnt: &Path) -> PathBuf {
     let name = format!(
         "{}.log",
         dir_for(mnt)

@@ -92,12 +92,12 @@ pub fn check_mount(opts: &MountOptions) -> Result<(), MountError> {
 /// Runs `fsd mount`: starts a detached supervisor and returns once the mount is usable.
 pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
     // A mount whose supervisor died is adopted by the new one (see `start_and_wait`).
-    let mnt = match opts.mountpoint.canonicalize() {
-        Ok(m) if crate::succession::is_orphaned(&m) => m,
-        _ => precheck(opts)?,
+    let (mnt, adopting) = match opts.mountpoint.canonicalize() {
+        Ok(m) if crate::succession::is_orphaned(&m) => (m, true),
+        _ => (precheck(opts)?, false),
     };
     let (mut rd, wr) = UnixStream::pair().map_err(|e| MountError::Os("creating a pipe", e))?;
-    let log = log_file(&mnt);
+    let log = log_file(&mnt, !adopting);
     let mut cmd = Command::new(exe);
     cmd.arg("mount")
         .arg(&opts.image)
@@ -147,12 +147,33 @@ pub fn mount_daemon(opts: &MountOptions, exe: &Path) -> Result<(), MountError> {
     ))
 }
 
-fn log_file(mnt: &Path) -> io::Result<File> {
+/// A mount's log (its supervisor's and components' stderr) is appended to across mounts
+/// of the same mountpoint; past this size a new mount moves it to `<log>.1`, replacing
+/// the one before, so the two files together stay under twice this size per mountpoint.
+const LOG_ROTATE_BYTES: u64 = 4 << 20;
+
+/// The mount's log, rotated first if `may_rotate` (a new mount, not a supervisor adopting
+/// components that still write to the log they were given).
+fn log_file(mnt: &Path, may_rotate: bool) -> io::Result<File> {
     std::fs::create_dir_all(runtime::run_root())?;
+    let path = runtime::log_path(mnt);
+    if may_rotate {
+        rotate_if_over(&path, LOG_ROTATE_BYTES)?;
+    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(runtime::log_path(mnt))
+        .open(&path)
+}
+
+/// Moves `log` to `<log>.1` (replacing it) if it is larger than `limit` bytes.
+fn rotate_if_over(log: &Path, limit: u64) -> io::Result<()> {
+    if std::fs::metadata(log).is_ok_and(|m| m.len() > limit) {
+        let mut previous = log.to_path_buf().into_os_string();
+        previous.push(".1");
+        std::fs::rename(log, previous)?;
+    }
+    Ok(())
 }
 
 /// Tells the waiting `fsd mount` how the start went (no-op in plain foreground mode).
@@ -714,4 +735,29 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log over the limit moves to `.1`, replacing the one before; one within it stays.
+    #[test]
+    fn a_log_over_the_limit_is_rotated_once() {
+        let dir = std::env::temp_dir().join(format!("molt-log-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("m.log");
+        let previous = dir.join("m.log.1");
+        std::fs::write(&previous, b"older").unwrap();
+        std::fs::write(&log, b"small").unwrap();
+        rotate_if_over(&log, 10).unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"small");
+        std::fs::write(&log, b"more than ten bytes").unwrap();
+        rotate_if_over(&log, 10).unwrap();
+        assert!(!log.exists());
+        assert_eq!(std::fs::read(&previous).unwrap(), b"more than ten bytes");
+        // No log yet: nothing to do.
+        rotate_if_over(&log, 10).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
