@@ -13,6 +13,11 @@ cargo build --workspace --profile ci
 variants="$(mktemp -d)"
 scripts/build-examples.sh --profile ci --default-bins target/ci --bins-only "$variants"
 rm -rf "$variants"
+# The fsync flush-sharing protocol under the loom model checker: every interleaving of
+# two syncs (fsd/core/src/fs/flushes.rs). Its own target directory: --cfg loom changes
+# every crate's flags.
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p fsd-core --release --lib fs::flushes::
 cargo nextest run --workspace --cargo-profile ci --profile ci "$@"
 # The filesystem's own tests again over FUSE io_uring where the kernel has it. Left out:
 # the tests that replace the filesystem server live or kill it, which an io_uring mount

@@ -15,6 +15,7 @@ pub(crate) mod convert;
 mod dirops;
 pub mod error;
 mod file;
+mod flushes;
 pub mod journal;
 mod lock_order;
 mod ops;
@@ -37,6 +38,7 @@ pub use ops::{Atime, Attr, SetAttr, StatFs, TimeSet, WriteMode, XattrFlags};
 
 use crate::store::BlockStore;
 use alloc::Bitmap;
+use flushes::Flushes;
 use journal::JournalWriter;
 
 type Block = [u8; BLOCK_SIZE];
@@ -103,36 +105,6 @@ impl Releases {
                 .0;
         }
         true
-    }
-}
-
-/// Device flushes that syncs run with the filesystem lock free. Flushes are numbered as
-/// they start and run one at a time; flush `n` covers every write completed before it
-/// started. A sync takes a ticket (the number of flushes started) once its commit is
-/// written; any flush numbered past the ticket covers that commit, so a sync that finds
-/// one completed returns without its own. The lock is taken with no other held.
-#[derive(Default)]
-struct Flushes {
-    started: AtomicU64,
-    /// The number of the last flush that completed.
-    done: Mutex<u64>,
-}
-
-impl Flushes {
-    fn ticket(&self) -> u64 {
-        self.started.load(Ordering::SeqCst)
-    }
-
-    /// Returns once a flush that started after `ticket` was taken has completed.
-    fn flush_after(&self, ticket: u64, store: &dyn BlockStore) -> std::io::Result<()> {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        if *done > ticket {
-            return Ok(());
-        }
-        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        store.flush()?;
-        *done = n;
-        Ok(())
     }
 }
 
@@ -698,7 +670,7 @@ impl Fs {
             }
             (g.store.clone(), self.flushes.ticket())
         };
-        let flushed = self.flushes.flush_after(ticket, store.as_ref());
+        let flushed = self.flushes.flush_after(ticket, || store.flush());
         self.lock().latch(flushed)
     }
 }
