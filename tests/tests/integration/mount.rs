@@ -3,7 +3,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
-use molt_tests::harness::{fsd, is_mounted, TestImage};
+use molt_tests::harness::{bin, fsd, is_mounted, run, TestImage};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -113,6 +113,22 @@ fn mount_errors_are_clear() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("mountpoint"), "{}", stderr(&o));
+
+    // No block driver where it is looked for: the error names it and what to do.
+    let o = run(
+        std::process::Command::new(bin("fsd"))
+            .args(["mount", img.image.to_str().unwrap(), mnt])
+            .env("MOLT_BLOCKDEV_BIN", "/nonexistent/blockdev"),
+        Duration::from_secs(60),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the block driver /nonexistent/blockdev is missing")
+            && stderr(&o).contains("MOLT_BLOCKDEV_BIN"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!is_mounted(&img.mnt));
 
     // Mounting twice is refused, on the same mountpoint and for the same image.
     // A mount that should have been refused but was not is taken down before the

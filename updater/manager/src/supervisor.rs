@@ -370,6 +370,13 @@ fn start(opts: &MountOptions, exe: &Path, lock: File) -> Result<Stack, MountErro
     let ring = RingSetup::new(config.geometry)
         .map_err(|e| MountError::Failed(format!("creating the ring: {e}")))?;
     let driver_binary = blockdev::spawn::driver_binary(&config);
+    if !driver_binary.is_file() {
+        return Err(MountError::Failed(format!(
+            "the block driver {} is missing: install `blockdev` in the directory of the `fsd` \
+             binary, or name it with MOLT_BLOCKDEV_BIN",
+            driver_binary.display()
+        )));
+    }
     let mut driver = start_driver(
         &ring,
         &image,
