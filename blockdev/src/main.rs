@@ -204,7 +204,7 @@ fn main() -> Result<()> {
     let Some(ctl) = ctl else {
         let mut server = server;
         let state = server.run().context("serving")?;
-        eprintln!("blockdev: stopped: {state:?}");
+        molt_sys::errln!("blockdev: stopped: {state:?}");
         if let StopReason::ProtocolViolation(_) = state.reason {
             std::process::exit(3);
         }
@@ -220,10 +220,12 @@ fn main() -> Result<()> {
     }
     let exit = exit.context("serving")?;
     match &exit {
-        DriverExit::Stopped(s) | DriverExit::Violation(s) => eprintln!("blockdev: stopped: {s:?}"),
-        DriverExit::ImportFailed(e) => eprintln!("blockdev: state import refused: {e}"),
+        DriverExit::Stopped(s) | DriverExit::Violation(s) => {
+            molt_sys::errln!("blockdev: stopped: {s:?}")
+        }
+        DriverExit::ImportFailed(e) => molt_sys::errln!("blockdev: state import refused: {e}"),
         DriverExit::SupervisorGone => {
-            eprintln!("blockdev: supervisor gone during a handover; leaving the ring alone")
+            molt_sys::errln!("blockdev: supervisor gone during a handover; leaving the ring alone")
         }
         DriverExit::HandedOver | DriverExit::Aborted => {}
     }

@@ -95,7 +95,7 @@ fn env_or<T>(name: &str, default: T, parse: impl FnOnce(&str) -> Option<T>) -> T
         return default;
     };
     parse(&v).unwrap_or_else(|| {
-        eprintln!("blockdev: ignoring {name}={v:?}: not a valid value");
+        molt_sys::errln!("blockdev: ignoring {name}={v:?}: not a valid value");
         default
     })
 }

@@ -395,7 +395,7 @@ fn wait_for_unmount(path: &Path) -> Option<File> {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }
             Ok(false) => {
-                eprintln!(
+                molt_sys::errln!(
                     "fsd fsck: {} is in use by a mount; checking what is on the image now",
                     path.display()
                 );

@@ -216,7 +216,7 @@ pub fn mount_options(
 /// it was refused or failed. mount(8) prints nothing of its own for a helper's failure.
 pub fn mount_main(name: &str, args: &[String]) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
-        eprintln!("{name}: {e}");
+        molt_sys::errln!("{name}: {e}");
         ExitCode::from(1)
     };
     let r = match parse_mount_args(args) {
@@ -228,7 +228,7 @@ pub fn mount_main(name: &str, args: &[String]) -> ExitCode {
         Err(e) => return fail(&e),
     };
     for u in &parsed.unknown {
-        eprintln!("{name}: ignoring unknown mount option {u:?} (-s)");
+        molt_sys::errln!("{name}: ignoring unknown mount option {u:?} (-s)");
     }
     let opts = mount_options(r.image, r.mountpoint, parsed, Given::none());
     if r.verbose {
@@ -256,7 +256,7 @@ pub fn mount_main(name: &str, args: &[String]) -> ExitCode {
 /// the image clean and exited.
 pub fn umount_main(name: &str, args: &[String]) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
-        eprintln!("{name}: {e}");
+        molt_sys::errln!("{name}: {e}");
         ExitCode::from(1)
     };
     let r = match parse_umount_args(args) {

@@ -185,7 +185,7 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
             last = std::time::Instant::now();
             let pct = p.done_inodes * 100 / p.total_inodes.max(1);
             let filled = (pct as usize * 30 / 100).min(30);
-            eprint!(
+            molt_sys::err!(
                 "\rconverting {name} to format v{}: [{}{}] inode {} of {} ({pct}%)",
                 to.0,
                 "#".repeat(filled),
@@ -197,7 +197,7 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
         }
     };
     let r = cli::convert_image(image, to, &mut show);
-    eprintln!();
+    molt_sys::errln!();
     match r {
         Ok(out) if out.from == out.to => {
             molt_sys::outln!("{name} already has format v{}", out.to.0);
@@ -214,7 +214,7 @@ fn convert(image: &std::path::Path, to: formats::FormatVersion) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("fsd convert: {:#}", anyhow::Error::from(e));
+            molt_sys::errln!("fsd convert: {:#}", anyhow::Error::from(e));
             ExitCode::from(1)
         }
     }
@@ -264,7 +264,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("fsd mkfs: {:#}", anyhow::Error::from(e));
+                molt_sys::errln!("fsd mkfs: {:#}", anyhow::Error::from(e));
                 ExitCode::from(1)
             }
         },
@@ -288,7 +288,7 @@ fn main() -> ExitCode {
                     if json {
                         molt_sys::outln!("{}", fsck::error_json(&name, &e));
                     } else {
-                        eprintln!("fsd fsck: {name}: {e}");
+                        molt_sys::errln!("fsd fsck: {name}: {e}");
                     }
                     fsck::EXIT_OPERATIONAL
                 }
@@ -317,7 +317,7 @@ fn main() -> ExitCode {
             let opts = match options::parse(&options.join(","), false) {
                 Ok(parsed) => helper::mount_options(image, mountpoint, parsed, given),
                 Err(e) => {
-                    eprintln!("fsd mount: {e}");
+                    molt_sys::errln!("fsd mount: {e}");
                     return ExitCode::from(1);
                 }
             };
@@ -333,7 +333,7 @@ fn main() -> ExitCode {
             match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("fsd mount: {e}");
+                    molt_sys::errln!("fsd mount: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -344,7 +344,7 @@ fn main() -> ExitCode {
             match serde_json::to_string(&fsd_server::component_info()) {
                 Ok(line) => molt_sys::outln!("{line}"),
                 Err(e) => {
-                    eprintln!("fsd: {e}");
+                    molt_sys::errln!("fsd: {e}");
                     return ExitCode::from(1);
                 }
             }
@@ -354,7 +354,7 @@ fn main() -> ExitCode {
             match serde_json::to_string(&update_manager::identity::supervisor_info()) {
                 Ok(line) => molt_sys::outln!("{line}"),
                 Err(e) => {
-                    eprintln!("fsd: {e}");
+                    molt_sys::errln!("fsd: {e}");
                     return ExitCode::from(1);
                 }
             }
@@ -364,7 +364,7 @@ fn main() -> ExitCode {
             let fd = match inherited_fd(state_fd) {
                 Ok(fd) => fd,
                 Err(e) => {
-                    eprintln!("fsd supervisor-takeover: {e}");
+                    molt_sys::errln!("fsd supervisor-takeover: {e}");
                     return ExitCode::from(1);
                 }
             };
@@ -377,7 +377,7 @@ fn main() -> ExitCode {
             match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("fsd supervisor-takeover: {e}");
+                    molt_sys::errln!("fsd supervisor-takeover: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -385,7 +385,7 @@ fn main() -> ExitCode {
         Command::Unmount { mountpoint } => match supervisor::unmount(&mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("fsd unmount: {e}");
+                molt_sys::errln!("fsd unmount: {e}");
                 ExitCode::from(1)
             }
         },
@@ -426,7 +426,7 @@ fn main() -> ExitCode {
             match fds.and_then(|fds| fsd_server::run_server(&args, fds)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("fsd serve: {e:#}");
+                    molt_sys::errln!("fsd serve: {e:#}");
                     ExitCode::from(1)
                 }
             }

@@ -144,7 +144,7 @@ fn main() {
     let code = match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("updater: {e:#}");
+            molt_sys::errln!("updater: {e:#}");
             exit::FAILURE
         }
     };
@@ -207,13 +207,13 @@ fn pack(manifest: &Path, key: &Path, out: &Path) -> anyhow::Result<i32> {
         Ok(r) => r,
         Err(e @ PackageError::Io { .. }) => return Err(e.into()),
         Err(e) => {
-            eprintln!("updater: {}: {e}", manifest.display());
+            molt_sys::errln!("updater: {}: {e}", manifest.display());
             return Ok(exit::REFUSED);
         }
     };
     let now = now_unix();
     if m.package.expires_unix <= now {
-        eprintln!(
+        molt_sys::errln!(
             "updater: {}: expires_unix {} is not in the future (now {now})",
             manifest.display(),
             m.package.expires_unix
@@ -434,7 +434,7 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
         (None, Some(m)) => match control::socket_path(m) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("updater: {}: {e}", m.display());
+                molt_sys::errln!("updater: {}: {e}", m.display());
                 return Ok(exit::FAILURE);
             }
         },
@@ -443,7 +443,7 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
     let mut client = match ControlClient::connect(&socket) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
+            molt_sys::errln!(
                 "updater: cannot reach the supervisor at {}: {e} (is the filesystem mounted, \
                  and are you root?)",
                 socket.display()
@@ -461,7 +461,9 @@ fn converse(target: &Target, request: &Request, mode: Mode) -> anyhow::Result<i3
             Ok(e) => e,
             Err(ProtocolError::Closed) => {
                 progress.clear();
-                eprintln!("updater: the supervisor closed the connection before the outcome");
+                molt_sys::errln!(
+                    "updater: the supervisor closed the connection before the outcome"
+                );
                 return Ok(exit::FAILURE);
             }
             Err(e) => {
@@ -520,7 +522,9 @@ fn stream_events(client: &mut ControlClient) -> anyhow::Result<i32> {
         let event = match client.next_event() {
             Ok(e) => e,
             Err(ProtocolError::Closed) => {
-                eprintln!("updater: the supervisor closed the connection before the outcome");
+                molt_sys::errln!(
+                    "updater: the supervisor closed the connection before the outcome"
+                );
                 return Ok(exit::FAILURE);
             }
             Err(e) => return Err(e.into()),

@@ -376,3 +376,21 @@ fn a_closed_standard_output_ends_the_command_quietly() {
     assert!(o.stderr.is_empty(), "{}", text(&o));
     h.join().unwrap();
 }
+
+/// An error message to a standard error nobody reads any more (`updater status 2>&1 |
+/// head`) is dropped: the command still exits with its own code, not a panic's.
+#[test]
+fn a_closed_standard_error_keeps_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    // The supervisor closes the connection before the outcome: a message, and 5.
+    let (sock, h) = fake_supervisor(dir.path(), vec![]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_updater"))
+        .args(["status", "--socket", sock.to_str().unwrap()])
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 5, "{}", text(&o));
+    h.join().unwrap();
+}

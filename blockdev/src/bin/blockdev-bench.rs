@@ -131,7 +131,7 @@ fn prepare_image(path: &Path, bytes: u64) -> Result<()> {
     {
         return Ok(());
     }
-    eprintln!("writing {} MiB image {} ...", bytes >> 20, path.display());
+    molt_sys::errln!("writing {} MiB image {} ...", bytes >> 20, path.display());
     let f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -354,7 +354,7 @@ fn main() -> Result<()> {
             } else {
                 fio_run(&a.image, a.nbd.as_deref(), t, a.runtime)?
             };
-            eprintln!(
+            molt_sys::errln!(
                 "rep {rep} {:<26} ring {r:>9.0}  engine {e:>9.0}  fio {f:>9.0} ops/s",
                 t.name
             );
@@ -363,7 +363,7 @@ fn main() -> Result<()> {
             results[i][2].push(f);
         }
         let counters = client.counters();
-        eprintln!("rep {rep} driver counters: {counters:?}");
+        molt_sys::errln!("rep {rep} driver counters: {counters:?}");
         drop(client);
         child.kill()?;
         child.wait()?;

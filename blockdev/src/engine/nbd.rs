@@ -424,7 +424,7 @@ impl NbdEngine {
     /// sent again there.
     fn lose_connection(&mut self, why: &str) {
         if let Some(s) = self.stream.take() {
-            eprintln!(
+            molt_sys::errln!(
                 "blockdev: NBD connection to {} lost ({why}); reconnecting",
                 self.target.uri
             );
@@ -453,14 +453,14 @@ impl NbdEngine {
         let attempt = NbdConnection::connect_within(&self.target.uri, RECONNECT_TIMEOUT);
         match attempt.and_then(|c| self.check_same(c)) {
             Ok(conn) => {
-                eprintln!(
+                molt_sys::errln!(
                     "blockdev: reconnected to {} after {} ms; resending {} requests",
                     self.target.uri,
                     down_since.elapsed().as_millis(),
                     self.unsent.len()
                 );
                 if let Err(e) = conn.stream.set_timeouts(Some(self.reply_timeout)) {
-                    eprintln!("blockdev: setting NBD socket timeouts: {e}");
+                    molt_sys::errln!("blockdev: setting NBD socket timeouts: {e}");
                 }
                 self.stream = Some(conn.stream);
                 self.down_since = None;
@@ -469,7 +469,7 @@ impl NbdEngine {
             }
             Err(e) => {
                 if !self.failing && down_since.elapsed() >= self.reconnect_bound {
-                    eprintln!(
+                    molt_sys::errln!(
                         "blockdev: no connection to {} for {} ms ({e}): failing requests \
                          with EIO until it is back",
                         self.target.uri,

@@ -191,7 +191,7 @@ fn image_opens_direct_here() {
     assert_eq!(img.num_blocks(), 4);
     // The temp directory of the test machines is ext4, which supports O_DIRECT; the
     // fallback path is exercised wherever it does not.
-    eprintln!(
+    molt_sys::errln!(
         "O_DIRECT: {}, discard: {:?}",
         img.is_direct(),
         img.discard_mode()

@@ -194,7 +194,7 @@ pub fn adopt_controlled(
     let mut reader = writer.try_clone()?;
     if let Some(dead) = server.crashed_predecessor() {
         server.take_over_crashed()?;
-        eprintln!(
+        molt_sys::errln!(
             "blockdev: driver {} died while {:?} with {} requests in flight; took the ring \
              over as driver epoch {}",
             dead.pid,
@@ -313,14 +313,14 @@ fn serve_with(
                         // commit: two drivers must never serve one ring.
                         thread::sleep(SUCCESSOR_SETTLE);
                         if server.superseded() {
-                            eprintln!(
+                            molt_sys::errln!(
                                 "blockdev: supervisor gone while held, and driver {} serves \
                                  the ring: leaving it alone",
                                 server.ring_driver_pid()
                             );
                             return Ok(DriverExit::HandedOver);
                         }
-                        eprintln!("blockdev: supervisor gone while held; serving again");
+                        molt_sys::errln!("blockdev: supervisor gone while held; serving again");
                     }
                     // Nobody is left to tell this driver anything (the control thread ended
                     // after a lost supervisor and a failed resume).
@@ -380,7 +380,9 @@ fn control_thread(
                     Ok(Event::Resumed(Ok(()))) => phase.store(PHASE_SERVING, Ordering::Release),
                     // Still held: a new supervisor may fix the ring's label and resume.
                     Ok(Event::Resumed(Err(e))) => {
-                        eprintln!("blockdev: supervisor gone while held; cannot serve again: {e}")
+                        molt_sys::errln!(
+                            "blockdev: supervisor gone while held; cannot serve again: {e}"
+                        )
                     }
                     Ok(Event::Drained(_)) => unreachable!("drained while held"),
                     // The main loop ended the driver: a successor serves the ring.

@@ -15,8 +15,9 @@
 //!   file locks, descriptor flags, block device sizes, `fdatasync` and `fallocate`;
 //! - [`poll`]: readiness of a set of descriptors;
 //! - [`process`]: pidfds, signals, the descriptors and session a child starts with, and
-//!   command-line programs' standard output ([`outln!`], which ends the program on a
-//!   closed pipe instead of panicking);
+//!   programs' standard output ([`outln!`], which ends the program on a closed pipe
+//!   instead of panicking) and standard error ([`errln!`], which drops what cannot be
+//!   written: a closed pipe, a log on a full filesystem);
 //! - [`memory`]: memfds and their shared mappings;
 //! - [`mount`]: `mount(2)` and `umount2(2)`;
 //! - [`socket`]: the credentials of a Unix socket's peer;

@@ -211,6 +211,15 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes to standard error, dropping what cannot be written: a message to a reader that
+/// went away (`updater apply 2>&1 | head`) or to a log on a full filesystem must not
+/// end the program (`eprintln!` panics then), and there is nowhere else to report it.
+/// Used through [`errln!`](crate::errln) and [`err!`](crate::err).
+pub fn write_stderr(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
 /// `println!` for command-line programs: see [`process::write_stdout`](crate::process::write_stdout).
 #[macro_export]
 macro_rules! outln {
@@ -227,6 +236,25 @@ macro_rules! outln {
 macro_rules! out {
     ($($arg:tt)*) => {
         $crate::process::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that never panics: see [`process::write_stderr`](crate::process::write_stderr).
+#[macro_export]
+macro_rules! errln {
+    () => {
+        $crate::process::write_stderr(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::process::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprint!` that never panics: see [`process::write_stderr`](crate::process::write_stderr).
+#[macro_export]
+macro_rules! err {
+    ($($arg:tt)*) => {
+        $crate::process::write_stderr(format_args!($($arg)*))
     };
 }
 

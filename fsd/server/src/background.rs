@@ -112,7 +112,7 @@ pub(crate) fn background(
         let _ = fs.commit_older_than(Duration::from_secs(1));
         // Writes the pinned journal blocks in place while operations go on.
         if let Err(e) = fs.checkpoint_in_background(&stop) {
-            eprintln!("fsd serve: checkpoint failed: {e}");
+            molt_sys::errln!("fsd serve: checkpoint failed: {e}");
         }
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
@@ -139,7 +139,7 @@ pub(crate) fn background(
                 conversion.record(&p);
                 if p.finished {
                     let done = conversion.finish(fs);
-                    eprintln!(
+                    molt_sys::errln!(
                         "fsd serve: conversion to format v{} finished: {} inodes and {} bytes of metadata rewritten by this server in {} ms; {} steps, longest {} us, mean {} us",
                         done.to.0, done.inodes, done.bytes, done.millis, done.steps, done.longest_step_us, done.mean_step_us,
                     );
@@ -148,7 +148,7 @@ pub(crate) fn background(
                     pause = Duration::from_millis(1);
                 }
             }
-            Err(e) => eprintln!("fsd serve: conversion step failed: {e}"),
+            Err(e) => molt_sys::errln!("fsd serve: conversion step failed: {e}"),
         }
     }
 }

@@ -132,7 +132,7 @@ fn die_after_completing(name: &[u8]) {
     });
     if target.as_deref() == Some(name) {
         let shown = String::from_utf8_lossy(name);
-        eprintln!("fsd serve: fault injection: dying before replying for {shown:?}");
+        molt_sys::errln!("fsd serve: fault injection: dying before replying for {shown:?}");
         let _ = molt_sys::kill(std::process::id() as libc::pid_t, libc::SIGKILL);
     }
 }
@@ -570,7 +570,7 @@ impl MoltFuse {
             let c = persist::Connection::new(negotiated, self.transport());
             let record = persist::encode_connection_record(negotiated.flags, &c);
             if let Err(e) = crate::host::write_session_record(file, &record) {
-                eprintln!("fsd serve: writing the connection record: {e}");
+                molt_sys::errln!("fsd serve: writing the connection record: {e}");
             }
         }
     }

@@ -331,7 +331,7 @@ fn serve_connection(
             });
         match queues {
             Ok(q) => {
-                eprintln!(
+                molt_sys::errln!(
                     "fsd serve: serving over io_uring: {} queues of {} entries",
                     q.queues(),
                     q.depth()
@@ -339,7 +339,7 @@ fn serve_connection(
                 let _ = uring.set(q);
             }
             Err(why) => {
-                eprintln!("fsd serve: serving /dev/fuse instead of io_uring: {why}");
+                molt_sys::errln!("fsd serve: serving /dev/fuse instead of io_uring: {why}");
                 molt.set_transport(Transport::Dev);
             }
         }
@@ -440,7 +440,7 @@ impl ControlledServer {
                 // Unmounted: make the image clean.
                 self.fs.unmount()?;
                 let holds = self.fs.lock_holds();
-                eprintln!(
+                molt_sys::errln!(
                     "fsd serve: unmounted; longest filesystem lock hold {} us (taken at {}), {} holds of 10 ms or more",
                     holds.longest_us, holds.longest_site, holds.over_10ms
                 );
@@ -533,10 +533,12 @@ impl ControlledServer {
     fn serve_again_unsupervised(&mut self, period: &Period) -> anyhow::Result<()> {
         thread::sleep(SUCCESSOR_SETTLE);
         if period.held_at.is_some_and(|t| t != self.ring.sq_tail()) {
-            eprintln!("fsd serve: supervisor gone while held, and a successor serves: exiting");
+            molt_sys::errln!(
+                "fsd serve: supervisor gone while held, and a successor serves: exiting"
+            );
             end_untouched(self.relink.as_ref());
         }
-        eprintln!("fsd serve: supervisor gone while held; serving again");
+        molt_sys::errln!("fsd serve: supervisor gone while held; serving again");
         // A driver successor may have been committed: connect from the ring's positions.
         self.fs.replace_store(self.ring.connect()?);
         Ok(())
@@ -554,7 +556,7 @@ impl ControlledServer {
         let link = Link::new(stream, STATE_CAP);
         match inbox(&link, Some(relink.loss())) {
             Ok(commands) => {
-                eprintln!("fsd serve: a new supervisor took over the control link");
+                molt_sys::errln!("fsd serve: a new supervisor took over the control link");
                 self.link = link;
                 self.commands = commands;
                 true
@@ -634,7 +636,7 @@ impl ControlledServer {
             self.refuse(ControlError::Deadline(why));
             return Ok(Next::Serve);
         }
-        eprintln!("fsd serve: prepare: state reached, draining");
+        molt_sys::errln!("fsd serve: prepare: state reached, draining");
         period.stopper.stop()?;
         while !period.workers.is_finished() {
             thread::sleep(Duration::from_micros(200));
@@ -643,7 +645,7 @@ impl ControlledServer {
             f.finish();
         }
         period.prepared = true;
-        eprintln!("fsd serve: prepare: drained");
+        molt_sys::errln!("fsd serve: prepare: drained");
         // Re-check: a request served during the drain may have changed it (a file opened
         // and not yet read). Serve again and retry.
         if self.reached(&required).is_err() && Instant::now() < deadline {

@@ -59,7 +59,7 @@ impl SupervisorRestart {
         }
         self.last_start = Some(now);
         if let Err(e) = self.start() {
-            eprintln!("fsd serve: starting a new supervisor: {e}");
+            molt_sys::errln!("fsd serve: starting a new supervisor: {e}");
         }
     }
 
@@ -71,7 +71,7 @@ impl SupervisorRestart {
         };
         let binary = read(BINARY_FILE)?;
         let image = read(IMAGE_FILE)?;
-        eprintln!(
+        molt_sys::errln!(
             "fsd serve: the supervisor is gone; starting {} to adopt {}",
             binary.display(),
             self.mountpoint.display()

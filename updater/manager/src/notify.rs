@@ -30,7 +30,7 @@ fn target() -> Option<&'static Target> {
             {
                 Ok((addr, socket)) => Some(Target { addr, socket }),
                 Err(e) => {
-                    eprintln!("fsd: {NOTIFY_SOCKET}={name:?} is not usable: {e}");
+                    molt_sys::errln!("fsd: {NOTIFY_SOCKET}={name:?} is not usable: {e}");
                     None
                 }
             }
@@ -59,7 +59,7 @@ pub fn address(name: &str) -> io::Result<SocketAddr> {
 pub fn send(message: &str) {
     if let Some(t) = target() {
         if let Err(e) = t.socket.send_to_addr(message.as_bytes(), &t.addr) {
-            eprintln!("fsd: notifying the service manager: {e}");
+            molt_sys::errln!("fsd: notifying the service manager: {e}");
         }
     }
 }

@@ -294,7 +294,7 @@ impl Stack {
     /// Saves the state in the runtime directory (see [`save`]).
     pub(crate) fn save(&self) {
         if let Err(e) = save(self) {
-            eprintln!("fsd: saving the supervisor state: {e}");
+            molt_sys::errln!("fsd: saving the supervisor state: {e}");
         }
     }
 }
@@ -694,9 +694,9 @@ pub fn take_over(state_fd: OwnedFd) -> Result<TakenOver, MountError> {
 fn roll_back(why: String) {
     let plan = ROLL_BACK.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(plan) = plan {
-        eprintln!("fsd: {why}; handing the mount back to the previous supervisor");
+        molt_sys::errln!("fsd: {why}; handing the mount back to the previous supervisor");
         let e = plan.exec(why);
-        eprintln!("fsd: handing the mount back failed: {e}");
+        molt_sys::errln!("fsd: handing the mount back failed: {e}");
     }
 }
 

@@ -224,7 +224,7 @@ fn start_and_wait(
     // A mount whose supervisor died is adopted, not mounted again.
     let stack = if crate::succession::is_orphaned(&mnt) {
         let lock = crate::succession::lock(&mnt)?;
-        eprintln!(
+        molt_sys::errln!(
             "fsd: {} has no supervisor: adopting its components",
             mnt.display()
         );
@@ -301,7 +301,7 @@ pub fn supervise_takeover(state_fd: OwnedFd) -> Result<(), MountError> {
             .map_err(|e| MountError::Os("handling SIGTERM", e))?;
     }
     let t = crate::succession::take_over(state_fd)?;
-    eprintln!(
+    molt_sys::errln!(
         "fsd: supervisor {} (pid {}) serves {}: {}",
         t.stack.supervisor.version,
         std::process::id(),
@@ -334,7 +334,7 @@ fn with_resolved_transport(opts: &MountOptions) -> Result<MountOptions, MountErr
     let (t, why) =
         serve::resolve_transport(opts.transport).map_err(|e| MountError::Failed(e.to_string()))?;
     if let Some(why) = why {
-        eprintln!("fsd mount: serving /dev/fuse, not io_uring: {why}");
+        molt_sys::errln!("fsd mount: serving /dev/fuse, not io_uring: {why}");
     }
     Ok(MountOptions {
         transport: match t {
@@ -519,7 +519,9 @@ fn run(stack: &Arc<Mutex<Stack>>, stop: &AtomicBool) -> Result<(), MountError> {
         if let Some(what) = crashed.filter(|_| !stopping) {
             match recover(&mut s, what) {
                 Ok(()) => continue,
-                Err(e) => eprintln!("fsd: crash recovery failed, taking the stack down: {e}"),
+                Err(e) => {
+                    molt_sys::errln!("fsd: crash recovery failed, taking the stack down: {e}")
+                }
             }
         }
         let clean = server_end.is_some() && !server_failed && driver_end.is_none();
@@ -553,19 +555,19 @@ fn run(stack: &Arc<Mutex<Stack>>, stop: &AtomicBool) -> Result<(), MountError> {
 /// the server exit as after any unmount.
 fn stop_mount(mnt: &Path) {
     crate::notify::stopping(&format!("unmounting {}", mnt.display()));
-    eprintln!("fsd: stop signal: unmounting {}", mnt.display());
+    molt_sys::errln!("fsd: stop signal: unmounting {}", mnt.display());
     match serve::unmount(mnt, false) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            eprintln!(
+            molt_sys::errln!(
                 "fsd: {} is busy; detaching it, the image is made clean when the last open file closes",
                 mnt.display()
             );
             if let Err(e) = serve::unmount(mnt, true) {
-                eprintln!("fsd: detaching {}: {e}", mnt.display());
+                molt_sys::errln!("fsd: detaching {}: {e}", mnt.display());
             }
         }
-        Err(e) => eprintln!("fsd: unmounting {}: {e}", mnt.display()),
+        Err(e) => molt_sys::errln!("fsd: unmounting {}: {e}", mnt.display()),
     }
 }
 
@@ -605,7 +607,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
         .map_or(0, |d| d.as_secs());
     let message = match what {
         Crashed::Server(status) => {
-            eprintln!(
+            molt_sys::errln!(
                 "fsd: the filesystem server (pid {}) died ({status}); recovering",
                 s.server.pid()
             );
@@ -622,7 +624,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             let mut dead = std::mem::replace(&mut s.server, new);
             let dead_pid = dead.pid();
             dead.kill();
-            eprintln!("fsd: filesystem server recovered (pid {})", s.server.pid());
+            molt_sys::errln!("fsd: filesystem server recovered (pid {})", s.server.pid());
             format!(
                 "fsd (pid {dead_pid}) died ({status}); {} (pid {}) recovered its state",
                 s.server.info.version,
@@ -630,7 +632,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             )
         }
         Crashed::Driver(status) => {
-            eprintln!(
+            molt_sys::errln!(
                 "fsd: the block driver (pid {}) died ({status}); recovering",
                 s.driver.pid()
             );
@@ -660,7 +662,7 @@ fn recover(s: &mut Stack, what: Crashed) -> Result<(), MountError> {
             let mut dead = std::mem::replace(&mut s.driver, new);
             let dead_pid = dead.pid();
             dead.kill();
-            eprintln!("fsd: block driver recovered (pid {})", s.driver.pid());
+            molt_sys::errln!("fsd: block driver recovered (pid {})", s.driver.pid());
             format!(
                 "blockdev (pid {dead_pid}) died ({status}); {} (pid {}) took the ring over",
                 s.driver.info.version,
