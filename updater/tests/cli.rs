@@ -359,38 +359,43 @@ fn status_shows_dates_and_counters_as_an_object() {
     h.join().unwrap();
 }
 
+/// The write end of a pipe whose reader is already gone.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer
+}
+
+/// `updater status` against a supervisor that sends `events`, with stdout or stderr (as
+/// `closed`) a pipe nobody reads.
+fn status_into_a_closed_pipe(events: Vec<Event>, closed: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, h) = fake_supervisor(dir.path(), events);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_updater"));
+    cmd.args(["status", "--socket", sock.to_str().unwrap()]);
+    match closed {
+        "stdout" => cmd.stdout(closed_pipe()),
+        _ => cmd.stderr(closed_pipe()),
+    };
+    let o = cmd.output().unwrap();
+    h.join().unwrap();
+    o
+}
+
 /// A reader that stops reading (`updater status | head`) ends the command quietly with
 /// status 141, as SIGPIPE would, not with a panic.
 #[test]
 fn a_closed_standard_output_ends_the_command_quietly() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, h) = fake_supervisor(dir.path(), vec![Event::Status(Box::default())]);
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let o = Command::new(env!("CARGO_BIN_EXE_updater"))
-        .args(["status", "--socket", sock.to_str().unwrap()])
-        .stdout(writer)
-        .output()
-        .unwrap();
+    let o = status_into_a_closed_pipe(vec![Event::Status(Box::default())], "stdout");
     assert_eq!(code(&o), 141, "{}", text(&o));
     assert!(o.stderr.is_empty(), "{}", text(&o));
-    h.join().unwrap();
 }
 
 /// An error message to a standard error nobody reads any more (`updater status 2>&1 |
 /// head`) is dropped: the command still exits with its own code, not a panic's.
 #[test]
 fn a_closed_standard_error_keeps_the_exit_code() {
-    let dir = tempfile::tempdir().unwrap();
     // The supervisor closes the connection before the outcome: a message, and 5.
-    let (sock, h) = fake_supervisor(dir.path(), vec![]);
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let o = Command::new(env!("CARGO_BIN_EXE_updater"))
-        .args(["status", "--socket", sock.to_str().unwrap()])
-        .stderr(writer)
-        .output()
-        .unwrap();
+    let o = status_into_a_closed_pipe(vec![], "stderr");
     assert_eq!(code(&o), 5, "{}", text(&o));
-    h.join().unwrap();
 }
