@@ -401,10 +401,8 @@ impl Drop for Mount {
         // A passing test leaves no log behind; a failing one keeps it for its reader.
         if !std::thread::panicking() {
             let log = update_manager::runtime::log_path(&self.mnt);
-            let mut previous = log.clone().into_os_string();
-            previous.push(".1");
-            let _ = std::fs::remove_file(&log);
-            let _ = std::fs::remove_file(previous);
+            let _ = std::fs::remove_file(update_manager::runtime::rotated_log_path(&log));
+            let _ = std::fs::remove_file(log);
         }
     }
 }

@@ -58,8 +58,15 @@ pub fn remove(mountpoint: &Path) {
     let _ = std::fs::remove_dir_all(dir_for(mountpoint));
 }
 
-/// Where the supervisor of the mount at `mnt` and its components log (the one before,
-/// rotated away by a new mount, has `.1` appended).
+/// The log a new mount rotated `log` away to.
+pub fn rotated_log_path(log: &Path) -> PathBuf {
+    let mut rotated = log.to_path_buf().into_os_string();
+    rotated.push(".1");
+    PathBuf::from(rotated)
+}
+
+/// Where the supervisor of the mount at `mnt` and its components log (the one before is
+/// at [`rotated_log_path`]).
 pub fn log_path(mnt: &Path) -> PathBuf {
     let name = format!(
         "{}.log",

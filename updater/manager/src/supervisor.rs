@@ -169,9 +169,7 @@ fn log_file(mnt: &Path, may_rotate: bool) -> io::Result<File> {
 /// Moves `log` to `<log>.1` (replacing it) if it is larger than `limit` bytes.
 fn rotate_if_over(log: &Path, limit: u64) -> io::Result<()> {
     if std::fs::metadata(log).is_ok_and(|m| m.len() > limit) {
-        let mut previous = log.to_path_buf().into_os_string();
-        previous.push(".1");
-        std::fs::rename(log, previous)?;
+        std::fs::rename(log, runtime::rotated_log_path(log))?;
     }
     Ok(())
 }

@@ -291,10 +291,7 @@ impl Fs {
             journal::replay(store.as_ref(), &geo)?;
         }
         let fs = Fs::mount_keeping_orphans(store)?;
-        let mut g = fs.lock();
-        log.reset(g.journal.next_sequence());
-        g.redo = Some(log);
-        drop(g);
+        fs.attach_redo_log(log);
         Ok((fs, recovered.completed))
     }
 
